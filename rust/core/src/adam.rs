@@ -1,0 +1,196 @@
+//! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`), in torch's order of operations.
+
+use crate::element::{lerp, Element, Real};
+use num_traits::Float;
+use crate::error::{check_len, Error};
+use crate::exec::{split_opt, Executor, Splittable};
+use crate::simd::{dispatch, Kernel};
+use crate::step::StepCount;
+
+/// The hyperparameters of one param group, as torch's Python floats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    pub maximize: bool,
+    /// AdamW: `param *= 1 - lr * weight_decay` instead of adding `weight_decay * param` to the grad.
+    pub decoupled_weight_decay: bool,
+}
+
+impl Default for AdamHyper {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            maximize: false,
+            decoupled_weight_decay: false,
+        }
+    }
+}
+
+/// One param's buffers. `max_exp_avg_sq` is given exactly when `amsgrad` is set.
+pub struct AdamTensor<'a, P: Element> {
+    pub param: &'a mut [P],
+    pub grad: &'a [P],
+    pub exp_avg: &'a mut [P::Math],
+    pub exp_avg_sq: &'a mut [P::Math],
+    pub max_exp_avg_sq: Option<&'a mut [P::Math]>,
+    pub step: StepCount<'a>,
+}
+
+/// The constants of one tensor's update, rounded from `f64` to the maths type as torch rounds a
+/// Python float passed to a tensor op.
+#[derive(Clone, Copy, Debug)]
+struct AdamScalars<T> {
+    grad_sign: T,
+    param_scale: T,
+    weight_decay: T,
+    lerp_weight: T,
+    beta2: T,
+    one_minus_beta2: T,
+    bias_correction2_sqrt: T,
+    eps: T,
+    neg_step_size: T,
+}
+
+impl<T: Real> AdamScalars<T> {
+    fn new(h: &AdamHyper, step: f64) -> Self {
+        let bias_correction1 = 1.0 - h.beta1.powf(step);
+        let bias_correction2 = 1.0 - h.beta2.powf(step);
+        let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
+        Self {
+            grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
+            param_scale: T::round_from(if decoupled { 1.0 - h.lr * h.weight_decay } else { 1.0 }),
+            weight_decay: T::round_from(h.weight_decay),
+            lerp_weight: T::round_from(1.0 - h.beta1),
+            beta2: T::round_from(h.beta2),
+            one_minus_beta2: T::round_from(1.0 - h.beta2),
+            bias_correction2_sqrt: T::round_from(bias_correction2.powf(0.5)),
+            eps: T::round_from(h.eps),
+            neg_step_size: T::round_from(-(h.lr / bias_correction1)),
+        }
+    }
+}
+
+struct AdamJob<'a, P: Element> {
+    param: &'a mut [P],
+    grad: &'a [P],
+    exp_avg: &'a mut [P::Math],
+    exp_avg_sq: &'a mut [P::Math],
+    max_exp_avg_sq: Option<&'a mut [P::Math]>,
+    k: AdamScalars<P::Math>,
+}
+
+impl<P: Element> Splittable for AdamJob<'_, P> {
+    fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.param.split_at_mut(mid);
+        let (g0, g1) = self.grad.split_at(mid);
+        let (m0, m1) = self.exp_avg.split_at_mut(mid);
+        let (v0, v1) = self.exp_avg_sq.split_at_mut(mid);
+        let (x0, x1) = split_opt(self.max_exp_avg_sq, mid);
+        let k = self.k;
+        (
+            Self { param: p0, grad: g0, exp_avg: m0, exp_avg_sq: v0, max_exp_avg_sq: x0, k },
+            Self { param: p1, grad: g1, exp_avg: m1, exp_avg_sq: v1, max_exp_avg_sq: x1, k },
+        )
+    }
+}
+
+/// The update loop, specialised on the flags that change its shape.
+struct AdamKernel<'a, P: Element, const AMSGRAD: bool, const L2: bool>(AdamJob<'a, P>);
+
+impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, P, AMSGRAD, L2> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let AdamJob { param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, k } = self.0;
+        let n = param.len();
+        let (grad, m, v) = (&grad[..n], &mut exp_avg[..n], &mut exp_avg_sq[..n]);
+        let vmax: &mut [P::Math] = match max_exp_avg_sq {
+            Some(x) if AMSGRAD => &mut x[..n],
+            _ => &mut [],
+        };
+        for i in 0..n {
+            // Decoupled decay first (`param.mul_`); with none the scale is 1, which is exact.
+            let mut p = param[i].load() * k.param_scale;
+            let mut g = grad[i].load() * k.grad_sign;
+            if L2 {
+                g = g + k.weight_decay * p;
+            }
+            let m_new = lerp(m[i], g, k.lerp_weight);
+            m[i] = m_new;
+            // `exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)`
+            let v_new = v[i] * k.beta2 + k.one_minus_beta2 * g * g;
+            v[i] = v_new;
+            let second_moment = if AMSGRAD {
+                let x = vmax[i].max_propagate_nan(v_new);
+                vmax[i] = x;
+                x
+            } else {
+                v_new
+            };
+            // eps is added after the sqrt and the bias correction, as torch does.
+            let denom = second_moment.sqrt() / k.bias_correction2_sqrt + k.eps;
+            p = p + k.neg_step_size * (m_new / denom);
+            param[i] = P::store(p);
+        }
+    }
+}
+
+fn check<P: Element>(tensors: &[AdamTensor<'_, P>], h: &AdamHyper) -> Result<(), Error> {
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.param.len();
+        check_len(i, "grad", n, t.grad.len())?;
+        check_len(i, "exp_avg", n, t.exp_avg.len())?;
+        check_len(i, "exp_avg_sq", n, t.exp_avg_sq.len())?;
+        match (&t.max_exp_avg_sq, h.amsgrad) {
+            (Some(x), true) => check_len(i, "max_exp_avg_sq", n, x.len())?,
+            (None, false) => {}
+            _ => return Err(Error::MissingBuffer { tensor: i, buffer: "max_exp_avg_sq (exactly when amsgrad)" }),
+        }
+    }
+    Ok(())
+}
+
+/// One Adam/AdamW step over every tensor of a param group: increments each tensor's step count
+/// and updates its param and state in place. Checks every length before it writes anything.
+pub fn adam_step<P: Element>(
+    tensors: Vec<AdamTensor<'_, P>>,
+    hyper: &AdamHyper,
+    exec: &Executor,
+) -> Result<(), Error> {
+    check(&tensors, hyper)?;
+    let jobs: Vec<AdamJob<'_, P>> = tensors
+        .into_iter()
+        .map(|mut t| AdamJob {
+            k: AdamScalars::new(hyper, t.step.increment()),
+            param: t.param,
+            grad: t.grad,
+            exp_avg: t.exp_avg,
+            exp_avg_sq: t.exp_avg_sq,
+            max_exp_avg_sq: t.max_exp_avg_sq,
+        })
+        .collect();
+    let l2 = hyper.weight_decay != 0.0 && !hyper.decoupled_weight_decay;
+    let simd = exec.simd();
+    exec.for_each_piece(jobs, |job| match (hyper.amsgrad, l2) {
+        (false, false) => dispatch(simd, AdamKernel::<P, false, false>(job)),
+        (false, true) => dispatch(simd, AdamKernel::<P, false, true>(job)),
+        (true, false) => dispatch(simd, AdamKernel::<P, true, false>(job)),
+        (true, true) => dispatch(simd, AdamKernel::<P, true, true>(job)),
+    });
+    Ok(())
+}

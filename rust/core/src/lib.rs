@@ -1,0 +1,28 @@
+//! rsoptim-core: optimizer steps and gradient-norm clipping on contiguous float buffers.
+//!
+//! Each `*_step` function takes every tensor of one param group at once, checks all lengths
+//! before writing anything, and spreads the element-wise work over an [`Executor`]'s thread
+//! pool with the SIMD path it was given. The arithmetic follows torch.optim's for-loop
+//! implementation operation by operation (see `docs/torch-contract.md` of the project).
+//! This crate knows nothing of Python.
+
+pub mod adam;
+pub mod element;
+pub mod error;
+pub mod exec;
+pub mod norm;
+pub mod raw;
+pub mod rmsprop;
+pub mod sgd;
+pub mod simd;
+pub mod step;
+
+pub use adam::{adam_step, AdamHyper, AdamTensor};
+pub use element::{Element, Real};
+pub use error::Error;
+pub use exec::{Executor, CHUNK};
+pub use norm::{scale_in_place, tensor_norm, tensor_norms, NormType};
+pub use rmsprop::{rmsprop_step, RmspropHyper, RmspropTensor};
+pub use sgd::{sgd_step, SgdHyper, SgdTensor};
+pub use simd::{SimdError, SimdLevel};
+pub use step::StepCount;

@@ -1,0 +1,192 @@
+//! RMSprop, plain and centered, with momentum (`torch.optim.RMSprop`).
+
+use crate::element::{lerp, Element, Real};
+use num_traits::Float;
+use crate::error::{check_len, Error};
+use crate::exec::{split_opt, Executor, Splittable};
+use crate::simd::{dispatch, Kernel};
+use crate::step::StepCount;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RmspropHyper {
+    pub lr: f64,
+    pub alpha: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub centered: bool,
+    pub maximize: bool,
+}
+
+impl Default for RmspropHyper {
+    fn default() -> Self {
+        Self { lr: 1e-2, alpha: 0.99, eps: 1e-8, weight_decay: 0.0, momentum: 0.0, centered: false, maximize: false }
+    }
+}
+
+/// One param's buffers: `momentum_buffer` exactly when `momentum > 0`, `grad_avg` exactly when
+/// `centered`.
+pub struct RmspropTensor<'a, P: Element> {
+    pub param: &'a mut [P],
+    pub grad: &'a [P],
+    pub square_avg: &'a mut [P::Math],
+    pub momentum_buffer: Option<&'a mut [P::Math]>,
+    pub grad_avg: Option<&'a mut [P::Math]>,
+    pub step: StepCount<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RmspropScalars<T> {
+    grad_sign: T,
+    weight_decay: T,
+    alpha: T,
+    one_minus_alpha: T,
+    eps: T,
+    momentum: T,
+    neg_lr: T,
+}
+
+impl<T: Real> RmspropScalars<T> {
+    fn new(h: &RmspropHyper) -> Self {
+        Self {
+            grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
+            weight_decay: T::round_from(h.weight_decay),
+            alpha: T::round_from(h.alpha),
+            one_minus_alpha: T::round_from(1.0 - h.alpha),
+            eps: T::round_from(h.eps),
+            momentum: T::round_from(h.momentum),
+            neg_lr: T::round_from(-h.lr),
+        }
+    }
+}
+
+struct RmspropJob<'a, P: Element> {
+    param: &'a mut [P],
+    grad: &'a [P],
+    square_avg: &'a mut [P::Math],
+    momentum_buffer: Option<&'a mut [P::Math]>,
+    grad_avg: Option<&'a mut [P::Math]>,
+    k: RmspropScalars<P::Math>,
+}
+
+impl<P: Element> Splittable for RmspropJob<'_, P> {
+    fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.param.split_at_mut(mid);
+        let (g0, g1) = self.grad.split_at(mid);
+        let (s0, s1) = self.square_avg.split_at_mut(mid);
+        let (b0, b1) = split_opt(self.momentum_buffer, mid);
+        let (a0, a1) = split_opt(self.grad_avg, mid);
+        let k = self.k;
+        (
+            Self { param: p0, grad: g0, square_avg: s0, momentum_buffer: b0, grad_avg: a0, k },
+            Self { param: p1, grad: g1, square_avg: s1, momentum_buffer: b1, grad_avg: a1, k },
+        )
+    }
+}
+
+struct RmspropKernel<'a, P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool>(RmspropJob<'a, P>);
+
+impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Kernel
+    for RmspropKernel<'_, P, CENTERED, MOMENTUM, L2>
+{
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let RmspropJob { param, grad, square_avg, momentum_buffer, grad_avg, k } = self.0;
+        let n = param.len();
+        let (grad, sq) = (&grad[..n], &mut square_avg[..n]);
+        let buf: &mut [P::Math] = match momentum_buffer {
+            Some(b) if MOMENTUM => &mut b[..n],
+            _ => &mut [],
+        };
+        let ga: &mut [P::Math] = match grad_avg {
+            Some(a) if CENTERED => &mut a[..n],
+            _ => &mut [],
+        };
+        let minus_one = -<P::Math as num_traits::One>::one();
+        for i in 0..n {
+            let p = param[i].load();
+            let mut g = grad[i].load() * k.grad_sign;
+            if L2 {
+                g = g + k.weight_decay * p;
+            }
+            let sq_new = sq[i] * k.alpha + k.one_minus_alpha * g * g;
+            sq[i] = sq_new;
+            let rms = if CENTERED {
+                let ga_new = lerp(ga[i], g, k.one_minus_alpha);
+                ga[i] = ga_new;
+                // `square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()`
+                (sq_new + minus_one * ga_new * ga_new).sqrt()
+            } else {
+                sq_new.sqrt()
+            };
+            // eps is added after the sqrt.
+            let avg = rms + k.eps;
+            let step = if MOMENTUM {
+                let b = buf[i] * k.momentum + g / avg;
+                buf[i] = b;
+                b
+            } else {
+                g / avg
+            };
+            param[i] = P::store(p + k.neg_lr * step);
+        }
+    }
+}
+
+/// One RMSprop step over every tensor of a param group: increments each step count and updates
+/// params and state in place. Checks every length before it writes anything.
+pub fn rmsprop_step<P: Element>(
+    tensors: Vec<RmspropTensor<'_, P>>,
+    hyper: &RmspropHyper,
+    exec: &Executor,
+) -> Result<(), Error> {
+    let momentum = hyper.momentum > 0.0;
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.param.len();
+        check_len(i, "grad", n, t.grad.len())?;
+        check_len(i, "square_avg", n, t.square_avg.len())?;
+        for (buffer, needed, given) in [
+            ("momentum_buffer (exactly when momentum > 0)", momentum, &t.momentum_buffer),
+            ("grad_avg (exactly when centered)", hyper.centered, &t.grad_avg),
+        ] {
+            match (given, needed) {
+                (Some(b), true) => check_len(i, buffer, n, b.len())?,
+                (None, false) => {}
+                _ => return Err(Error::MissingBuffer { tensor: i, buffer }),
+            }
+        }
+    }
+    let k = RmspropScalars::new(hyper);
+    let jobs: Vec<RmspropJob<'_, P>> = tensors
+        .into_iter()
+        .map(|mut t| {
+            t.step.increment();
+            RmspropJob {
+                param: t.param,
+                grad: t.grad,
+                square_avg: t.square_avg,
+                momentum_buffer: t.momentum_buffer,
+                grad_avg: t.grad_avg,
+                k,
+            }
+        })
+        .collect();
+    let (centered, l2, simd) = (hyper.centered, hyper.weight_decay != 0.0, exec.simd());
+    exec.for_each_piece(jobs, |job| match (centered, momentum, l2) {
+        (false, false, false) => dispatch(simd, RmspropKernel::<P, false, false, false>(job)),
+        (false, false, true) => dispatch(simd, RmspropKernel::<P, false, false, true>(job)),
+        (false, true, false) => dispatch(simd, RmspropKernel::<P, false, true, false>(job)),
+        (false, true, true) => dispatch(simd, RmspropKernel::<P, false, true, true>(job)),
+        (true, false, false) => dispatch(simd, RmspropKernel::<P, true, false, false>(job)),
+        (true, false, true) => dispatch(simd, RmspropKernel::<P, true, false, true>(job)),
+        (true, true, false) => dispatch(simd, RmspropKernel::<P, true, true, false>(job)),
+        (true, true, true) => dispatch(simd, RmspropKernel::<P, true, true, true>(job)),
+    });
+    Ok(())
+}

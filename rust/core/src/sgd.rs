@@ -1,0 +1,153 @@
+//! SGD with momentum, dampening and Nesterov (`torch.optim.SGD`).
+
+use crate::element::{Element, Real};
+use crate::error::{check_len, Error};
+use crate::exec::{split_opt, Executor, Splittable};
+use crate::simd::{dispatch, Kernel};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdHyper {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    pub maximize: bool,
+}
+
+impl Default for SgdHyper {
+    fn default() -> Self {
+        Self { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
+    }
+}
+
+/// One param's buffers. `momentum_buffer` is given exactly when `momentum != 0`; a buffer the
+/// caller has just allocated (`momentum_buffer_is_new`) is filled with the grad, as torch's
+/// first step clones the grad into it (no dampening).
+pub struct SgdTensor<'a, P: Element> {
+    pub param: &'a mut [P],
+    pub grad: &'a [P],
+    pub momentum_buffer: Option<&'a mut [P::Math]>,
+    pub momentum_buffer_is_new: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SgdScalars<T> {
+    grad_sign: T,
+    weight_decay: T,
+    momentum: T,
+    one_minus_dampening: T,
+    neg_lr: T,
+}
+
+impl<T: Real> SgdScalars<T> {
+    fn new(h: &SgdHyper) -> Self {
+        Self {
+            grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
+            weight_decay: T::round_from(h.weight_decay),
+            momentum: T::round_from(h.momentum),
+            one_minus_dampening: T::round_from(1.0 - h.dampening),
+            neg_lr: T::round_from(-h.lr),
+        }
+    }
+}
+
+struct SgdJob<'a, P: Element> {
+    param: &'a mut [P],
+    grad: &'a [P],
+    momentum_buffer: Option<&'a mut [P::Math]>,
+    first: bool,
+    k: SgdScalars<P::Math>,
+}
+
+impl<P: Element> Splittable for SgdJob<'_, P> {
+    fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.param.split_at_mut(mid);
+        let (g0, g1) = self.grad.split_at(mid);
+        let (b0, b1) = split_opt(self.momentum_buffer, mid);
+        let (first, k) = (self.first, self.k);
+        (
+            Self { param: p0, grad: g0, momentum_buffer: b0, first, k },
+            Self { param: p1, grad: g1, momentum_buffer: b1, first, k },
+        )
+    }
+}
+
+struct SgdKernel<'a, P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool>(
+    SgdJob<'a, P>,
+);
+
+impl<P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool> Kernel
+    for SgdKernel<'_, P, MOMENTUM, FIRST, NESTEROV, L2>
+{
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let SgdJob { param, grad, momentum_buffer, k, .. } = self.0;
+        let n = param.len();
+        let grad = &grad[..n];
+        let buf: &mut [P::Math] = match momentum_buffer {
+            Some(b) if MOMENTUM => &mut b[..n],
+            _ => &mut [],
+        };
+        for i in 0..n {
+            let p = param[i].load();
+            let mut g = grad[i].load() * k.grad_sign;
+            if L2 {
+                g = g + k.weight_decay * p;
+            }
+            if MOMENTUM {
+                let b = if FIRST { g } else { buf[i] * k.momentum + k.one_minus_dampening * g };
+                buf[i] = b;
+                g = if NESTEROV { g + k.momentum * b } else { b };
+            }
+            param[i] = P::store(p + k.neg_lr * g);
+        }
+    }
+}
+
+/// One SGD step over every tensor of a param group. Checks every length before it writes.
+pub fn sgd_step<P: Element>(tensors: Vec<SgdTensor<'_, P>>, hyper: &SgdHyper, exec: &Executor) -> Result<(), Error> {
+    let momentum = hyper.momentum != 0.0;
+    if hyper.nesterov && (!momentum || hyper.dampening != 0.0) {
+        return Err(Error::InvalidArgument("Nesterov momentum requires a momentum and zero dampening".into()));
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        check_len(i, "grad", t.param.len(), t.grad.len())?;
+        match (&t.momentum_buffer, momentum) {
+            (Some(b), true) => check_len(i, "momentum_buffer", t.param.len(), b.len())?,
+            (None, false) => {}
+            _ => return Err(Error::MissingBuffer { tensor: i, buffer: "momentum_buffer (exactly when momentum != 0)" }),
+        }
+    }
+    let k = SgdScalars::new(hyper);
+    let jobs: Vec<SgdJob<'_, P>> = tensors
+        .into_iter()
+        .map(|t| SgdJob {
+            param: t.param,
+            grad: t.grad,
+            momentum_buffer: t.momentum_buffer,
+            first: t.momentum_buffer_is_new,
+            k,
+        })
+        .collect();
+    let (l2, nesterov, simd) = (hyper.weight_decay != 0.0, hyper.nesterov, exec.simd());
+    exec.for_each_piece(jobs, |job| match (momentum, job.first, nesterov, l2) {
+        (false, _, _, false) => dispatch(simd, SgdKernel::<P, false, false, false, false>(job)),
+        (false, _, _, true) => dispatch(simd, SgdKernel::<P, false, false, false, true>(job)),
+        (true, false, false, false) => dispatch(simd, SgdKernel::<P, true, false, false, false>(job)),
+        (true, false, false, true) => dispatch(simd, SgdKernel::<P, true, false, false, true>(job)),
+        (true, false, true, false) => dispatch(simd, SgdKernel::<P, true, false, true, false>(job)),
+        (true, false, true, true) => dispatch(simd, SgdKernel::<P, true, false, true, true>(job)),
+        (true, true, false, false) => dispatch(simd, SgdKernel::<P, true, true, false, false>(job)),
+        (true, true, false, true) => dispatch(simd, SgdKernel::<P, true, true, false, true>(job)),
+        (true, true, true, false) => dispatch(simd, SgdKernel::<P, true, true, true, false>(job)),
+        (true, true, true, true) => dispatch(simd, SgdKernel::<P, true, true, true, true>(job)),
+    });
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Run-time choice of the instruction set the kernels are compiled for.
+//!
+//! Every kernel is written once as a plain loop (`Kernel::run`, `#[inline(always)]`) and inlined
+//! into one trampoline per instruction set, each a `#[target_feature]` function, so LLVM
+//! vectorises the same source for AVX-512, AVX2+FMA, NEON and the baseline ISA. The kernels never
+//! call `mul_add` and Rust never contracts `a * b + c`, so every path rounds exactly as the
+//! baseline one does: the paths agree bit for bit, which the tests check.
+//!
+//! We dispatch by hand rather than through `multiversion`/`pulp` because the path must be
+//! selectable at run time (`RSOPTIM_SIMD`) so every path can be tested on one machine.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+/// The environment variable that forces a path: `scalar`, `avx2`, `avx512`, `neon` or `auto`.
+pub const SIMD_ENV_VAR: &str = "RSOPTIM_SIMD";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SimdLevel {
+    /// The target's baseline ISA (SSE2 on x86-64), always compiled, always available.
+    Scalar,
+    /// x86-64 AVX2 + FMA (x86-64-v3).
+    Avx2,
+    /// x86-64 AVX-512 F/VL/BW/DQ (x86-64-v4).
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+}
+
+impl SimdLevel {
+    pub const ALL: [SimdLevel; 4] = [Self::Scalar, Self::Avx2, Self::Avx512, Self::Neon];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+            Self::Neon => "neon",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|level| level.name() == name.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU can run the path (checked with the CPU's feature flags).
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every path this CPU can run, baseline first.
+    pub fn available() -> Vec<SimdLevel> {
+        Self::ALL.into_iter().filter(|level| level.is_available()).collect()
+    }
+
+    /// The fastest path this CPU can run.
+    pub fn best() -> SimdLevel {
+        [Self::Avx512, Self::Avx2, Self::Neon]
+            .into_iter()
+            .find(|level| level.is_available())
+            .unwrap_or(Self::Scalar)
+    }
+
+    /// The path named by `RSOPTIM_SIMD` (or the best one when unset or `auto`).
+    pub fn from_env() -> Result<SimdLevel, SimdError> {
+        match std::env::var(SIMD_ENV_VAR) {
+            Err(_) => Ok(Self::best()),
+            Ok(value) if value.trim().is_empty() || value.trim().eq_ignore_ascii_case("auto") => {
+                Ok(Self::best())
+            }
+            Ok(value) => {
+                let level = Self::parse(&value).ok_or_else(|| SimdError::Unknown(value.clone()))?;
+                if level.is_available() {
+                    Ok(level)
+                } else {
+                    Err(SimdError::Unavailable(level))
+                }
+            }
+        }
+    }
+
+    /// The path picked once per process from `RSOPTIM_SIMD`.
+    pub fn selected() -> Result<SimdLevel, SimdError> {
+        static SELECTED: OnceLock<Result<SimdLevel, SimdError>> = OnceLock::new();
+        SELECTED.get_or_init(Self::from_env).clone()
+    }
+}
+
+impl fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimdError {
+    Unknown(String),
+    Unavailable(SimdLevel),
+}
+
+impl fmt::Display for SimdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = SimdLevel::ALL.iter().map(|l| l.name()).collect();
+        match self {
+            Self::Unknown(value) => write!(
+                f,
+                "{SIMD_ENV_VAR}={value:?} names no SIMD path; use auto or one of {names:?}"
+            ),
+            Self::Unavailable(level) => write!(
+                f,
+                "{SIMD_ENV_VAR}={level} asks for a SIMD path this CPU cannot run; available: {:?}",
+                SimdLevel::available().iter().map(|l| l.name()).collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SimdError {}
+
+/// A loop to be compiled once per instruction set. Implementations mark `run`
+/// `#[inline(always)]`, so that it is inlined into (and vectorised for) each trampoline.
+pub trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `kernel` compiled for `level`. A path the CPU cannot run falls back to the baseline one,
+/// so no caller can reach an instruction the CPU lacks.
+#[inline]
+pub fn dispatch<K: Kernel>(level: SimdLevel, kernel: K) -> K::Output {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if level.is_available() => {
+            // SAFETY: `is_available` has just checked that the CPU has every feature
+            // `run_avx512` is compiled with.
+            unsafe { run_avx512(kernel) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if level.is_available() => {
+            // SAFETY: as above, for AVX2 and FMA.
+            unsafe { run_avx2(kernel) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon if level.is_available() => {
+            // SAFETY: as above, for NEON.
+            unsafe { run_neon(kernel) }
+        }
+        _ => kernel.run(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn run_avx512<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn run_neon<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for level in SimdLevel::ALL {
+            assert_eq!(SimdLevel::parse(level.name()), Some(level));
+        }
+        assert_eq!(SimdLevel::parse(" AVX2 "), Some(SimdLevel::Avx2));
+        assert_eq!(SimdLevel::parse("sse9"), None);
+    }
+
+    #[test]
+    fn scalar_is_always_available_and_best_is_available() {
+        assert!(SimdLevel::Scalar.is_available());
+        assert!(SimdLevel::best().is_available());
+        assert!(SimdLevel::available().contains(&SimdLevel::best()));
+    }
+
+    struct Sum<'a>(&'a [f32]);
+    impl Kernel for Sum<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn run(self) -> f32 {
+            self.0.iter().sum()
+        }
+    }
+
+    #[test]
+    fn unavailable_level_falls_back_to_baseline() {
+        // Whatever this CPU is, every level must run (the unavailable ones on the baseline path).
+        let data = [1.0f32, 2.0, 3.0];
+        for level in SimdLevel::ALL {
+            assert_eq!(dispatch(level, Sum(&data)), 6.0);
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! `rsoptim._rsoptim`: the Python binding of rsoptim-core.
+//!
+//! Each step function receives, for every tensor of one param group, the addresses and element
+//! counts of its CPU buffers (sent by `rsoptim/_kernels.py`, which holds the tensors for the whole
+//! call), checks them all (`rsoptim_core::raw`), then runs the core kernel with the GIL released.
+//! Nothing here does arithmetic.
+
+use std::sync::RwLock;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use rsoptim_core::raw::{check_buffers, slice, slice_mut, Buffer};
+use rsoptim_core::{
+    AdamHyper, AdamTensor, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor,
+    SimdLevel, StepCount,
+};
+
+fn value_error(e: impl ToString) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+static EXECUTOR: RwLock<Option<Executor>> = RwLock::new(None);
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The executor every call uses; made on first use with the SIMD path `RSOPTIM_SIMD` picks.
+fn executor() -> PyResult<Executor> {
+    if let Some(exec) = EXECUTOR.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return Ok(exec.clone());
+    }
+    let mut slot = EXECUTOR.write().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        let simd = SimdLevel::selected().map_err(value_error)?;
+        *slot = Some(Executor::new(default_threads(), simd).map_err(|e| PyRuntimeError::new_err(e.to_string()))?);
+    }
+    Ok(slot.as_ref().expect("just set").clone())
+}
+
+fn replace_executor(make: impl FnOnce(&Executor) -> PyResult<Executor>) -> PyResult<()> {
+    let current = executor()?;
+    let new = make(&current)?;
+    *EXECUTOR.write().unwrap_or_else(|e| e.into_inner()) = Some(new);
+    Ok(())
+}
+
+/// Sets the number of threads the kernels use (at least 1).
+#[pyfunction]
+fn set_num_threads(threads: usize) -> PyResult<()> {
+    if threads == 0 {
+        return Err(PyValueError::new_err("set_num_threads expects a positive integer"));
+    }
+    replace_executor(|current| {
+        Executor::new(threads, current.simd()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    })
+}
+
+#[pyfunction]
+fn get_num_threads() -> PyResult<usize> {
+    Ok(executor()?.threads())
+}
+
+/// The SIMD path in use: "avx512", "avx2", "neon" or "scalar".
+#[pyfunction]
+fn simd_level() -> PyResult<&'static str> {
+    Ok(executor()?.simd().name())
+}
+
+/// Every SIMD path this CPU can run.
+#[pyfunction]
+fn available_simd_levels() -> Vec<&'static str> {
+    SimdLevel::available().into_iter().map(SimdLevel::name).collect()
+}
+
+/// Switches the SIMD path for this process (tests use it to run every path).
+#[pyfunction]
+fn set_simd_level(name: &str) -> PyResult<()> {
+    let level = match name {
+        "auto" => SimdLevel::best(),
+        _ => SimdLevel::parse(name).ok_or_else(|| value_error(format!("unknown SIMD path {name:?}")))?,
+    };
+    if !level.is_available() {
+        return Err(value_error(format!("this CPU cannot run the {level} path")));
+    }
+    replace_executor(|current| Ok(current.with_simd(level)))
+}
+
+#[derive(Clone, Copy)]
+enum Dtype {
+    F32,
+    F64,
+}
+
+fn parse_dtype(name: &str) -> PyResult<Dtype> {
+    match name {
+        "float32" => Ok(Dtype::F32),
+        "float64" => Ok(Dtype::F64),
+        _ => Err(PyValueError::new_err(format!("rsoptim kernels run on float32 or float64, not {name}"))),
+    }
+}
+
+/// The buffers of one call, a column per role, checked together before any slice is made.
+struct Table {
+    numels: Vec<usize>,
+    buffers: Vec<Buffer>,
+}
+
+/// Where a column's buffers start in `Table::buffers`.
+#[derive(Clone, Copy)]
+struct Column(usize);
+
+impl Table {
+    fn new(numels: Vec<usize>) -> Self {
+        Self { buffers: Vec::with_capacity(numels.len() * 6), numels }
+    }
+
+    fn len(&self) -> usize {
+        self.numels.len()
+    }
+
+    fn check_count(&self, role: &str, addrs: &[usize]) -> PyResult<()> {
+        if addrs.len() == self.len() {
+            Ok(())
+        } else {
+            Err(value_error(format!("{} {role} addresses for {} tensors", addrs.len(), self.len())))
+        }
+    }
+
+    /// A buffer of each tensor's element count.
+    fn column<T>(&mut self, role: &'static str, addrs: &[usize], written: bool) -> PyResult<Column> {
+        self.check_count(role, addrs)?;
+        let start = self.buffers.len();
+        for (i, (&addr, &len)) in addrs.iter().zip(&self.numels).enumerate() {
+            self.buffers.push(Buffer::of::<T>(role, i, addr, len, written));
+        }
+        Ok(Column(start))
+    }
+
+    /// One step count per tensor, stored in `step_dtype`.
+    fn steps(&mut self, step_dtype: Dtype, addrs: &[usize]) -> PyResult<Column> {
+        self.check_count("step", addrs)?;
+        let start = self.buffers.len();
+        for (i, &addr) in addrs.iter().enumerate() {
+            self.buffers.push(match step_dtype {
+                Dtype::F32 => Buffer::of::<f32>("step", i, addr, 1, true),
+                Dtype::F64 => Buffer::of::<f64>("step", i, addr, 1, true),
+            });
+        }
+        Ok(Column(start))
+    }
+
+    fn check(&self) -> PyResult<()> {
+        check_buffers(&self.buffers).map_err(value_error)
+    }
+
+    /// # Safety
+    /// `check` has returned `Ok`, `col` is a written column of `T` made by `column::<T>`, each
+    /// slice is taken once, and the memory outlives the slices (see `rsoptim_core::raw`).
+    unsafe fn written<'a, T>(&self, col: Column, i: usize) -> &'a mut [T] {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { slice_mut(&self.buffers[col.0 + i]) }
+    }
+
+    /// # Safety
+    /// As for `written`, for a read-only column.
+    unsafe fn read<'a, T>(&self, col: Column, i: usize) -> &'a [T] {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { slice(&self.buffers[col.0 + i]) }
+    }
+
+    /// # Safety
+    /// As for `written`, for a column made by `steps(step_dtype, ..)`.
+    unsafe fn step<'a>(&self, col: Column, step_dtype: Dtype, i: usize) -> StepCount<'a> {
+        // SAFETY: forwarded from this function's contract; each step buffer holds one element.
+        unsafe {
+            match step_dtype {
+                Dtype::F32 => StepCount::F32(&mut self.written::<f32>(col, i)[0]),
+                Dtype::F64 => StepCount::F64(&mut self.written::<f64>(col, i)[0]),
+            }
+        }
+    }
+}
+
+/// Runs `work` with the GIL released. A Rust panic becomes a `RuntimeError`, not an abort.
+fn detached<R: Send>(py: Python<'_>, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
+    let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+    match outcome {
+        Ok(result) => result.map_err(value_error),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!("rsoptim kernel panicked: {msg}")))
+        }
+    }
+}
+
+/// One Adam/AdamW step over a param group (see `rsoptim_core::adam_step`).
+#[pyfunction]
+#[pyo3(signature = (
+    dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
+))]
+#[allow(clippy::too_many_arguments)]
+fn adam_step(
+    py: Python<'_>,
+    dtype: &str,
+    step_dtype: &str,
+    numels: Vec<usize>,
+    params: Vec<usize>,
+    grads: Vec<usize>,
+    exp_avgs: Vec<usize>,
+    exp_avg_sqs: Vec<usize>,
+    max_exp_avg_sqs: Option<Vec<usize>>,
+    steps: Vec<usize>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> PyResult<()> {
+    let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay };
+    let bufs = AdamBuffers { params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps };
+    let step_dtype = parse_dtype(step_dtype)?;
+    match parse_dtype(dtype)? {
+        Dtype::F32 => adam_typed::<f32>(py, numels, bufs, step_dtype, hyper),
+        Dtype::F64 => adam_typed::<f64>(py, numels, bufs, step_dtype, hyper),
+    }
+}
+
+struct AdamBuffers {
+    params: Vec<usize>,
+    grads: Vec<usize>,
+    exp_avgs: Vec<usize>,
+    exp_avg_sqs: Vec<usize>,
+    max_exp_avg_sqs: Option<Vec<usize>>,
+    steps: Vec<usize>,
+}
+
+fn adam_typed<T: Real>(
+    py: Python<'_>,
+    numels: Vec<usize>,
+    b: AdamBuffers,
+    step_dtype: Dtype,
+    hyper: AdamHyper,
+) -> PyResult<()> {
+    let mut table = Table::new(numels);
+    let param = table.column::<T>("param", &b.params, true)?;
+    let grad = table.column::<T>("grad", &b.grads, false)?;
+    let exp_avg = table.column::<T>("exp_avg", &b.exp_avgs, true)?;
+    let exp_avg_sq = table.column::<T>("exp_avg_sq", &b.exp_avg_sqs, true)?;
+    let max_sq = b.max_exp_avg_sqs.as_deref().map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose()?;
+    let step = table.steps(step_dtype, &b.steps)?;
+    table.check()?;
+    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
+    let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
+        .map(|i| unsafe {
+            AdamTensor {
+                param: table.written(param, i),
+                grad: table.read(grad, i),
+                exp_avg: table.written(exp_avg, i),
+                exp_avg_sq: table.written(exp_avg_sq, i),
+                max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
+                step: table.step(step, step_dtype, i),
+            }
+        })
+        .collect();
+    let exec = executor()?;
+    detached(py, move || rsoptim_core::adam_step(tensors, &hyper, &exec))
+}
+
+/// One SGD step over a param group (see `rsoptim_core::sgd_step`).
+#[pyfunction]
+#[pyo3(signature = (
+    dtype, numels, params, grads, momentum_buffers, momentum_buffers_are_new, *,
+    lr, momentum, dampening, weight_decay, nesterov, maximize
+))]
+#[allow(clippy::too_many_arguments)]
+fn sgd_step(
+    py: Python<'_>,
+    dtype: &str,
+    numels: Vec<usize>,
+    params: Vec<usize>,
+    grads: Vec<usize>,
+    momentum_buffers: Option<Vec<usize>>,
+    momentum_buffers_are_new: Vec<bool>,
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
+) -> PyResult<()> {
+    let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
+    match parse_dtype(dtype)? {
+        Dtype::F32 => sgd_typed::<f32>(py, numels, params, grads, momentum_buffers, momentum_buffers_are_new, hyper),
+        Dtype::F64 => sgd_typed::<f64>(py, numels, params, grads, momentum_buffers, momentum_buffers_are_new, hyper),
+    }
+}
+
+fn sgd_typed<T: Real>(
+    py: Python<'_>,
+    numels: Vec<usize>,
+    params: Vec<usize>,
+    grads: Vec<usize>,
+    momentum_buffers: Option<Vec<usize>>,
+    are_new: Vec<bool>,
+    hyper: SgdHyper,
+) -> PyResult<()> {
+    let mut table = Table::new(numels);
+    let param = table.column::<T>("param", &params, true)?;
+    let grad = table.column::<T>("grad", &grads, false)?;
+    let buf = momentum_buffers.as_deref().map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
+    if are_new.len() != table.len() {
+        return Err(value_error("momentum_buffers_are_new needs one flag per tensor"));
+    }
+    table.check()?;
+    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
+    let tensors: Vec<SgdTensor<'_, T>> = (0..table.len())
+        .map(|i| unsafe {
+            SgdTensor {
+                param: table.written(param, i),
+                grad: table.read(grad, i),
+                momentum_buffer: buf.map(|c| table.written(c, i)),
+                momentum_buffer_is_new: are_new[i],
+            }
+        })
+        .collect();
+    let exec = executor()?;
+    detached(py, move || rsoptim_core::sgd_step(tensors, &hyper, &exec))
+}
+
+/// One RMSprop step over a param group (see `rsoptim_core::rmsprop_step`).
+#[pyfunction]
+#[pyo3(signature = (
+    dtype, step_dtype, numels, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
+    lr, alpha, eps, weight_decay, momentum, centered, maximize
+))]
+#[allow(clippy::too_many_arguments)]
+fn rmsprop_step(
+    py: Python<'_>,
+    dtype: &str,
+    step_dtype: &str,
+    numels: Vec<usize>,
+    params: Vec<usize>,
+    grads: Vec<usize>,
+    square_avgs: Vec<usize>,
+    momentum_buffers: Option<Vec<usize>>,
+    grad_avgs: Option<Vec<usize>>,
+    steps: Vec<usize>,
+    lr: f64,
+    alpha: f64,
+    eps: f64,
+    weight_decay: f64,
+    momentum: f64,
+    centered: bool,
+    maximize: bool,
+) -> PyResult<()> {
+    let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize };
+    let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
+    let step_dtype = parse_dtype(step_dtype)?;
+    match parse_dtype(dtype)? {
+        Dtype::F32 => rmsprop_typed::<f32>(py, numels, bufs, step_dtype, hyper),
+        Dtype::F64 => rmsprop_typed::<f64>(py, numels, bufs, step_dtype, hyper),
+    }
+}
+
+struct RmspropBuffers {
+    params: Vec<usize>,
+    grads: Vec<usize>,
+    square_avgs: Vec<usize>,
+    momentum_buffers: Option<Vec<usize>>,
+    grad_avgs: Option<Vec<usize>>,
+    steps: Vec<usize>,
+}
+
+fn rmsprop_typed<T: Real>(
+    py: Python<'_>,
+    numels: Vec<usize>,
+    b: RmspropBuffers,
+    step_dtype: Dtype,
+    hyper: RmspropHyper,
+) -> PyResult<()> {
+    let mut table = Table::new(numels);
+    let param = table.column::<T>("param", &b.params, true)?;
+    let grad = table.column::<T>("grad", &b.grads, false)?;
+    let square_avg = table.column::<T>("square_avg", &b.square_avgs, true)?;
+    let buf = b.momentum_buffers.as_deref().map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
+    let grad_avg = b.grad_avgs.as_deref().map(|a| table.column::<T>("grad_avg", a, true)).transpose()?;
+    let step = table.steps(step_dtype, &b.steps)?;
+    table.check()?;
+    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
+    let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
+        .map(|i| unsafe {
+            RmspropTensor {
+                param: table.written(param, i),
+                grad: table.read(grad, i),
+                square_avg: table.written(square_avg, i),
+                momentum_buffer: buf.map(|c| table.written(c, i)),
+                grad_avg: grad_avg.map(|c| table.written(c, i)),
+                step: table.step(step, step_dtype, i),
+            }
+        })
+        .collect();
+    let exec = executor()?;
+    detached(py, move || rsoptim_core::rmsprop_step(tensors, &hyper, &exec))
+}
+
+/// The `norm_type`-norm of each buffer, in float64.
+#[pyfunction]
+fn tensor_norms(py: Python<'_>, dtype: &str, numels: Vec<usize>, tensors: Vec<usize>, norm_type: f64) -> PyResult<Vec<f64>> {
+    let norm = NormType::from_p(norm_type).map_err(value_error)?;
+    match parse_dtype(dtype)? {
+        Dtype::F32 => norms_typed::<f32>(py, numels, tensors, norm),
+        Dtype::F64 => norms_typed::<f64>(py, numels, tensors, norm),
+    }
+}
+
+fn norms_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>, norm: NormType) -> PyResult<Vec<f64>> {
+    let mut table = Table::new(numels);
+    let col = table.column::<T>("tensor", &tensors, false)?;
+    table.check()?;
+    // SAFETY: `check` passed; read-only slices only.
+    let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
+    let exec = executor()?;
+    detached(py, move || Ok(rsoptim_core::tensor_norms(&slices, norm, &exec)))
+}
+
+/// `x *= factor` (rounded to the buffers' dtype) for every buffer.
+#[pyfunction]
+fn scale_(py: Python<'_>, dtype: &str, numels: Vec<usize>, tensors: Vec<usize>, factor: f64) -> PyResult<()> {
+    match parse_dtype(dtype)? {
+        Dtype::F32 => scale_typed::<f32>(py, numels, tensors, factor),
+        Dtype::F64 => scale_typed::<f64>(py, numels, tensors, factor),
+    }
+}
+
+fn scale_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>, factor: f64) -> PyResult<()> {
+    let mut table = Table::new(numels);
+    let col = table.column::<T>("tensor", &tensors, true)?;
+    table.check()?;
+    // SAFETY: `check` passed; each buffer is sliced once.
+    let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
+    let exec = executor()?;
+    detached(py, move || {
+        rsoptim_core::scale_in_place(slices, T::round_from(factor), &exec);
+        Ok(())
+    })
+}
+
+#[pymodule]
+fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
+    m.add_function(wrap_pyfunction!(rmsprop_step, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_norms, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    m.add("CHUNK", rsoptim_core::CHUNK)?;
+    Ok(())
+}
