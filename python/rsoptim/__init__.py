@@ -1,0 +1,53 @@
+"""rsoptim: torch.optim's SGD, Adam, AdamW and RMSprop and ``clip_grad_norm_``, with the CPU
+work done by Rust SIMD kernels spread over a thread pool.
+
+Swap ``torch.optim.Adam`` for ``rsoptim.Adam``: same arguments, same numbers, same state dicts.
+``rsoptim.functional`` has in-place steps on NumPy arrays for code without torch optimizers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import functional
+from ._rsoptim import available_simd_levels, get_num_threads, set_num_threads, simd_level
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "clip_grad_norm_",
+    "get_total_norm",
+    "clip_grads_with_norm_",
+    "functional",
+    "set_num_threads",
+    "get_num_threads",
+    "simd_level",
+    "available_simd_levels",
+    "__version__",
+]
+
+_TORCH_NAMES = {"SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"}
+
+try:
+    import torch as _torch
+except ImportError:  # rsoptim.functional works on NumPy alone
+    _torch = None
+
+if _torch is not None:
+    from .adam import Adam, AdamW
+    from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+    from .rmsprop import RMSprop
+    from .sgd import SGD
+
+    # Run on as many threads as torch's intra-op pool, so the two never oversubscribe the CPU.
+    set_num_threads(max(1, _torch.get_num_threads()))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        raise ImportError(f"rsoptim.{name} needs torch: pip install torch (rsoptim.functional works without it)")
+    raise AttributeError(f"module 'rsoptim' has no attribute {name!r}")

@@ -1,0 +1,172 @@
+"""Adam and AdamW, stepped by the Rust kernels (see ``torch.optim.Adam`` for the algorithm)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import _rsoptim
+from ._layout import BufferTable
+from ._optimizer import KernelOptimizer, reject_differentiable, scalar
+
+__all__ = ["Adam", "AdamW"]
+
+
+class _AdamKernels(KernelOptimizer):
+    _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
+    _decoupled_weight_decay = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        # rsoptim routes GradScaler through its unscale path rather than fused grad scaling.
+        self._step_supports_amp_scaling = False
+
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return bool(group.get("decoupled_weight_decay", self._decoupled_weight_decay))
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if group["capturable"] or group["fused"]:
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+        else:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _kernel_step(
+        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        c = table.columns
+        _rsoptim.adam_step(
+            dtype,
+            step_dtype,
+            table.numels,
+            c["param"],
+            c["grad"],
+            c["exp_avg"],
+            c["exp_avg_sq"],
+            c.get("max_exp_avg_sq"),
+            self._steps(params),
+            lr=scalar(group["lr"]),
+            beta1=scalar(beta1),
+            beta2=scalar(beta2),
+            eps=scalar(group["eps"]),
+            weight_decay=scalar(group["weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+            decoupled_weight_decay=self._decoupled(group),
+        )
+
+    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        torch.optim.adam.adam(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            capturable=group["capturable"],
+            differentiable=False,
+            fused=group["fused"],
+            grad_scale=None,
+            found_inf=None,
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=self._decoupled(group),
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class Adam(_AdamKernels, torch.optim.Adam):
+    """``torch.optim.Adam`` with its step computed by rsoptim's Rust kernels on CPU.
+
+    Same arguments, defaults, errors and state as ``torch.optim.Adam``; ``foreach``, ``fused`` and
+    ``capturable`` are accepted and apply to params that torch steps (non-CPU devices, float16,
+    bfloat16). ``differentiable=True`` is not supported.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        reject_differentiable(differentiable)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._step_supports_amp_scaling = False
+
+
+class AdamW(_AdamKernels, torch.optim.AdamW):
+    """``torch.optim.AdamW`` (Adam with decoupled weight decay) with its step computed by
+    rsoptim's Rust kernels on CPU. See :class:`Adam` for what is supported."""
+
+    _decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        reject_differentiable(differentiable)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._step_supports_amp_scaling = False

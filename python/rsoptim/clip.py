@@ -1,0 +1,157 @@
+"""``clip_grad_norm_`` with the norms and the scale computed by the Rust kernels on CPU.
+
+Same semantics and return value as ``torch.nn.utils.clip_grad_norm_``: grads are grouped by
+(device, dtype), each grad's norm is taken, the total is the norm of those norms (its dtype
+follows promotion across groups), and every grad is multiplied by
+``min(max_norm / (total + 1e-6), 1)``. CPU float32/float64 grads (complex ones for the 2-norm)
+use the kernels; the rest use torch's own ops.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Iterable
+
+import torch
+
+from . import _rsoptim
+from ._layout import KERNEL_DTYPES, as_real, is_dense
+
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
+
+Tensors = torch.Tensor | Iterable[torch.Tensor]
+
+
+def _group_by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The real dense views the kernels can walk, or None if some tensor needs torch."""
+    views = []
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in KERNEL_DTYPES or t.layout != torch.strided:
+            return None
+        real = as_real(t)
+        if not is_dense(real):
+            return None
+        views.append(real)
+    return views
+
+
+def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
+    """Each tensor's norm, computed by the kernels; None where torch must compute them."""
+    if not (norm_type > 0) or (tensors[0].is_complex() and norm_type != 2.0):
+        return None  # p <= 0, NaN p, and complex |z| norms other than the 2-norm
+    views = _kernel_ready(tensors)
+    if views is None:
+        return None
+    norms = _rsoptim.tensor_norms(
+        KERNEL_DTYPES[tensors[0].dtype], [v.numel() for v in views], [v.data_ptr() for v in views], norm_type
+    )
+    return torch.tensor(norms, dtype=views[0].dtype)
+
+
+def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.device, foreach: bool | None) -> torch.Tensor:
+    from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+    if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
+        norms = list(torch._foreach_norm(tensors, norm_type))
+    elif foreach:
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    else:
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in tensors]
+    return torch.stack(norms)
+
+
+def _as_list(tensors: Tensors) -> list[torch.Tensor]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def get_total_norm(
+    tensors: Tensors, norm_type: float | str = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None
+) -> torch.Tensor:
+    """The norm of the norms of ``tensors`` (``torch.nn.utils.get_total_norm``)."""
+    tensors = _as_list(tensors)
+    norm_type = float(norm_type)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    first_device = tensors[0].device
+    norms = []
+    for (device, _), group in _group_by_device_and_dtype(tensors).items():
+        group_norms = _kernel_norms(group, norm_type)
+        if group_norms is None:
+            group_norms = _torch_norms(group, norm_type, device, foreach)
+        norms.append(group_norms.to(first_device))
+    total_norm = torch.linalg.vector_norm(torch.cat(norms), norm_type)
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+    return total_norm
+
+
+def clip_grads_with_norm_(
+    parameters: Tensors, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None
+) -> None:
+    """Scales the grads of ``parameters`` by ``min(max_norm / (total_norm + 1e-6), 1)``
+    (``torch.nn.utils.clip_grads_with_norm_``)."""
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    if not grads:
+        return
+    _scale_grads(grads, float(max_norm), total_norm, foreach)
+
+
+def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None) -> None:
+    from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+    clip_coef = max_norm / (total_norm + 1e-6)
+    clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+    factor: float | None = None
+    for (device, dtype), group in _group_by_device_and_dtype(grads).items():
+        views = _kernel_ready(group)
+        if views is not None:
+            if factor is None:
+                factor = float(clip_coef_clamped.item())
+            # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
+            if factor != 1.0:
+                _rsoptim.scale_(KERNEL_DTYPES[dtype], [v.numel() for v in views], [v.data_ptr() for v in views], factor)
+        elif (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
+            torch._foreach_mul_(group, clip_coef_clamped.to(device))
+        elif foreach:
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        else:
+            coef = clip_coef_clamped.to(device)
+            for g in group:
+                g.mul_(coef)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Tensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Clips the gradient norm of ``parameters`` in place; returns the total norm before
+    clipping. Same arguments and semantics as ``torch.nn.utils.clip_grad_norm_``."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+    if grads:
+        _scale_grads(grads, float(max_norm), total_norm, foreach)
+    return total_norm

@@ -1,0 +1,222 @@
+"""In-place optimizer steps on NumPy arrays, for code that does not use torch optimizers.
+
+Every function takes lists of C-contiguous float32 or float64 arrays (one entry per tensor; a
+single array is taken as a list of one), all of one dtype, and updates params and state in place
+with the same arithmetic as the torch optimizers. Step counts live in a 1-D float array with one
+entry per tensor, incremented in place. Arrays that share memory are refused with ValueError.
+
+Example::
+
+    import numpy as np
+    from rsoptim import functional as F
+
+    w = np.zeros(1000, dtype=np.float32)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    steps = np.zeros(1, dtype=np.float32)
+    for _ in range(100):
+        grad = 2 * (w - 3.0)                      # d/dw of (w - 3)^2
+        F.adam_([w], [grad], [m], [v], steps, lr=0.1)
+    # w is now close to 3
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import _rsoptim
+
+__all__ = ["adam_", "sgd_", "rmsprop_", "grad_norms", "clip_grad_norm_"]
+
+Arrays = np.ndarray | Sequence[np.ndarray]
+_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+
+
+def _as_list(arrays: Arrays | None) -> list[np.ndarray] | None:
+    if arrays is None:
+        return None
+    return [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+
+
+def _addresses(name: str, arrays: list[np.ndarray], dtype: np.dtype, shapes: list[tuple], written: bool) -> list[int]:
+    if len(arrays) != len(shapes):
+        raise ValueError(f"{name}: {len(arrays)} arrays for {len(shapes)} params")
+    out = []
+    for i, (a, shape) in enumerate(zip(arrays, shapes)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}[{i}] is a {type(a).__name__}, not a numpy array")
+        if a.dtype != dtype:
+            raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but the params have {dtype}")
+        if a.shape != shape:
+            raise ValueError(f"{name}[{i}] has shape {a.shape}, but its param has {shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}[{i}] is not C-contiguous")
+        if written and not a.flags.writeable:
+            raise ValueError(f"{name}[{i}] is read-only")
+        out.append(a.ctypes.data)
+    return out
+
+
+def _params(params: Arrays) -> tuple[list[np.ndarray], np.dtype, str]:
+    plist = _as_list(params)
+    assert plist is not None
+    if not plist:
+        raise ValueError("no params given")
+    dtype = plist[0].dtype if isinstance(plist[0], np.ndarray) else None
+    if dtype not in _DTYPES:
+        raise TypeError(f"params must be float32 or float64 numpy arrays, got {dtype}")
+    return plist, dtype, _DTYPES[dtype]
+
+
+def _steps(steps: np.ndarray, count: int) -> tuple[str, list[int]]:
+    if not isinstance(steps, np.ndarray) or steps.dtype not in _DTYPES or steps.shape != (count,):
+        raise ValueError(f"steps must be a float32 or float64 numpy array of shape ({count},)")
+    if not (steps.flags.c_contiguous and steps.flags.writeable):
+        raise ValueError("steps must be writeable and C-contiguous")
+    return _DTYPES[steps.dtype], [steps.ctypes.data + i * steps.itemsize for i in range(count)]
+
+
+def adam_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    steps: np.ndarray,
+    *,
+    max_exp_avg_sqs: Arrays | None = None,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
+    """One Adam (or AdamW, with ``decoupled_weight_decay=True``) step, in place.
+    ``max_exp_avg_sqs`` is required exactly when ``amsgrad``."""
+    plist, dtype, name = _params(params)
+    shapes = [p.shape for p in plist]
+    if amsgrad != (max_exp_avg_sqs is not None):
+        raise ValueError("max_exp_avg_sqs must be given exactly when amsgrad=True")
+    max_list = _as_list(max_exp_avg_sqs)
+    step_dtype, step_addrs = _steps(steps, len(plist))
+    _rsoptim.adam_step(
+        name,
+        step_dtype,
+        [p.size for p in plist],
+        _addresses("params", plist, dtype, shapes, True),
+        _addresses("grads", _as_list(grads), dtype, shapes, False),
+        _addresses("exp_avgs", _as_list(exp_avgs), dtype, shapes, True),
+        _addresses("exp_avg_sqs", _as_list(exp_avg_sqs), dtype, shapes, True),
+        None if max_list is None else _addresses("max_exp_avg_sqs", max_list, dtype, shapes, True),
+        step_addrs,
+        lr=float(lr),
+        beta1=float(betas[0]),
+        beta2=float(betas[1]),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
+
+
+def sgd_(
+    params: Arrays,
+    grads: Arrays,
+    momentum_buffers: Sequence[np.ndarray | None] | None = None,
+    *,
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> list[np.ndarray | None]:
+    """One SGD step, in place. With momentum, a ``None`` buffer (a param's first step) is
+    created from the grad; returns the buffers (to pass to the next step)."""
+    plist, dtype, name = _params(params)
+    shapes = [p.shape for p in plist]
+    buffers: list[np.ndarray | None] = list(momentum_buffers) if momentum_buffers is not None else [None] * len(plist)
+    new = [b is None for b in buffers]
+    if momentum != 0:
+        buffers = [np.empty_like(p) if b is None else b for p, b in zip(plist, buffers)]
+    _rsoptim.sgd_step(
+        name,
+        [p.size for p in plist],
+        _addresses("params", plist, dtype, shapes, True),
+        _addresses("grads", _as_list(grads), dtype, shapes, False),
+        _addresses("momentum_buffers", buffers, dtype, shapes, True) if momentum != 0 else None,
+        new,
+        lr=float(lr),
+        momentum=float(momentum),
+        dampening=float(dampening),
+        weight_decay=float(weight_decay),
+        nesterov=nesterov,
+        maximize=maximize,
+    )
+    return buffers
+
+
+def rmsprop_(
+    params: Arrays,
+    grads: Arrays,
+    square_avgs: Arrays,
+    steps: np.ndarray,
+    *,
+    momentum_buffers: Arrays | None = None,
+    grad_avgs: Arrays | None = None,
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One RMSprop step, in place. ``momentum_buffers`` are required exactly when
+    ``momentum > 0``, ``grad_avgs`` exactly when ``centered``."""
+    plist, dtype, name = _params(params)
+    shapes = [p.shape for p in plist]
+    step_dtype, step_addrs = _steps(steps, len(plist))
+    mb, ga = _as_list(momentum_buffers), _as_list(grad_avgs)
+    _rsoptim.rmsprop_step(
+        name,
+        step_dtype,
+        [p.size for p in plist],
+        _addresses("params", plist, dtype, shapes, True),
+        _addresses("grads", _as_list(grads), dtype, shapes, False),
+        _addresses("square_avgs", _as_list(square_avgs), dtype, shapes, True),
+        None if mb is None else _addresses("momentum_buffers", mb, dtype, shapes, True),
+        None if ga is None else _addresses("grad_avgs", ga, dtype, shapes, True),
+        step_addrs,
+        lr=float(lr),
+        alpha=float(alpha),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        centered=centered,
+        maximize=maximize,
+    )
+
+
+def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
+    """The ``norm_type``-norm of each array (``p > 0`` or ``inf``), as float64."""
+    glist, dtype, name = _params(grads)
+    addrs = _addresses("grads", glist, dtype, [g.shape for g in glist], False)
+    return np.array(_rsoptim.tensor_norms(name, [g.size for g in glist], addrs, float(norm_type)))
+
+
+def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> float:
+    """Scales ``grads`` in place by ``min(max_norm / (total + 1e-6), 1)``, where ``total`` is
+    the norm of the per-array norms; returns ``total``."""
+    glist, dtype, name = _params(grads)
+    norms = grad_norms(glist, norm_type).astype(dtype)
+    norm_type = float(norm_type)
+    total = float(norms.max() if norm_type == float("inf") else (np.abs(norms) ** norm_type).sum() ** (1.0 / norm_type))
+    factor = min(float(max_norm) / (total + 1e-6), 1.0)
+    if factor != 1.0:
+        addrs = _addresses("grads", glist, dtype, [g.shape for g in glist], True)
+        _rsoptim.scale_(name, [g.size for g in glist], addrs, factor)
+    return total

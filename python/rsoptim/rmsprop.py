@@ -1,0 +1,118 @@
+"""RMSprop, stepped by the Rust kernels (see ``torch.optim.RMSprop`` for the algorithm)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import _rsoptim
+from ._layout import BufferTable
+from ._optimizer import KernelOptimizer, reject_differentiable, scalar
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(KernelOptimizer, torch.optim.RMSprop):
+    """``torch.optim.RMSprop`` with its step computed by rsoptim's Rust kernels on CPU.
+
+    Same arguments, defaults, errors and state as ``torch.optim.RMSprop``. Params on other
+    devices and float16/bfloat16 params are stepped by torch. ``differentiable=True`` is not
+    supported.
+    """
+
+    _sparse_message = "RMSprop does not support sparse gradients"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        reject_differentiable(differentiable)
+        super().__init__(
+            params,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+        )
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys = ("square_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        return keys
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if group["capturable"]:
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
+        else:
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype())
+        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["centered"]:
+            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _kernel_step(
+        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
+    ) -> None:
+        c = table.columns
+        _rsoptim.rmsprop_step(
+            dtype,
+            step_dtype,
+            table.numels,
+            c["param"],
+            c["grad"],
+            c["square_avg"],
+            c.get("momentum_buffer"),
+            c.get("grad_avg"),
+            self._steps(params),
+            lr=scalar(group["lr"]),
+            alpha=scalar(group["alpha"]),
+            eps=scalar(group["eps"]),
+            weight_decay=scalar(group["weight_decay"]),
+            momentum=scalar(group["momentum"]),
+            centered=bool(group["centered"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        torch.optim.rmsprop.rmsprop(
+            params,
+            [p.grad for p in params],
+            [s["square_avg"] for s in states],
+            [s["grad_avg"] for s in states] if group["centered"] else [],
+            [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else [],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            maximize=group["maximize"],
+            differentiable=False,
+            capturable=group["capturable"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=group["centered"],
+        )

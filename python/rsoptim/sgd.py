@@ -1,0 +1,126 @@
+"""SGD with momentum, stepped by the Rust kernels (see ``torch.optim.SGD`` for the algorithm)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _rsoptim
+from ._layout import BufferTable, runs_on_kernel
+from ._optimizer import KernelOptimizer, reject_differentiable, scalar
+
+__all__ = ["SGD"]
+
+
+class SGD(KernelOptimizer, torch.optim.SGD):
+    """``torch.optim.SGD`` with its step computed by rsoptim's Rust kernels on CPU.
+
+    Same arguments, defaults, errors and state as ``torch.optim.SGD`` (``momentum_buffer`` only
+    with momentum, created on a param's first step). Sparse grads, params on other devices and
+    float16/bfloat16 params are stepped by torch. ``differentiable=True`` is not supported.
+    """
+
+    _has_step = False
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        reject_differentiable(differentiable)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._step_supports_amp_scaling = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._step_supports_amp_scaling = False
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        # torch creates the momentum buffer on the first step, from the grad; see `_step_group`.
+        pass
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._new_buffers: set[torch.Tensor] = set()
+        if group["momentum"] != 0:
+            for p in params:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None and runs_on_kernel(p) and not p.grad.is_sparse:
+                    # Filled with the grad by the kernel (torch's `clone` of the first grad).
+                    state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    self._new_buffers.add(p)
+        try:
+            super()._step_group(group, params)
+        except BaseException:
+            for p in self._new_buffers:
+                del self.state[p]["momentum_buffer"]
+            raise
+        finally:
+            self._new_buffers = set()
+
+    def _kernel_step(
+        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
+    ) -> None:
+        c = table.columns
+        momentum = scalar(group["momentum"])
+        _rsoptim.sgd_step(
+            dtype,
+            table.numels,
+            c["param"],
+            c["grad"],
+            c.get("momentum_buffer"),
+            [p in self._new_buffers for p in params],
+            lr=scalar(group["lr"]),
+            momentum=momentum,
+            dampening=scalar(group["dampening"]),
+            weight_decay=scalar(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum else []
+        torch.optim.sgd.sgd(
+            params,
+            [p.grad for p in params],
+            buffers,
+            has_sparse_grad=any(p.grad.is_sparse for p in params),
+            foreach=group["foreach"],
+            fused=group["fused"],
+            grad_scale=None,
+            found_inf=None,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if momentum:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf
+
