@@ -6,15 +6,21 @@ torch's own. Only ``step`` is replaced: CPU float32/float64 (and complex) params
 one Rust call per dtype; everything else (CUDA and other devices, float16/bfloat16, sparse grads
 where torch supports them) goes to torch's own functional implementation, which picks its
 foreach or fused kernels as it would for ``torch.optim``.
+
+A group whose params, grads and state are all plain contiguous CPU buffers keeps a
+:class:`_Plan` of their addresses, so that later steps only re-read the grads and re-check, per
+param, what could have changed (see ``_Plan.kernel_calls``): the per-step Python work is a few
+attribute reads per param.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from ._layout import KERNEL_DTYPES, BufferTable, runs_on_kernel, step_dtype_name
+from ._layout import KERNEL_DTYPES, BufferTable, as_real, runs_on_kernel, step_dtype_name
 
 
 def scalar(x: Any) -> float:
@@ -30,11 +36,24 @@ def reject_differentiable(differentiable: bool) -> None:
         )
 
 
+@dataclass
+class KernelCall:
+    """The buffers of one kernel call: one dtype (and step dtype) of one group."""
+
+    dtype: str
+    step_dtype: str
+    params: list[torch.Tensor]
+    numels: list[int]
+    columns: dict[str, list[int]]
+    steps: list[int] = field(default_factory=list)
+    new_buffers: list[bool] = field(default_factory=list)
+
+
 class KernelOptimizer:
     """Mixin placed before a ``torch.optim`` class: replaces its ``step``.
 
     Subclasses set ``_sparse_message`` and ``_has_step`` and implement ``_state_keys``,
-    ``_init_state``, ``_kernel_step`` and ``_torch_step``.
+    ``_init_state``, ``_kernel_call`` and ``_torch_step``.
     """
 
     #: The RuntimeError raised for a sparse grad (None: sparse grads go to torch).
@@ -53,12 +72,12 @@ class KernelOptimizer:
         """Creates a param's state on its first step, exactly as torch does."""
         raise NotImplementedError
 
-    def _kernel_step(
-        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
-    ) -> None:
+    def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
+        """Runs the Rust kernel on the buffers of ``call`` with the group's hyperparameters."""
         raise NotImplementedError
 
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Steps ``params`` with torch's own functional implementation."""
         raise NotImplementedError
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -72,13 +91,23 @@ class KernelOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            # Every group is checked before any is stepped, so an error leaves all params as
-            # they were.
-            work = [(group, self._params_with_grad(group)) for group in self.param_groups]
-            for group, params in work:
-                if params:
-                    self._step_group(group, params)
+        plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
+        # Every group is checked before any is stepped, so an error leaves all params as they
+        # were.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            plan = plans.get(index)
+            calls = plan.kernel_calls(self, group) if plan is not None else None
+            work.append((index, group, calls, None if calls is not None else self._params_with_grad(group)))
+        for index, group, calls, params in work:
+            if calls is not None:
+                for call in calls:
+                    self._kernel_call(group, call)
+            elif params:
+                with torch.no_grad():
+                    plans[index] = self._step_group(group, params)  # type: ignore[assignment]
+                if plans[index] is None:
+                    del plans[index]
         return loss
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
@@ -87,28 +116,130 @@ class KernelOptimizer:
             raise RuntimeError(self._sparse_message)
         return params
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _needs_state(self, group: dict[str, Any]) -> bool:
+        return True
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan | None:
+        """Steps one group in full generality; returns a plan for the next steps if it can."""
+        keys = self._state_keys(group)
+        needs_state = self._needs_state(group)
         buckets: dict[tuple[str, str], list[torch.Tensor]] = {}
         others: list[torch.Tensor] = []
         for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                self._init_state(p, group, state)
+            if needs_state:
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, group, state)
             if runs_on_kernel(p) and not p.grad.is_sparse:
-                step_dtype = step_dtype_name([state["step"]]) if self._has_step else "float32"
+                step_dtype = step_dtype_name([self.state[p]["step"]]) if self._has_step else "float32"
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append(p)
             else:
                 others.append(p)
-        keys = self._state_keys(group)
+        calls = []
         for (dtype, step_dtype), bucket in buckets.items():
             table = BufferTable(("param", "grad", *keys), written=frozenset(("param", *keys)))
             for p in bucket:
-                state = self.state[p]
+                state = self.state[p] if keys else {}
                 table.add(p, {"grad": p.grad, **{key: state[key] for key in keys}})
-            self._kernel_step(group, dtype, step_dtype, table, bucket)
+            call = KernelCall(dtype, step_dtype, bucket, table.numels, table.columns, self._steps(bucket))
+            call.new_buffers = self._new_buffer_flags(bucket)
+            self._kernel_call(group, call)
             table.write_back()
+            calls.append(call)
         if others:
             self._torch_step(group, others)
+            return None
+        return _Plan.build(self, group, keys, calls)
+
+    def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
+        return [False] * len(params)
 
     def _steps(self, params: list[torch.Tensor]) -> list[int]:
+        if not self._has_step:
+            return []
         return [self.state[p]["step"].data_ptr() for p in params]
+
+
+def _plain(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``t`` is a contiguous buffer of ``like``'s dtype and size (the fast path)."""
+    return t.is_contiguous() and t.dtype == like.dtype and t.numel() == like.numel() and t.device == like.device
+
+
+@dataclass
+class _Plan:
+    """The addresses of one group's buffers, reused while nothing they depend on changes.
+
+    It is rebuilt (by a full step) whenever: the group's param list, the set of params with
+    grads, the optimizer's state or any state tensor, a param's storage or contiguity, or the
+    state keys the hyperparameters call for change; or a grad is not a contiguous buffer of its
+    param's size. The plan holds an alias of every param and state tensor, so a storage it has
+    seen is never freed and reused at the same address behind its back.
+    """
+
+    group_params: list[torch.Tensor]
+    has_grad: list[bool]
+    state: Any
+    keys: tuple[str, ...]
+    calls: list[KernelCall]
+    # One entry per param with a grad, in group order: (param, its state dict, the state
+    # tensors the kernel uses, the param's address, its element count, which call, which slot).
+    entries: list[tuple[torch.Tensor, dict[str, Any] | None, tuple[torch.Tensor, ...], int, int, int, int]]
+    held: list[torch.Tensor]
+
+    @staticmethod
+    def build(opt: KernelOptimizer, group: dict[str, Any], keys: tuple[str, ...], calls: list[KernelCall]) -> _Plan | None:
+        where = {}
+        for c, call in enumerate(calls):
+            for slot, p in enumerate(call.params):
+                where[id(p)] = (c, slot)
+        needs_state = opt._needs_state(group)
+        entries, held = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            real = as_real(p)
+            if not (real.is_contiguous() and _plain(as_real(p.grad), real)):
+                return None
+            state = opt.state[p] if needs_state else None
+            tensors = tuple(state[k] for k in (*keys, "step") if k in state) if state is not None else ()
+            if not all(_plain(as_real(t), real) for t in tensors[: len(keys)]):
+                return None
+            c, slot = where[id(p)]
+            entries.append((p, state, tensors, real.data_ptr(), real.numel(), c, slot))
+            held.append(real.detach())
+            held.extend(t.detach() for t in tensors)
+        for call in calls:
+            call.new_buffers = [False] * len(call.params)
+            call.columns = dict(call.columns)
+            call.columns["grad"] = list(call.columns["grad"])
+        return _Plan(
+            group_params=group["params"],
+            has_grad=[p.grad is not None for p in group["params"]],
+            state=opt.state,
+            keys=keys,
+            calls=calls,
+            entries=entries,
+            held=held,
+        )
+
+    def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
+        """This step's kernel calls, or None if anything the plan relies on has changed."""
+        params = group["params"]
+        if params is not self.group_params or opt.state is not self.state or opt._state_keys(group) != self.keys:
+            return None
+        grads = [p.grad for p in params]
+        if [g is not None for g in grads] != self.has_grad:
+            return None
+        grads = [g for g in grads if g is not None]
+        keys = (*self.keys, "step")
+        state_of = opt.state
+        for g, (p, state, tensors, addr, numel, c, slot) in zip(grads, self.entries):
+            if g.is_complex():
+                g = torch.view_as_real(g)
+            if not (g.is_contiguous() and g.numel() == numel and p.data_ptr() == addr and p.is_contiguous()):
+                return None
+            if state is not None:
+                if state_of.get(p) is not state or any(state.get(k) is not t for k, t in zip(keys, tensors)):
+                    return None
+            self.calls[c].columns["grad"][slot] = g.data_ptr()
+        return self.calls

@@ -8,8 +8,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _rsoptim
-from ._layout import BufferTable
-from ._optimizer import KernelOptimizer, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -39,21 +38,19 @@ class _AdamKernels(KernelOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _kernel_step(
-        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
-    ) -> None:
+    def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
         beta1, beta2 = group["betas"]
-        c = table.columns
+        c = call.columns
         _rsoptim.adam_step(
-            dtype,
-            step_dtype,
-            table.numels,
+            call.dtype,
+            call.step_dtype,
+            call.numels,
             c["param"],
             c["grad"],
             c["exp_avg"],
             c["exp_avg_sq"],
             c.get("max_exp_avg_sq"),
-            self._steps(params),
+            call.steps,
             lr=scalar(group["lr"]),
             beta1=scalar(beta1),
             beta2=scalar(beta2),

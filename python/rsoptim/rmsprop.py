@@ -8,8 +8,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _rsoptim
-from ._layout import BufferTable
-from ._optimizer import KernelOptimizer, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
 
 __all__ = ["RMSprop"]
 
@@ -72,20 +71,18 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
         if group["centered"]:
             state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _kernel_step(
-        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
-    ) -> None:
-        c = table.columns
+    def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
+        c = call.columns
         _rsoptim.rmsprop_step(
-            dtype,
-            step_dtype,
-            table.numels,
+            call.dtype,
+            call.step_dtype,
+            call.numels,
             c["param"],
             c["grad"],
             c["square_avg"],
             c.get("momentum_buffer"),
             c.get("grad_avg"),
-            self._steps(params),
+            call.steps,
             lr=scalar(group["lr"]),
             alpha=scalar(group["alpha"]),
             eps=scalar(group["eps"]),

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from . import _rsoptim
-from ._layout import BufferTable, runs_on_kernel
-from ._optimizer import KernelOptimizer, reject_differentiable, scalar
+from ._layout import runs_on_kernel
+from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
 
 __all__ = ["SGD"]
 
@@ -59,40 +59,42 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        # torch creates the momentum buffer on the first step, from the grad; see `_step_group`.
-        pass
+    def _needs_state(self, group: dict[str, Any]) -> bool:
+        # torch's SGD keeps no state without momentum: `state_dict()['state']` stays empty.
+        return group["momentum"] != 0
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        # torch creates the momentum buffer on a param's first step, from its grad. Here it is
+        # allocated (uninitialised) and filled with the grad by the kernel, which is told the
+        # buffer is new; should the step fail, the buffer is removed again.
+        if runs_on_kernel(p) and not p.grad.is_sparse:
+            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._new_buffers.add(p)
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> Any:
         self._new_buffers: set[torch.Tensor] = set()
-        if group["momentum"] != 0:
-            for p in params:
-                state = self.state[p]
-                if state.get("momentum_buffer") is None and runs_on_kernel(p) and not p.grad.is_sparse:
-                    # Filled with the grad by the kernel (torch's `clone` of the first grad).
-                    state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                    self._new_buffers.add(p)
         try:
-            super()._step_group(group, params)
+            return super()._step_group(group, params)
         except BaseException:
             for p in self._new_buffers:
-                del self.state[p]["momentum_buffer"]
+                self.state[p].pop("momentum_buffer", None)
             raise
         finally:
             self._new_buffers = set()
 
-    def _kernel_step(
-        self, group: dict[str, Any], dtype: str, step_dtype: str, table: BufferTable, params: list[torch.Tensor]
-    ) -> None:
-        c = table.columns
+    def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
+        return [p in self._new_buffers for p in params]
+
+    def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
+        c = call.columns
         momentum = scalar(group["momentum"])
         _rsoptim.sgd_step(
-            dtype,
-            table.numels,
+            call.dtype,
+            call.numels,
             c["param"],
             c["grad"],
             c.get("momentum_buffer"),
-            [p in self._new_buffers for p in params],
+            call.new_buffers,
             lr=scalar(group["lr"]),
             momentum=momentum,
             dampening=scalar(group["dampening"]),
