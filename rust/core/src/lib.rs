@@ -13,6 +13,7 @@ pub mod exec;
 pub mod norm;
 pub mod raw;
 pub mod rmsprop;
+pub mod roofline;
 pub mod sgd;
 pub mod simd;
 pub mod step;

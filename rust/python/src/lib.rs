@@ -5,15 +5,56 @@
 //! call), checks them all (`rsoptim_core::raw`), then runs the core kernel with the GIL released.
 //! Nothing here does arithmetic.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rsoptim_core::raw::{check_buffers, slice, slice_mut, Buffer};
+use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
     AdamHyper, AdamTensor, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor,
     SimdLevel, StepCount,
 };
+
+/// The system allocator, counting the bytes this extension allocates, so the benchmark can
+/// measure (not assume) what a step allocates on the Rust side.
+struct CountingAllocator;
+
+static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards to `System` unchanged; the counters are plain atomics.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's pointer and layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATED_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's arguments.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// (bytes, allocations) this extension has allocated since it was loaded.
+#[pyfunction]
+fn allocation_counters() -> (u64, u64) {
+    (ALLOCATED_BYTES.load(Ordering::Relaxed), ALLOCATIONS.load(Ordering::Relaxed))
+}
 
 fn value_error(e: impl ToString) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -454,6 +495,39 @@ fn scale_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>,
     })
 }
 
+/// The roofline probe: `w += read` for each written buffer of each tensor (1 to 4 written).
+#[pyfunction]
+fn stream_probe(py: Python<'_>, dtype: &str, numels: Vec<usize>, read: Vec<usize>, written: Vec<Vec<usize>>) -> PyResult<()> {
+    match parse_dtype(dtype)? {
+        Dtype::F32 => stream_typed::<f32>(py, numels, read, written),
+        Dtype::F64 => stream_typed::<f64>(py, numels, read, written),
+    }
+}
+
+fn stream_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, read: Vec<usize>, written: Vec<Vec<usize>>) -> PyResult<()> {
+    let mut table = Table::new(numels);
+    let read_col = table.column::<T>("read", &read, false)?;
+    let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<PyResult<Vec<_>>>()?;
+    table.check()?;
+    let exec = executor()?;
+    macro_rules! run_with {
+        ($w:literal) => {{
+            // SAFETY: `check` passed; each buffer is sliced once, with its column's type.
+            let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
+                .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
+                .collect();
+            detached(py, move || rsoptim_core::roofline::stream(tensors, &exec))
+        }};
+    }
+    match cols.len() {
+        1 => run_with!(1),
+        2 => run_with!(2),
+        3 => run_with!(3),
+        4 => run_with!(4),
+        n => Err(value_error(format!("stream_probe takes 1 to 4 written buffers per tensor, not {n}"))),
+    }
+}
+
 #[pymodule]
 fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
@@ -466,6 +540,8 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_probe, m)?)?;
+    m.add_function(wrap_pyfunction!(allocation_counters, m)?)?;
     m.add("CHUNK", rsoptim_core::CHUNK)?;
     Ok(())
 }
