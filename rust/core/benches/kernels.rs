@@ -1,1 +1,214 @@
-fn main() {}
+//! Throughput of every kernel on every SIMD path this CPU has, at 4K, 256K and 4M elements (f32).
+//!
+//! `Throughput::Bytes` is the memory each step moves per element, reads plus writes, so criterion
+//! reports GB/s that can be set against the machine's memory bandwidth:
+//!
+//! | kernel                        | reads                  | writes            | bytes/elem |
+//! |-------------------------------|------------------------|-------------------|-----------:|
+//! | adam, adamw                   | p, g, m, v             | p, m, v           | 28 |
+//! | adam amsgrad                  | p, g, m, v, vmax       | p, m, v, vmax     | 36 |
+//! | sgd momentum                  | p, g, buf              | p, buf            | 20 |
+//! | rmsprop                       | p, g, sq               | p, sq             | 20 |
+//! | rmsprop centered + momentum   | p, g, sq, ga, buf      | p, sq, ga, buf    | 36 |
+//! | tensor_norms (p = 2)          | x                      |                   |  4 |
+//! | scale_in_place                | x                      | x                 |  8 |
+//!
+//! Runs on one thread by default, so the paths compare like for like; set
+//! `RSOPTIM_BENCH_THREADS=n` for a pool of `n`. Samples are few and short so the whole run stays
+//! within a few minutes on a small machine: `cargo bench -p rsoptim-core`, or pick a group,
+//! e.g. `cargo bench -p rsoptim-core -- 'adam_f32/.*/4M'`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::measurement::WallTime;
+use rsoptim_core::{
+    adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType,
+    RmspropHyper, RmspropTensor, SgdHyper, SgdTensor, SimdLevel, StepCount,
+};
+
+const SIZES: [(usize, &str); 3] = [(4 << 10, "4K"), (256 << 10, "256K"), (4 << 20, "4M")];
+
+fn threads() -> usize {
+    std::env::var("RSOPTIM_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
+}
+
+/// One executor per available SIMD path, named after it.
+fn executors() -> Vec<(String, Executor)> {
+    let threads = threads();
+    SimdLevel::available()
+        .into_iter()
+        .map(|level| {
+            let name = if threads == 1 { level.name().to_string() } else { format!("{level}-x{threads}") };
+            (name, Executor::new(threads, level).expect("thread pool"))
+        })
+        .collect()
+}
+
+/// Deterministic values in [-1, 1) away from zero (no subnormals in the state, whatever the
+/// number of iterations).
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let u = (x >> 8) as f32 / (1u32 << 24) as f32; // [0, 1)
+            let v = 0.1 + 0.9 * u;
+            if x & 1 == 0 { v } else { -v }
+        })
+        .collect()
+}
+
+fn new_group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    // Flat sampling: the 4M cases take milliseconds per iteration, and linear sampling would
+    // need 55 of them per run.
+    g.sampling_mode(SamplingMode::Flat);
+    g
+}
+
+fn bench_adam(c: &mut Criterion, name: &str, hyper: AdamHyper, bytes_per_elem: u64) {
+    let execs = executors();
+    let mut group = new_group(c, name);
+    for (n, label) in SIZES {
+        group.throughput(Throughput::Bytes(n as u64 * bytes_per_elem));
+        let mut p = data(n, 1);
+        let g = data(n, 2);
+        let mut m = vec![0.0f32; n];
+        let mut v = vec![0.0f32; n];
+        let mut vmax = hyper.amsgrad.then(|| vec![0.0f32; n]);
+        let mut step = 0.0f32;
+        for (path, exec) in &execs {
+            group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+                b.iter(|| {
+                    let t = AdamTensor {
+                        param: black_box(&mut p[..]),
+                        grad: black_box(&g[..]),
+                        exp_avg: black_box(&mut m[..]),
+                        exp_avg_sq: black_box(&mut v[..]),
+                        max_exp_avg_sq: black_box(vmax.as_deref_mut()),
+                        step: StepCount::F32(&mut step),
+                    };
+                    adam_step(vec![t], black_box(&hyper), exec).unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn adam(c: &mut Criterion) {
+    bench_adam(c, "adam_f32", AdamHyper::default(), 28);
+    bench_adam(c, "adam_amsgrad_f32", AdamHyper { amsgrad: true, ..AdamHyper::default() }, 36);
+    let adamw = AdamHyper { weight_decay: 1e-2, decoupled_weight_decay: true, ..AdamHyper::default() };
+    bench_adam(c, "adamw_f32", adamw, 28);
+}
+
+fn sgd(c: &mut Criterion) {
+    let execs = executors();
+    let hyper = SgdHyper { lr: 1e-3, momentum: 0.9, ..SgdHyper::default() };
+    let mut group = new_group(c, "sgd_momentum_f32");
+    for (n, label) in SIZES {
+        group.throughput(Throughput::Bytes(n as u64 * 20));
+        let mut p = data(n, 3);
+        let g = data(n, 4);
+        let mut buf = data(n, 5);
+        for (path, exec) in &execs {
+            group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+                b.iter(|| {
+                    let t = SgdTensor {
+                        param: black_box(&mut p[..]),
+                        grad: black_box(&g[..]),
+                        momentum_buffer: Some(black_box(&mut buf[..])),
+                        momentum_buffer_is_new: false,
+                    };
+                    sgd_step(vec![t], black_box(&hyper), exec).unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_rmsprop(c: &mut Criterion, name: &str, hyper: RmspropHyper, bytes_per_elem: u64) {
+    let execs = executors();
+    let mut group = new_group(c, name);
+    for (n, label) in SIZES {
+        group.throughput(Throughput::Bytes(n as u64 * bytes_per_elem));
+        let mut p = data(n, 6);
+        let g = data(n, 7);
+        let mut sq = vec![1.0f32; n];
+        let mut buf = (hyper.momentum > 0.0).then(|| vec![0.0f32; n]);
+        let mut ga = hyper.centered.then(|| vec![0.0f32; n]);
+        let mut step = 0.0f32;
+        for (path, exec) in &execs {
+            group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+                b.iter(|| {
+                    let t = RmspropTensor {
+                        param: black_box(&mut p[..]),
+                        grad: black_box(&g[..]),
+                        square_avg: black_box(&mut sq[..]),
+                        momentum_buffer: black_box(buf.as_deref_mut()),
+                        grad_avg: black_box(ga.as_deref_mut()),
+                        step: StepCount::F32(&mut step),
+                    };
+                    rmsprop_step(vec![t], black_box(&hyper), exec).unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn rmsprop(c: &mut Criterion) {
+    bench_rmsprop(c, "rmsprop_f32", RmspropHyper::default(), 20);
+    let full = RmspropHyper { centered: true, momentum: 0.9, ..RmspropHyper::default() };
+    bench_rmsprop(c, "rmsprop_centered_momentum_f32", full, 36);
+}
+
+fn norms(c: &mut Criterion) {
+    let execs = executors();
+    let mut group = new_group(c, "norm2_f32");
+    for (n, label) in SIZES {
+        group.throughput(Throughput::Bytes(n as u64 * 4));
+        let x = data(n, 8);
+        for (path, exec) in &execs {
+            group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+                b.iter(|| black_box(tensor_norms(&[black_box(&x[..])], NormType::Two, exec)))
+            });
+        }
+    }
+    group.finish();
+
+    let mut group = new_group(c, "scale_f32");
+    for (n, label) in SIZES {
+        group.throughput(Throughput::Bytes(n as u64 * 8));
+        let mut x = data(n, 9);
+        for (path, exec) in &execs {
+            group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+                // A factor of 1 (hidden from the compiler) keeps the values, and the speed,
+                // the same from one iteration to the next.
+                b.iter(|| scale_in_place(vec![black_box(&mut x[..])], black_box(1.0f32), exec))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .without_plots()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(600))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = adam, sgd, rmsprop, norms
+}
+criterion_main!(benches);

@@ -104,9 +104,7 @@ fn torch_lerp<T: Ref>(start: T, end: T, weight: T) -> T {
 fn torch_maximum<T: Ref>(a: T, b: T) -> T {
     if a.is_nan() {
         a
-    } else if b.is_nan() {
-        b
-    } else if b > a {
+    } else if b.is_nan() || b > a {
         b
     } else {
         a
@@ -836,7 +834,7 @@ prop_compose! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn adam_f32_matches_reference(sizes in sizes(), steps in 1usize..=3, h in adam_hyper(), seed in any::<u64>()) {
