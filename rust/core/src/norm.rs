@@ -41,8 +41,14 @@ fn lane_reduce<T: Real>(data: &[T], f: impl Fn(f64) -> f64, combine: impl Fn(f64
     let blocks = data.chunks_exact(LANES);
     let tail = blocks.remainder();
     for block in blocks {
+        // Widening the block first keeps the loop below a plain packed f64 loop, which LLVM
+        // vectorises on every path (fused with the conversion it did not, on AVX2).
+        let mut wide = [0.0f64; LANES];
         for j in 0..LANES {
-            acc[j] = combine(acc[j], f(block[j].widen()));
+            wide[j] = block[j].widen();
+        }
+        for j in 0..LANES {
+            acc[j] = combine(acc[j], f(wide[j]));
         }
     }
     for (j, x) in tail.iter().enumerate() {

@@ -50,7 +50,7 @@ pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
         if b.addr == 0 {
             return Err(error(format!("{} has a null data pointer", b.describe())));
         }
-        if b.addr % b.align != 0 {
+        if !b.align.is_power_of_two() || b.addr % b.align != 0 {
             return Err(error(format!("{} is not aligned to {} bytes", b.describe(), b.align)));
         }
         let too_big = b.len.checked_mul(b.elem_size).and_then(|n| b.addr.checked_add(n)).is_none()
