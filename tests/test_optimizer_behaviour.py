@@ -144,7 +144,7 @@ def test_is_a_torch_optimizer(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_init_signature_names_kinds_defaults_match_torch(name):
     """What callers see: parameter names, order, kinds (positional / keyword-only) and defaults,
-    and the annotations of every argument but ``params`` (see the xfail below)."""
+    and the annotations of every argument but ``params`` (compared in full below)."""
     t = inspect.signature(getattr(torch.optim, name).__init__, eval_str=True)
     r = inspect.signature(getattr(rsoptim, name).__init__, eval_str=True)
     assert list(t.parameters) == list(r.parameters)
@@ -157,12 +157,6 @@ def test_init_signature_names_kinds_defaults_match_torch(name):
     assert t.return_annotation == r.return_annotation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rsoptim annotates `params: Any`; torch annotates it ParamsT "
-    "(Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]), so the full "
-    "inspect.signature differs in that one annotation",
-)
 @pytest.mark.parametrize("name", NAMES)
 def test_init_signature_fully_equal_to_torch(name):
     t = inspect.signature(getattr(torch.optim, name).__init__, eval_str=True)
@@ -314,19 +308,9 @@ def test_step_lr(name, kwargs):
     _scheduled(name, kwargs, lambda o: StepLR(o, step_size=3, gamma=0.5), check=_varies("lr"))
 
 
-_TENSOR_LR_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="torch keeps a Tensor lr as a float32 0-dim tensor, so its Adam computes "
-    "step_size = lr / bias_correction1 and AdamW's 1 - lr * weight_decay in float32 and "
-    "multiplies float64 params by those float32-rounded factors; rsoptim takes lr.item() and "
-    "computes them in float64. float64 params then differ from torch by ~1e-8 (Adam) to ~1e-5 "
-    "(AdamW) relative after a few steps, beyond even torch's own float64 tolerance (1e-7)",
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    ["SGD", pytest.param("Adam", marks=_TENSOR_LR_XFAIL), pytest.param("AdamW", marks=_TENSOR_LR_XFAIL), "RMSprop"],
+    ["SGD", "Adam", "AdamW", "RMSprop"],
 )
 def test_tensor_lr_updated_in_place_by_scheduler(name):
     kwargs = dict(lr=torch.tensor(0.05))
@@ -829,14 +813,6 @@ def test_sparse_grad_raises_before_anything_changes(name, message):
     assert torch.equal(opt2.param_groups[0]["params"][0].detach(), torch.ones(2, dtype=torch.float64))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="rsoptim's torch fallback calls torch.optim.sgd.sgd / torch.optim.adam.adam / "
-    "torch.optim.rmsprop.rmsprop, but torch 2.13's torch/optim/__init__.py deletes those "
-    "submodule attributes (`del sgd`, ...): AttributeError: module 'torch.optim' has no "
-    "attribute 'sgd'. Every param routed to torch (sparse grads, float16/bfloat16) fails.",
-)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_sgd_accepts_sparse_grads_like_torch(momentum):
     def run(module):
@@ -1178,12 +1154,6 @@ def test_changes_between_steps_are_seen(name, kwargs, mutate):
         assert_state_close(orr.state_dict(), ot.state_dict())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch's first SGD momentum buffer is torch.clone(grad), so it has the grad's strides; "
-    "rsoptim allocates it with empty_like(param) (the param's strides). Same values, different "
-    "layout when a grad's strides differ from its param's",
-)
 def test_sgd_first_momentum_buffer_has_torchs_strides():
     def run(module):
         p = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).t())

@@ -119,10 +119,15 @@ class KernelOptimizer:
     def _needs_state(self, group: dict[str, Any]) -> bool:
         return True
 
+    def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
+        """Whether the group's hyperparameters let the kernels reproduce torch's arithmetic."""
+        return True
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan | None:
         """Steps one group in full generality; returns a plan for the next steps if it can."""
         keys = self._state_keys(group)
         needs_state = self._needs_state(group)
+        kernel_ok = self._group_runs_on_kernel(group)
         buckets: dict[tuple[str, str], list[torch.Tensor]] = {}
         others: list[torch.Tensor] = []
         for p in params:
@@ -130,7 +135,7 @@ class KernelOptimizer:
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
-            if runs_on_kernel(p) and not p.grad.is_sparse:
+            if kernel_ok and runs_on_kernel(p) and not p.grad.is_sparse:
                 step_dtype = step_dtype_name([self.state[p]["step"]]) if self._has_step else "float32"
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append(p)
             else:
@@ -226,6 +231,8 @@ class _Plan:
         """This step's kernel calls, or None if anything the plan relies on has changed."""
         params = group["params"]
         if params is not self.group_params or opt.state is not self.state or opt._state_keys(group) != self.keys:
+            return None
+        if not opt._group_runs_on_kernel(group):
             return None
         grads = [p.grad for p in params]
         if [g is not None for g in grads] != self.has_grad:

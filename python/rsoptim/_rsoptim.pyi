@@ -26,6 +26,7 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    lr_in_f32: bool = False,
 ) -> None: ...
 def sgd_step(
     dtype: str,

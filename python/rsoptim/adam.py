@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the module name
+from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
 from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
@@ -59,12 +60,22 @@ class _AdamKernels(KernelOptimizer):
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
             decoupled_weight_decay=self._decoupled(group),
+            lr_in_f32=isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32,
         )
+
+    def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
+        # Tensor betas make torch compute the bias corrections and lerp weight as tensors; a
+        # Tensor lr of another dtype than float32/float64 rounds through it. Those groups are
+        # left to torch, which then gives its own numbers by construction.
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
+            return False
+        return not any(isinstance(b, torch.Tensor) for b in group["betas"])
 
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(
+        _torch_adam(
             params,
             [p.grad for p in params],
             [s["exp_avg"] for s in states],
@@ -99,7 +110,7 @@ class Adam(_AdamKernels, torch.optim.Adam):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -139,7 +150,7 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.rmsprop import rmsprop as _torch_rmsprop  # torch.optim deletes the module name
+from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
 from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
@@ -25,7 +26,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-2,
         alpha: float = 0.99,
         eps: float = 1e-8,
@@ -94,7 +95,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
 
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
-        torch.optim.rmsprop.rmsprop(
+        _torch_rmsprop(
             params,
             [p.grad for p in params],
             [s["square_avg"] for s in states],

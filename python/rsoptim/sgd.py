@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module name
+from torch.optim.optimizer import ParamsT
 
 from . import _rsoptim
 from ._layout import runs_on_kernel
@@ -25,7 +27,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float | torch.Tensor = 1e-3,
         momentum: float = 0,
         dampening: float = 0,
@@ -64,11 +66,11 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         return group["momentum"] != 0
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        # torch creates the momentum buffer on a param's first step, from its grad. Here it is
-        # allocated (uninitialised) and filled with the grad by the kernel, which is told the
-        # buffer is new; should the step fail, the buffer is removed again.
+        # torch creates the momentum buffer on a param's first step as a clone of the grad (with
+        # the grad's strides). Here it is allocated like the grad and filled by the kernel, which
+        # is told the buffer is new; should the step fail, the buffer is removed again.
         if runs_on_kernel(p) and not p.grad.is_sparse:
-            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.empty_like(p.grad, memory_format=torch.preserve_format)
             self._new_buffers.add(p)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> Any:
@@ -106,7 +108,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         momentum = group["momentum"] != 0
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum else []
-        torch.optim.sgd.sgd(
+        _torch_sgd(
             params,
             [p.grad for p in params],
             buffers,

@@ -19,6 +19,9 @@ pub struct AdamHyper {
     pub maximize: bool,
     /// AdamW: `param *= 1 - lr * weight_decay` instead of adding `weight_decay * param` to the grad.
     pub decoupled_weight_decay: bool,
+    /// torch keeps a Tensor `lr` as a float32 0-dim tensor: `lr / bias_correction1` and
+    /// `1 - lr * weight_decay` are then computed in float32, not in Python floats.
+    pub lr_in_f32: bool,
 }
 
 impl Default for AdamHyper {
@@ -32,6 +35,7 @@ impl Default for AdamHyper {
             amsgrad: false,
             maximize: false,
             decoupled_weight_decay: false,
+            lr_in_f32: false,
         }
     }
 }
@@ -66,16 +70,22 @@ impl<T: Real> AdamScalars<T> {
         let bias_correction1 = 1.0 - h.beta1.powf(step);
         let bias_correction2 = 1.0 - h.beta2.powf(step);
         let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
+        let (step_size, decay_scale) = if h.lr_in_f32 {
+            let (lr, wd) = (h.lr as f32, h.weight_decay as f32);
+            ((lr / bias_correction1 as f32) as f64, (1.0 - lr * wd) as f64)
+        } else {
+            (h.lr / bias_correction1, 1.0 - h.lr * h.weight_decay)
+        };
         Self {
             grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
-            param_scale: T::round_from(if decoupled { 1.0 - h.lr * h.weight_decay } else { 1.0 }),
+            param_scale: T::round_from(if decoupled { decay_scale } else { 1.0 }),
             weight_decay: T::round_from(h.weight_decay),
             lerp_weight: T::round_from(1.0 - h.beta1),
             beta2: T::round_from(h.beta2),
             one_minus_beta2: T::round_from(1.0 - h.beta2),
             bias_correction2_sqrt: T::round_from(bias_correction2.powf(0.5)),
             eps: T::round_from(h.eps),
-            neg_step_size: T::round_from(-(h.lr / bias_correction1)),
+            neg_step_size: T::round_from(-step_size),
         }
     }
 }

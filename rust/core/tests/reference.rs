@@ -317,14 +317,20 @@ fn adam_reference<T: Ref>(s: &mut AdamState<T>, grad: &[T], h: &AdamHyper) {
     // Python floats.
     let bias_correction1 = 1.0 - h.beta1.powf(step);
     let bias_correction2 = 1.0 - h.beta2.powf(step);
-    let step_size = h.lr / bias_correction1;
+    // A Tensor lr is a float32 tensor in torch: the two products with it are float32 tensor ops.
+    let (step_size, decay) = if h.lr_in_f32 {
+        let lr = h.lr as f32;
+        ((lr / bias_correction1 as f32) as f64, (1.0f32 - lr * h.weight_decay as f32) as f64)
+    } else {
+        (h.lr / bias_correction1, 1.0 - h.lr * h.weight_decay)
+    };
     let bias_correction2_sqrt = bias_correction2.sqrt();
     for i in 0..s.p.len() {
         let mut g = if h.maximize { -grad[i] } else { grad[i] };
         let mut p = s.p[i];
         if h.weight_decay != 0.0 {
             if h.decoupled_weight_decay {
-                p = p * T::hp(1.0 - h.lr * h.weight_decay); // param.mul_(1 - lr*wd)
+                p = p * T::hp(decay); // param.mul_(1 - lr*wd)
             } else {
                 g = g + T::hp(h.weight_decay) * p; // grad.add(param, alpha=wd)
             }
@@ -794,8 +800,9 @@ prop_compose! {
         amsgrad in any::<bool>(),
         maximize in any::<bool>(),
         decoupled_weight_decay in any::<bool>(),
+        lr_in_f32 in any::<bool>(),
     ) -> AdamHyper {
-        AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay }
+        AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 }
     }
 }
 
@@ -917,6 +924,7 @@ fn adam_every_flag_combination() {
                             amsgrad,
                             maximize,
                             decoupled_weight_decay,
+                            lr_in_f32: false,
                         };
                         seed += 1;
                         run_case(check_adam::<f32>(&GRID_SIZES, 2, &h, seed), &format!("{h:?}"));

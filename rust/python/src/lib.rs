@@ -243,7 +243,7 @@ fn detached<R: Send>(py: Python<'_>, work: impl FnOnce() -> Result<R, Error> + S
 #[pyfunction]
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
-    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -265,8 +265,9 @@ fn adam_step(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    lr_in_f32: bool,
 ) -> PyResult<()> {
-    let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay };
+    let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 };
     let bufs = AdamBuffers { params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps };
     let step_dtype = parse_dtype(step_dtype)?;
     match parse_dtype(dtype)? {
