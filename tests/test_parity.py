@@ -369,26 +369,12 @@ def test_sizes_cover_the_chunk_boundaries():
     assert max(numels) > 2 * 65536
 
 
-#: torch adds weight decay with a fused multiply-add (``grad.add(param, alpha=wd)`` runs
-#: ``fmadd(param, wd, grad)`` in its CPU kernel: one rounding); rsoptim's kernels compute
-#: ``g + wd * p`` with two roundings. Where ``g + wd*p`` nearly cancels, the 1-ulp difference
-#: is amplified by Adam's and RMSprop's normalisation beyond torch's tolerance: here 2 of 65537
-#: elements of the float32 RMSprop run (see test_weight_decay_rounds_like_torch).
-FMA_WEIGHT_DECAY = (
-    "rsoptim computes g + wd*p with two roundings; torch's CPU add(alpha=wd) is a fused "
-    "multiply-add. Near cancellation (g ~ -wd*p) the difference exceeds torch's tolerance."
-)
-
-
 def _odd_size_cases():
     cases = []
     for name in OPTIMIZERS:
         for flags in ("all_on", "all_off"):
             for dtype, dtype_id in zip(DTYPES, ("float64", "float32")):
-                marks = []
-                if (name, flags, dtype) == ("RMSprop", "all_on", torch.float32):
-                    marks = [pytest.mark.xfail(strict=True, reason=FMA_WEIGHT_DECAY)]
-                cases.append(pytest.param(name, flags, dtype, id=f"{name}-{flags}-{dtype_id}", marks=marks))
+                cases.append(pytest.param(name, flags, dtype, id=f"{name}-{flags}-{dtype_id}"))
     return cases
 
 
@@ -453,20 +439,16 @@ def test_params_without_grads_get_no_state_and_lag(name):
 @pytest.mark.parametrize(
     "name, kwargs",
     [
-        pytest.param(
-            "Adam", dict(lr=1e-3, weight_decay=0.1), marks=pytest.mark.xfail(strict=True, reason=FMA_WEIGHT_DECAY)
-        ),
-        pytest.param(
-            "RMSprop", dict(lr=1e-2, weight_decay=0.1), marks=pytest.mark.xfail(strict=True, reason=FMA_WEIGHT_DECAY)
-        ),
+        pytest.param("Adam", dict(lr=1e-3, weight_decay=0.1)),
+        pytest.param("RMSprop", dict(lr=1e-2, weight_decay=0.1)),
         pytest.param("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
     ],
 )
 def test_weight_decay_rounds_like_torch(name, kwargs):
     """grad = -fl32(0.1 * p): torch's fused ``grad + 0.1 * p`` is the rounding residual
-    (~1e-9, nonzero), rsoptim's is exactly 0, and Adam/RMSprop normalise that residual into a
-    full-size update (Adam's first step moves by lr * r / (|r| + eps) ~ 1e-4 vs 0 here).
-    SGD does not normalise, so there the difference stays at the ulp level."""
+    (~1e-9, nonzero), an unfused one would be exactly 0, and Adam/RMSprop normalise that
+    residual into a full-size update (Adam's first step moves by lr * r / (|r| + eps) ~ 1e-4
+    vs 0). So this fails unless weight decay is a fused multiply-add, as in torch."""
     torch_cls, our_cls = OPTIMIZERS[name]
 
     def build():

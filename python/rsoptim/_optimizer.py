@@ -15,6 +15,7 @@ attribute reads per param.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -170,25 +171,34 @@ def _plain(t: torch.Tensor, like: torch.Tensor) -> bool:
     return t.is_contiguous() and t.dtype == like.dtype and t.numel() == like.numel() and t.device == like.device
 
 
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+_numel = torch.Tensor.numel
+
+
 @dataclass
 class _Plan:
     """The addresses of one group's buffers, reused while nothing they depend on changes.
 
-    It is rebuilt (by a full step) whenever: the group's param list, the set of params with
-    grads, the optimizer's state or any state tensor, a param's storage or contiguity, or the
-    state keys the hyperparameters call for change; or a grad is not a contiguous buffer of its
-    param's size. The plan holds an alias of every param and state tensor, so a storage it has
-    seen is never freed and reused at the same address behind its back.
+    Each step re-reads, per param: its grad (which must be a contiguous buffer of the param's
+    size), its address, and the address of each state tensor found through ``optimizer.state``.
+    The plan holds an alias of every param and state tensor it has seen, so none of those
+    storages can be freed and another allocated at the same address: an unchanged address means
+    an unchanged buffer. Anything else that changed (the group's param list, the set of params
+    with grads, the optimizer's state dict, the state keys the hyperparameters call for) sends
+    the step down the general path, which builds a new plan.
     """
 
     group_params: list[torch.Tensor]
+    params: list[torch.Tensor]  # the group's params, as they were
     has_grad: list[bool]
     state: Any
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # state tensors the kernels use, "step" included where kept
     calls: list[KernelCall]
-    # One entry per param with a grad, in group order: (param, its state dict, the state
-    # tensors the kernel uses, the param's address, its element count, which call, which slot).
-    entries: list[tuple[torch.Tensor, dict[str, Any] | None, tuple[torch.Tensor, ...], int, int, int, int]]
+    numels: list[int]  # of each grad, in group order of params with grads
+    addrs: list[int]  # of each param with a grad, then of its state tensors
+    # Where each grad's address goes: (call index, slot) in group order of params with grads.
+    grad_slots: list[tuple[int, int]]
     held: list[torch.Tensor]
 
     @staticmethod
@@ -197,56 +207,65 @@ class _Plan:
         for c, call in enumerate(calls):
             for slot, p in enumerate(call.params):
                 where[id(p)] = (c, slot)
-        needs_state = opt._needs_state(group)
-        entries, held = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        keys = (*keys, "step") if opt._has_step else keys
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        numels, addrs, grad_slots, held = [], [], [], []
+        for p in with_grad:
             real = as_real(p)
-            if not (real.is_contiguous() and _plain(as_real(p.grad), real)):
+            if p.is_complex() or not (real.is_contiguous() and _plain(p.grad, real)):
+                return None  # complex and strided params take the general path every step
+            tensors = [opt.state[p][k] for k in keys] if keys else []
+            if not all(_plain(t, real) for t in tensors if t.dim() != 0):
                 return None
-            state = opt.state[p] if needs_state else None
-            tensors = tuple(state[k] for k in (*keys, "step") if k in state) if state is not None else ()
-            if not all(_plain(as_real(t), real) for t in tensors[: len(keys)]):
-                return None
-            c, slot = where[id(p)]
-            entries.append((p, state, tensors, real.data_ptr(), real.numel(), c, slot))
+            numels.append(real.numel())
+            addrs.append(real.data_ptr())
+            grad_slots.append(where[id(p)])
             held.append(real.detach())
             held.extend(t.detach() for t in tensors)
+        state_addrs = [t.data_ptr() for p in with_grad for t in ([opt.state[p][k] for k in keys] if keys else [])]
         for call in calls:
             call.new_buffers = [False] * len(call.params)
             call.columns = dict(call.columns)
             call.columns["grad"] = list(call.columns["grad"])
         return _Plan(
             group_params=group["params"],
+            params=list(group["params"]),
             has_grad=[p.grad is not None for p in group["params"]],
             state=opt.state,
             keys=keys,
             calls=calls,
-            entries=entries,
+            numels=numels,
+            addrs=addrs + state_addrs,
+            grad_slots=grad_slots,
             held=held,
         )
 
     def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
         """This step's kernel calls, or None if anything the plan relies on has changed."""
         params = group["params"]
-        if params is not self.group_params or opt.state is not self.state or opt._state_keys(group) != self.keys:
-            return None
-        if not opt._group_runs_on_kernel(group):
+        if (
+            params is not self.group_params
+            or len(params) != len(self.params)
+            or not all(map(operator.is_, params, self.params))
+            or opt.state is not self.state
+            or not opt._group_runs_on_kernel(group)
+            or (*opt._state_keys(group), *(("step",) if opt._has_step else ())) != self.keys
+        ):
             return None
         grads = [p.grad for p in params]
         if [g is not None for g in grads] != self.has_grad:
             return None
+        with_grad = [p for p, g in zip(params, grads) if g is not None]
         grads = [g for g in grads if g is not None]
-        keys = (*self.keys, "step")
-        state_of = opt.state
-        for g, (p, state, tensors, addr, numel, c, slot) in zip(grads, self.entries):
-            if g.is_complex():
-                g = torch.view_as_real(g)
-            if not (g.is_contiguous() and g.numel() == numel and p.data_ptr() == addr and p.is_contiguous()):
-                return None
-            if state is not None:
-                if state_of.get(p) is not state or any(state.get(k) is not t for k, t in zip(keys, tensors)):
-                    return None
-            self.calls[c].columns["grad"][slot] = g.data_ptr()
+        if not all(map(_is_contiguous, grads)) or list(map(_numel, grads)) != self.numels:
+            return None
+        try:
+            states = list(map(opt.state.get, with_grad)) if self.keys else []
+            addrs = list(map(_data_ptr, with_grad)) + [s[k].data_ptr() for s in states for k in self.keys]
+        except (KeyError, TypeError):  # a state entry or a whole param's state was removed
+            return None
+        if addrs != self.addrs:
+            return None
+        for (c, slot), addr in zip(self.grad_slots, map(_data_ptr, grads)):
+            self.calls[c].columns["grad"][slot] = addr
         return self.calls

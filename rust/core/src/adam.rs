@@ -1,6 +1,6 @@
 //! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`), in torch's order of operations.
 
-use crate::element::{lerp, Element, Real};
+use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
 use num_traits::Float;
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -135,15 +135,15 @@ impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, 
         };
         for i in 0..n {
             // Decoupled decay first (`param.mul_`); with none the scale is 1, which is exact.
-            let mut p = param[i].load() * k.param_scale;
+            let p = param[i].load() * k.param_scale;
             let mut g = grad[i].load() * k.grad_sign;
             if L2 {
-                g = g + k.weight_decay * p;
+                g = torch_add(g, p, k.weight_decay);
             }
             let m_new = lerp(m[i], g, k.lerp_weight);
             m[i] = m_new;
             // `exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)`
-            let v_new = v[i] * k.beta2 + k.one_minus_beta2 * g * g;
+            let v_new = torch_addcmul(v[i] * k.beta2, g, g, k.one_minus_beta2);
             v[i] = v_new;
             let second_moment = if AMSGRAD {
                 let x = vmax[i].max_propagate_nan(v_new);
@@ -154,7 +154,7 @@ impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, 
             };
             // eps is added after the sqrt and the bias correction, as torch does.
             let denom = second_moment.sqrt() / k.bias_correction2_sqrt + k.eps;
-            p = p + k.neg_step_size * (m_new / denom);
+            let p = torch_addcdiv(p, m_new, denom, k.neg_step_size);
             param[i] = P::store(p);
         }
     }

@@ -72,12 +72,39 @@ impl<T: Real> Element for T {
     }
 }
 
-/// `torch.lerp(start, end, weight)` with torch's two-sided formula, which is exact at both ends.
+// The tensor ops of torch's for-loop optimizers, rounded as ATen's vectorised CPU kernels round
+// them (checked against torch 2.13 on AVX-512 and AVX2 machines): `add` with `alpha`, `addcmul`
+// and `lerp` are fused multiply-adds, `addcdiv` is not. Every SIMD path computes `mul_add` with a
+// single rounding (the baseline path through libm's `fma`), so all paths give the same bits.
+
+/// `torch.add(input, other, alpha=alpha)`: `input + alpha * other`, one rounding.
+#[inline(always)]
+pub(crate) fn torch_add<T: Real>(input: T, other: T, alpha: T) -> T {
+    other.mul_add(alpha, input)
+}
+
+/// `torch.addcmul(input, t1, t2, value=value)`: `input + (value * t1) * t2`, the last two
+/// operations fused.
+#[inline(always)]
+pub(crate) fn torch_addcmul<T: Real>(input: T, t1: T, t2: T, value: T) -> T {
+    (value * t1).mul_add(t2, input)
+}
+
+/// `torch.addcdiv(input, t1, t2, value=value)`: `input + (value * t1) / t2`, unfused.
+#[inline(always)]
+pub(crate) fn torch_addcdiv<T: Real>(input: T, t1: T, t2: T, value: T) -> T {
+    input + value * t1 / t2
+}
+
+/// `torch.lerp(start, end, weight)`, two-sided so that it is exact at both ends:
+/// `start + weight * (end - start)` for `|weight| < 0.5`, else
+/// `end + (weight - 1) * (end - start)`, each a fused multiply-add.
 #[inline(always)]
 pub(crate) fn lerp<T: Real>(start: T, end: T, weight: T) -> T {
+    let diff = end - start;
     if weight.abs() < T::round_from(0.5) {
-        start + weight * (end - start)
+        weight.mul_add(diff, start)
     } else {
-        end - (end - start) * (T::one() - weight)
+        (weight - T::one()).mul_add(diff, end)
     }
 }

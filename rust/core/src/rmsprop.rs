@@ -1,6 +1,6 @@
 //! RMSprop, plain and centered, with momentum (`torch.optim.RMSprop`).
 
-use crate::element::{lerp, Element, Real};
+use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
 use num_traits::Float;
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -108,33 +108,36 @@ impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Ker
             Some(a) if CENTERED => &mut a[..n],
             _ => &mut [],
         };
-        let minus_one = -<P::Math as num_traits::One>::one();
+        let one = <P::Math as num_traits::One>::one();
         for i in 0..n {
             let p = param[i].load();
             let mut g = grad[i].load() * k.grad_sign;
             if L2 {
-                g = g + k.weight_decay * p;
+                g = torch_add(g, p, k.weight_decay);
             }
-            let sq_new = sq[i] * k.alpha + k.one_minus_alpha * g * g;
+            // `square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)`
+            let sq_new = torch_addcmul(sq[i] * k.alpha, g, g, k.one_minus_alpha);
             sq[i] = sq_new;
             let rms = if CENTERED {
                 let ga_new = lerp(ga[i], g, k.one_minus_alpha);
                 ga[i] = ga_new;
                 // `square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()`
-                (sq_new + minus_one * ga_new * ga_new).sqrt()
+                torch_addcmul(sq_new, ga_new, ga_new, -one).sqrt()
             } else {
                 sq_new.sqrt()
             };
             // eps is added after the sqrt.
             let avg = rms + k.eps;
-            let step = if MOMENTUM {
-                let b = buf[i] * k.momentum + g / avg;
+            let p = if MOMENTUM {
+                // `buf.mul_(momentum).addcdiv_(g, avg)`, then `param.add_(buf, alpha=-lr)`
+                let b = torch_addcdiv(buf[i] * k.momentum, g, avg, one);
                 buf[i] = b;
-                b
+                torch_add(p, b, k.neg_lr)
             } else {
-                g / avg
+                // `param.addcdiv_(g, avg, value=-lr)`
+                torch_addcdiv(p, g, avg, k.neg_lr)
             };
-            param[i] = P::store(p + k.neg_lr * step);
+            param[i] = P::store(p);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! SGD with momentum, dampening and Nesterov (`torch.optim.SGD`).
 
-use crate::element::{Element, Real};
+use crate::element::{torch_add, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Kernel};
@@ -99,14 +99,15 @@ impl<P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, 
             let p = param[i].load();
             let mut g = grad[i].load() * k.grad_sign;
             if L2 {
-                g = g + k.weight_decay * p;
+                g = torch_add(g, p, k.weight_decay);
             }
             if MOMENTUM {
-                let b = if FIRST { g } else { buf[i] * k.momentum + k.one_minus_dampening * g };
+                // `buf.mul_(momentum).add_(g, alpha=1 - dampening)`; the first step clones g.
+                let b = if FIRST { g } else { torch_add(buf[i] * k.momentum, g, k.one_minus_dampening) };
                 buf[i] = b;
-                g = if NESTEROV { g + k.momentum * b } else { b };
+                g = if NESTEROV { torch_add(g, b, k.momentum) } else { b };
             }
-            param[i] = P::store(p + k.neg_lr * g);
+            param[i] = P::store(torch_add(p, g, k.neg_lr));
         }
     }
 }
