@@ -26,6 +26,7 @@ import torch
 
 import rsoptim
 from rsoptim import _rsoptim
+from rsoptim._layout import pack
 from torch.optim.lr_scheduler import CyclicLR, ExponentialLR, OneCycleLR, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -862,13 +863,13 @@ class AdamBuffers:
         _rsoptim.adam_step(
             "float32",
             "float32",
-            numels if numels is not None else [p.numel() for p in self.params],
-            params if params is not None else addrs(self.params),
-            grads if grads is not None else addrs(self.grads),
-            exp_avgs if exp_avgs is not None else addrs(self.exp_avgs),
-            exp_avg_sqs if exp_avg_sqs is not None else addrs(self.exp_avg_sqs),
-            max_sq,
-            steps if steps is not None else addrs(self.steps),
+            pack(numels if numels is not None else [p.numel() for p in self.params]),
+            pack(params if params is not None else addrs(self.params)),
+            pack(grads if grads is not None else addrs(self.grads)),
+            pack(exp_avgs if exp_avgs is not None else addrs(self.exp_avgs)),
+            pack(exp_avg_sqs if exp_avg_sqs is not None else addrs(self.exp_avg_sqs)),
+            None if max_sq is None else pack(max_sq),
+            pack(steps if steps is not None else addrs(self.steps)),
             lr=0.1,
             beta1=0.9,
             beta2=0.999,
@@ -996,27 +997,27 @@ def test_low_level_sgd_and_rmsprop_refuse_overlap_and_write_nothing():
     before = [t.clone() for t in everything]
     with pytest.raises(ValueError, match="share memory"):
         _rsoptim.sgd_step(
-            "float32", [32, 32], [p[0].data_ptr(), p[1].data_ptr()], [gr[0].data_ptr(), gr[1].data_ptr()],
-            [buf[0].data_ptr(), p[0].data_ptr()], [False, False],
+            "float32", pack([32, 32]), pack([p[0].data_ptr(), p[1].data_ptr()]), pack([gr[0].data_ptr(), gr[1].data_ptr()]),
+            pack([buf[0].data_ptr(), p[0].data_ptr()]), [False, False],
             lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
         )
     with pytest.raises(ValueError):
         _rsoptim.sgd_step(
-            "float32", [32, 32], [p[0].data_ptr(), p[1].data_ptr()], [gr[0].data_ptr()],
+            "float32", pack([32, 32]), pack([p[0].data_ptr(), p[1].data_ptr()]), pack([gr[0].data_ptr()]),
             None, [False, False],
             lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
         )
     with pytest.raises(ValueError, match="share memory"):
         _rsoptim.rmsprop_step(
-            "float32", "float32", [32, 32], [p[0].data_ptr(), p[1].data_ptr()], [gr[0].data_ptr(), gr[1].data_ptr()],
-            [sq[0].data_ptr(), p[1].data_ptr() + 4], None, None, [steps[0].data_ptr(), steps[1].data_ptr()],
+            "float32", "float32", pack([32, 32]), pack([p[0].data_ptr(), p[1].data_ptr()]), pack([gr[0].data_ptr(), gr[1].data_ptr()]),
+            pack([sq[0].data_ptr(), p[1].data_ptr() + 4]), None, None, pack([steps[0].data_ptr(), steps[1].data_ptr()]),
             lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
         )
     assert all(torch.equal(a, b) for a, b in zip(everything, before))
     # And the well-formed RMSprop call does write.
     _rsoptim.rmsprop_step(
-        "float32", "float32", [32, 32], [p[0].data_ptr(), p[1].data_ptr()], [gr[0].data_ptr(), gr[1].data_ptr()],
-        [sq[0].data_ptr(), sq[1].data_ptr()], None, None, [steps[0].data_ptr(), steps[1].data_ptr()],
+        "float32", "float32", pack([32, 32]), pack([p[0].data_ptr(), p[1].data_ptr()]), pack([gr[0].data_ptr(), gr[1].data_ptr()]),
+        pack([sq[0].data_ptr(), sq[1].data_ptr()]), None, None, pack([steps[0].data_ptr(), steps[1].data_ptr()]),
         lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
     )
     assert not torch.equal(p[0], before[0]) and steps[0].item() == 2.0

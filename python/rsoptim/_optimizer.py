@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from itertools import chain, compress, repeat
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from ._layout import KERNEL_DTYPES, BufferTable, as_real, runs_on_kernel, step_dtype_name
+from ._layout import KERNEL_DTYPES, BufferTable, as_real, pack, runs_on_kernel, step_dtype_name
 
 
 def scalar(x: Any) -> float:
@@ -39,14 +40,15 @@ def reject_differentiable(differentiable: bool) -> None:
 
 @dataclass
 class KernelCall:
-    """The buffers of one kernel call: one dtype (and step dtype) of one group."""
+    """The buffers of one kernel call: one dtype (and step dtype) of one group. Element counts
+    and addresses are packed columns (see ``_layout.pack``)."""
 
     dtype: str
     step_dtype: str
     params: list[torch.Tensor]
-    numels: list[int]
-    columns: dict[str, list[int]]
-    steps: list[int] = field(default_factory=list)
+    numels: bytes
+    columns: dict[str, bytes]
+    steps: bytes = b""
     new_buffers: list[bool] = field(default_factory=list)
 
 
@@ -147,7 +149,8 @@ class KernelOptimizer:
             for p in bucket:
                 state = self.state[p] if keys else {}
                 table.add(p, {"grad": p.grad, **{key: state[key] for key in keys}})
-            call = KernelCall(dtype, step_dtype, bucket, table.numels, table.columns, self._steps(bucket))
+            columns = {role: pack(addrs) for role, addrs in table.columns.items()}
+            call = KernelCall(dtype, step_dtype, bucket, pack(table.numels), columns, pack(self._steps(bucket)))
             call.new_buffers = self._new_buffer_flags(bucket)
             self._kernel_call(group, call)
             table.write_back()
@@ -174,6 +177,7 @@ def _plain(t: torch.Tensor, like: torch.Tensor) -> bool:
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _numel = torch.Tensor.numel
+_get_grad = operator.attrgetter("grad")
 
 
 @dataclass
@@ -197,9 +201,10 @@ class _Plan:
     calls: list[KernelCall]
     numels: list[int]  # of each grad, in group order of params with grads
     addrs: list[int]  # of each param with a grad, then of its state tensors
-    # Where each grad's address goes: (call index, slot) in group order of params with grads.
-    grad_slots: list[tuple[int, int]]
+    # For each call, which of the group's grads (in order of params with grads) it takes.
+    grads_of_call: list[list[int]]
     held: list[torch.Tensor]
+    all_have_grads: bool = False
 
     @staticmethod
     def build(opt: KernelOptimizer, group: dict[str, Any], keys: tuple[str, ...], calls: list[KernelCall]) -> _Plan | None:
@@ -223,11 +228,13 @@ class _Plan:
             held.append(real.detach())
             held.extend(t.detach() for t in tensors)
         state_addrs = [t.data_ptr() for p in with_grad for t in ([opt.state[p][k] for k in keys] if keys else [])]
+        grads_of_call: list[list[int]] = [[0] * len(call.params) for call in calls]
+        for i, (c, slot) in enumerate(grad_slots):
+            grads_of_call[c][slot] = i
         for call in calls:
             call.new_buffers = [False] * len(call.params)
-            call.columns = dict(call.columns)
-            call.columns["grad"] = list(call.columns["grad"])
         return _Plan(
+            all_have_grads=len(with_grad) == len(group["params"]),
             group_params=group["params"],
             params=list(group["params"]),
             has_grad=[p.grad is not None for p in group["params"]],
@@ -236,12 +243,15 @@ class _Plan:
             calls=calls,
             numels=numels,
             addrs=addrs + state_addrs,
-            grad_slots=grad_slots,
+            grads_of_call=grads_of_call,
             held=held,
         )
 
     def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
-        """This step's kernel calls, or None if anything the plan relies on has changed."""
+        """This step's kernel calls, or None if anything the plan relies on has changed.
+
+        Written as ``map`` over C-level callables: this runs once per step for every param.
+        """
         params = group["params"]
         if (
             params is not self.group_params
@@ -252,20 +262,34 @@ class _Plan:
             or (*opt._state_keys(group), *(("step",) if opt._has_step else ())) != self.keys
         ):
             return None
-        grads = [p.grad for p in params]
-        if [g is not None for g in grads] != self.has_grad:
-            return None
-        with_grad = [p for p, g in zip(params, grads) if g is not None]
-        grads = [g for g in grads if g is not None]
+        grads = list(map(_get_grad, params))
+        if self.all_have_grads:
+            if not all(map(operator.is_not, grads, repeat(None))):
+                return None
+            with_grad = params
+        else:
+            if list(map(operator.is_not, grads, repeat(None))) != self.has_grad:
+                return None
+            with_grad = list(compress(params, self.has_grad))
+            grads = list(compress(grads, self.has_grad))
         if not all(map(_is_contiguous, grads)) or list(map(_numel, grads)) != self.numels:
             return None
-        try:
-            states = list(map(opt.state.get, with_grad)) if self.keys else []
-            addrs = list(map(_data_ptr, with_grad)) + [s[k].data_ptr() for s in states for k in self.keys]
-        except (KeyError, TypeError):  # a state entry or a whole param's state was removed
-            return None
+        addrs = list(map(_data_ptr, with_grad))
+        if self.keys:
+            states = map(opt.state.get, with_grad)
+            get = operator.itemgetter(*self.keys)
+            # itemgetter of one key gives the item, of several a tuple of them.
+            tensors = map(get, states) if len(self.keys) == 1 else chain.from_iterable(map(get, states))
+            try:
+                addrs.extend(map(_data_ptr, tensors))
+            except (KeyError, TypeError):  # a state entry or a whole param's state was removed
+                return None
         if addrs != self.addrs:
             return None
-        for (c, slot), addr in zip(self.grad_slots, map(_data_ptr, grads)):
-            self.calls[c].columns["grad"][slot] = addr
+        grad_addrs = list(map(_data_ptr, grads))
+        if len(self.calls) == 1:
+            self.calls[0].columns["grad"] = pack(grad_addrs)
+        else:
+            for call, indices in zip(self.calls, self.grads_of_call):
+                call.columns["grad"] = pack([grad_addrs[i] for i in indices])
         return self.calls

@@ -1,7 +1,8 @@
 """Type stubs of the extension module rsoptim._rsoptim (the PyO3 binding of rsoptim-core).
 
-Buffer arguments are lists of addresses, one per tensor, of CPU buffers that the caller keeps
-alive for the call; `numels` gives each tensor's element count. Every buffer is checked (null,
+Buffer arguments are packed columns (native 64-bit words, `array('Q', ...).tobytes()`) of
+addresses, one per tensor, of CPU buffers that the caller keeps alive for the call; `numels`
+gives each tensor's element count. Every buffer is checked (null,
 alignment, overlap with a written buffer) before anything is written; problems raise ValueError.
 """
 
@@ -10,13 +11,13 @@ CHUNK: int
 def adam_step(
     dtype: str,
     step_dtype: str,
-    numels: list[int],
-    params: list[int],
-    grads: list[int],
-    exp_avgs: list[int],
-    exp_avg_sqs: list[int],
-    max_exp_avg_sqs: list[int] | None,
-    steps: list[int],
+    numels: bytes,
+    params: bytes,
+    grads: bytes,
+    exp_avgs: bytes,
+    exp_avg_sqs: bytes,
+    max_exp_avg_sqs: bytes | None,
+    steps: bytes,
     *,
     lr: float,
     beta1: float,
@@ -30,10 +31,10 @@ def adam_step(
 ) -> None: ...
 def sgd_step(
     dtype: str,
-    numels: list[int],
-    params: list[int],
-    grads: list[int],
-    momentum_buffers: list[int] | None,
+    numels: bytes,
+    params: bytes,
+    grads: bytes,
+    momentum_buffers: bytes | None,
     momentum_buffers_are_new: list[bool],
     *,
     lr: float,
@@ -46,13 +47,13 @@ def sgd_step(
 def rmsprop_step(
     dtype: str,
     step_dtype: str,
-    numels: list[int],
-    params: list[int],
-    grads: list[int],
-    square_avgs: list[int],
-    momentum_buffers: list[int] | None,
-    grad_avgs: list[int] | None,
-    steps: list[int],
+    numels: bytes,
+    params: bytes,
+    grads: bytes,
+    square_avgs: bytes,
+    momentum_buffers: bytes | None,
+    grad_avgs: bytes | None,
+    steps: bytes,
     *,
     lr: float,
     alpha: float,
@@ -62,12 +63,12 @@ def rmsprop_step(
     centered: bool,
     maximize: bool,
 ) -> None: ...
-def tensor_norms(dtype: str, numels: list[int], tensors: list[int], norm_type: float) -> list[float]: ...
-def scale_(dtype: str, numels: list[int], tensors: list[int], factor: float) -> None: ...
+def tensor_norms(dtype: str, numels: bytes, tensors: bytes, norm_type: float) -> list[float]: ...
+def scale_(dtype: str, numels: bytes, tensors: bytes, factor: float) -> None: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
 def available_simd_levels() -> list[str]: ...
 def set_simd_level(name: str) -> None: ...
-def stream_probe(dtype: str, numels: list[int], read: list[int], written: list[list[int]]) -> None: ...
+def stream_probe(dtype: str, numels: bytes, read: bytes, written: list[bytes]) -> None: ...
 def allocation_counters() -> tuple[int, int]: ...

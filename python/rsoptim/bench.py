@@ -30,6 +30,7 @@ import torch
 
 import rsoptim
 from rsoptim import _rsoptim
+from rsoptim._layout import pack
 
 # ---------------------------------------------------------------------------------------------
 # Workloads: named lists of parameter shapes.
@@ -224,9 +225,9 @@ def roofline_probe(params: list[torch.Tensor], written: int) -> Callable[[], obj
     read = [torch.zeros_like(p) for p in params]
     outs = [[torch.zeros_like(p) for p in params] for _ in range(written)]
     dtype = {torch.float32: "float32", torch.float64: "float64"}[params[0].dtype]
-    numels = [p.numel() for p in params]
-    read_addrs = [t.data_ptr() for t in read]
-    out_addrs = [[t.data_ptr() for t in col] for col in outs]
+    numels = pack(p.numel() for p in params)
+    read_addrs = pack(t.data_ptr() for t in read)
+    out_addrs = [pack(t.data_ptr() for t in col) for col in outs]
 
     def run() -> None:
         _rsoptim.stream_probe(dtype, numels, read_addrs, out_addrs)

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from . import _rsoptim
-from ._layout import KERNEL_DTYPES, as_real, is_dense
+from ._layout import KERNEL_DTYPES, as_real, is_dense, pack
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -51,7 +51,7 @@ def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     if views is None:
         return None
     norms = _rsoptim.tensor_norms(
-        KERNEL_DTYPES[tensors[0].dtype], [v.numel() for v in views], [v.data_ptr() for v in views], norm_type
+        KERNEL_DTYPES[tensors[0].dtype], pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views)), norm_type
     )
     return torch.tensor(norms, dtype=views[0].dtype)
 
@@ -122,7 +122,8 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
                 factor = float(clip_coef_clamped.item())
             # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
             if factor != 1.0:
-                _rsoptim.scale_(KERNEL_DTYPES[dtype], [v.numel() for v in views], [v.data_ptr() for v in views], factor)
+                numels, addrs = pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views))
+                _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor)
         elif (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
             torch._foreach_mul_(group, clip_coef_clamped.to(device))
         elif foreach:

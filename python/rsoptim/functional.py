@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _rsoptim
+from ._layout import pack
 
 __all__ = ["adam_", "sgd_", "rmsprop_", "grad_norms", "clip_grad_norm_"]
 
@@ -39,7 +40,7 @@ def _as_list(arrays: Arrays | None) -> list[np.ndarray] | None:
     return [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
 
 
-def _addresses(name: str, arrays: list[np.ndarray], dtype: np.dtype, shapes: list[tuple], written: bool) -> list[int]:
+def _addresses(name: str, arrays: list[np.ndarray], dtype: np.dtype, shapes: list[tuple], written: bool) -> bytes:
     if len(arrays) != len(shapes):
         raise ValueError(f"{name}: {len(arrays)} arrays for {len(shapes)} params")
     out = []
@@ -55,7 +56,7 @@ def _addresses(name: str, arrays: list[np.ndarray], dtype: np.dtype, shapes: lis
         if written and not a.flags.writeable:
             raise ValueError(f"{name}[{i}] is read-only")
         out.append(a.ctypes.data)
-    return out
+    return pack(out)
 
 
 def _params(params: Arrays) -> tuple[list[np.ndarray], np.dtype, str]:
@@ -69,12 +70,12 @@ def _params(params: Arrays) -> tuple[list[np.ndarray], np.dtype, str]:
     return plist, dtype, _DTYPES[dtype]
 
 
-def _steps(steps: np.ndarray, count: int) -> tuple[str, list[int]]:
+def _steps(steps: np.ndarray, count: int) -> tuple[str, bytes]:
     if not isinstance(steps, np.ndarray) or steps.dtype not in _DTYPES or steps.shape != (count,):
         raise ValueError(f"steps must be a float32 or float64 numpy array of shape ({count},)")
     if not (steps.flags.c_contiguous and steps.flags.writeable):
         raise ValueError("steps must be writeable and C-contiguous")
-    return _DTYPES[steps.dtype], [steps.ctypes.data + i * steps.itemsize for i in range(count)]
+    return _DTYPES[steps.dtype], pack(steps.ctypes.data + i * steps.itemsize for i in range(count))
 
 
 def adam_(
@@ -104,7 +105,7 @@ def adam_(
     _rsoptim.adam_step(
         name,
         step_dtype,
-        [p.size for p in plist],
+        pack(p.size for p in plist),
         _addresses("params", plist, dtype, shapes, True),
         _addresses("grads", _as_list(grads), dtype, shapes, False),
         _addresses("exp_avgs", _as_list(exp_avgs), dtype, shapes, True),
@@ -144,7 +145,7 @@ def sgd_(
         buffers = [np.empty_like(p) if b is None else b for p, b in zip(plist, buffers)]
     _rsoptim.sgd_step(
         name,
-        [p.size for p in plist],
+        pack(p.size for p in plist),
         _addresses("params", plist, dtype, shapes, True),
         _addresses("grads", _as_list(grads), dtype, shapes, False),
         _addresses("momentum_buffers", buffers, dtype, shapes, True) if momentum != 0 else None,
@@ -184,7 +185,7 @@ def rmsprop_(
     _rsoptim.rmsprop_step(
         name,
         step_dtype,
-        [p.size for p in plist],
+        pack(p.size for p in plist),
         _addresses("params", plist, dtype, shapes, True),
         _addresses("grads", _as_list(grads), dtype, shapes, False),
         _addresses("square_avgs", _as_list(square_avgs), dtype, shapes, True),
@@ -205,7 +206,7 @@ def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
     """The ``norm_type``-norm of each array (``p > 0`` or ``inf``), as float64."""
     glist, dtype, name = _params(grads)
     addrs = _addresses("grads", glist, dtype, [g.shape for g in glist], False)
-    return np.array(_rsoptim.tensor_norms(name, [g.size for g in glist], addrs, float(norm_type)))
+    return np.array(_rsoptim.tensor_norms(name, pack(g.size for g in glist), addrs, float(norm_type)))
 
 
 def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> float:
@@ -218,5 +219,5 @@ def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> f
     factor = min(float(max_norm) / (total + 1e-6), 1.0)
     if factor != 1.0:
         addrs = _addresses("grads", glist, dtype, [g.shape for g in glist], True)
-        _rsoptim.scale_(name, [g.size for g in glist], addrs, factor)
+        _rsoptim.scale_(name, pack(g.size for g in glist), addrs, factor)
     return total

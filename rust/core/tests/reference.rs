@@ -282,15 +282,16 @@ impl Step {
     }
 }
 
-/// Every executor to run: each available SIMD path with 1, 2 and 3 threads. The first is the
-/// baseline (scalar, one thread); all others must reproduce its bits.
+/// Every executor to run: each available SIMD path with 1, 2 and 3 threads, the multi-threaded
+/// ones splitting every step however small. The first is the baseline (scalar, one thread); all
+/// others must reproduce its bits.
 fn executors() -> &'static [(String, Executor)] {
     static EXECUTORS: OnceLock<Vec<(String, Executor)>> = OnceLock::new();
     EXECUTORS.get_or_init(|| {
         let mut all = Vec::new();
         for level in SimdLevel::available() {
             for threads in [1, 2, 3] {
-                let exec = Executor::new(threads, level).expect("thread pool");
+                let exec = Executor::new(threads, level).expect("thread pool").with_parallel_min_elements(0);
                 all.push((format!("{level} x{threads}"), exec));
             }
         }

@@ -141,6 +141,21 @@ fn parse_dtype(name: &str) -> PyResult<Dtype> {
     }
 }
 
+/// A column of addresses or element counts, as the Python layer packs it: native-endian
+/// 64-bit words (`array('Q', ...).tobytes()`), built once per plan and reused every step.
+fn words(role: &str, bytes: &[u8]) -> PyResult<Vec<usize>> {
+    if bytes.len() % 8 != 0 {
+        return Err(value_error(format!("{role}: {} bytes is not a whole number of 64-bit words", bytes.len())));
+    }
+    bytes
+        .chunks_exact(8)
+        .map(|w| {
+            let word = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            usize::try_from(word).map_err(|_| value_error(format!("{role}: {word} does not fit a pointer")))
+        })
+        .collect()
+}
+
 /// The buffers of one call, a column per role, checked together before any slice is made.
 struct Table {
     numels: Vec<usize>,
@@ -152,8 +167,9 @@ struct Table {
 struct Column(usize);
 
 impl Table {
-    fn new(numels: Vec<usize>) -> Self {
-        Self { buffers: Vec::with_capacity(numels.len() * 6), numels }
+    fn new(numels: &[u8]) -> PyResult<Self> {
+        let numels = words("numels", numels)?;
+        Ok(Self { buffers: Vec::with_capacity(numels.len() * 6), numels })
     }
 
     fn len(&self) -> usize {
@@ -169,8 +185,9 @@ impl Table {
     }
 
     /// A buffer of each tensor's element count.
-    fn column<T>(&mut self, role: &'static str, addrs: &[usize], written: bool) -> PyResult<Column> {
-        self.check_count(role, addrs)?;
+    fn column<T>(&mut self, role: &'static str, addrs: &[u8], written: bool) -> PyResult<Column> {
+        let addrs = words(role, addrs)?;
+        self.check_count(role, &addrs)?;
         let start = self.buffers.len();
         for (i, (&addr, &len)) in addrs.iter().zip(&self.numels).enumerate() {
             self.buffers.push(Buffer::of::<T>(role, i, addr, len, written));
@@ -179,8 +196,9 @@ impl Table {
     }
 
     /// One step count per tensor, stored in `step_dtype`.
-    fn steps(&mut self, step_dtype: Dtype, addrs: &[usize]) -> PyResult<Column> {
-        self.check_count("step", addrs)?;
+    fn steps(&mut self, step_dtype: Dtype, addrs: &[u8]) -> PyResult<Column> {
+        let addrs = words("step", addrs)?;
+        self.check_count("step", &addrs)?;
         let start = self.buffers.len();
         for (i, &addr) in addrs.iter().enumerate() {
             self.buffers.push(match step_dtype {
@@ -250,13 +268,13 @@ fn adam_step(
     py: Python<'_>,
     dtype: &str,
     step_dtype: &str,
-    numels: Vec<usize>,
-    params: Vec<usize>,
-    grads: Vec<usize>,
-    exp_avgs: Vec<usize>,
-    exp_avg_sqs: Vec<usize>,
-    max_exp_avg_sqs: Option<Vec<usize>>,
-    steps: Vec<usize>,
+    numels: &[u8],
+    params: &[u8],
+    grads: &[u8],
+    exp_avgs: &[u8],
+    exp_avg_sqs: &[u8],
+    max_exp_avg_sqs: Option<&[u8]>,
+    steps: &[u8],
     lr: f64,
     beta1: f64,
     beta2: f64,
@@ -276,29 +294,29 @@ fn adam_step(
     }
 }
 
-struct AdamBuffers {
-    params: Vec<usize>,
-    grads: Vec<usize>,
-    exp_avgs: Vec<usize>,
-    exp_avg_sqs: Vec<usize>,
-    max_exp_avg_sqs: Option<Vec<usize>>,
-    steps: Vec<usize>,
+struct AdamBuffers<'a> {
+    params: &'a [u8],
+    grads: &'a [u8],
+    exp_avgs: &'a [u8],
+    exp_avg_sqs: &'a [u8],
+    max_exp_avg_sqs: Option<&'a [u8]>,
+    steps: &'a [u8],
 }
 
 fn adam_typed<T: Real>(
     py: Python<'_>,
-    numels: Vec<usize>,
-    b: AdamBuffers,
+    numels: &[u8],
+    b: AdamBuffers<'_>,
     step_dtype: Dtype,
     hyper: AdamHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels);
-    let param = table.column::<T>("param", &b.params, true)?;
-    let grad = table.column::<T>("grad", &b.grads, false)?;
-    let exp_avg = table.column::<T>("exp_avg", &b.exp_avgs, true)?;
-    let exp_avg_sq = table.column::<T>("exp_avg_sq", &b.exp_avg_sqs, true)?;
-    let max_sq = b.max_exp_avg_sqs.as_deref().map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose()?;
-    let step = table.steps(step_dtype, &b.steps)?;
+    let mut table = Table::new(numels)?;
+    let param = table.column::<T>("param", b.params, true)?;
+    let grad = table.column::<T>("grad", b.grads, false)?;
+    let exp_avg = table.column::<T>("exp_avg", b.exp_avgs, true)?;
+    let exp_avg_sq = table.column::<T>("exp_avg_sq", b.exp_avg_sqs, true)?;
+    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose()?;
+    let step = table.steps(step_dtype, b.steps)?;
     table.check()?;
     // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
     let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
@@ -327,10 +345,10 @@ fn adam_typed<T: Real>(
 fn sgd_step(
     py: Python<'_>,
     dtype: &str,
-    numels: Vec<usize>,
-    params: Vec<usize>,
-    grads: Vec<usize>,
-    momentum_buffers: Option<Vec<usize>>,
+    numels: &[u8],
+    params: &[u8],
+    grads: &[u8],
+    momentum_buffers: Option<&[u8]>,
     momentum_buffers_are_new: Vec<bool>,
     lr: f64,
     momentum: f64,
@@ -348,17 +366,17 @@ fn sgd_step(
 
 fn sgd_typed<T: Real>(
     py: Python<'_>,
-    numels: Vec<usize>,
-    params: Vec<usize>,
-    grads: Vec<usize>,
-    momentum_buffers: Option<Vec<usize>>,
+    numels: &[u8],
+    params: &[u8],
+    grads: &[u8],
+    momentum_buffers: Option<&[u8]>,
     are_new: Vec<bool>,
     hyper: SgdHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels);
-    let param = table.column::<T>("param", &params, true)?;
-    let grad = table.column::<T>("grad", &grads, false)?;
-    let buf = momentum_buffers.as_deref().map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
+    let mut table = Table::new(numels)?;
+    let param = table.column::<T>("param", params, true)?;
+    let grad = table.column::<T>("grad", grads, false)?;
+    let buf = momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
     if are_new.len() != table.len() {
         return Err(value_error("momentum_buffers_are_new needs one flag per tensor"));
     }
@@ -389,13 +407,13 @@ fn rmsprop_step(
     py: Python<'_>,
     dtype: &str,
     step_dtype: &str,
-    numels: Vec<usize>,
-    params: Vec<usize>,
-    grads: Vec<usize>,
-    square_avgs: Vec<usize>,
-    momentum_buffers: Option<Vec<usize>>,
-    grad_avgs: Option<Vec<usize>>,
-    steps: Vec<usize>,
+    numels: &[u8],
+    params: &[u8],
+    grads: &[u8],
+    square_avgs: &[u8],
+    momentum_buffers: Option<&[u8]>,
+    grad_avgs: Option<&[u8]>,
+    steps: &[u8],
     lr: f64,
     alpha: f64,
     eps: f64,
@@ -413,29 +431,29 @@ fn rmsprop_step(
     }
 }
 
-struct RmspropBuffers {
-    params: Vec<usize>,
-    grads: Vec<usize>,
-    square_avgs: Vec<usize>,
-    momentum_buffers: Option<Vec<usize>>,
-    grad_avgs: Option<Vec<usize>>,
-    steps: Vec<usize>,
+struct RmspropBuffers<'a> {
+    params: &'a [u8],
+    grads: &'a [u8],
+    square_avgs: &'a [u8],
+    momentum_buffers: Option<&'a [u8]>,
+    grad_avgs: Option<&'a [u8]>,
+    steps: &'a [u8],
 }
 
 fn rmsprop_typed<T: Real>(
     py: Python<'_>,
-    numels: Vec<usize>,
-    b: RmspropBuffers,
+    numels: &[u8],
+    b: RmspropBuffers<'_>,
     step_dtype: Dtype,
     hyper: RmspropHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels);
-    let param = table.column::<T>("param", &b.params, true)?;
-    let grad = table.column::<T>("grad", &b.grads, false)?;
-    let square_avg = table.column::<T>("square_avg", &b.square_avgs, true)?;
-    let buf = b.momentum_buffers.as_deref().map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
-    let grad_avg = b.grad_avgs.as_deref().map(|a| table.column::<T>("grad_avg", a, true)).transpose()?;
-    let step = table.steps(step_dtype, &b.steps)?;
+    let mut table = Table::new(numels)?;
+    let param = table.column::<T>("param", b.params, true)?;
+    let grad = table.column::<T>("grad", b.grads, false)?;
+    let square_avg = table.column::<T>("square_avg", b.square_avgs, true)?;
+    let buf = b.momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
+    let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose()?;
+    let step = table.steps(step_dtype, b.steps)?;
     table.check()?;
     // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
     let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
@@ -456,7 +474,7 @@ fn rmsprop_typed<T: Real>(
 
 /// The `norm_type`-norm of each buffer, in float64.
 #[pyfunction]
-fn tensor_norms(py: Python<'_>, dtype: &str, numels: Vec<usize>, tensors: Vec<usize>, norm_type: f64) -> PyResult<Vec<f64>> {
+fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm_type: f64) -> PyResult<Vec<f64>> {
     let norm = NormType::from_p(norm_type).map_err(value_error)?;
     match parse_dtype(dtype)? {
         Dtype::F32 => norms_typed::<f32>(py, numels, tensors, norm),
@@ -464,9 +482,9 @@ fn tensor_norms(py: Python<'_>, dtype: &str, numels: Vec<usize>, tensors: Vec<us
     }
 }
 
-fn norms_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>, norm: NormType) -> PyResult<Vec<f64>> {
-    let mut table = Table::new(numels);
-    let col = table.column::<T>("tensor", &tensors, false)?;
+fn norms_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: NormType) -> PyResult<Vec<f64>> {
+    let mut table = Table::new(numels)?;
+    let col = table.column::<T>("tensor", tensors, false)?;
     table.check()?;
     // SAFETY: `check` passed; read-only slices only.
     let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
@@ -476,16 +494,16 @@ fn norms_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>,
 
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
 #[pyfunction]
-fn scale_(py: Python<'_>, dtype: &str, numels: Vec<usize>, tensors: Vec<usize>, factor: f64) -> PyResult<()> {
+fn scale_(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
     match parse_dtype(dtype)? {
         Dtype::F32 => scale_typed::<f32>(py, numels, tensors, factor),
         Dtype::F64 => scale_typed::<f64>(py, numels, tensors, factor),
     }
 }
 
-fn scale_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>, factor: f64) -> PyResult<()> {
-    let mut table = Table::new(numels);
-    let col = table.column::<T>("tensor", &tensors, true)?;
+fn scale_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
+    let mut table = Table::new(numels)?;
+    let col = table.column::<T>("tensor", tensors, true)?;
     table.check()?;
     // SAFETY: `check` passed; each buffer is sliced once.
     let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
@@ -498,16 +516,16 @@ fn scale_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, tensors: Vec<usize>,
 
 /// The roofline probe: `w += read` for each written buffer of each tensor (1 to 4 written).
 #[pyfunction]
-fn stream_probe(py: Python<'_>, dtype: &str, numels: Vec<usize>, read: Vec<usize>, written: Vec<Vec<usize>>) -> PyResult<()> {
+fn stream_probe(py: Python<'_>, dtype: &str, numels: &[u8], read: &[u8], written: Vec<Vec<u8>>) -> PyResult<()> {
     match parse_dtype(dtype)? {
         Dtype::F32 => stream_typed::<f32>(py, numels, read, written),
         Dtype::F64 => stream_typed::<f64>(py, numels, read, written),
     }
 }
 
-fn stream_typed<T: Real>(py: Python<'_>, numels: Vec<usize>, read: Vec<usize>, written: Vec<Vec<usize>>) -> PyResult<()> {
-    let mut table = Table::new(numels);
-    let read_col = table.column::<T>("read", &read, false)?;
+fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Vec<Vec<u8>>) -> PyResult<()> {
+    let mut table = Table::new(numels)?;
+    let read_col = table.column::<T>("read", read, false)?;
     let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<PyResult<Vec<_>>>()?;
     table.check()?;
     let exec = executor()?;
