@@ -1,23 +1,42 @@
 //! Spreading the work of one whole step over a thread pool.
 //!
 //! A step hands over every tensor of a param group at once. Big tensors are cut into pieces of
-//! at least `CHUNK` elements and small tensors are pieces of their own, and rayon spreads all the
-//! pieces of the step over the pool in one parallel region: no fork/join per tensor. A step too
-//! small to pay for waking the pool runs on the calling thread.
+//! at least `CHUNK` elements, small tensors are pieces of their own, and the calling thread and
+//! the pool's threads claim pieces from one shared counter until none are left: one parallel
+//! region per step, no fork/join per tensor, and a pool thread that is slow to wake up simply
+//! claims fewer pieces.
+//!
+//! Waking a sleeping pool thread costs tens of microseconds on the machines we measured, so:
+//! * a caller that knows a parallel step is coming calls [`Executor::warm_up`] first (the Python
+//!   layer does at the start of `step()`); the pool threads then spin, polling for work, until
+//!   [`Executor::cool_down`] (or a short deadline), and the step's pieces reach them at once;
+//! * a step too small to pay for waking a cold pool runs on the calling thread alone.
 
-use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::simd::SimdLevel;
 
 /// Pieces are cut at multiples of this many elements (64K: 256 KiB of f32 per buffer).
 pub const CHUNK: usize = 1 << 16;
 
-/// Steps that touch fewer elements than this run on the calling thread: handing work to a
-/// sleeping pool thread and waiting for it costs 20-40 us, more than half of such a step saves
-/// (measured for Adam on a 2-core AMD EPYC: 256K elements take 53 us on one thread, 39 us on
-/// two; 400 tensors of 1,000 elements 172 us on one, 216 us on two).
+/// With a cold pool, steps of fewer elements than this run on the calling thread: handing work
+/// to a sleeping pool thread and waiting for it costs 20-40 us, more than half of such a step
+/// saves (measured for Adam on a 2-core AMD EPYC: 256K elements take 53 us on one thread, 39 us
+/// on two; 400 tensors of 1,000 elements 172 us on one, 216 us on two).
 pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 19;
+
+/// With a warm pool (see `warm_up`), steps of fewer elements than this still run on the calling
+/// thread: below it, splitting costs more than the second thread saves.
+pub const WARM_PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// How long warmed-up pool threads wait for work before they go back to sleep.
+const WARM_SPIN_LIMIT: Duration = Duration::from_millis(2);
+
+/// How long the calling thread, out of pieces, spins for the pool threads to finish theirs
+/// before it blocks (and has to be woken again).
+const FINISH_SPIN_LIMIT: Duration = Duration::from_micros(500);
 
 /// One tensor's share of a step: the buffers of a param and what the kernel needs to update it.
 /// Element-wise work may be split anywhere, so results never depend on how it was split.
@@ -33,6 +52,27 @@ pub struct Executor {
     pool: Arc<rayon::ThreadPool>,
     simd: SimdLevel,
     parallel_min_elements: usize,
+    warmth: Arc<Warmth>,
+}
+
+/// Pool threads spinning for work, and the epoch that ends their spin.
+#[derive(Default)]
+struct Warmth {
+    spinning: AtomicUsize,
+    epoch: AtomicU64,
+}
+
+impl Warmth {
+    /// Runs on a pool thread: executes whatever work reaches the pool, polling without sleeping,
+    /// until `cool_down` moves the epoch on or the deadline passes.
+    fn spin(&self, epoch: u64) {
+        let deadline = Instant::now() + WARM_SPIN_LIMIT;
+        while self.epoch.load(Ordering::Acquire) == epoch && Instant::now() < deadline {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    }
 }
 
 impl Executor {
@@ -42,7 +82,37 @@ impl Executor {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("rsoptim-{i}"))
             .build()?;
-        Ok(Self { pool: Arc::new(pool), simd, parallel_min_elements: PARALLEL_MIN_ELEMENTS })
+        Ok(Self {
+            pool: Arc::new(pool),
+            simd,
+            parallel_min_elements: PARALLEL_MIN_ELEMENTS,
+            warmth: Arc::default(),
+        })
+    }
+
+    /// Wakes the pool's other threads and keeps them spinning for work until `cool_down` (or a
+    /// couple of milliseconds), so that the next parallel step starts on all threads at once.
+    /// Does nothing for a single-threaded pool or threads already spinning.
+    pub fn warm_up(&self) {
+        let wanted = self.threads() - 1;
+        let epoch = self.warmth.epoch.load(Ordering::Acquire);
+        while self.warmth.spinning.load(Ordering::Acquire) < wanted {
+            self.warmth.spinning.fetch_add(1, Ordering::AcqRel);
+            let warmth = Arc::clone(&self.warmth);
+            self.pool.spawn(move || {
+                warmth.spin(epoch);
+                warmth.spinning.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+
+    /// Lets the threads `warm_up` woke go back to sleep.
+    pub fn cool_down(&self) {
+        self.warmth.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn is_warm(&self) -> bool {
+        self.warmth.spinning.load(Ordering::Acquire) > 0
     }
 
     /// The same executor, going parallel from `elements` elements on (tests use 0 to split even
@@ -65,7 +135,34 @@ impl Executor {
     }
 
     fn runs_parallel(&self, elements: usize) -> bool {
-        self.threads() > 1 && elements >= self.parallel_min_elements
+        let min = if self.is_warm() { self.parallel_min_elements.min(WARM_PARALLEL_MIN_ELEMENTS) } else { self.parallel_min_elements };
+        self.threads() > 1 && elements >= min
+    }
+
+    /// Runs `task(i)` for every `i` in `0..count`. The calling thread and up to `threads - 1`
+    /// pool threads claim indices from one counter until none are left.
+    fn run_tasks(&self, count: usize, task: &(dyn Fn(usize) + Sync)) {
+        let next = AtomicUsize::new(0);
+        let finished = AtomicUsize::new(0);
+        let claim_and_run = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count {
+                break;
+            }
+            task(i);
+            finished.fetch_add(1, Ordering::Release);
+        };
+        let helpers = (self.threads() - 1).min(count.saturating_sub(1));
+        self.pool.in_place_scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|_| claim_and_run());
+            }
+            claim_and_run();
+            let until = Instant::now() + FINISH_SPIN_LIMIT;
+            while finished.load(Ordering::Acquire) < count && Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        });
     }
 
     /// Runs `work` on every piece of every job, in parallel where it pays.
@@ -79,55 +176,33 @@ impl Executor {
             jobs.into_iter().for_each(work);
             return;
         }
-        self.pool.install(|| {
-            jobs.into_par_iter()
-                .flat_map(|job| rayon::iter::split(job, split_in_chunks))
-                .for_each(&work)
+        // Pieces of at least CHUNK elements, and about 16 per thread for a big step, so that a
+        // thread that starts late or runs slow still leaves the others little to wait for.
+        let piece = (elements / (16 * self.threads())).max(CHUNK).div_ceil(CHUNK) * CHUNK;
+        let mut pieces = Vec::new();
+        for mut job in jobs {
+            while job.len() > piece + piece / 2 {
+                let (head, tail) = job.split_at(piece);
+                pieces.push(Mutex::new(Some(head)));
+                job = tail;
+            }
+            pieces.push(Mutex::new(Some(job)));
+        }
+        self.run_tasks(pieces.len(), &|i| {
+            let piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            work(piece.expect("each piece is claimed once"));
         });
     }
 
-    /// `f(tensor)` for every tensor, returned in order.
-    pub fn map_tensors<T, R, F>(&self, tensors: &[T], elements: usize, f: F) -> Vec<R>
-    where
-        T: Sync,
-        R: Send,
-        F: Fn(&T) -> R + Sync + Send,
-    {
-        if !self.runs_parallel(elements) {
-            return tensors.iter().map(f).collect();
+    /// Runs `task(i)` for every `i` in `0..count`, in parallel where `elements` (the work the
+    /// tasks do together) makes it pay. Tasks must not depend on which thread runs them.
+    pub fn for_each_task(&self, count: usize, elements: usize, task: &(dyn Fn(usize) + Sync)) {
+        if self.runs_parallel(elements) && count > 1 {
+            self.run_tasks(count, task);
+        } else {
+            (0..count).for_each(task);
         }
-        self.pool.install(|| tensors.par_iter().map(f).collect())
     }
-
-    /// `f(chunk)` for the fixed `CHUNK`-sized chunks of `data`, returned in order. Reductions
-    /// combine these in order, so their result is the same for any number of threads.
-    pub fn map_chunks<T, R, F>(&self, data: &[T], f: F) -> Vec<R>
-    where
-        T: Sync,
-        R: Send,
-        F: Fn(&[T]) -> R + Sync + Send,
-    {
-        if data.len() <= CHUNK {
-            return vec![f(data)];
-        }
-        if !self.runs_parallel(data.len()) {
-            return data.chunks(CHUNK).map(f).collect();
-        }
-        if rayon::current_thread_index().is_none() {
-            return self.pool.install(|| data.par_chunks(CHUNK).map(&f).collect());
-        }
-        data.par_chunks(CHUNK).map(f).collect()
-    }
-}
-
-fn split_in_chunks<J: Splittable>(job: J) -> (J, Option<J>) {
-    let len = job.len();
-    if len < 2 * CHUNK {
-        return (job, None);
-    }
-    let mid = (len / 2).div_ceil(CHUNK) * CHUNK;
-    let (left, right) = job.split_at(mid);
-    (left, Some(right))
 }
 
 /// Splits an optional mutable slice (a state buffer a configuration may not have).

@@ -6,7 +6,9 @@
 
 use crate::element::Real;
 use crate::error::Error;
-use crate::exec::{Executor, Splittable};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::exec::{Executor, Splittable, CHUNK};
 use crate::simd::{dispatch, Kernel, SimdLevel};
 
 /// Which vector norm: `sum(|x|^p)^(1/p)`, with `Inf` the largest `|x|`.
@@ -32,27 +34,42 @@ impl NormType {
     }
 }
 
-const LANES: usize = 32;
+/// Accumulators per chunk: 4 streams of 8 lanes.
+const STREAMS: usize = 4;
+const WIDTH: usize = 8;
+const LANES: usize = STREAMS * WIDTH;
 
 /// `combine` over `f(x)` for every element, in `LANES` independent accumulators folded pairwise.
+/// The data is read as `STREAMS` far-apart streams at once: a core reading one stream is limited
+/// by the misses it can keep in flight, not by the memory system.
 #[inline(always)]
 fn lane_reduce<T: Real>(data: &[T], f: impl Fn(f64) -> f64, combine: impl Fn(f64, f64) -> f64) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let blocks = data.chunks_exact(LANES);
-    let tail = blocks.remainder();
-    for block in blocks {
-        // Widening the block first keeps the loop below a plain packed f64 loop, which LLVM
-        // vectorises on every path (fused with the conversion it did not, on AVX2).
-        let mut wide = [0.0f64; LANES];
-        for j in 0..LANES {
+    let per_stream = data.len() / LANES * WIDTH;
+    let (body, tail) = data.split_at(per_stream * STREAMS);
+    let (s01, s23) = body.split_at(2 * per_stream);
+    let (s0, s1) = s01.split_at(per_stream);
+    let (s2, s3) = s23.split_at(per_stream);
+    let mut add_block = |lanes: usize, block: &[T]| {
+        // Widening the block first keeps this a plain packed f64 loop, which LLVM vectorises on
+        // every path (fused with the conversion it did not, on AVX2).
+        let mut wide = [0.0f64; WIDTH];
+        for j in 0..WIDTH {
             wide[j] = block[j].widen();
         }
-        for j in 0..LANES {
-            acc[j] = combine(acc[j], f(wide[j]));
+        for j in 0..WIDTH {
+            acc[lanes + j] = combine(acc[lanes + j], f(wide[j]));
         }
+    };
+    let blocks = s0.chunks_exact(WIDTH).zip(s1.chunks_exact(WIDTH)).zip(s2.chunks_exact(WIDTH)).zip(s3.chunks_exact(WIDTH));
+    for (((b0, b1), b2), b3) in blocks {
+        add_block(0, b0);
+        add_block(WIDTH, b1);
+        add_block(2 * WIDTH, b2);
+        add_block(3 * WIDTH, b3);
     }
     for (j, x) in tail.iter().enumerate() {
-        acc[j] = combine(acc[j], f(x.widen()));
+        acc[j % LANES] = combine(acc[j % LANES], f(x.widen()));
     }
     let mut width = LANES;
     while width > 1 {
@@ -85,10 +102,10 @@ impl<T: Real> Kernel for PartialNorm<'_, T> {
     }
 }
 
-fn combine_partials(norm: NormType, partials: &[f64]) -> f64 {
+fn combine_partials(norm: NormType, partials: impl Iterator<Item = f64>) -> f64 {
     match norm {
-        NormType::Inf => partials.iter().copied().fold(0.0, f64::max_propagate_nan),
-        _ => partials.iter().sum(),
+        NormType::Inf => partials.fold(0.0, f64::max_propagate_nan),
+        _ => partials.fold(0.0, |a, b| a + b),
     }
 }
 
@@ -102,15 +119,38 @@ fn finish(norm: NormType, reduced: f64) -> f64 {
 
 /// The norm of one tensor, in `f64`.
 pub fn tensor_norm<T: Real>(data: &[T], norm: NormType, exec: &Executor) -> f64 {
-    let simd: SimdLevel = exec.simd();
-    let partials = exec.map_chunks(data, |chunk| dispatch(simd, PartialNorm { data: chunk, norm }));
-    finish(norm, combine_partials(norm, &partials))
+    tensor_norms(&[data], norm, exec)[0]
 }
 
-/// The norm of each tensor (torch's `_foreach_norm`), in `f64`.
+/// The norm of each tensor (torch's `_foreach_norm`), in `f64`. Each tensor is reduced in
+/// fixed `CHUNK`-sized chunks (the tasks spread over the threads), whose partial results are
+/// combined in order: the same bits for any number of threads.
 pub fn tensor_norms<T: Real>(tensors: &[&[T]], norm: NormType, exec: &Executor) -> Vec<f64> {
+    // first_chunk[i]..first_chunk[i + 1]: the chunks of tensor i (an empty tensor has one).
+    let mut first_chunk = Vec::with_capacity(tensors.len() + 1);
+    let mut chunks = 0;
+    for t in tensors {
+        first_chunk.push(chunks);
+        chunks += t.len().div_ceil(CHUNK).max(1);
+    }
+    first_chunk.push(chunks);
+    let partials: Vec<AtomicU64> = (0..chunks).map(|_| AtomicU64::new(0)).collect();
     let elements = tensors.iter().map(|t| t.len()).sum();
-    exec.map_tensors(tensors, elements, |t| tensor_norm(t, norm, exec))
+    let simd: SimdLevel = exec.simd();
+    exec.for_each_task(chunks, elements, &|chunk| {
+        let tensor = first_chunk.partition_point(|&first| first <= chunk) - 1;
+        let start = (chunk - first_chunk[tensor]) * CHUNK;
+        let data = tensors[tensor];
+        let part = &data[start.min(data.len())..(start + CHUNK).min(data.len())];
+        let partial = dispatch(simd, PartialNorm { data: part, norm });
+        partials[chunk].store(partial.to_bits(), Ordering::Relaxed);
+    });
+    (0..tensors.len())
+        .map(|i| {
+            let parts = partials[first_chunk[i]..first_chunk[i + 1]].iter();
+            finish(norm, combine_partials(norm, parts.map(|p| f64::from_bits(p.load(Ordering::Relaxed)))))
+        })
+        .collect()
 }
 
 struct ScaleJob<'a, T> {
