@@ -22,7 +22,6 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from . import _rsoptim
 from ._layout import KERNEL_DTYPES, BufferTable, as_real, pack, runs_on_kernel, step_dtype_name
 
 
@@ -96,15 +95,6 @@ class KernelOptimizer:
             with torch.enable_grad():
                 loss = closure()
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
-        # Wake the kernels' threads now: they come up while the plans are checked below.
-        elements = sum(plan.elements for plan in plans.values())
-        _rsoptim.warm_up(elements)
-        try:
-            return self._step(plans, loss)
-        finally:
-            _rsoptim.cool_down()
-
-    def _step(self, plans: dict[int, _Plan], loss: Any) -> Any:
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
         work = []
@@ -215,7 +205,6 @@ class _Plan:
     grads_of_call: list[list[int]]
     held: list[torch.Tensor]
     all_have_grads: bool = False
-    elements: int = 0  # that the kernel calls update
 
     @staticmethod
     def build(opt: KernelOptimizer, group: dict[str, Any], keys: tuple[str, ...], calls: list[KernelCall]) -> _Plan | None:
@@ -245,7 +234,6 @@ class _Plan:
         for call in calls:
             call.new_buffers = [False] * len(call.params)
         return _Plan(
-            elements=sum(numels),
             all_have_grads=len(with_grad) == len(group["params"]),
             group_params=group["params"],
             params=list(group["params"]),

@@ -152,11 +152,7 @@ def clip_grad_norm_(
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
-    _rsoptim.warm_up(sum(map(torch.Tensor.numel, grads)))
-    try:
-        total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
-        if grads:
-            _scale_grads(grads, float(max_norm), total_norm, foreach)
-    finally:
-        _rsoptim.cool_down()
+    total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+    if grads:
+        _scale_grads(grads, float(max_norm), total_norm, foreach)
     return total_norm

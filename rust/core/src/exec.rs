@@ -6,13 +6,13 @@
 //! region per step, no fork/join per tensor, and a pool thread that is slow to wake up simply
 //! claims fewer pieces.
 //!
-//! Waking a sleeping pool thread costs tens of microseconds on the machines we measured, so:
-//! * a caller that knows a parallel step is coming calls [`Executor::warm_up`] first (the Python
-//!   layer does at the start of `step()`); the pool threads then spin, polling for work, until
-//!   [`Executor::cool_down`] (or a short deadline), and the step's pieces reach them at once;
-//! * a step too small to pay for waking a cold pool runs on the calling thread alone.
+//! Waking a sleeping pool thread costs tens of microseconds on the machines we measured, so a
+//! step too small to pay for that runs on the calling thread alone. (Keeping pool threads
+//! spinning ahead of a step was tried and dropped: right after torch ops, torch's own OpenMP
+//! threads are still spinning, and on a 2-core machine the two spinners made small steps 1.5-2x
+//! slower.)
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,18 +21,10 @@ use crate::simd::SimdLevel;
 /// Pieces are cut at multiples of this many elements (64K: 256 KiB of f32 per buffer).
 pub const CHUNK: usize = 1 << 16;
 
-/// With a cold pool, steps of fewer elements than this run on the calling thread: handing work
-/// to a sleeping pool thread and waiting for it costs 20-40 us, more than half of such a step
-/// saves (measured for Adam on a 2-core AMD EPYC: 256K elements take 53 us on one thread, 39 us
+/// Steps of fewer elements than this run on the calling thread: handing work to a sleeping
+/// pool thread and waiting for it costs 20-40 us, more than half of such a step saves (measured for Adam on a 2-core AMD EPYC: 256K elements take 53 us on one thread, 39 us
 /// on two; 400 tensors of 1,000 elements 172 us on one, 216 us on two).
 pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 19;
-
-/// With a warm pool (see `warm_up`), steps of fewer elements than this still run on the calling
-/// thread: below it, splitting costs more than the second thread saves.
-pub const WARM_PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
-
-/// How long warmed-up pool threads wait for work before they go back to sleep.
-const WARM_SPIN_LIMIT: Duration = Duration::from_millis(2);
 
 /// How long the calling thread, out of pieces, spins for the pool threads to finish theirs
 /// before it blocks (and has to be woken again).
@@ -52,27 +44,6 @@ pub struct Executor {
     pool: Arc<rayon::ThreadPool>,
     simd: SimdLevel,
     parallel_min_elements: usize,
-    warmth: Arc<Warmth>,
-}
-
-/// Pool threads spinning for work, and the epoch that ends their spin.
-#[derive(Default)]
-struct Warmth {
-    spinning: AtomicUsize,
-    epoch: AtomicU64,
-}
-
-impl Warmth {
-    /// Runs on a pool thread: executes whatever work reaches the pool, polling without sleeping,
-    /// until `cool_down` moves the epoch on or the deadline passes.
-    fn spin(&self, epoch: u64) {
-        let deadline = Instant::now() + WARM_SPIN_LIMIT;
-        while self.epoch.load(Ordering::Acquire) == epoch && Instant::now() < deadline {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                std::hint::spin_loop();
-            }
-        }
-    }
 }
 
 impl Executor {
@@ -86,33 +57,7 @@ impl Executor {
             pool: Arc::new(pool),
             simd,
             parallel_min_elements: PARALLEL_MIN_ELEMENTS,
-            warmth: Arc::default(),
         })
-    }
-
-    /// Wakes the pool's other threads and keeps them spinning for work until `cool_down` (or a
-    /// couple of milliseconds), so that the next parallel step starts on all threads at once.
-    /// Does nothing for a single-threaded pool or threads already spinning.
-    pub fn warm_up(&self) {
-        let wanted = self.threads() - 1;
-        let epoch = self.warmth.epoch.load(Ordering::Acquire);
-        while self.warmth.spinning.load(Ordering::Acquire) < wanted {
-            self.warmth.spinning.fetch_add(1, Ordering::AcqRel);
-            let warmth = Arc::clone(&self.warmth);
-            self.pool.spawn(move || {
-                warmth.spin(epoch);
-                warmth.spinning.fetch_sub(1, Ordering::AcqRel);
-            });
-        }
-    }
-
-    /// Lets the threads `warm_up` woke go back to sleep.
-    pub fn cool_down(&self) {
-        self.warmth.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn is_warm(&self) -> bool {
-        self.warmth.spinning.load(Ordering::Acquire) > 0
     }
 
     /// The same executor, going parallel from `elements` elements on (tests use 0 to split even
@@ -135,8 +80,7 @@ impl Executor {
     }
 
     fn runs_parallel(&self, elements: usize) -> bool {
-        let min = if self.is_warm() { self.parallel_min_elements.min(WARM_PARALLEL_MIN_ELEMENTS) } else { self.parallel_min_elements };
-        self.threads() > 1 && elements >= min
+        self.threads() > 1 && elements >= self.parallel_min_elements
     }
 
     /// Runs `task(i)` for every `i` in `0..count`. The calling thread and up to `threads - 1`

@@ -21,7 +21,7 @@ pub mod step;
 pub use adam::{adam_step, AdamHyper, AdamTensor};
 pub use element::{Element, Real};
 pub use error::Error;
-pub use exec::{Executor, CHUNK, WARM_PARALLEL_MIN_ELEMENTS};
+pub use exec::{Executor, CHUNK};
 pub use norm::{scale_in_place, tensor_norm, tensor_norms, NormType};
 pub use rmsprop::{rmsprop_step, RmspropHyper, RmspropTensor};
 pub use sgd::{sgd_step, SgdHyper, SgdTensor};

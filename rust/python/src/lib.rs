@@ -102,23 +102,6 @@ fn get_num_threads() -> PyResult<usize> {
     Ok(executor()?.threads())
 }
 
-/// Wakes the pool's threads ahead of a step of `elements` elements that will run in parallel,
-/// so they are spinning when its kernels come (see `Executor::warm_up`); `cool_down` after.
-#[pyfunction]
-fn warm_up(elements: usize) -> PyResult<()> {
-    if elements >= rsoptim_core::WARM_PARALLEL_MIN_ELEMENTS {
-        executor()?.warm_up();
-    }
-    Ok(())
-}
-
-/// Lets the threads `warm_up` woke go back to sleep.
-#[pyfunction]
-fn cool_down() -> PyResult<()> {
-    executor()?.cool_down();
-    Ok(())
-}
-
 /// The SIMD path in use: "avx512", "avx2", "neon" or "scalar".
 #[pyfunction]
 fn simd_level() -> PyResult<&'static str> {
@@ -571,8 +554,6 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rmsprop_step, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_norms, m)?)?;
     m.add_function(wrap_pyfunction!(scale_, m)?)?;
-    m.add_function(wrap_pyfunction!(warm_up, m)?)?;
-    m.add_function(wrap_pyfunction!(cool_down, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
