@@ -1183,3 +1183,23 @@ def test_state_strides_follow_the_param_like_torch(name):
         return {k: v.stride() for k, v in opt.state[p].items()}
 
     assert run(rsoptim) == run(torch.optim)
+
+
+def test_load_state_dict_lets_the_old_state_go():
+    """rsoptim caches buffer addresses between steps; loading a state dict must not keep the
+    replaced state tensors alive (a model's worth of memory)."""
+    import gc
+    import weakref
+
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = rsoptim.Adam([p])
+    for _ in range(2):
+        p.grad = torch.ones(10)
+        opt.step()
+    old = weakref.ref(opt.state[p]["exp_avg"])
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    gc.collect()
+    assert old() is None
+    p.grad = torch.ones(10)
+    opt.step()
+    assert opt.state[p]["step"].item() == 3.0

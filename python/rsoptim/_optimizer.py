@@ -113,6 +113,11 @@ class KernelOptimizer:
                     del plans[index]
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The plans hold aliases of the old state's tensors: let them go with it.
+        self.__dict__.pop("_rsoptim_plans", None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         params = [p for p in group["params"] if p.grad is not None]
         if self._sparse_message is not None and any(p.grad.is_sparse for p in params):
