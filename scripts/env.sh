@@ -8,9 +8,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VENV_PY=.venv/bin/python
 EXTRAS=${1:-torch}
+# The torch the comparisons and tests run against: the version docs/torch-contract.md describes
+# (rsoptim itself works with torch >= 2.8; TORCH_VERSION=2.15.0 bash scripts/test.sh, say).
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 # torch first (a large download that pip's cache keeps for later runs), then maturin to build.
 "$VENV_PY" -m pip install --quiet --upgrade pip
-"$VENV_PY" -m pip install --quiet "maturin>=1.7,<2" "torch>=2.8"
+"$VENV_PY" -m pip install --quiet "maturin>=1.7,<2" "torch==${TORCH_VERSION}"
 rm -rf dist
 "$VENV_PY" -m maturin build --release --out dist --quiet 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^📡" || true
 WHEEL=$(ls dist/rsoptim-*.whl)
