@@ -15,7 +15,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 "$VENV_PY" -m pip install --quiet --upgrade pip
 "$VENV_PY" -m pip install --quiet "maturin>=1.7,<2" "torch==${TORCH_VERSION}"
 rm -rf dist
-"$VENV_PY" -m maturin build --release --out dist --quiet 2>&1 | grep -v "^📦\|^🔗\|^🐍\|^📡" || true
+"$VENV_PY" -m maturin build --release --out dist --quiet
 WHEEL=$(ls dist/rsoptim-*.whl)
 "$VENV_PY" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
 "$VENV_PY" -m pip install --quiet "${WHEEL}[${EXTRAS}]"
