@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import glob
+import os
+
 from . import functional
-from ._rsoptim import available_simd_levels, get_num_threads, set_num_threads, simd_level
+from . import _rsoptim
+from ._rsoptim import available_simd_levels, get_num_threads, parallel_backend, set_num_threads, simd_level
 
 __version__ = "0.1.0"
 
@@ -27,6 +31,7 @@ __all__ = [
     "get_num_threads",
     "simd_level",
     "available_simd_levels",
+    "parallel_backend",
     "__version__",
 ]
 
@@ -43,8 +48,15 @@ if _torch is not None:
     from .rmsprop import RMSprop
     from .sgd import SGD
 
-    # Run on as many threads as torch's intra-op pool, so the two never oversubscribe the CPU.
+    # Run on as many threads as torch's intra-op pool, and on that pool's own threads (torch's
+    # OpenMP runtime) where we can, so that the two never compete for the CPU. RSOPTIM_BACKEND=rayon
+    # keeps rsoptim on a pool of its own.
     set_num_threads(max(1, _torch.get_num_threads()))
+    if os.environ.get("RSOPTIM_BACKEND", "auto").strip().lower() != "rayon":
+        _torch_lib = os.path.join(os.path.dirname(_torch.__file__), "lib")
+        for _runtime in sorted(glob.glob(os.path.join(_torch_lib, "lib*omp*.so*"))):
+            if _rsoptim.use_openmp(_runtime):
+                break
 
 
 def __getattr__(name: str) -> Any:

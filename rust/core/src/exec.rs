@@ -1,10 +1,11 @@
 //! Spreading the work of one whole step over a thread pool.
 //!
-//! A step hands over every tensor of a param group at once. Big tensors are cut into pieces of
-//! at least `CHUNK` elements, small tensors are pieces of their own, and the calling thread and
-//! the pool's threads claim pieces from one shared counter until none are left: one parallel
-//! region per step, no fork/join per tensor, and a pool thread that is slow to wake up simply
-//! claims fewer pieces.
+//! A step hands over every tensor of a param group at once. Big tensors are cut into pieces,
+//! small tensors are pieces of their own, and the calling thread and the other threads claim
+//! pieces from one shared counter until none are left: one parallel region per step, no
+//! fork/join per tensor, and a thread that is slow to wake up simply claims fewer pieces. The
+//! threads are rayon's pool, or those of an OpenMP runtime already in the process (see
+//! `openmp`), whose threads are torch's own.
 //!
 //! Waking a sleeping pool thread costs tens of microseconds on the machines we measured, so a
 //! step too small to pay for that runs on the calling thread alone. (Keeping pool threads
@@ -16,15 +17,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(unix)]
+use crate::openmp::OpenMp;
 use crate::simd::SimdLevel;
 
-/// Pieces are cut at multiples of this many elements (64K: 256 KiB of f32 per buffer).
+/// Norms reduce each tensor in chunks of this many elements (64K: 256 KiB of f32), always the
+/// same chunks whatever the threads, so that their sums are the same bits for any thread count.
 pub const CHUNK: usize = 1 << 16;
+
+/// The smallest piece a big tensor is cut into, in elements.
+const MIN_PIECE: usize = 1 << 13;
 
 /// Steps of fewer elements than this run on the calling thread: handing work to a sleeping
 /// pool thread and waiting for it costs 20-40 us, more than half of such a step saves (measured for Adam on a 2-core AMD EPYC: 256K elements take 53 us on one thread, 39 us
 /// on two; 400 tensors of 1,000 elements 172 us on one, 216 us on two).
 pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 19;
+
+/// On an OpenMP runtime's threads, which keep spinning for a while after each region (theirs or
+/// torch's), handing work over is cheap: steps go parallel from this many elements.
+pub const OPENMP_PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
 /// How long the calling thread, out of pieces, spins for the pool threads to finish theirs
 /// before it blocks (and has to be woken again).
@@ -44,6 +55,9 @@ pub struct Executor {
     pool: Arc<rayon::ThreadPool>,
     simd: SimdLevel,
     parallel_min_elements: usize,
+    /// Set: parallel regions run on this OpenMP runtime's threads (torch's), not on `pool`.
+    #[cfg(unix)]
+    openmp: Option<OpenMp>,
 }
 
 impl Executor {
@@ -57,6 +71,8 @@ impl Executor {
             pool: Arc::new(pool),
             simd,
             parallel_min_elements: PARALLEL_MIN_ELEMENTS,
+            #[cfg(unix)]
+            openmp: None,
         })
     }
 
@@ -64,6 +80,19 @@ impl Executor {
     /// small steps over the pool).
     pub fn with_parallel_min_elements(&self, elements: usize) -> Self {
         Self { parallel_min_elements: elements, ..self.clone() }
+    }
+
+    /// The same executor, running its parallel regions on `openmp`'s threads (or on its own
+    /// pool again, with `None`).
+    #[cfg(unix)]
+    pub fn with_openmp(&self, openmp: Option<OpenMp>) -> Self {
+        Self { openmp, ..self.clone() }
+    }
+
+    /// The OpenMP runtime parallel regions run on, if any.
+    #[cfg(unix)]
+    pub fn openmp(&self) -> Option<&OpenMp> {
+        self.openmp.as_ref()
     }
 
     pub fn threads(&self) -> usize {
@@ -80,7 +109,11 @@ impl Executor {
     }
 
     fn runs_parallel(&self, elements: usize) -> bool {
-        self.threads() > 1 && elements >= self.parallel_min_elements
+        #[cfg(unix)]
+        let min = if self.openmp.is_some() { self.parallel_min_elements.min(OPENMP_PARALLEL_MIN_ELEMENTS) } else { self.parallel_min_elements };
+        #[cfg(not(unix))]
+        let min = self.parallel_min_elements;
+        self.threads() > 1 && elements >= min
     }
 
     /// Runs `task(i)` for every `i` in `0..count`. The calling thread and up to `threads - 1`
@@ -97,6 +130,11 @@ impl Executor {
             finished.fetch_add(1, Ordering::Release);
         };
         let helpers = (self.threads() - 1).min(count.saturating_sub(1));
+        #[cfg(unix)]
+        if let Some(openmp) = &self.openmp {
+            openmp.run(helpers + 1, &claim_and_run);
+            return;
+        }
         self.pool.in_place_scope(|scope| {
             for _ in 0..helpers {
                 scope.spawn(|_| claim_and_run());
@@ -120,9 +158,10 @@ impl Executor {
             jobs.into_iter().for_each(work);
             return;
         }
-        // Pieces of at least CHUNK elements, and about 16 per thread for a big step, so that a
-        // thread that starts late or runs slow still leaves the others little to wait for.
-        let piece = (elements / (16 * self.threads())).max(CHUNK).div_ceil(CHUNK) * CHUNK;
+        // About 16 pieces per thread, so that a thread that starts late or runs slow leaves the
+        // others little to wait for; cut at multiples of 1024 elements, so no two threads write
+        // one cache line.
+        let piece = (elements / (16 * self.threads())).max(MIN_PIECE).next_multiple_of(1024);
         let mut pieces = Vec::new();
         for mut job in jobs {
             while job.len() > piece + piece / 2 {

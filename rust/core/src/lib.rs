@@ -11,6 +11,8 @@ pub mod element;
 pub mod error;
 pub mod exec;
 pub mod norm;
+#[cfg(unix)]
+pub mod openmp;
 pub mod raw;
 pub mod rmsprop;
 pub mod roofline;

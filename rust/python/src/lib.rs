@@ -93,8 +93,42 @@ fn set_num_threads(threads: usize) -> PyResult<()> {
         return Err(PyValueError::new_err("set_num_threads expects a positive integer"));
     }
     replace_executor(|current| {
-        Executor::new(threads, current.simd()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        let exec = Executor::new(threads, current.simd()).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        #[cfg(unix)]
+        let exec = exec.with_openmp(current.openmp().cloned());
+        Ok(exec)
     })
+}
+
+/// Runs parallel regions on the threads of the OpenMP runtime at `path` (torch's) if this
+/// process has already loaded it; returns whether it did. `None` goes back to rsoptim's own pool.
+#[pyfunction]
+#[pyo3(signature = (path))]
+fn use_openmp(path: Option<&str>) -> PyResult<bool> {
+    #[cfg(unix)]
+    {
+        let openmp = path.and_then(rsoptim_core::openmp::OpenMp::already_loaded);
+        let found = openmp.is_some();
+        replace_executor(|current| Ok(current.with_openmp(openmp)))?;
+        Ok(found)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(false)
+    }
+}
+
+/// Where parallel regions run: "openmp:<path of the runtime>" or "rayon".
+#[pyfunction]
+fn parallel_backend() -> PyResult<String> {
+    let exec = executor()?;
+    #[cfg(unix)]
+    if let Some(openmp) = exec.openmp() {
+        return Ok(format!("openmp:{}", openmp.path()));
+    }
+    let _ = exec;
+    Ok("rayon".to_owned())
 }
 
 #[pyfunction]
@@ -555,6 +589,8 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tensor_norms, m)?)?;
     m.add_function(wrap_pyfunction!(scale_, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
