@@ -330,7 +330,7 @@ def size_sweep(repeats: int, threads: int, progress: Progress) -> list[dict[str,
     return points
 
 
-def plot(points: list[dict[str, float]], path: str, machine: dict[str, object]) -> None:
+def plot(points: list[dict[str, float]], path: str, machine: dict[str, object], threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,7 +345,7 @@ def plot(points: list[dict[str, float]], path: str, machine: dict[str, object]) 
     ax.set_xscale("log", base=2)
     ax.set_xlabel("elements in one float32 tensor")
     ax.set_ylabel("GB/s moved (28 bytes per element)")
-    ax.set_title(f"Adam step throughput, {machine['threads']} threads, {machine['simd']} path\n{machine['cpu']}")
+    ax.set_title(f"Adam step throughput, {threads} threads, {machine['simd']} path\n{machine['cpu']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -371,6 +371,7 @@ def machine_info(threads: list[int]) -> dict[str, object]:
         "cores": os.cpu_count(),
         "threads": ",".join(map(str, threads)),
         "simd": rsoptim.simd_level(),
+        "backend": rsoptim.parallel_backend().split("/")[-1],
         "torch": torch.__version__,
         "rsoptim": rsoptim.__version__,
         "python": platform.python_version(),
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     points = None
     if args.plot:
         points = size_sweep(max(3, args.repeats // 2), max_threads, progress)
-        plot(points, args.plot, machine)
+        plot(points, args.plot, machine, max_threads)
     progress.close()
 
     if args.json:
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"rsoptim {machine['rsoptim']} vs torch {machine['torch']} on {machine['cpu']} "
         f"({machine['cores']} cores), threads {machine['threads']}, SIMD path {machine['simd']}, "
-        f"Python {machine['python']}\n"
+        f"parallel regions on {machine['backend']}, Python {machine['python']}\n"
     )
     print(format_table(rows))
     print()
