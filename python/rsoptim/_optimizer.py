@@ -210,6 +210,9 @@ class _Plan:
     grads_of_call: list[list[int]]
     held: list[torch.Tensor]
     all_have_grads: bool = False
+    # Every value of optimizer.state when the plan was made, and the dicts of its params.
+    state_dicts_all: list[dict[str, Any]] = field(default_factory=list)
+    state_dicts: list[dict[str, Any]] = field(default_factory=list)
 
     @staticmethod
     def build(opt: KernelOptimizer, group: dict[str, Any], keys: tuple[str, ...], calls: list[KernelCall]) -> _Plan | None:
@@ -244,6 +247,8 @@ class _Plan:
             params=list(group["params"]),
             has_grad=[p.grad is not None for p in group["params"]],
             state=opt.state,
+            state_dicts_all=list(opt.state.values()),
+            state_dicts=[opt.state[p] for p in with_grad] if keys else [],
             keys=keys,
             calls=calls,
             numels=numels,
@@ -281,13 +286,18 @@ class _Plan:
             return None
         addrs = list(map(_data_ptr, with_grad))
         if self.keys:
-            states = map(opt.state.get, with_grad)
+            # optimizer.state maps each param to its dict: if none was replaced, removed or
+            # added since the plan was made, the plan's dicts are the params' (no tensor hashing).
+            values = opt.state.values()
+            if len(values) != len(self.state_dicts_all) or not all(map(operator.is_, values, self.state_dicts_all)):
+                return None
+            states = iter(self.state_dicts)
             get = operator.itemgetter(*self.keys)
             # itemgetter of one key gives the item, of several a tuple of them.
             tensors = map(get, states) if len(self.keys) == 1 else chain.from_iterable(map(get, states))
             try:
                 addrs.extend(map(_data_ptr, tensors))
-            except (KeyError, TypeError):  # a state entry or a whole param's state was removed
+            except KeyError:  # a state entry was removed
                 return None
         if addrs != self.addrs:
             return None
