@@ -83,3 +83,29 @@ def test_set_num_threads_keeps_the_backend():
         assert rsoptim.parallel_backend() == backend
     finally:
         rsoptim.set_num_threads(threads)
+
+
+# The child makes no torch op of its own: after the parent has run parallel torch ops, torch's
+# OpenMP runtime hangs in a forked child (torch.optim would too); rsoptim's kernels must not.
+FORK_SCRIPT = """
+import os, sys, numpy as np, torch, rsoptim
+p = torch.zeros(1 << 20, requires_grad=True)
+opt = rsoptim.SGD([p], lr=0.1)
+p.grad = torch.ones_like(p)
+opt.step()  # the parent's threads are up
+pid = os.fork()
+if pid == 0:
+    p.grad = torch.from_numpy(np.ones(1 << 20, dtype=np.float32))
+    opt.step()  # big enough to go parallel
+    os._exit(0 if p.detach().numpy()[0] == np.float32(-0.2) else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("backend", ["rayon", "auto"])
+def test_a_forked_child_can_step(backend):
+    env = {**os.environ, "RSOPTIM_BACKEND": backend}
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, timeout=120)
+    assert done.returncode == 0

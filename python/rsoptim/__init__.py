@@ -37,6 +37,10 @@ __all__ = [
 
 _TORCH_NAMES = {"SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"}
 
+# A forked child has none of the parent's pool threads: give it a pool of its own.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rsoptim.reset_after_fork)
+
 try:
     import torch as _torch
 except ImportError:  # rsoptim.functional works on NumPy alone

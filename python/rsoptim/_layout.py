@@ -75,6 +75,12 @@ class BufferTable:
 
     def add(self, param: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
         """Adds one param and its other buffers (grad and state), all of the param's shape."""
+        grad = buffers.get("grad")
+        if grad is not None and (grad.dtype != param.dtype or grad.device != param.device):
+            # torch's ops refuse this too; converting it silently would hide a bug.
+            raise RuntimeError(
+                f"a grad is {grad.dtype} on {grad.device} but its param is {param.dtype} on {param.device}"
+            )
         p = as_real(param)
         if not is_dense(p):
             dense = p.contiguous()

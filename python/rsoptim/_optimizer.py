@@ -21,6 +21,7 @@ from itertools import chain, compress, repeat
 from typing import Any, Callable, ClassVar
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ._layout import KERNEL_DTYPES, BufferTable, as_real, pack, runs_on_kernel, step_dtype_name
 
@@ -50,6 +51,8 @@ class KernelCall:
     columns: dict[str, bytes]
     steps: bytes = b""
     new_buffers: list[bool] = field(default_factory=list)
+    # Tensors whose addresses the call uses and nothing else may keep alive during it.
+    held: list[torch.Tensor] = field(default_factory=list)
 
 
 class KernelOptimizer:
@@ -102,10 +105,15 @@ class KernelOptimizer:
             plan = plans.get(index)
             calls = plan.kernel_calls(self, group) if plan is not None else None
             work.append((index, group, calls, None if calls is not None else self._params_with_grad(group)))
+        for index in [i for i in plans if i >= len(self.param_groups)]:
+            del plans[index]  # the group is gone: let its tensors go
         for index, group, calls, params in work:
             if calls is not None:
                 for call in calls:
                     self._kernel_call(group, call)
+                    call.held = []
+                    # As torch's in-place ops do, so autograd sees the params have changed.
+                    increment_version(call.params)
             elif params:
                 with torch.no_grad():
                     plans[index] = self._step_group(group, params)  # type: ignore[assignment]
@@ -127,6 +135,9 @@ class KernelOptimizer:
     def _needs_state(self, group: dict[str, Any]) -> bool:
         return True
 
+    def _state_is_new(self, state: dict[str, Any]) -> bool:
+        return len(state) == 0
+
     def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
         """Whether the group's hyperparameters let the kernels reproduce torch's arithmetic."""
         return True
@@ -141,7 +152,7 @@ class KernelOptimizer:
         for p in params:
             if needs_state:
                 state = self.state[p]
-                if len(state) == 0:
+                if self._state_is_new(state):
                     self._init_state(p, group, state)
             if kernel_ok and runs_on_kernel(p) and not p.grad.is_sparse:
                 step_dtype = step_dtype_name([self.state[p]["step"]]) if self._has_step else "float32"
@@ -157,8 +168,11 @@ class KernelOptimizer:
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
             call = KernelCall(dtype, step_dtype, bucket, pack(table.numels), columns, pack(self._steps(bucket)))
             call.new_buffers = self._new_buffer_flags(bucket)
+            call.held = [self.state[p]["step"] for p in bucket] if self._has_step else []
             self._kernel_call(group, call)
+            call.held = []
             table.write_back()
+            increment_version(bucket)
             calls.append(call)
         if others:
             self._torch_step(group, others)
@@ -183,6 +197,8 @@ _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _numel = torch.Tensor.numel
 _get_grad = operator.attrgetter("grad")
+_get_dtype = operator.attrgetter("dtype")
+_get_is_cpu = operator.attrgetter("is_cpu")
 
 
 @dataclass
@@ -205,6 +221,7 @@ class _Plan:
     keys: tuple[str, ...]  # state tensors the kernels use, "step" included where kept
     calls: list[KernelCall]
     numels: list[int]  # of each grad, in group order of params with grads
+    dtypes: list[torch.dtype]  # of each grad, likewise
     addrs: list[int]  # of each param with a grad, then of its state tensors
     # For each call, which of the group's grads (in order of params with grads) it takes.
     grads_of_call: list[list[int]]
@@ -222,7 +239,7 @@ class _Plan:
                 where[id(p)] = (c, slot)
         keys = (*keys, "step") if opt._has_step else keys
         with_grad = [p for p in group["params"] if p.grad is not None]
-        numels, addrs, grad_slots, held = [], [], [], []
+        numels, dtypes, addrs, grad_slots, held = [], [], [], [], []
         for p in with_grad:
             real = as_real(p)
             if p.is_complex() or not (real.is_contiguous() and _plain(p.grad, real)):
@@ -231,6 +248,7 @@ class _Plan:
             if not all(_plain(t, real) for t in tensors if t.dim() != 0):
                 return None
             numels.append(real.numel())
+            dtypes.append(p.grad.dtype)
             addrs.append(real.data_ptr())
             grad_slots.append(where[id(p)])
             held.append(real.detach())
@@ -252,6 +270,7 @@ class _Plan:
             keys=keys,
             calls=calls,
             numels=numels,
+            dtypes=dtypes,
             addrs=addrs + state_addrs,
             grads_of_call=grads_of_call,
             held=held,
@@ -282,7 +301,13 @@ class _Plan:
                 return None
             with_grad = list(compress(params, self.has_grad))
             grads = list(compress(grads, self.has_grad))
-        if not all(map(_is_contiguous, grads)) or list(map(_numel, grads)) != self.numels:
+        if (
+            not all(map(_is_contiguous, grads))
+            or list(map(_numel, grads)) != self.numels
+            or not all(map(operator.is_, map(_get_dtype, grads), self.dtypes))
+            or not all(map(_get_is_cpu, grads))
+            or not all(map(_is_contiguous, with_grad))
+        ):
             return None
         addrs = list(map(_data_ptr, with_grad))
         if self.keys:
@@ -302,6 +327,8 @@ class _Plan:
         if addrs != self.addrs:
             return None
         grad_addrs = list(map(_data_ptr, grads))
+        for call in self.calls:
+            call.held = grads  # alive until the kernels are done, whatever other threads do
         if len(self.calls) == 1:
             self.calls[0].columns["grad"] = pack(grad_addrs)
         else:

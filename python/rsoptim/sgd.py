@@ -65,6 +65,9 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         # torch's SGD keeps no state without momentum: `state_dict()['state']` stays empty.
         return group["momentum"] != 0
 
+    def _state_is_new(self, state: dict[str, Any]) -> bool:
+        return state.get("momentum_buffer") is None
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # torch creates the momentum buffer on a param's first step as a clone of the grad (with
         # the grad's strides). Here it is allocated like the grad and filled by the kernel, which

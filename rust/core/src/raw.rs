@@ -1,6 +1,6 @@
 //! Turning buffer addresses that come over an FFI boundary into Rust slices, soundly.
 //!
-//! The Python binding receives from the Python layer (`rsoptim/_kernels.py`), for every tensor of a step, the address and
+//! The Python binding receives from the Python layer (`rsoptim/_optimizer.py`), for every tensor of a step, the address and
 //! element count of each CPU buffer it owns a reference to for the whole call. Before any slice
 //! is made we check what Rust needs for the slices to be sound: no null or misaligned address,
 //! no buffer past `isize::MAX` bytes, and no buffer that is written overlapping any other buffer

@@ -1,9 +1,13 @@
 //! `rsoptim._rsoptim`: the Python binding of rsoptim-core.
 //!
 //! Each step function receives, for every tensor of one param group, the addresses and element
-//! counts of its CPU buffers (sent by `rsoptim/_kernels.py`, which holds the tensors for the whole
-//! call), checks them all (`rsoptim_core::raw`), then runs the core kernel with the GIL released.
-//! Nothing here does arithmetic.
+//! counts of its CPU buffers (sent by `rsoptim/_optimizer.py` and `rsoptim/functional.py`, which
+//! hold the tensors or arrays for the whole call), checks them all (`rsoptim_core::raw`), then
+//! runs the core kernel with the GIL released. Nothing here does arithmetic.
+//!
+//! These functions are private and, like any API that takes raw addresses, unsafe to call with
+//! anything but live buffers: the checks catch null, misaligned and overlapping addresses, not
+//! addresses of freed memory.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +102,20 @@ fn set_num_threads(threads: usize) -> PyResult<()> {
         let exec = exec.with_openmp(current.openmp().cloned());
         Ok(exec)
     })
+}
+
+/// For a child process after `fork()`: the pool's threads did not survive the fork, so start a
+/// new pool of as many threads (rsoptim's own: libgomp does not support use after fork).
+#[pyfunction]
+fn reset_after_fork() -> PyResult<()> {
+    let mut slot = EXECUTOR.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(old) = slot.take() {
+        let (threads, simd) = (old.threads(), old.simd());
+        // Dropping the old pool would signal threads that no longer exist: leave it be.
+        std::mem::forget(old);
+        *slot = Some(Executor::new(threads, simd).map_err(|e| PyRuntimeError::new_err(e.to_string()))?);
+    }
+    Ok(())
 }
 
 /// Runs parallel regions on the threads of the OpenMP runtime at `path` (torch's) if this
@@ -590,6 +608,7 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scale_, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(reset_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

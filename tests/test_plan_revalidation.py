@@ -1,0 +1,109 @@
+"""rsoptim keeps each group's buffer addresses between steps (python/rsoptim/_optimizer.py,
+`_Plan`). Changes a user can make between steps must be seen as torch.optim sees them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rsoptim
+
+
+def _stepped(cls, w, **kwargs):
+    opt = cls([w], lr=0.1, **kwargs)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_grad_of_another_dtype_is_refused_like_torch(dtype):
+    results = {}
+    for module in (torch.optim, rsoptim):
+        w = torch.zeros(1000, requires_grad=True)
+        opt = _stepped(module.Adam, w)
+        w.grad.data = torch.ones(1000, dtype=dtype)  # .data skips the dtype check of .grad =
+        with pytest.raises(RuntimeError):
+            opt.step()
+        results[module.__name__] = w.detach().clone()
+    assert torch.equal(results["torch.optim"], results["rsoptim"])
+
+
+def test_a_grad_of_another_dtype_on_the_first_step_is_refused():
+    w = torch.zeros(10, requires_grad=True)
+    w.grad = torch.ones(10)
+    w.grad.data = torch.ones(10, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        rsoptim.Adam([w]).step()
+    assert torch.equal(w.detach(), torch.zeros(10))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_a_step_bumps_the_params_version_like_torch(name):
+    versions = {}
+    for module in (torch.optim, rsoptim):
+        w = torch.zeros(10, requires_grad=True)
+        opt = getattr(module, name)([w], lr=0.1)
+        before = w._version
+        for _ in range(2):  # the first step takes the general path, the second the plan
+            w.grad = torch.ones(10)
+            opt.step()
+        versions[module.__name__] = w._version > before
+    assert versions == {"torch.optim": True, "rsoptim": True}
+
+
+def test_autograd_sees_a_param_stepped_between_two_backwards():
+    for module in (torch.optim, rsoptim):
+        w = torch.ones(3, requires_grad=True)
+        opt = module.SGD([w], lr=0.1)
+        for _ in range(2):
+            loss = (w * w).sum()
+            loss.backward(retain_graph=True)
+            opt.step()
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+            w.grad = None
+
+
+def test_a_param_reshaped_in_place_of_its_storage_is_seen():
+    results = []
+    for module in (torch.optim, rsoptim):
+        w = torch.arange(6.0).reshape(2, 3).requires_grad_()
+        opt = module.SGD([w], lr=1.0)
+        w.grad = torch.zeros(2, 3)
+        opt.step()
+        w.data = w.data.t()  # same address, other element order
+        w.grad = torch.arange(6.0).reshape(3, 2)
+        opt.step()
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_sgd_creates_a_missing_momentum_buffer_like_torch():
+    results = []
+    for module in (torch.optim, rsoptim):
+        w = torch.ones(4, requires_grad=True)
+        opt = module.SGD([w], lr=0.1, momentum=0.9)
+        opt.state[w]["note"] = "kept by the user"  # a state entry without a momentum buffer
+        w.grad = torch.ones(4)
+        opt.step()
+        results.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_removed_param_group_releases_its_tensors():
+    import gc
+    import weakref
+
+    a, b = torch.zeros(10, requires_grad=True), torch.zeros(10, requires_grad=True)
+    opt = rsoptim.Adam([{"params": [a]}, {"params": [b]}])
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(10), torch.ones(10)
+        opt.step()
+    gone = weakref.ref(opt.state[b]["exp_avg"])
+    del opt.param_groups[1]
+    del opt.state[b]
+    a.grad = torch.ones(10)
+    opt.step()
+    gc.collect()
+    assert gone() is None
