@@ -10,10 +10,11 @@ skips this check and gets such layouts wrong.
 
 from __future__ import annotations
 
-from array import array
-from typing import Iterable
-
 import torch
+
+from ._columns import pack
+
+__all__ = ["KERNEL_DTYPES", "BufferTable", "as_real", "is_dense", "pack", "runs_on_kernel", "same_layout", "step_dtype_name"]
 
 #: dtypes the Rust kernels compute in; complex params run on their real views.
 KERNEL_DTYPES = {
@@ -22,11 +23,6 @@ KERNEL_DTYPES = {
     torch.complex64: "float32",
     torch.complex128: "float64",
 }
-
-
-def pack(words: Iterable[int]) -> bytes:
-    """A column of addresses or element counts as the binding takes it: native 64-bit words."""
-    return array("Q", words).tobytes()
 
 
 def runs_on_kernel(t: torch.Tensor) -> bool:

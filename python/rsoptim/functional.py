@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _rsoptim
-from ._layout import pack
+from ._columns import pack
 
 __all__ = ["adam_", "sgd_", "rmsprop_", "grad_norms", "clip_grad_norm_"]
 
