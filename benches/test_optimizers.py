@@ -1,6 +1,6 @@
 """pytest-benchmark comparisons of rsoptim against torch.optim (not part of the test run).
 
-    .venv/bin/python -m pytest benches/ --benchmark-columns=median,ops --benchmark-group-by=param:workload
+    .venv/bin/python -m pytest benches/ --benchmark-columns=median,ops --benchmark-group-by=group
 
 Each benchmark times one step of one implementation on one workload from rsoptim.bench; compare
 rows of the same group. The bench CLI (`python -m rsoptim.bench`) interleaves implementations
