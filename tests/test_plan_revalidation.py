@@ -107,3 +107,20 @@ def test_a_removed_param_group_releases_its_tensors():
     opt.step()
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_grad_scaler_unscales_then_steps_like_torch(fused):
+    results = []
+    for module in (torch.optim, rsoptim):
+        torch.manual_seed(0)
+        w = torch.randn(5, requires_grad=True)
+        opt = module.Adam([w], lr=0.1, fused=fused if module is rsoptim else None)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale((w * w).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(w.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1.3e-6, atol=1e-5)

@@ -70,6 +70,16 @@ class KernelOptimizer:
     param_groups: list[dict[str, Any]]
     state: Any
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """False: GradScaler unscales the grads itself before ``step`` (the kernels take no
+        ``grad_scale``/``found_inf``)."""
+        return False
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        pass  # torch's constructors set it for fused=True; here it stays False
+
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The state buffers the kernel reads and writes, besides param and grad."""
         raise NotImplementedError

@@ -18,11 +18,6 @@ class _AdamKernels(KernelOptimizer):
     _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
     _decoupled_weight_decay = False
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        # rsoptim routes GradScaler through its unscale path rather than fused grad scaling.
-        self._step_supports_amp_scaling = False
-
     def _decoupled(self, group: dict[str, Any]) -> bool:
         return bool(group.get("decoupled_weight_decay", self._decoupled_weight_decay))
 
@@ -139,7 +134,6 @@ class Adam(_AdamKernels, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._step_supports_amp_scaling = False
 
 
 class AdamW(_AdamKernels, torch.optim.AdamW):
@@ -177,4 +171,3 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._step_supports_amp_scaling = False

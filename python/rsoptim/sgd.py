@@ -52,11 +52,6 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._step_supports_amp_scaling = False
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._step_supports_amp_scaling = False
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
