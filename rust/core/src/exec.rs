@@ -163,17 +163,35 @@ impl Executor {
         // one cache line.
         let piece = (elements / (16 * self.threads())).max(MIN_PIECE).next_multiple_of(1024);
         let mut pieces = Vec::new();
+        // Consecutive pieces are claimed together in batches of about `piece` elements, so that
+        // many small tensors cost one claim per batch, not one per tensor (the shared counter's
+        // cache line would bounce between the threads on every claim).
+        let mut batches = Vec::new();
+        let (mut batch_start, mut batch_elements) = (0, 0);
+        let mut push = |pieces: &mut Vec<Mutex<Option<J>>>, job: J| {
+            batch_elements += job.len();
+            pieces.push(Mutex::new(Some(job)));
+            if batch_elements >= piece {
+                batches.push(batch_start..pieces.len());
+                (batch_start, batch_elements) = (pieces.len(), 0);
+            }
+        };
         for mut job in jobs {
             while job.len() > piece + piece / 2 {
                 let (head, tail) = job.split_at(piece);
-                pieces.push(Mutex::new(Some(head)));
+                push(&mut pieces, head);
                 job = tail;
             }
-            pieces.push(Mutex::new(Some(job)));
+            push(&mut pieces, job);
         }
-        self.run_tasks(pieces.len(), &|i| {
-            let piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-            work(piece.expect("each piece is claimed once"));
+        if batch_start < pieces.len() {
+            batches.push(batch_start..pieces.len());
+        }
+        self.run_tasks(batches.len(), &|b| {
+            for slot in &pieces[batches[b].clone()] {
+                let piece = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                work(piece.expect("each piece is claimed once"));
+            }
         });
     }
 
