@@ -109,3 +109,22 @@ def test_a_forked_child_can_step(backend):
     env = {**os.environ, "RSOPTIM_BACKEND": backend}
     done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, timeout=120)
     assert done.returncode == 0
+
+
+def test_thread_count_follows_torch_until_set():
+    before_torch = torch.get_num_threads()
+    try:
+        rsoptim.set_num_threads(None)
+        torch.set_num_threads(1)
+        w = torch.zeros(4, requires_grad=True)
+        w.grad = torch.ones(4)
+        rsoptim.SGD([w], lr=0.1).step()
+        assert rsoptim.get_num_threads() == 1
+        rsoptim.set_num_threads(3)
+        torch.set_num_threads(2)
+        rsoptim.SGD([w], lr=0.1).step()
+        assert rsoptim.get_num_threads() == 3  # set by the user: no longer follows torch
+    finally:
+        torch.set_num_threads(before_torch)
+        rsoptim.set_num_threads(None)
+    assert rsoptim.get_num_threads() == before_torch

@@ -14,7 +14,9 @@ import os
 
 from . import functional
 from . import _rsoptim
-from ._rsoptim import available_simd_levels, get_num_threads, parallel_backend, set_num_threads, simd_level
+from ._rsoptim import available_simd_levels, parallel_backend, simd_level
+from ._threads import follow_torch as _follow_torch
+from ._threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
@@ -55,7 +57,7 @@ if _torch is not None:
     # Run on as many threads as torch's intra-op pool, and on that pool's own threads (torch's
     # OpenMP runtime) where we can, so that the two never compete for the CPU. RSOPTIM_BACKEND=rayon
     # keeps rsoptim on a pool of its own.
-    set_num_threads(max(1, _torch.get_num_threads()))
+    _follow_torch()
     if os.environ.get("RSOPTIM_BACKEND", "auto").strip().lower() != "rayon":
         _torch_lib = os.path.join(os.path.dirname(_torch.__file__), "lib")
         for _runtime in sorted(glob.glob(os.path.join(_torch_lib, "lib*omp*.so*"))):

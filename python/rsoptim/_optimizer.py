@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.autograd.graph import increment_version
 
+from ._threads import follow_torch
 from ._layout import KERNEL_DTYPES, BufferTable, as_real, pack, runs_on_kernel, step_dtype_name
 
 
@@ -107,6 +108,7 @@ class KernelOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        follow_torch()
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.

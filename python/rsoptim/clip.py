@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from . import _rsoptim
+from ._threads import follow_torch
 from ._layout import KERNEL_DTYPES, as_real, is_dense, pack
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
@@ -152,6 +153,7 @@ def clip_grad_norm_(
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
+    follow_torch()
     total_norm = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
     if grads:
         _scale_grads(grads, float(max_norm), total_norm, foreach)
