@@ -14,8 +14,6 @@ import torch
 
 from ._columns import pack
 
-__all__ = ["KERNEL_DTYPES", "BufferTable", "as_real", "is_dense", "pack", "runs_on_kernel", "same_layout", "step_dtype_name"]
-
 #: dtypes the Rust kernels compute in; complex params run on their real views.
 KERNEL_DTYPES = {
     torch.float32: "float32",
@@ -103,15 +101,11 @@ class BufferTable:
             target.copy_(staged)
 
 
-def step_dtype_name(steps: list[torch.Tensor]) -> str:
-    """The one dtype of a group's CPU step counts, which the kernel increments in place."""
-    dtypes = {s.dtype for s in steps}
-    for s in steps:
-        if not (s.device.type == "cpu" and s.numel() == 1 and s.dtype in (torch.float32, torch.float64)):
-            raise ValueError(
-                f"state['step'] must be a one-element float32/float64 CPU tensor, got {s.dtype} "
-                f"on {s.device} with {s.numel()} elements"
-            )
-    if len(dtypes) > 1:
-        raise ValueError(f"the step counts of one group have different dtypes: {sorted(map(str, dtypes))}")
-    return KERNEL_DTYPES[dtypes.pop()] if dtypes else "float32"
+def step_dtype_name(step: torch.Tensor) -> str:
+    """The dtype of a param's step count, which the kernel increments in place."""
+    if not (step.device.type == "cpu" and step.numel() == 1 and step.dtype in (torch.float32, torch.float64)):
+        raise ValueError(
+            f"state['step'] must be a one-element float32/float64 CPU tensor, got {step.dtype} "
+            f"on {step.device} with {step.numel()} elements"
+        )
+    return KERNEL_DTYPES[step.dtype]

@@ -23,8 +23,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.autograd.graph import increment_version
 
+from ._columns import pack
+from ._layout import KERNEL_DTYPES, BufferTable, as_real, runs_on_kernel, step_dtype_name
 from ._threads import follow_torch
-from ._layout import KERNEL_DTYPES, BufferTable, as_real, pack, runs_on_kernel, step_dtype_name
 
 
 def scalar(x: Any) -> float:
@@ -167,7 +168,7 @@ class KernelOptimizer:
                 if self._state_is_new(state):
                     self._init_state(p, group, state)
             if kernel_ok and runs_on_kernel(p) and not p.grad.is_sparse:
-                step_dtype = step_dtype_name([self.state[p]["step"]]) if self._has_step else "float32"
+                step_dtype = step_dtype_name(self.state[p]["step"]) if self._has_step else "float32"
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append(p)
             else:
                 others.append(p)
@@ -189,7 +190,12 @@ class KernelOptimizer:
         if others:
             self._torch_step(group, others)
             return None
-        return _Plan.build(self, group, keys, calls)
+        return _Plan.build(self, group, calls)
+
+    def _plan_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """Every state tensor a kernel call uses: the state buffers, and the step count."""
+        keys = self._state_keys(group)
+        return (*keys, "step") if self._has_step else keys
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
@@ -244,38 +250,39 @@ class _Plan:
     state_dicts: list[dict[str, Any]] = field(default_factory=list)
 
     @staticmethod
-    def build(opt: KernelOptimizer, group: dict[str, Any], keys: tuple[str, ...], calls: list[KernelCall]) -> _Plan | None:
+    def build(opt: KernelOptimizer, group: dict[str, Any], calls: list[KernelCall]) -> _Plan | None:
         where = {}
         for c, call in enumerate(calls):
             for slot, p in enumerate(call.params):
                 where[id(p)] = (c, slot)
-        keys = (*keys, "step") if opt._has_step else keys
+        keys = opt._plan_keys(group)
         with_grad = [p for p in group["params"] if p.grad is not None]
-        numels, dtypes, addrs, grad_slots, held = [], [], [], [], []
+        numels, dtypes, addrs, state_addrs, grad_slots, held = [], [], [], [], [], []
         for p in with_grad:
             real = as_real(p)
             if p.is_complex() or not (real.is_contiguous() and _plain(p.grad, real)):
                 return None  # complex and strided params take the general path every step
-            tensors = [opt.state[p][k] for k in keys] if keys else []
+            tensors = [opt.state[p][k] for k in keys]
             if not all(_plain(t, real) for t in tensors if t.dim() != 0):
                 return None
             numels.append(real.numel())
             dtypes.append(p.grad.dtype)
             addrs.append(real.data_ptr())
+            state_addrs.extend(t.data_ptr() for t in tensors)
             grad_slots.append(where[id(p)])
             held.append(real.detach())
             held.extend(t.detach() for t in tensors)
-        state_addrs = [t.data_ptr() for p in with_grad for t in ([opt.state[p][k] for k in keys] if keys else [])]
         grads_of_call: list[list[int]] = [[0] * len(call.params) for call in calls]
         for i, (c, slot) in enumerate(grad_slots):
             grads_of_call[c][slot] = i
         for call in calls:
             call.new_buffers = [False] * len(call.params)
+        has_grad = [p.grad is not None for p in group["params"]]
         return _Plan(
-            all_have_grads=len(with_grad) == len(group["params"]),
+            all_have_grads=all(has_grad),
             group_params=group["params"],
             params=list(group["params"]),
-            has_grad=[p.grad is not None for p in group["params"]],
+            has_grad=has_grad,
             state=opt.state,
             state_dicts_all=list(opt.state.values()),
             state_dicts=[opt.state[p] for p in with_grad] if keys else [],
@@ -300,7 +307,7 @@ class _Plan:
             or not all(map(operator.is_, params, self.params))
             or opt.state is not self.state
             or not opt._group_runs_on_kernel(group)
-            or (*opt._state_keys(group), *(("step",) if opt._has_step else ())) != self.keys
+            or opt._plan_keys(group) != self.keys
         ):
             return None
         grads = list(map(_get_grad, params))

@@ -17,7 +17,8 @@ import torch
 
 from . import _rsoptim
 from ._threads import follow_torch
-from ._layout import KERNEL_DTYPES, as_real, is_dense, pack
+from ._columns import pack
+from ._layout import KERNEL_DTYPES, as_real, is_dense
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 

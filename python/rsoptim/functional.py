@@ -40,34 +40,40 @@ def _as_list(arrays: Arrays | None) -> list[np.ndarray] | None:
     return [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
 
 
-def _addresses(name: str, arrays: list[np.ndarray], dtype: np.dtype, shapes: list[tuple], written: bool) -> bytes:
-    if len(arrays) != len(shapes):
-        raise ValueError(f"{name}: {len(arrays)} arrays for {len(shapes)} params")
-    out = []
-    for i, (a, shape) in enumerate(zip(arrays, shapes)):
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}[{i}] is a {type(a).__name__}, not a numpy array")
-        if a.dtype != dtype:
-            raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but the params have {dtype}")
-        if a.shape != shape:
-            raise ValueError(f"{name}[{i}] has shape {a.shape}, but its param has {shape}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name}[{i}] is not C-contiguous")
-        if written and not a.flags.writeable:
-            raise ValueError(f"{name}[{i}] is read-only")
-        out.append(a.ctypes.data)
-    return pack(out)
+class _Params:
+    """The params of one call, and the packed columns of arrays shaped like them."""
 
+    def __init__(self, params: Arrays):
+        self.arrays = _as_list(params) or []
+        if not self.arrays:
+            raise ValueError("no params given")
+        dtype = self.arrays[0].dtype if isinstance(self.arrays[0], np.ndarray) else None
+        if dtype not in _DTYPES:
+            raise TypeError(f"params must be float32 or float64 numpy arrays, got {dtype}")
+        self.dtype, self.name = dtype, _DTYPES[dtype]
+        self.shapes = [p.shape for p in self.arrays]
+        self.numels = pack(p.size for p in self.arrays)
 
-def _params(params: Arrays) -> tuple[list[np.ndarray], np.dtype, str]:
-    plist = _as_list(params)
-    assert plist is not None
-    if not plist:
-        raise ValueError("no params given")
-    dtype = plist[0].dtype if isinstance(plist[0], np.ndarray) else None
-    if dtype not in _DTYPES:
-        raise TypeError(f"params must be float32 or float64 numpy arrays, got {dtype}")
-    return plist, dtype, _DTYPES[dtype]
+    def column(self, name: str, arrays: Arrays | None, written: bool) -> bytes:
+        """The addresses of ``arrays``, one per param, each checked against its param."""
+        arrays = _as_list(arrays) or []
+        if len(arrays) != len(self.shapes):
+            raise ValueError(f"{name}: {len(arrays)} arrays for {len(self.shapes)} params")
+        for i, (a, shape) in enumerate(zip(arrays, self.shapes)):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{name}[{i}] is a {type(a).__name__}, not a numpy array")
+            if a.dtype != self.dtype:
+                raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but the params have {self.dtype}")
+            if a.shape != shape:
+                raise ValueError(f"{name}[{i}] has shape {a.shape}, but its param has {shape}")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{name}[{i}] is not C-contiguous")
+            if written and not a.flags.writeable:
+                raise ValueError(f"{name}[{i}] is read-only")
+        return pack(a.ctypes.data for a in arrays)
+
+    def optional_column(self, name: str, arrays: Arrays | None) -> bytes | None:
+        return None if arrays is None else self.column(name, arrays, True)
 
 
 def _steps(steps: np.ndarray, count: int) -> tuple[str, bytes]:
@@ -96,21 +102,19 @@ def adam_(
 ) -> None:
     """One Adam (or AdamW, with ``decoupled_weight_decay=True``) step, in place.
     ``max_exp_avg_sqs`` is required exactly when ``amsgrad``."""
-    plist, dtype, name = _params(params)
-    shapes = [p.shape for p in plist]
+    ps = _Params(params)
     if amsgrad != (max_exp_avg_sqs is not None):
         raise ValueError("max_exp_avg_sqs must be given exactly when amsgrad=True")
-    max_list = _as_list(max_exp_avg_sqs)
-    step_dtype, step_addrs = _steps(steps, len(plist))
+    step_dtype, step_addrs = _steps(steps, len(ps.arrays))
     _rsoptim.adam_step(
-        name,
+        ps.name,
         step_dtype,
-        pack(p.size for p in plist),
-        _addresses("params", plist, dtype, shapes, True),
-        _addresses("grads", _as_list(grads), dtype, shapes, False),
-        _addresses("exp_avgs", _as_list(exp_avgs), dtype, shapes, True),
-        _addresses("exp_avg_sqs", _as_list(exp_avg_sqs), dtype, shapes, True),
-        None if max_list is None else _addresses("max_exp_avg_sqs", max_list, dtype, shapes, True),
+        ps.numels,
+        ps.column("params", ps.arrays, True),
+        ps.column("grads", grads, False),
+        ps.column("exp_avgs", exp_avgs, True),
+        ps.column("exp_avg_sqs", exp_avg_sqs, True),
+        ps.optional_column("max_exp_avg_sqs", max_exp_avg_sqs),
         step_addrs,
         lr=float(lr),
         beta1=float(betas[0]),
@@ -137,18 +141,17 @@ def sgd_(
 ) -> list[np.ndarray | None]:
     """One SGD step, in place. With momentum, a ``None`` buffer (a param's first step) is
     created from the grad; returns the buffers (to pass to the next step)."""
-    plist, dtype, name = _params(params)
-    shapes = [p.shape for p in plist]
-    buffers: list[np.ndarray | None] = list(momentum_buffers) if momentum_buffers is not None else [None] * len(plist)
+    ps = _Params(params)
+    buffers: list[np.ndarray | None] = list(momentum_buffers) if momentum_buffers is not None else [None] * len(ps.arrays)
     new = [b is None for b in buffers]
     if momentum != 0:
-        buffers = [np.empty_like(p) if b is None else b for p, b in zip(plist, buffers)]
+        buffers = [np.empty_like(p) if b is None else b for p, b in zip(ps.arrays, buffers)]
     _rsoptim.sgd_step(
-        name,
-        pack(p.size for p in plist),
-        _addresses("params", plist, dtype, shapes, True),
-        _addresses("grads", _as_list(grads), dtype, shapes, False),
-        _addresses("momentum_buffers", buffers, dtype, shapes, True) if momentum != 0 else None,
+        ps.name,
+        ps.numels,
+        ps.column("params", ps.arrays, True),
+        ps.column("grads", grads, False),
+        ps.optional_column("momentum_buffers", buffers if momentum != 0 else None),
         new,
         lr=float(lr),
         momentum=float(momentum),
@@ -178,19 +181,17 @@ def rmsprop_(
 ) -> None:
     """One RMSprop step, in place. ``momentum_buffers`` are required exactly when
     ``momentum > 0``, ``grad_avgs`` exactly when ``centered``."""
-    plist, dtype, name = _params(params)
-    shapes = [p.shape for p in plist]
-    step_dtype, step_addrs = _steps(steps, len(plist))
-    mb, ga = _as_list(momentum_buffers), _as_list(grad_avgs)
+    ps = _Params(params)
+    step_dtype, step_addrs = _steps(steps, len(ps.arrays))
     _rsoptim.rmsprop_step(
-        name,
+        ps.name,
         step_dtype,
-        pack(p.size for p in plist),
-        _addresses("params", plist, dtype, shapes, True),
-        _addresses("grads", _as_list(grads), dtype, shapes, False),
-        _addresses("square_avgs", _as_list(square_avgs), dtype, shapes, True),
-        None if mb is None else _addresses("momentum_buffers", mb, dtype, shapes, True),
-        None if ga is None else _addresses("grad_avgs", ga, dtype, shapes, True),
+        ps.numels,
+        ps.column("params", ps.arrays, True),
+        ps.column("grads", grads, False),
+        ps.column("square_avgs", square_avgs, True),
+        ps.optional_column("momentum_buffers", momentum_buffers),
+        ps.optional_column("grad_avgs", grad_avgs),
         step_addrs,
         lr=float(lr),
         alpha=float(alpha),
@@ -204,20 +205,18 @@ def rmsprop_(
 
 def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
     """The ``norm_type``-norm of each array (``p > 0`` or ``inf``), as float64."""
-    glist, dtype, name = _params(grads)
-    addrs = _addresses("grads", glist, dtype, [g.shape for g in glist], False)
-    return np.array(_rsoptim.tensor_norms(name, pack(g.size for g in glist), addrs, float(norm_type)))
+    gs = _Params(grads)
+    return np.array(_rsoptim.tensor_norms(gs.name, gs.numels, gs.column("grads", gs.arrays, False), float(norm_type)))
 
 
 def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> float:
     """Scales ``grads`` in place by ``min(max_norm / (total + 1e-6), 1)``, where ``total`` is
     the norm of the per-array norms; returns ``total``."""
-    glist, dtype, name = _params(grads)
-    norms = grad_norms(glist, norm_type).astype(dtype)
+    gs = _Params(grads)
+    norms = grad_norms(gs.arrays, norm_type).astype(gs.dtype)
     norm_type = float(norm_type)
     total = float(norms.max() if norm_type == float("inf") else (np.abs(norms) ** norm_type).sum() ** (1.0 / norm_type))
     factor = min(float(max_norm) / (total + 1e-6), 1.0)
     if factor != 1.0:
-        addrs = _addresses("grads", glist, dtype, [g.shape for g in glist], True)
-        _rsoptim.scale_(name, pack(g.size for g in glist), addrs, factor)
+        _rsoptim.scale_(gs.name, gs.numels, gs.column("grads", gs.arrays, True), factor)
     return total

@@ -28,9 +28,10 @@ pub const CHUNK: usize = 1 << 16;
 /// The smallest piece a big tensor is cut into, in elements.
 const MIN_PIECE: usize = 1 << 13;
 
-/// Steps of fewer elements than this run on the calling thread: handing work to a sleeping
-/// pool thread and waiting for it costs 20-40 us, more than half of such a step saves (measured for Adam on a 2-core AMD EPYC: 256K elements take 53 us on one thread, 39 us
-/// on two; 400 tensors of 1,000 elements 172 us on one, 216 us on two).
+/// With rayon's pool, steps of fewer elements than this run on the calling thread: handing work
+/// to a sleeping pool thread and waiting for it costs 20-40 us, more than half of such a step
+/// saves (measured for Adam on a 2-core AMD EPYC when this was set: 256K elements took 53 us
+/// on one thread, 39 us on two; 400 tensors of 1,000 elements 172 us on one, 216 us on two).
 pub const PARALLEL_MIN_ELEMENTS: usize = 1 << 19;
 
 /// On an OpenMP runtime's threads, which keep spinning for a while after each region (theirs or

@@ -1,10 +1,11 @@
 //! Turning buffer addresses that come over an FFI boundary into Rust slices, soundly.
 //!
-//! The Python binding receives from the Python layer (`rsoptim/_optimizer.py`), for every tensor of a step, the address and
-//! element count of each CPU buffer it owns a reference to for the whole call. Before any slice
-//! is made we check what Rust needs for the slices to be sound: no null or misaligned address,
-//! no buffer past `isize::MAX` bytes, and no buffer that is written overlapping any other buffer
-//! of the call (a param passed as its own grad, two params sharing memory, a view of a state).
+//! The Python binding receives from the Python layer (`rsoptim/_optimizer.py`), for every
+//! tensor of a step, the address and element count of each CPU buffer it holds a reference to
+//! for the whole call. Before any slice is made we check what Rust needs for the slices to be
+//! sound: no null or misaligned address, no buffer past `isize::MAX` bytes, and no buffer that
+//! is written overlapping any other buffer of the call (a param passed as its own grad, two
+//! params sharing memory, a view of a state).
 //! Read-only buffers may overlap each other (grads that are views of one bucket).
 
 use std::mem::{align_of, size_of};
