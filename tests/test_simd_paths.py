@@ -99,10 +99,12 @@ def test_every_simd_path_is_bit_identical(name, config, dtype, restore_simd):
         _assert_all_bits(_run(name, config, dtype), expected, f"{name} config {config} on {level} vs {default_level}")
 
 
-def _clip_inputs(dtype):
+def _clip_inputs(dtype, norm_type):
     gen = torch.Generator().manual_seed(2)
     params = []
     for s in [*tensor_sizes(), (6, 5)]:
+        if norm_type == "inf" and 0 in s:
+            continue  # torch refuses the inf-norm of an empty tensor
         p = torch.zeros(s, dtype=dtype, requires_grad=True)
         p.grad = torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) * 3
         params.append(p)
@@ -113,7 +115,7 @@ CLIP_CASES = [(dtype, norm_type) for dtype in (torch.float32, torch.float64) for
 
 
 def _clip(dtype, norm_type):
-    params = _clip_inputs(dtype)
+    params = _clip_inputs(dtype, norm_type)
     before = [p.grad.clone() for p in params]
     total = rsoptim.clip_grad_norm_(params, max_norm=1.0, norm_type=norm_type)
     grads = [p.grad.clone() for p in params]

@@ -10,9 +10,9 @@ skips this check and gets such layouts wrong.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from ._columns import pack
+import torch
 
 #: dtypes the Rust kernels compute in; complex params run on their real views.
 KERNEL_DTYPES = {
@@ -24,8 +24,53 @@ KERNEL_DTYPES = {
 
 
 def runs_on_kernel(t: torch.Tensor) -> bool:
-    """Whether a param (with its grad) is stepped by the Rust kernels."""
-    return t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.layout == torch.strided
+    """Whether a tensor is of a kind the Rust kernels walk: a strided CPU float32/float64 (or
+    complex) tensor whose values are its memory (no lazy conjugate or negative bit)."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype in KERNEL_DTYPES
+        and t.layout == torch.strided
+        and not t.is_conj()
+        and not t.is_neg()
+    )
+
+
+def same_kind(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether a grad or state tensor ``t`` can be stepped with its param ``like`` by the kernels:
+    the same dtype, device and shape, and plain memory. Anything else torch's own ops handle by
+    promotion or broadcasting, or refuse: such params are left to torch."""
+    return t.dtype == like.dtype and t.device == like.device and t.shape == like.shape and runs_on_kernel(t)
+
+
+def is_step_count(step: Any) -> bool:
+    """Whether a state['step'] is the one-element float32/float64 CPU tensor the kernels
+    increment in place (torch accepts other kinds; params with those are left to torch)."""
+    return (
+        isinstance(step, torch.Tensor)
+        and step.device.type == "cpu"
+        and step.numel() == 1
+        and step.dtype in (torch.float32, torch.float64)
+        and step.layout == torch.strided
+        and not step.is_neg()
+    )
+
+
+def fits_storage(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` lies inside its storage. A storage resized in place
+    (``untyped_storage().resize_()``) can be smaller than its tensors: torch's own ops then read
+    and write out of bounds; rsoptim refuses to hand such memory to the kernels."""
+    if t.numel() == 0:
+        return True
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def check_storage(t: torch.Tensor, role: str) -> None:
+    if not fits_storage(t):
+        raise RuntimeError(
+            f"{role} of shape {tuple(t.shape)} reaches past the end of its storage "
+            f"({t.untyped_storage().nbytes()} bytes): was the storage resized in place?"
+        )
 
 
 def as_real(t: torch.Tensor) -> torch.Tensor:
@@ -68,13 +113,10 @@ class BufferTable:
         self._copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, param: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
-        """Adds one param and its other buffers (grad and state), all of the param's shape."""
-        grad = buffers.get("grad")
-        if grad is not None and (grad.dtype != param.dtype or grad.device != param.device):
-            # torch's ops refuse this too; converting it silently would hide a bug.
-            raise RuntimeError(
-                f"a grad is {grad.dtype} on {grad.device} but its param is {param.dtype} on {param.device}"
-            )
+        """Adds one param and its other buffers (grad and state), each of the param's dtype,
+        device and shape (see :func:`same_kind`) and inside its storage (checked here: nothing
+        is written before every buffer of the call is added)."""
+        check_storage(param, "a param")
         p = as_real(param)
         if not is_dense(p):
             dense = p.contiguous()
@@ -84,10 +126,9 @@ class BufferTable:
         self.columns["param"].append(p.data_ptr())
         self._held.append(p)
         for role, tensor in buffers.items():
+            check_storage(tensor, role)
             t = as_real(tensor)
             if not same_layout(t, p):
-                if t.shape != p.shape:
-                    raise ValueError(f"{role} has shape {tuple(t.shape)} but its param has {tuple(p.shape)}")
                 staged = torch.empty_like(p)
                 staged.copy_(t)
                 if role in self._written:
@@ -102,10 +143,5 @@ class BufferTable:
 
 
 def step_dtype_name(step: torch.Tensor) -> str:
-    """The dtype of a param's step count, which the kernel increments in place."""
-    if not (step.device.type == "cpu" and step.numel() == 1 and step.dtype in (torch.float32, torch.float64)):
-        raise ValueError(
-            f"state['step'] must be a one-element float32/float64 CPU tensor, got {step.dtype} "
-            f"on {step.device} with {step.numel()} elements"
-        )
+    """The dtype name of a step count that :func:`is_step_count` accepted."""
     return KERNEL_DTYPES[step.dtype]

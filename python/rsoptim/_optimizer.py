@@ -24,7 +24,8 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ._columns import pack
-from ._layout import KERNEL_DTYPES, BufferTable, as_real, runs_on_kernel, step_dtype_name
+from . import _rsoptim
+from ._layout import KERNEL_DTYPES, BufferTable, is_step_count, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
 
@@ -155,6 +156,29 @@ class KernelOptimizer:
         """Whether the group's hyperparameters let the kernels reproduce torch's arithmetic."""
         return True
 
+    def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether the kernels can step ``p`` with its grad exactly as torch would (before its
+        state is looked at). Anything else (another device or dtype, a grad of another dtype or
+        shape, a sparse grad) is stepped by torch, which promotes, broadcasts or raises."""
+        if p.is_complex() and group["weight_decay"] != 0:
+            # torch applies weight decay to complex params in complex arithmetic, where a
+            # non-finite component spreads NaN to the other one; the kernels step real views.
+            return False
+        return runs_on_kernel(p) and same_kind(p.grad, p)
+
+    def _state_runs_on_kernel(self, p: torch.Tensor, keys: tuple[str, ...]) -> bool:
+        """Whether ``p``'s state tensors are what the kernels update in place: each of the
+        param's dtype, device and shape (a state dict may have loaded anything)."""
+        if not keys and not self._has_step:
+            return True
+        state = self.state[p]
+        if self._has_step and not is_step_count(state.get("step")):
+            return False
+        return all(isinstance(state.get(key), torch.Tensor) and same_kind(state[key], p) for key in keys)
+
+    def _forget_new_state(self, params: list[torch.Tensor]) -> None:
+        """Undoes state this step created for ``params`` that torch would create otherwise."""
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan | None:
         """Steps one group in full generality; returns a plan for the next steps if it can."""
         keys = self._state_keys(group)
@@ -167,7 +191,7 @@ class KernelOptimizer:
                 state = self.state[p]
                 if self._state_is_new(state):
                     self._init_state(p, group, state)
-            if kernel_ok and runs_on_kernel(p) and not p.grad.is_sparse:
+            if kernel_ok and self._param_runs_on_kernel(p, group) and self._state_runs_on_kernel(p, keys):
                 step_dtype = step_dtype_name(self.state[p]["step"]) if self._has_step else "float32"
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append(p)
             else:
@@ -182,8 +206,16 @@ class KernelOptimizer:
             call = KernelCall(dtype, step_dtype, bucket, pack(table.numels), columns, pack(self._steps(bucket)))
             call.new_buffers = self._new_buffer_flags(bucket)
             call.held = [self.state[p]["step"] for p in bucket] if self._has_step else []
-            self._kernel_call(group, call)
-            call.held = []
+            try:
+                self._kernel_call(group, call)
+            except _rsoptim.BufferOverlapError:
+                # Params that share memory (one param twice, overlapping views): torch steps them
+                # one after another, and so does its implementation here. Nothing was written.
+                self._forget_new_state(bucket)
+                others.extend(bucket)
+                continue
+            finally:
+                call.held = []
             table.write_back()
             increment_version(bucket)
             calls.append(call)
@@ -206,16 +238,16 @@ class KernelOptimizer:
         return [self.state[p]["step"].data_ptr() for p in params]
 
 
-def _plain(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether ``t`` is a contiguous buffer of ``like``'s dtype and size (the fast path)."""
-    return t.is_contiguous() and t.dtype == like.dtype and t.numel() == like.numel() and t.device == like.device
-
-
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
-_numel = torch.Tensor.numel
+_is_neg = torch.Tensor.is_neg
+_untyped_storage = torch.Tensor.untyped_storage
+_storage_ptr = torch.UntypedStorage.data_ptr
+_storage_nbytes = torch.UntypedStorage.nbytes
 _get_grad = operator.attrgetter("grad")
 _get_dtype = operator.attrgetter("dtype")
+_get_shape = operator.attrgetter("shape")
+_get_version = operator.attrgetter("_version")
 _get_is_cpu = operator.attrgetter("is_cpu")
 
 
@@ -223,13 +255,15 @@ _get_is_cpu = operator.attrgetter("is_cpu")
 class _Plan:
     """The addresses of one group's buffers, reused while nothing they depend on changes.
 
-    Each step re-reads, per param: its grad (which must be a contiguous buffer of the param's
-    size), its address, and the address of each state tensor found through ``optimizer.state``.
-    The plan holds an alias of every param and state tensor it has seen, so none of those
-    storages can be freed and another allocated at the same address: an unchanged address means
-    an unchanged buffer. Anything else that changed (the group's param list, the set of params
-    with grads, the optimizer's state dict, the state keys the hyperparameters call for) sends
-    the step down the general path, which builds a new plan.
+    Each step re-reads, per param: its grad (a contiguous, plain CPU buffer of the param's dtype
+    and shape that lies inside its storage), the param's address, shape and contiguity, and the
+    address and version of each state tensor found through ``optimizer.state``. The plan holds an
+    alias of every param and state tensor it has seen, and their storages, whose address and size
+    it re-checks: so none of that memory can be freed, moved or shrunk without the plan seeing it,
+    and an unchanged address means an unchanged buffer. A state tensor reshaped or transposed in
+    place has a new version. Anything else that changed (the group's param list, the set of
+    params with grads, the optimizer's state dict, the state keys the hyperparameters call for)
+    sends the step down the general path, which checks everything and builds a new plan.
     """
 
     group_params: list[torch.Tensor]
@@ -238,9 +272,14 @@ class _Plan:
     state: Any
     keys: tuple[str, ...]  # state tensors the kernels use, "step" included where kept
     calls: list[KernelCall]
-    numels: list[int]  # of each grad, in group order of params with grads
+    shapes: list[torch.Size]  # of each param with a grad (and so of its grad)
     dtypes: list[torch.dtype]  # of each grad, likewise
+    grad_nbytes: list[int]  # likewise
     addrs: list[int]  # of each param with a grad, then of its state tensors
+    versions: list[int]  # of the state tensors
+    storages: list[torch.UntypedStorage]  # of the params, then of the state tensors
+    storage_addrs: list[int]
+    storage_nbytes: list[int]
     # For each call, which of the group's grads (in order of params with grads) it takes.
     grads_of_call: list[list[int]]
     held: list[torch.Tensor]
@@ -257,21 +296,24 @@ class _Plan:
                 where[id(p)] = (c, slot)
         keys = opt._plan_keys(group)
         with_grad = [p for p in group["params"] if p.grad is not None]
-        numels, dtypes, addrs, state_addrs, grad_slots, held = [], [], [], [], [], []
+        shapes, dtypes, grad_nbytes, addrs, grad_slots, held = [], [], [], [], [], []
+        states: list[torch.Tensor] = []
         for p in with_grad:
-            real = as_real(p)
-            if p.is_complex() or not (real.is_contiguous() and _plain(p.grad, real)):
-                return None  # complex and strided params take the general path every step
-            tensors = [opt.state[p][k] for k in keys]
-            if not all(_plain(t, real) for t in tensors if t.dim() != 0):
+            # Complex and strided params take the general path every step.
+            if p.is_complex() or not (p.is_contiguous() and p.grad.is_contiguous()):
                 return None
-            numels.append(real.numel())
+            tensors = [opt.state[p][k] for k in keys]
+            if not all(t.is_contiguous() for t in tensors):
+                return None
+            shapes.append(p.shape)
             dtypes.append(p.grad.dtype)
-            addrs.append(real.data_ptr())
-            state_addrs.extend(t.data_ptr() for t in tensors)
+            grad_nbytes.append(p.grad.numel() * p.grad.element_size())
+            addrs.append(p.data_ptr())
+            states.extend(tensors)
             grad_slots.append(where[id(p)])
-            held.append(real.detach())
-            held.extend(t.detach() for t in tensors)
+            held.append(p.detach())
+        held.extend(t.detach() for t in states)
+        storages = [t.untyped_storage() for t in held]
         grads_of_call: list[list[int]] = [[0] * len(call.params) for call in calls]
         for i, (c, slot) in enumerate(grad_slots):
             grads_of_call[c][slot] = i
@@ -288,9 +330,14 @@ class _Plan:
             state_dicts=[opt.state[p] for p in with_grad] if keys else [],
             keys=keys,
             calls=calls,
-            numels=numels,
+            shapes=shapes,
             dtypes=dtypes,
-            addrs=addrs + state_addrs,
+            grad_nbytes=grad_nbytes,
+            addrs=addrs + [t.data_ptr() for t in states],
+            versions=[t._version for t in states],
+            storages=storages,
+            storage_addrs=[s.data_ptr() for s in storages],
+            storage_nbytes=[s.nbytes() for s in storages],
             grads_of_call=grads_of_call,
             held=held,
         )
@@ -321,11 +368,13 @@ class _Plan:
             with_grad = list(compress(params, self.has_grad))
             grads = list(compress(grads, self.has_grad))
         if (
-            not all(map(_is_contiguous, grads))
-            or list(map(_numel, grads)) != self.numels
+            not all(map(_get_is_cpu, grads))
+            or not all(map(_is_contiguous, grads))
+            or list(map(_get_shape, grads)) != self.shapes
             or not all(map(operator.is_, map(_get_dtype, grads), self.dtypes))
-            or not all(map(_get_is_cpu, grads))
+            or any(map(_is_neg, grads))
             or not all(map(_is_contiguous, with_grad))
+            or list(map(_get_shape, with_grad)) != self.shapes
         ):
             return None
         addrs = list(map(_data_ptr, with_grad))
@@ -338,14 +387,26 @@ class _Plan:
             states = iter(self.state_dicts)
             get = operator.itemgetter(*self.keys)
             # itemgetter of one key gives the item, of several a tuple of them.
-            tensors = map(get, states) if len(self.keys) == 1 else chain.from_iterable(map(get, states))
             try:
-                addrs.extend(map(_data_ptr, tensors))
+                tensors = list(map(get, states) if len(self.keys) == 1 else chain.from_iterable(map(get, states)))
             except KeyError:  # a state entry was removed
                 return None
-        if addrs != self.addrs:
+            addrs.extend(map(_data_ptr, tensors))
+            if list(map(_get_version, tensors)) != self.versions:
+                return None
+        if (
+            addrs != self.addrs
+            or list(map(_storage_ptr, self.storages)) != self.storage_addrs
+            or list(map(_storage_nbytes, self.storages)) != self.storage_nbytes
+        ):
             return None
         grad_addrs = list(map(_data_ptr, grads))
+        # Each grad must lie inside its storage (one resized in place may be smaller).
+        grad_storages = list(map(_untyped_storage, grads))
+        ends = map(operator.add, grad_addrs, self.grad_nbytes)
+        limits = map(operator.add, map(_storage_ptr, grad_storages), map(_storage_nbytes, grad_storages))
+        if not all(map(operator.le, ends, limits)):
+            return None
         for call in self.calls:
             call.held = grads  # alive until the kernels are done, whatever other threads do
         if len(self.calls) == 1:

@@ -62,6 +62,8 @@ class _AdamKernels(KernelOptimizer):
         # Tensor betas make torch compute the bias corrections and lerp weight as tensors; a
         # Tensor lr of another dtype than float32/float64 rounds through it. Those groups are
         # left to torch, which then gives its own numbers by construction.
+        if group["capturable"]:
+            return False  # torch refuses CPU params with capturable=True; let it say so
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
             return False

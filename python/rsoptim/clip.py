@@ -18,7 +18,7 @@ import torch
 from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
-from ._layout import KERNEL_DTYPES, as_real, is_dense
+from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -36,11 +36,12 @@ def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """The real dense views the kernels can walk, or None if some tensor needs torch."""
     views = []
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in KERNEL_DTYPES or t.layout != torch.strided:
+        if not runs_on_kernel(t):
             return None
         real = as_real(t)
         if not is_dense(real):
             return None
+        check_storage(t, "a grad")
         views.append(real)
     return views
 
@@ -49,6 +50,8 @@ def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     """Each tensor's norm, computed by the kernels; None where torch must compute them."""
     if not (norm_type > 0) or (tensors[0].is_complex() and norm_type != 2.0):
         return None  # p <= 0, NaN p, and complex |z| norms other than the 2-norm
+    if norm_type == float("inf") and any(t.numel() == 0 for t in tensors):
+        return None  # torch refuses the inf-norm of an empty tensor (no identity): let it say so
     views = _kernel_ready(tensors)
     if views is None:
         return None
@@ -116,17 +119,13 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
 
     clip_coef = max_norm / (total_norm + 1e-6)
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
-    factor: float | None = None
     for (device, dtype), group in _group_by_device_and_dtype(grads).items():
-        views = _kernel_ready(group)
-        if views is not None:
-            if factor is None:
-                factor = float(clip_coef_clamped.item())
-            # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
-            if factor != 1.0:
-                numels, addrs = pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views))
-                _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor)
-        elif (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
+        # Complex grads are scaled by torch: its complex multiply spreads a non-finite component
+        # to the other one, which a scale of the real view would not.
+        views = None if dtype.is_complex else _kernel_ready(group)
+        if views is not None and _kernel_scale(views, dtype, clip_coef_clamped):
+            continue
+        if (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
             torch._foreach_mul_(group, clip_coef_clamped.to(device))
         elif foreach:
             raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
@@ -134,6 +133,21 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
             coef = clip_coef_clamped.to(device)
             for g in group:
                 g.mul_(coef)
+
+
+def _kernel_scale(views: list[torch.Tensor], dtype: torch.dtype, factor_tensor: torch.Tensor) -> bool:
+    """Scales ``views`` in place by the kernels; False if they share memory (torch's foreach
+    multiplies such grads once per appearance, and is left to do so)."""
+    factor = float(factor_tensor.item())
+    # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
+    if factor == 1.0:
+        return True
+    numels, addrs = pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views))
+    try:
+        _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor)
+    except _rsoptim.BufferOverlapError:
+        return False  # refused before anything was written
+    return True
 
 
 @torch.no_grad()

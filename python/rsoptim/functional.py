@@ -41,9 +41,14 @@ def _as_list(arrays: Arrays | None) -> list[np.ndarray] | None:
 
 
 class _Params:
-    """The params of one call, and the packed columns of arrays shaped like them."""
+    """The params of one call, and the packed columns of arrays shaped like them.
+
+    Holds every array whose address it hands out: a column may come from a generator whose
+    arrays nothing else references, and the kernel must not read freed memory. Keep the object
+    alive until the kernel call returns."""
 
     def __init__(self, params: Arrays):
+        self.held: list[list[np.ndarray]] = []
         self.arrays = _as_list(params) or []
         if not self.arrays:
             raise ValueError("no params given")
@@ -57,6 +62,7 @@ class _Params:
     def column(self, name: str, arrays: Arrays | None, written: bool) -> bytes:
         """The addresses of ``arrays``, one per param, each checked against its param."""
         arrays = _as_list(arrays) or []
+        self.held.append(arrays)
         if len(arrays) != len(self.shapes):
             raise ValueError(f"{name}: {len(arrays)} arrays for {len(self.shapes)} params")
         for i, (a, shape) in enumerate(zip(arrays, self.shapes)):

@@ -93,6 +93,9 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             maximize=bool(group["maximize"]),
         )
 
+    def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
+        return not group["capturable"]  # torch refuses CPU params with capturable=True
+
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
         _torch_rmsprop(

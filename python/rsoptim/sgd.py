@@ -9,7 +9,6 @@ from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module 
 from torch.optim.optimizer import ParamsT
 
 from . import _rsoptim
-from ._layout import runs_on_kernel
 from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
 
 __all__ = ["SGD"]
@@ -63,21 +62,32 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     def _state_is_new(self, state: dict[str, Any]) -> bool:
         return state.get("momentum_buffer") is None
 
+    def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        # torch's SGD steps complex params in complex arithmetic, where a non-finite component
+        # spreads NaN to the other one (Adam and RMSprop step real views): leave them to torch.
+        return not p.is_complex() and super()._param_runs_on_kernel(p, group)
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # torch creates the momentum buffer on a param's first step as a clone of the grad (with
         # the grad's strides). Here it is allocated like the grad and filled by the kernel, which
-        # is told the buffer is new; should the step fail, the buffer is removed again.
-        if runs_on_kernel(p) and not p.grad.is_sparse:
+        # is told the buffer is new; should the step not run on the kernel, the buffer is
+        # removed again (see _forget_new_state) and torch creates its own.
+        if self._param_runs_on_kernel(p, group):
             state["momentum_buffer"] = torch.empty_like(p.grad, memory_format=torch.preserve_format)
             self._new_buffers.add(p)
+
+    def _forget_new_state(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p in self._new_buffers:
+                self.state[p].pop("momentum_buffer", None)
+                self._new_buffers.discard(p)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> Any:
         self._new_buffers: set[torch.Tensor] = set()
         try:
             return super()._step_group(group, params)
         except BaseException:
-            for p in self._new_buffers:
-                self.state[p].pop("momentum_buffer", None)
+            self._forget_new_state(list(self._new_buffers))
             raise
         finally:
             self._new_buffers = set()

@@ -1,0 +1,337 @@
+"""Regression tests for the defects of the reliability review: memory safety of the public API,
+changes between steps that the cached step plan must notice, and hostile input on which rsoptim
+must behave as torch.optim does (step the same, or raise the same exception type)."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import rsoptim
+from rsoptim import functional as F
+
+INF = float("inf")
+
+
+def _outcome(fn):
+    """('ok', result) or ('raised', exception type)."""
+    try:
+        return "ok", fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return "raised", type(e)
+
+
+def _assert_same_outcome(make_run):
+    """Runs ``make_run(module)`` for torch.optim and rsoptim; both must step to the same tensors
+    (to torch's test tolerances, NaN where torch has NaN) or both raise the same exception type."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's duplicate-param warning
+        expected = _outcome(lambda: make_run(torch.optim))
+        got = _outcome(lambda: make_run(rsoptim))
+    assert got[0] == expected[0], (expected, got)
+    if expected[0] == "raised":
+        assert got[1] is expected[1], (expected, got)
+    else:
+        torch.testing.assert_close(got[1], expected[1], equal_nan=True)  # torch's own tolerances
+
+
+# --- 1. The NumPy API keeps every array it hands to Rust alive -----------------------------
+
+
+@pytest.mark.parametrize("kind", ["generator", "map", "tuple"])
+def test_functional_keeps_arrays_from_generators_alive(kind):
+    # The grads below exist only inside the iterable: big enough that freed memory goes back
+    # to the OS, so a kernel reading it after it was freed would crash, not read stale values.
+    n = 1 << 22
+
+    def fresh_grads():
+        make = lambda _: np.ones(n, np.float32)  # noqa: E731
+        if kind == "generator":
+            return (make(i) for i in range(1))
+        if kind == "map":
+            return map(make, range(1))
+        return (make(0),)
+
+    results = []
+    for grads in (fresh_grads(), [np.ones(n, np.float32)]):
+        w = np.zeros(n, np.float32)
+        m, v = np.zeros_like(w), np.zeros_like(w)
+        F.adam_([w], grads, iter([m]), map(lambda a: a, [v]), np.zeros(1, np.float32), lr=0.1)
+        results.append((w, m, v))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(results[0][0], -0.1, rtol=1e-6)
+
+
+def test_functional_sgd_and_rmsprop_take_generators():
+    n = 1 << 20
+    w1, w2 = np.zeros(n), np.zeros(n)
+    F.sgd_((w for w in [w1]), (np.ones(n) for _ in range(1)), lr=0.5)
+    F.sgd_([w2], [np.ones(n)], lr=0.5)
+    np.testing.assert_array_equal(w1, w2)
+    sq = np.zeros(n)
+    F.rmsprop_((w for w in [w1]), (np.ones(n) for _ in range(1)), (s for s in [sq]), np.zeros(1), lr=0.5)
+    assert np.isfinite(w1).all() and (w1 < w2).all()
+
+
+# --- 2. The step plan notices what torch notices -------------------------------------------
+
+
+def _two_steps(module, name, between, n=16, **kwargs):
+    """A step, then ``between(opt, w)``, then another step; returns params and state."""
+    w = torch.linspace(-1, 1, n).reshape(4, n // 4).requires_grad_()
+    opt = getattr(module, name)([w], lr=0.1, **kwargs)
+    for step in range(3):  # the second and third steps go through rsoptim's plan
+        w.grad = torch.linspace(0.5, 1.5, n).reshape(4, n // 4)
+        if step == 2:
+            between(opt, w)
+        opt.step()
+    state = {k: v.clone() for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}
+    return w.detach().clone(), state
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_a_grad_set_to_another_shape_is_seen(name):
+    def between(opt, w):
+        w.grad.set_(torch.ones(2, 8))  # same element count, another shape: torch raises
+
+    _assert_same_outcome(lambda m: _two_steps(m, name, between, momentum=0.9) if name == "SGD" else _two_steps(m, name, between))
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("Adam", "exp_avg_sq"), ("RMSprop", "square_avg"), ("SGD", "momentum_buffer")])
+def test_a_state_tensor_resized_in_place_is_seen(name, key):
+    def between(opt, w):
+        opt.state[w][key].resize_(8)
+
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    _assert_same_outcome(lambda m: _two_steps(m, name, between, **kwargs))
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("Adam", "exp_avg_sq"), ("RMSprop", "square_avg"), ("SGD", "momentum_buffer")])
+def test_a_float64_state_tensor_on_a_float32_param_is_stepped_as_torch_does(name, key):
+    def between(opt, w):
+        opt.state[w][key] = opt.state[w][key].double()
+
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    _assert_same_outcome(lambda m: _two_steps(m, name, between, **kwargs))
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("RMSprop", "square_avg"), ("SGD", "momentum_buffer")])
+def test_a_state_tensor_transposed_in_place_is_seen(name, key):
+    def between(opt, w):
+        opt.state[w][key].t_()  # 4x4: same shape, other element order
+
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    _assert_same_outcome(lambda m: _two_steps(m, name, between, **kwargs))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+@pytest.mark.parametrize("target", ["state", "grad", "param"])
+@pytest.mark.parametrize("plan", [True, False])
+def test_a_storage_shrunk_in_place_is_refused_not_written(name, target, plan):
+    # torch's own ops read and write past the end of such a storage (it can crash the
+    # interpreter); rsoptim must raise before touching it.
+    n = 1 << 16
+    w = torch.zeros(n, requires_grad=True)
+    opt = getattr(rsoptim, name)([w], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    w.grad = torch.ones(n)
+    opt.step()
+    if plan:
+        opt.step()  # the next step would take the cached plan
+    key = {"SGD": "momentum_buffer", "Adam": "exp_avg", "RMSprop": "square_avg"}[name]
+    tensor = {"state": opt.state[w][key], "grad": w.grad, "param": w}[target]
+    storage = tensor.untyped_storage()
+    storage.resize_(0)
+    storage.resize_(64)  # smaller than the tensor, maybe at the same address as before
+    with pytest.raises(RuntimeError, match="storage"):
+        opt.step()
+
+
+def test_a_plan_survives_ordinary_steps():
+    # The checks above must not send every step down the general path.
+    w = torch.zeros(100, requires_grad=True)
+    opt = rsoptim.Adam([w])
+    for _ in range(3):
+        w.grad = torch.ones(100)
+        opt.step()
+    plan = opt._rsoptim_plans[0]
+    w.grad = torch.ones(100)
+    assert plan.kernel_calls(opt, opt.param_groups[0]) is not None
+
+
+# --- 3. Hostile input: torch's behaviour is the contract ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("grad_dtype", [torch.float64, torch.float16])
+def test_a_grad_of_another_dtype_is_stepped_or_refused_as_torch_does(name, grad_dtype):
+    def run(module):
+        w = torch.linspace(-1, 1, 8).requires_grad_()
+        opt = getattr(module, name)([w], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        for _ in range(3):
+            w.grad = torch.ones(8)
+            w.grad.data = torch.linspace(0.5, 1.5, 8, dtype=grad_dtype)  # .data skips .grad's check
+            opt.step()
+        return w.detach().clone()
+
+    _assert_same_outcome(run)
+
+
+@pytest.mark.parametrize(
+    "values,dtype",
+    [([3e19, 4e19], torch.float32), ([1.5e19, 1.5e19], torch.float32), ([1e-30] * 4, torch.float32), ([1e300, 1e300], torch.float64)],
+)
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, INF])
+def test_norms_overflow_and_underflow_as_torch_does(values, dtype, norm_type):
+    def run(module):
+        p = torch.zeros(len(values), dtype=dtype, requires_grad=True)
+        p.grad = torch.tensor(values, dtype=dtype)
+        clip = torch.nn.utils.clip_grad_norm_ if module is torch.optim else rsoptim.clip_grad_norm_
+        return clip([p], 1.0, norm_type=norm_type), p.grad.clone()
+
+    _assert_same_outcome(run)
+
+
+def test_overflowing_float32_norm_trips_error_if_nonfinite():
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.tensor([3e19, 4e19])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        rsoptim.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    assert torch.equal(p.grad, torch.tensor([3e19, 4e19]))
+
+
+def test_inf_norm_of_an_empty_grad_raises_as_torch_does():
+    def run(module):
+        p = torch.zeros(0, requires_grad=True)
+        p.grad = torch.zeros(0)
+        clip = torch.nn.utils.clip_grad_norm_ if module is torch.optim else rsoptim.clip_grad_norm_
+        return clip([p], 1.0, norm_type="inf")
+
+    _assert_same_outcome(run)
+    with pytest.raises(RuntimeError, match="empty"):
+        rsoptim.get_total_norm([torch.zeros(0)], INF)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_complex_params_with_a_non_finite_grad_component(name, weight_decay):
+    def run(module):
+        w = torch.tensor([1 + 1j, 2 - 1j, 0.5j], requires_grad=True)
+        opt = getattr(module, name)([w], lr=0.1, weight_decay=weight_decay, **({"momentum": 0.9} if name == "SGD" else {}))
+        for grad in ([0.5 + INF * 1j, 1 + 1j, 1], [1, float("nan"), 1 - 1j], [1, 1, 1]):
+            w.grad = torch.tensor(grad, dtype=torch.complex64)
+            opt.step()
+        return torch.view_as_real(w.detach()).clone()
+
+    _assert_same_outcome(run)
+
+
+def test_clip_scales_complex_grads_with_a_non_finite_component_as_torch_does():
+    def run(module):
+        p = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+        p.grad = torch.tensor([0.5 + INF * 1j, 3 + 4j])
+        clip = torch.nn.utils.clip_grads_with_norm_ if module is torch.optim else rsoptim.clip_grads_with_norm_
+        clip([p], 1.0, torch.tensor(10.0))
+        return torch.view_as_real(p.grad).clone()
+
+    _assert_same_outcome(run)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_capturable_on_cpu_is_refused_as_torch_does(name):
+    def run(module):
+        w = torch.ones(4, requires_grad=True)
+        opt = getattr(module, name)([w], capturable=True)
+        w.grad = torch.ones(4)
+        opt.step()
+        return w.detach().clone()
+
+    _assert_same_outcome(run)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("case", ["same param twice", "overlapping views", "shared grad"])
+def test_params_that_share_memory_are_stepped_as_torch_does(name, case):
+    def run(module):
+        base = torch.linspace(-1, 1, 10)
+        if case == "same param twice":
+            a = base.clone().requires_grad_()
+            params = [a, a]
+            a.grad = torch.linspace(0.5, 1.5, 10)
+        elif case == "overlapping views":
+            params = [base[:6].detach().requires_grad_(), base[4:].detach().requires_grad_()]
+            for p in params:
+                p.grad = torch.ones_like(p)
+        else:
+            params = [base.clone().requires_grad_(), base.clone().requires_grad_()]
+            shared = torch.linspace(0.5, 1.5, 10)
+            for p in params:
+                p.grad = shared
+        opt = getattr(module, name)(params, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        for _ in range(3):
+            opt.step()
+        return [p.detach().clone() for p in params], base.clone()
+
+    _assert_same_outcome(run)
+
+
+def test_clip_of_one_param_listed_twice_scales_as_torch_does():
+    def run(module):
+        p = torch.zeros(4, requires_grad=True)
+        p.grad = torch.full((4,), 3.0)
+        clip = torch.nn.utils.clip_grad_norm_ if module is torch.optim else rsoptim.clip_grad_norm_
+        return clip([p, p], 1.0), p.grad.clone()
+
+    _assert_same_outcome(run)
+
+
+# --- 4. Threads stepping the same params do not race ---------------------------------------
+
+
+def test_threads_stepping_the_same_params_lose_no_update():
+    # Two optimizers over one param, stepped from two threads at once. Every update adds exactly
+    # -1 (lr 1, grad 1: exact in float32), so any two kernels writing the param at the same time
+    # would lose updates and leave it above -2 * steps.
+    n, steps = 1 << 21, 40
+    w = torch.zeros(n, requires_grad=True)
+    w.grad = torch.ones(n)
+    opts = [rsoptim.SGD([w], lr=1.0), rsoptim.SGD([w], lr=1.0)]
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def work(opt):
+        try:
+            barrier.wait()
+            for _ in range(steps):
+                opt.step()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in opts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(w.detach(), torch.full((n,), -2.0 * steps))
+
+
+def test_functional_calls_from_threads_on_the_same_arrays_lose_no_update():
+    n, steps = 1 << 21, 40
+    w = np.zeros(n, np.float32)
+    g = np.ones(n, np.float32)
+
+    def work():
+        for _ in range(steps):
+            F.sgd_([w], [g], lr=1.0)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(w, np.full(n, -2.0 * steps, np.float32))
