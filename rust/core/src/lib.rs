@@ -10,6 +10,7 @@ pub mod adam;
 pub mod element;
 pub mod error;
 pub mod exec;
+pub mod inflight;
 pub mod norm;
 #[cfg(unix)]
 pub mod openmp;

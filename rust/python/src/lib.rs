@@ -3,7 +3,9 @@
 //! Each step function receives, for every tensor of one param group, the addresses and element
 //! counts of its CPU buffers (sent by `rsoptim/_optimizer.py` and `rsoptim/functional.py`, which
 //! hold the tensors or arrays for the whole call), checks them all (`rsoptim_core::raw`), then
-//! runs the core kernel with the GIL released. Nothing here does arithmetic.
+//! releases the GIL, waits until no other call in flight shares memory with them
+//! (`rsoptim_core::inflight`), and only then slices them and runs the core kernel. Nothing here
+//! does arithmetic.
 //!
 //! These functions are private and, like any API that takes raw addresses, unsafe to call with
 //! anything but live buffers: the checks catch null, misaligned and overlapping addresses, not
@@ -15,6 +17,7 @@ use std::sync::RwLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use rsoptim_core::inflight::reserve;
 use rsoptim_core::raw::{check_buffers, slice, slice_mut, Buffer};
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
@@ -261,6 +264,10 @@ impl Table {
         Ok(Column(start))
     }
 
+    fn buffers(&self) -> &[Buffer] {
+        &self.buffers
+    }
+
     fn check(&self) -> PyResult<()> {
         check_buffers(&self.buffers).map_err(value_error)
     }
@@ -293,9 +300,17 @@ impl Table {
     }
 }
 
-/// Runs `work` with the GIL released. A Rust panic becomes a `RuntimeError`, not an abort.
-fn detached<R: Send>(py: Python<'_>, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
-    let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+/// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
+/// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
+/// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
+/// and releases the buffers as it unwinds.
+fn detached<R: Send>(py: Python<'_>, buffers: &[Buffer], work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
+    let outcome = py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _claim = reserve(buffers);
+            work()
+        }))
+    });
     match outcome {
         Ok(result) => result.map_err(value_error),
         Err(panic) => {
@@ -370,21 +385,24 @@ fn adam_typed<T: Real>(
     let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose()?;
     let step = table.steps(step_dtype, b.steps)?;
     table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
-    let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
-        .map(|i| unsafe {
-            AdamTensor {
-                param: table.written(param, i),
-                grad: table.read(grad, i),
-                exp_avg: table.written(exp_avg, i),
-                exp_avg_sq: table.written(exp_avg_sq, i),
-                max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
-                step: table.step(step, step_dtype, i),
-            }
-        })
-        .collect();
     let exec = executor()?;
-    detached(py, move || rsoptim_core::adam_step(tensors, &hyper, &exec))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
+            .map(|i| unsafe {
+                AdamTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    exp_avg: table.written(exp_avg, i),
+                    exp_avg_sq: table.written(exp_avg_sq, i),
+                    max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
+                    step: table.step(step, step_dtype, i),
+                }
+            })
+            .collect();
+        rsoptim_core::adam_step(tensors, &hyper, &exec)
+    })
 }
 
 /// One SGD step over a param group (see `rsoptim_core::sgd_step`).
@@ -433,19 +451,22 @@ fn sgd_typed<T: Real>(
         return Err(value_error("momentum_buffers_are_new needs one flag per tensor"));
     }
     table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
-    let tensors: Vec<SgdTensor<'_, T>> = (0..table.len())
-        .map(|i| unsafe {
-            SgdTensor {
-                param: table.written(param, i),
-                grad: table.read(grad, i),
-                momentum_buffer: buf.map(|c| table.written(c, i)),
-                momentum_buffer_is_new: are_new[i],
-            }
-        })
-        .collect();
     let exec = executor()?;
-    detached(py, move || rsoptim_core::sgd_step(tensors, &hyper, &exec))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<SgdTensor<'_, T>> = (0..table.len())
+            .map(|i| unsafe {
+                SgdTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    momentum_buffer: buf.map(|c| table.written(c, i)),
+                    momentum_buffer_is_new: are_new[i],
+                }
+            })
+            .collect();
+        rsoptim_core::sgd_step(tensors, &hyper, &exec)
+    })
 }
 
 /// One RMSprop step over a param group (see `rsoptim_core::rmsprop_step`).
@@ -507,21 +528,24 @@ fn rmsprop_typed<T: Real>(
     let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose()?;
     let step = table.steps(step_dtype, b.steps)?;
     table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
-    let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
-        .map(|i| unsafe {
-            RmspropTensor {
-                param: table.written(param, i),
-                grad: table.read(grad, i),
-                square_avg: table.written(square_avg, i),
-                momentum_buffer: buf.map(|c| table.written(c, i)),
-                grad_avg: grad_avg.map(|c| table.written(c, i)),
-                step: table.step(step, step_dtype, i),
-            }
-        })
-        .collect();
     let exec = executor()?;
-    detached(py, move || rsoptim_core::rmsprop_step(tensors, &hyper, &exec))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
+            .map(|i| unsafe {
+                RmspropTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    square_avg: table.written(square_avg, i),
+                    momentum_buffer: buf.map(|c| table.written(c, i)),
+                    grad_avg: grad_avg.map(|c| table.written(c, i)),
+                    step: table.step(step, step_dtype, i),
+                }
+            })
+            .collect();
+        rsoptim_core::rmsprop_step(tensors, &hyper, &exec)
+    })
 }
 
 /// The `norm_type`-norm of each buffer, in float64.
@@ -538,10 +562,12 @@ fn norms_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: Nor
     let mut table = Table::new(numels)?;
     let col = table.column::<T>("tensor", tensors, false)?;
     table.check()?;
-    // SAFETY: `check` passed; read-only slices only.
-    let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
     let exec = executor()?;
-    detached(py, move || Ok(rsoptim_core::tensor_norms(&slices, norm, &exec)))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; read-only slices only.
+        let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
+        Ok(rsoptim_core::tensor_norms(&slices, norm, &exec))
+    })
 }
 
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
@@ -557,10 +583,10 @@ fn scale_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f
     let mut table = Table::new(numels)?;
     let col = table.column::<T>("tensor", tensors, true)?;
     table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once.
-    let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
     let exec = executor()?;
-    detached(py, move || {
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once.
+        let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
         rsoptim_core::scale_in_place(slices, T::round_from(factor), &exec);
         Ok(())
     })
@@ -583,11 +609,14 @@ fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Ve
     let exec = executor()?;
     macro_rules! run_with {
         ($w:literal) => {{
-            // SAFETY: `check` passed; each buffer is sliced once, with its column's type.
-            let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
-                .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
-                .collect();
-            detached(py, move || rsoptim_core::roofline::stream(tensors, &exec))
+            detached(py, table.buffers(), || {
+                // SAFETY: `check` passed and the call holds its reservation; each buffer is
+                // sliced once, with its column's type.
+                let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
+                    .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
+                    .collect();
+                rsoptim_core::roofline::stream(tensors, &exec)
+            })
         }};
     }
     match cols.len() {
