@@ -42,7 +42,9 @@ fn error(msg: String) -> Error {
     Error::InvalidBuffer(msg)
 }
 
-/// Checks every buffer of a call (see the module docs); returns the first problem found.
+/// Checks every buffer of a call (see the module docs); returns the first problem found:
+/// `Error::InvalidBuffer` for a buffer that is bad on its own (checked first, for all buffers),
+/// else `Error::Overlap` for a written buffer sharing memory with another.
 pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
     for b in buffers {
         if b.len == 0 {
@@ -85,7 +87,7 @@ pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
 }
 
 fn overlap(a: &Buffer, b: &Buffer) -> Error {
-    error(format!(
+    Error::Overlap(format!(
         "{} and {} share memory; every buffer the step writes must be separate \
          (is a param passed as its own grad or state?)",
         a.describe(),
@@ -143,7 +145,7 @@ mod tests {
 
     #[test]
     fn any_overlap_with_a_written_buffer_fails() {
-        assert!(check_buffers(&[buf(64, 4, true), buf(64, 4, false)]).is_err());
+        assert!(matches!(check_buffers(&[buf(64, 4, true), buf(64, 4, false)]), Err(Error::Overlap(_))));
         assert!(check_buffers(&[buf(64, 4, false), buf(76, 4, true)]).is_err());
         // A written buffer inside a long read-only one that is not the latest to start.
         assert!(check_buffers(&[buf(0x100, 100, false), buf(0x108, 1, false), buf(0x110, 1, true)]).is_err());

@@ -1441,8 +1441,14 @@ fn f64_buf(addr: usize, len: usize, written: bool) -> Buffer {
     Buffer::of::<f64>("f64", 1, addr, len, written)
 }
 
+/// Refused as a bad buffer on its own (null, misaligned, too big).
 fn rejected(buffers: &[Buffer]) -> bool {
     matches!(check_buffers(buffers), Err(Error::InvalidBuffer(_)))
+}
+
+/// Refused because a written buffer shares memory with another.
+fn overlapping(buffers: &[Buffer]) -> bool {
+    matches!(check_buffers(buffers), Err(Error::Overlap(_)))
 }
 
 /// Every order of the same buffers must give the same verdict (the check sorts internally).
@@ -1471,7 +1477,10 @@ fn check_buffers_rejects_overlapping_written_buffers() {
     // A one-element overlap at either end, with mixed element sizes.
     assert!(!verdict_in_every_rotation(&[f64_buf(a, 4, true), f32_buf(a + 28, 4, false)]));
     assert!(!verdict_in_every_rotation(&[f32_buf(a, 4, false), f64_buf(a + 8, 4, true)]));
-    assert!(rejected(&[f32_buf(a, 16, true), f32_buf(a + 60, 16, true)]));
+    assert!(overlapping(&[f32_buf(a, 16, true), f32_buf(a + 60, 16, true)]));
+    assert!(overlapping(&[f32_buf(a, 16, true), f32_buf(a, 16, false)]));
+    // A bad buffer is reported as such even when buffers also overlap.
+    assert!(rejected(&[f32_buf(a, 16, true), f32_buf(a, 16, false), f32_buf(a + 1, 1, false)]));
 }
 
 #[test]
@@ -1534,7 +1543,7 @@ fn check_buffers_rejects_null_misaligned_and_huge() {
     // Just at the isize::MAX limit is a valid size.
     assert!(check_buffers(&[f32_buf(0x1000, isize::MAX as usize / 4, false)]).is_ok());
     // A huge buffer must not swallow an overlap test (no overflowed end).
-    assert!(rejected(&[f32_buf(0x1000, isize::MAX as usize / 4, false), f32_buf(0x2000, 1, true)]));
+    assert!(overlapping(&[f32_buf(0x1000, isize::MAX as usize / 4, false), f32_buf(0x2000, 1, true)]));
 }
 
 /// A brute-force model of `check_buffers`: every pair, no sweep.

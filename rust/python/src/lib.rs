@@ -15,6 +15,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
+use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rsoptim_core::inflight::reserve;
@@ -65,6 +66,22 @@ fn allocation_counters() -> (u64, u64) {
 
 fn value_error(e: impl ToString) -> PyErr {
     PyValueError::new_err(e.to_string())
+}
+
+create_exception!(
+    _rsoptim,
+    BufferOverlapError,
+    PyValueError,
+    "A buffer the step writes shares memory with another buffer of the call (torch steps such params one after the other)."
+);
+
+/// The core's errors as Python exceptions: overlapping buffers get their own ValueError subclass,
+/// so the Python layer can fall back to torch for them alone.
+fn core_error(e: Error) -> PyErr {
+    match e {
+        Error::Overlap(msg) => BufferOverlapError::new_err(msg),
+        e => value_error(e),
+    }
 }
 
 static EXECUTOR: RwLock<Option<Executor>> = RwLock::new(None);
@@ -269,7 +286,7 @@ impl Table {
     }
 
     fn check(&self) -> PyResult<()> {
-        check_buffers(&self.buffers).map_err(value_error)
+        check_buffers(&self.buffers).map_err(core_error)
     }
 
     /// # Safety
@@ -312,7 +329,7 @@ fn detached<R: Send>(py: Python<'_>, buffers: &[Buffer], work: impl FnOnce() -> 
         }))
     });
     match outcome {
-        Ok(result) => result.map_err(value_error),
+        Ok(result) => result.map_err(core_error),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
@@ -646,5 +663,6 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream_probe, m)?)?;
     m.add_function(wrap_pyfunction!(allocation_counters, m)?)?;
     m.add("CHUNK", rsoptim_core::CHUNK)?;
+    m.add("BufferOverlapError", m.py().get_type::<BufferOverlapError>())?;
     Ok(())
 }
