@@ -161,7 +161,7 @@ mod tests {
             (seed % n) as usize
         };
         for _ in 0..2000 {
-            let mut make = |next: &mut dyn FnMut(u64) -> usize| -> Vec<Buffer> {
+            let make = |next: &mut dyn FnMut(u64) -> usize| -> Vec<Buffer> {
                 let k = next(6);
                 (0..k).map(|_| b(next(64) * 4, next(6), next(3) == 0)).collect()
             };

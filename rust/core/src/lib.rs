@@ -20,6 +20,7 @@ pub mod roofline;
 pub mod sgd;
 pub mod simd;
 pub mod step;
+pub mod table;
 
 pub use adam::{adam_step, AdamHyper, AdamTensor};
 pub use element::{Element, Real};

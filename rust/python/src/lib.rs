@@ -19,11 +19,12 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rsoptim_core::inflight::reserve;
-use rsoptim_core::raw::{check_buffers, slice, slice_mut, Buffer};
+use rsoptim_core::raw::Buffer;
+use rsoptim_core::table::{Dtype, Table};
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
     AdamHyper, AdamTensor, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor,
-    SimdLevel, StepCount,
+    SimdLevel,
 };
 
 /// The system allocator, counting the bytes this extension allocates, so the benchmark can
@@ -199,122 +200,8 @@ fn set_simd_level(name: &str) -> PyResult<()> {
     replace_executor(|current| Ok(current.with_simd(level)))
 }
 
-#[derive(Clone, Copy)]
-enum Dtype {
-    F32,
-    F64,
-}
-
 fn parse_dtype(name: &str) -> PyResult<Dtype> {
-    match name {
-        "float32" => Ok(Dtype::F32),
-        "float64" => Ok(Dtype::F64),
-        _ => Err(PyValueError::new_err(format!("rsoptim kernels run on float32 or float64, not {name}"))),
-    }
-}
-
-/// A column of addresses or element counts, as the Python layer packs it: native-endian
-/// 64-bit words (`array('Q', ...).tobytes()`), built once per plan and reused every step.
-fn words(role: &str, bytes: &[u8]) -> PyResult<Vec<usize>> {
-    if bytes.len() % 8 != 0 {
-        return Err(value_error(format!("{role}: {} bytes is not a whole number of 64-bit words", bytes.len())));
-    }
-    bytes
-        .chunks_exact(8)
-        .map(|w| {
-            let word = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-            usize::try_from(word).map_err(|_| value_error(format!("{role}: {word} does not fit a pointer")))
-        })
-        .collect()
-}
-
-/// The buffers of one call, a column per role, checked together before any slice is made.
-struct Table {
-    numels: Vec<usize>,
-    buffers: Vec<Buffer>,
-}
-
-/// Where a column's buffers start in `Table::buffers`.
-#[derive(Clone, Copy)]
-struct Column(usize);
-
-impl Table {
-    fn new(numels: &[u8]) -> PyResult<Self> {
-        let numels = words("numels", numels)?;
-        Ok(Self { buffers: Vec::with_capacity(numels.len() * 6), numels })
-    }
-
-    fn len(&self) -> usize {
-        self.numels.len()
-    }
-
-    fn check_count(&self, role: &str, addrs: &[usize]) -> PyResult<()> {
-        if addrs.len() == self.len() {
-            Ok(())
-        } else {
-            Err(value_error(format!("{} {role} addresses for {} tensors", addrs.len(), self.len())))
-        }
-    }
-
-    /// A buffer of each tensor's element count.
-    fn column<T>(&mut self, role: &'static str, addrs: &[u8], written: bool) -> PyResult<Column> {
-        let addrs = words(role, addrs)?;
-        self.check_count(role, &addrs)?;
-        let start = self.buffers.len();
-        for (i, (&addr, &len)) in addrs.iter().zip(&self.numels).enumerate() {
-            self.buffers.push(Buffer::of::<T>(role, i, addr, len, written));
-        }
-        Ok(Column(start))
-    }
-
-    /// One step count per tensor, stored in `step_dtype`.
-    fn steps(&mut self, step_dtype: Dtype, addrs: &[u8]) -> PyResult<Column> {
-        let addrs = words("step", addrs)?;
-        self.check_count("step", &addrs)?;
-        let start = self.buffers.len();
-        for (i, &addr) in addrs.iter().enumerate() {
-            self.buffers.push(match step_dtype {
-                Dtype::F32 => Buffer::of::<f32>("step", i, addr, 1, true),
-                Dtype::F64 => Buffer::of::<f64>("step", i, addr, 1, true),
-            });
-        }
-        Ok(Column(start))
-    }
-
-    fn buffers(&self) -> &[Buffer] {
-        &self.buffers
-    }
-
-    fn check(&self) -> PyResult<()> {
-        check_buffers(&self.buffers).map_err(core_error)
-    }
-
-    /// # Safety
-    /// `check` has returned `Ok`, `col` is a written column of `T` made by `column::<T>`, each
-    /// slice is taken once, and the memory outlives the slices (see `rsoptim_core::raw`).
-    unsafe fn written<'a, T>(&self, col: Column, i: usize) -> &'a mut [T] {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { slice_mut(&self.buffers[col.0 + i]) }
-    }
-
-    /// # Safety
-    /// As for `written`, for a read-only column.
-    unsafe fn read<'a, T>(&self, col: Column, i: usize) -> &'a [T] {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { slice(&self.buffers[col.0 + i]) }
-    }
-
-    /// # Safety
-    /// As for `written`, for a column made by `steps(step_dtype, ..)`.
-    unsafe fn step<'a>(&self, col: Column, step_dtype: Dtype, i: usize) -> StepCount<'a> {
-        // SAFETY: forwarded from this function's contract; each step buffer holds one element.
-        unsafe {
-            match step_dtype {
-                Dtype::F32 => StepCount::F32(&mut self.written::<f32>(col, i)[0]),
-                Dtype::F64 => StepCount::F64(&mut self.written::<f64>(col, i)[0]),
-            }
-        }
-    }
+    Dtype::parse(name).map_err(core_error)
 }
 
 /// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
@@ -394,14 +281,14 @@ fn adam_typed<T: Real>(
     step_dtype: Dtype,
     hyper: AdamHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let param = table.column::<T>("param", b.params, true)?;
-    let grad = table.column::<T>("grad", b.grads, false)?;
-    let exp_avg = table.column::<T>("exp_avg", b.exp_avgs, true)?;
-    let exp_avg_sq = table.column::<T>("exp_avg_sq", b.exp_avg_sqs, true)?;
-    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose()?;
-    let step = table.steps(step_dtype, b.steps)?;
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<T>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<T>("grad", b.grads, false).map_err(core_error)?;
+    let exp_avg = table.column::<T>("exp_avg", b.exp_avgs, true).map_err(core_error)?;
+    let exp_avg_sq = table.column::<T>("exp_avg_sq", b.exp_avg_sqs, true).map_err(core_error)?;
+    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
+    let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
@@ -414,7 +301,7 @@ fn adam_typed<T: Real>(
                     exp_avg: table.written(exp_avg, i),
                     exp_avg_sq: table.written(exp_avg_sq, i),
                     max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
-                    step: table.step(step, step_dtype, i),
+                    step: table.step(step, i),
                 }
             })
             .collect();
@@ -460,14 +347,12 @@ fn sgd_typed<T: Real>(
     are_new: Vec<bool>,
     hyper: SgdHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let param = table.column::<T>("param", params, true)?;
-    let grad = table.column::<T>("grad", grads, false)?;
-    let buf = momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
-    if are_new.len() != table.len() {
-        return Err(value_error("momentum_buffers_are_new needs one flag per tensor"));
-    }
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<T>("param", params, true).map_err(core_error)?;
+    let grad = table.column::<T>("grad", grads, false).map_err(core_error)?;
+    let buf = momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    table.check_count("momentum_buffers_are_new", are_new.len()).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
@@ -537,14 +422,14 @@ fn rmsprop_typed<T: Real>(
     step_dtype: Dtype,
     hyper: RmspropHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let param = table.column::<T>("param", b.params, true)?;
-    let grad = table.column::<T>("grad", b.grads, false)?;
-    let square_avg = table.column::<T>("square_avg", b.square_avgs, true)?;
-    let buf = b.momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
-    let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose()?;
-    let step = table.steps(step_dtype, b.steps)?;
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<T>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<T>("grad", b.grads, false).map_err(core_error)?;
+    let square_avg = table.column::<T>("square_avg", b.square_avgs, true).map_err(core_error)?;
+    let buf = b.momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose().map_err(core_error)?;
+    let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
@@ -557,7 +442,7 @@ fn rmsprop_typed<T: Real>(
                     square_avg: table.written(square_avg, i),
                     momentum_buffer: buf.map(|c| table.written(c, i)),
                     grad_avg: grad_avg.map(|c| table.written(c, i)),
-                    step: table.step(step, step_dtype, i),
+                    step: table.step(step, i),
                 }
             })
             .collect();
@@ -568,7 +453,7 @@ fn rmsprop_typed<T: Real>(
 /// The `norm_type`-norm of each buffer, in float64.
 #[pyfunction]
 fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm_type: f64) -> PyResult<Vec<f64>> {
-    let norm = NormType::from_p(norm_type).map_err(value_error)?;
+    let norm = NormType::from_p(norm_type).map_err(core_error)?;
     match parse_dtype(dtype)? {
         Dtype::F32 => norms_typed::<f32>(py, numels, tensors, norm),
         Dtype::F64 => norms_typed::<f64>(py, numels, tensors, norm),
@@ -576,9 +461,9 @@ fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm
 }
 
 fn norms_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: NormType) -> PyResult<Vec<f64>> {
-    let mut table = Table::new(numels)?;
-    let col = table.column::<T>("tensor", tensors, false)?;
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let col = table.column::<T>("tensor", tensors, false).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; read-only slices only.
@@ -597,9 +482,9 @@ fn scale_(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], factor: f6
 }
 
 fn scale_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let col = table.column::<T>("tensor", tensors, true)?;
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let col = table.column::<T>("tensor", tensors, true).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once.
@@ -619,10 +504,10 @@ fn stream_probe(py: Python<'_>, dtype: &str, numels: &[u8], read: &[u8], written
 }
 
 fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Vec<Vec<u8>>) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let read_col = table.column::<T>("read", read, false)?;
-    let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<PyResult<Vec<_>>>()?;
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let read_col = table.column::<T>("read", read, false).map_err(core_error)?;
+    let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<Result<Vec<_>, _>>().map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     macro_rules! run_with {
         ($w:literal) => {{
