@@ -7,6 +7,7 @@
 //! This crate knows nothing of Python.
 
 pub mod adam;
+pub mod alloc_count;
 pub mod element;
 pub mod error;
 pub mod exec;

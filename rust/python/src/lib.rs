@@ -11,13 +11,12 @@
 //! anything but live buffers: the checks catch null, misaligned and overlapping addresses, not
 //! addresses of freed memory.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use rsoptim_core::alloc_count::{counters, CountingAllocator};
 use rsoptim_core::inflight::reserve;
 use rsoptim_core::raw::Buffer;
 use rsoptim_core::table::{Dtype, Table};
@@ -27,42 +26,13 @@ use rsoptim_core::{
     SimdLevel,
 };
 
-/// The system allocator, counting the bytes this extension allocates, so the benchmark can
-/// measure (not assume) what a step allocates on the Rust side.
-struct CountingAllocator;
-
-static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every method forwards to `System` unchanged; the counters are plain atomics.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded with the caller's arguments.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// (bytes, allocations) this extension has allocated since it was loaded.
 #[pyfunction]
 fn allocation_counters() -> (u64, u64) {
-    (ALLOCATED_BYTES.load(Ordering::Relaxed), ALLOCATIONS.load(Ordering::Relaxed))
+    counters()
 }
 
 fn value_error(e: impl ToString) -> PyErr {
