@@ -163,12 +163,14 @@ mod tests {
         let mut data = [1.0f32, 2.0];
         let b = Buffer::of::<f32>("x", 0, data.as_mut_ptr() as usize, 2, true);
         assert!(check_buffers(&[b]).is_ok());
-        // SAFETY (each call): `b` passed the check and `data` is live and otherwise unused; the
-        // calls that must panic do so before making a slice.
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
         assert!(std::panic::catch_unwind(|| unsafe { slice_mut::<f64>(&b).len() }).is_err());
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
         assert!(std::panic::catch_unwind(|| unsafe { slice::<u32>(&b).len() }).is_ok(), "same size and alignment");
         let read_only = Buffer { written: false, ..b };
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
         assert!(std::panic::catch_unwind(|| unsafe { slice_mut::<f32>(&read_only).len() }).is_err());
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
         assert_eq!(unsafe { slice::<f32>(&b) }, &[1.0, 2.0]);
         // Empty buffers at null and misaligned addresses pass the check and slice to nothing.
         for addr in [0, 1, 3, usize::MAX] {

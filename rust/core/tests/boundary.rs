@@ -300,17 +300,20 @@ fn slices_need_a_passed_check_and_a_written_column() {
     let mut data = [1.0f32; 4];
     let mut table = Table::new(&pack(&[4])).unwrap();
     let col = table.column::<f32>("param", &pack(&[data.as_mut_ptr() as u64]), false).unwrap();
-    // SAFETY (of each call below): `data` lives through the test and nothing else uses it; the
-    // table must refuse before making any slice.
+    // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
     let unchecked = std::panic::catch_unwind(|| unsafe { table.read(col, 0).len() });
     assert!(unchecked.is_err(), "sliced before check");
     table.check().unwrap();
+    // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
     let read_only = std::panic::catch_unwind(|| unsafe { table.written(col, 0).len() });
     assert!(read_only.is_err(), "a read-only column sliced as written");
+    // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
     assert_eq!(unsafe { table.read(col, 0) }, &[1.0; 4]);
     // A column added after the check needs another check.
     let col2 = table.column::<f32>("param", &pack(&[data.as_mut_ptr() as u64]), false).unwrap();
+    // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
     assert!(std::panic::catch_unwind(|| unsafe { table.read(col2, 0).len() }).is_err());
+    // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
     let out_of_range = std::panic::catch_unwind(|| unsafe { table.read(col, 1).len() });
     assert!(out_of_range.is_err());
 }

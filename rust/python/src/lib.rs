@@ -482,9 +482,9 @@ fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Ve
     macro_rules! run_with {
         ($w:literal) => {{
             detached(py, table.buffers(), || {
-                // SAFETY: `check` passed and the call holds its reservation; each buffer is
-                // sliced once, with its column's type.
                 let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
+                    // SAFETY: `check` passed and the call holds its reservation; each buffer is
+                    // sliced once, with its column's type.
                     .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
                     .collect();
                 rsoptim_core::roofline::stream(tensors, &exec)
