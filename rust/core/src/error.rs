@@ -8,8 +8,12 @@ pub enum Error {
     LengthMismatch { tensor: usize, buffer: &'static str, expected: usize, found: usize },
     /// A buffer that the configuration needs was not given, or one it forbids was.
     MissingBuffer { tensor: usize, buffer: &'static str },
-    /// A buffer address that cannot be made into a slice (null, misaligned, overlapping).
+    /// A buffer address that cannot be made into a slice (null, misaligned, too big).
     InvalidBuffer(String),
+    /// A buffer the call writes shares memory with another buffer of the call (a param passed as
+    /// its own grad, duplicated params, views of one storage). torch steps such params one after
+    /// the other, so the Python layer falls back to torch on this error.
+    Overlap(String),
     /// A hyperparameter outside the domain the kernel supports.
     InvalidArgument(String),
 }
@@ -24,7 +28,7 @@ impl fmt::Display for Error {
             Self::MissingBuffer { tensor, buffer } => {
                 write!(f, "tensor {tensor}: {buffer} is required by this configuration")
             }
-            Self::InvalidBuffer(msg) | Self::InvalidArgument(msg) => f.write_str(msg),
+            Self::InvalidBuffer(msg) | Self::Overlap(msg) | Self::InvalidArgument(msg) => f.write_str(msg),
         }
     }
 }

@@ -7,9 +7,11 @@
 //! This crate knows nothing of Python.
 
 pub mod adam;
+pub mod alloc_count;
 pub mod element;
 pub mod error;
 pub mod exec;
+pub mod inflight;
 pub mod norm;
 #[cfg(unix)]
 pub mod openmp;
@@ -19,6 +21,7 @@ pub mod roofline;
 pub mod sgd;
 pub mod simd;
 pub mod step;
+pub mod table;
 
 pub use adam::{adam_step, AdamHyper, AdamTensor};
 pub use element::{Element, Real};

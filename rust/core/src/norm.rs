@@ -3,6 +3,12 @@
 //! A tensor's norm is reduced over fixed `CHUNK`-sized chunks, each summed in 32 fixed lanes and
 //! accumulated in `f64`; chunks are combined in order. The result is therefore the same for any
 //! thread count and any SIMD path (the lanes are the same on every path).
+//!
+//! torch computes a float32 tensor's norm in float32, so its range is float32's: squares that
+//! overflow make the norm inf, squares that underflow count as 0, and a sum past `f32::MAX` is
+//! inf. We keep that range (each term `|x|^p` is rounded to the tensor's type, and a sum that
+//! rounds to inf in it makes the norm inf) but keep the `f64` sum, which is more accurate than
+//! torch's and, unlike a float32 sum, independent of how torch happens to vectorise it.
 
 use crate::element::Real;
 use crate::error::Error;
@@ -40,10 +46,12 @@ const WIDTH: usize = 8;
 const LANES: usize = STREAMS * WIDTH;
 
 /// `combine` over `f(x)` for every element, in `LANES` independent accumulators folded pairwise.
-/// The data is read as `STREAMS` far-apart streams at once: a core reading one stream is limited
-/// by the misses it can keep in flight, not by the memory system.
+/// Each `f(x)` is rounded to `T` first (torch computes a tensor's norm in its dtype; a no-op for
+/// `f64`). The data is read as `STREAMS` far-apart streams at once: a core reading one stream is
+/// limited by the misses it can keep in flight, not by the memory system.
 #[inline(always)]
 fn lane_reduce<T: Real>(data: &[T], f: impl Fn(f64) -> f64, combine: impl Fn(f64, f64) -> f64) -> f64 {
+    let f = |x: f64| T::round_from(f(x)).widen();
     let mut acc = [0.0f64; LANES];
     let per_stream = data.len() / LANES * WIDTH;
     let (body, tail) = data.split_at(per_stream * STREAMS);
@@ -109,7 +117,14 @@ fn combine_partials(norm: NormType, partials: impl Iterator<Item = f64>) -> f64 
     }
 }
 
-fn finish(norm: NormType, reduced: f64) -> f64 {
+/// The norm from the combined partials. A sum too large for `T` is inf, as torch's sum in `T`
+/// would be (the terms are non-negative, so the total is the largest partial sum; NaN stays NaN).
+fn finish<T: Real>(norm: NormType, reduced: f64) -> f64 {
+    let reduced = match norm {
+        NormType::Inf => return reduced,
+        _ if T::round_from(reduced).is_infinite() => f64::INFINITY,
+        _ => reduced,
+    };
     match norm {
         NormType::One | NormType::Inf => reduced,
         NormType::Two => reduced.sqrt(),
@@ -117,14 +132,15 @@ fn finish(norm: NormType, reduced: f64) -> f64 {
     }
 }
 
-/// The norm of one tensor, in `f64`.
+/// The norm of one tensor, in `f64` (within `T`'s range: see the module docs).
 pub fn tensor_norm<T: Real>(data: &[T], norm: NormType, exec: &Executor) -> f64 {
     tensor_norms(&[data], norm, exec)[0]
 }
 
-/// The norm of each tensor (torch's `_foreach_norm`), in `f64`. Each tensor is reduced in
-/// fixed `CHUNK`-sized chunks (the tasks spread over the threads), whose partial results are
-/// combined in order: the same bits for any number of threads.
+/// The norm of each tensor (torch's `_foreach_norm`), in `f64` within `T`'s range (module
+/// docs). Each tensor is reduced in fixed `CHUNK`-sized chunks (the tasks spread over the
+/// threads), whose partial results are combined in order: the same bits for any number of
+/// threads.
 pub fn tensor_norms<T: Real>(tensors: &[&[T]], norm: NormType, exec: &Executor) -> Vec<f64> {
     // first_chunk[i]..first_chunk[i + 1]: the chunks of tensor i (an empty tensor has one).
     let mut first_chunk = Vec::with_capacity(tensors.len() + 1);
@@ -148,7 +164,7 @@ pub fn tensor_norms<T: Real>(tensors: &[&[T]], norm: NormType, exec: &Executor) 
     (0..tensors.len())
         .map(|i| {
             let parts = partials[first_chunk[i]..first_chunk[i + 1]].iter();
-            finish(norm, combine_partials(norm, parts.map(|p| f64::from_bits(p.load(Ordering::Relaxed)))))
+            finish::<T>(norm, combine_partials(norm, parts.map(|p| f64::from_bits(p.load(Ordering::Relaxed)))))
         })
         .collect()
 }

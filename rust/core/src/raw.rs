@@ -42,7 +42,9 @@ fn error(msg: String) -> Error {
     Error::InvalidBuffer(msg)
 }
 
-/// Checks every buffer of a call (see the module docs); returns the first problem found.
+/// Checks every buffer of a call (see the module docs); returns the first problem found:
+/// `Error::InvalidBuffer` for a buffer that is bad on its own (checked first, for all buffers),
+/// else `Error::Overlap` for a written buffer sharing memory with another.
 pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
     for b in buffers {
         if b.len == 0 {
@@ -85,7 +87,7 @@ pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
 }
 
 fn overlap(a: &Buffer, b: &Buffer) -> Error {
-    error(format!(
+    Error::Overlap(format!(
         "{} and {} share memory; every buffer the step writes must be separate \
          (is a param passed as its own grad or state?)",
         a.describe(),
@@ -93,33 +95,38 @@ fn overlap(a: &Buffer, b: &Buffer) -> Error {
     ))
 }
 
-/// A mutable slice over a buffer that `check_buffers` accepted.
+/// A mutable slice over a buffer that `check_buffers` accepted. Panics (never UB) if `b` is not
+/// written or was made for another type than `T`.
 ///
 /// # Safety
-/// `b` must be one of the buffers of a `check_buffers` call that returned `Ok`, made with
-/// `Buffer::of::<T>`, and its memory must stay alive and untouched by anyone else while the
-/// slice lives (the Python layer holds the tensors for the whole call, with the GIL released
-/// only around the kernel). Then the slice is non-null, aligned, in bounds and aliased by no
-/// other slice of the call.
+/// `b` must be one of the buffers of a `check_buffers` call that returned `Ok`, sliced once, and
+/// its memory must be live and used by no one else while the slice lives (the Python layer holds
+/// the tensors for the whole call; `inflight::reserve` keeps out other calls of this process).
 pub unsafe fn slice_mut<'a, T>(b: &Buffer) -> &'a mut [T] {
-    debug_assert!(b.written && b.elem_size == size_of::<T>());
+    assert!(b.written && b.elem_size == size_of::<T>() && b.align == align_of::<T>(), "{b:?} sliced as written {}", std::any::type_name::<T>());
     if b.len == 0 {
+        // Never the address: an empty buffer may point anywhere, null included.
         return &mut [];
     }
-    // SAFETY: see the function's contract.
+    // SAFETY: `check_buffers` accepted `b` with `b.len > 0`, so `b.addr` is non-null, aligned
+    // for `T` (asserted to be `b`'s type) and `len * size_of::<T>()` bytes from it stay within
+    // the address space and `isize::MAX`; no other buffer of the call overlaps it since it is
+    // written. Liveness and exclusive use are this function's contract.
     unsafe { std::slice::from_raw_parts_mut(b.addr as *mut T, b.len) }
 }
 
-/// A shared slice over a buffer that `check_buffers` accepted.
+/// A shared slice over a buffer that `check_buffers` accepted. Panics (never UB) if `b` was made
+/// for another type than `T`.
 ///
 /// # Safety
-/// As for [`slice_mut`]; the buffer may overlap other read-only buffers, never written ones.
+/// As for [`slice_mut`], except that it may be sliced any number of times; no written buffer
+/// overlaps it (`check_buffers`), read-only ones may.
 pub unsafe fn slice<'a, T>(b: &Buffer) -> &'a [T] {
-    debug_assert!(b.elem_size == size_of::<T>());
+    assert!(b.elem_size == size_of::<T>() && b.align == align_of::<T>(), "{b:?} sliced as {}", std::any::type_name::<T>());
     if b.len == 0 {
         return &[];
     }
-    // SAFETY: see the function's contract.
+    // SAFETY: as in `slice_mut`, for a shared slice: only read-only slices may alias it.
     unsafe { std::slice::from_raw_parts(b.addr as *const T, b.len) }
 }
 
@@ -143,12 +150,35 @@ mod tests {
 
     #[test]
     fn any_overlap_with_a_written_buffer_fails() {
-        assert!(check_buffers(&[buf(64, 4, true), buf(64, 4, false)]).is_err());
+        assert!(matches!(check_buffers(&[buf(64, 4, true), buf(64, 4, false)]), Err(Error::Overlap(_))));
         assert!(check_buffers(&[buf(64, 4, false), buf(76, 4, true)]).is_err());
         // A written buffer inside a long read-only one that is not the latest to start.
         assert!(check_buffers(&[buf(0x100, 100, false), buf(0x108, 1, false), buf(0x110, 1, true)]).is_err());
         // A read-only buffer inside a long written one, past a separate buffer.
         assert!(check_buffers(&[buf(0x100, 100, true), buf(0x200, 1, false)]).is_err());
+    }
+
+    #[test]
+    fn slices_refuse_the_wrong_type_or_role_and_never_touch_empty_buffers() {
+        let mut data = [1.0f32, 2.0];
+        let b = Buffer::of::<f32>("x", 0, data.as_mut_ptr() as usize, 2, true);
+        assert!(check_buffers(&[b]).is_ok());
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
+        assert!(std::panic::catch_unwind(|| unsafe { slice_mut::<f64>(&b).len() }).is_err());
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
+        assert!(std::panic::catch_unwind(|| unsafe { slice::<u32>(&b).len() }).is_ok(), "same size and alignment");
+        let read_only = Buffer { written: false, ..b };
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
+        assert!(std::panic::catch_unwind(|| unsafe { slice_mut::<f32>(&read_only).len() }).is_err());
+        // SAFETY: the buffer's memory is live and otherwise unused; the slice is refused or made, never aliased.
+        assert_eq!(unsafe { slice::<f32>(&b) }, &[1.0, 2.0]);
+        // Empty buffers at null and misaligned addresses pass the check and slice to nothing.
+        for addr in [0, 1, 3, usize::MAX] {
+            let empty = Buffer::of::<f64>("x", 0, addr, 0, true);
+            assert!(check_buffers(&[empty]).is_ok());
+            // SAFETY: an empty buffer that passed the check.
+            assert!(unsafe { slice_mut::<f64>(&empty) }.is_empty());
+        }
     }
 
     #[test]

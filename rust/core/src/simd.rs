@@ -2,9 +2,11 @@
 //!
 //! Every kernel is written once as a plain loop (`Kernel::run`, `#[inline(always)]`) and inlined
 //! into one trampoline per instruction set, each a `#[target_feature]` function, so LLVM
-//! vectorises the same source for AVX-512, AVX2+FMA, NEON and the baseline ISA. The kernels never
-//! call `mul_add` and Rust never contracts `a * b + c`, so every path rounds exactly as the
-//! baseline one does: the paths agree bit for bit, which the tests check.
+//! vectorises the same source for AVX-512, AVX2+FMA, NEON and the baseline ISA. Rust never
+//! contracts `a * b + c` on its own; the kernels call `mul_add` only where torch's CPU kernels fuse
+//! (`element.rs`), and `mul_add` rounds once on every path (an FMA instruction, or libm's `fma` on
+//! the baseline one). So every path rounds exactly as the baseline one does: the paths agree bit
+//! for bit, which the tests check.
 //!
 //! We dispatch by hand rather than through `multiversion`/`pulp` because the path must be
 //! selectable at run time (`RSOPTIM_SIMD`) so every path can be tested on one machine.

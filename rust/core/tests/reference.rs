@@ -19,7 +19,9 @@
 //!   Only NaN payloads are not compared (IEEE and LLVM leave them unspecified): any NaN equals
 //!   any NaN; every other bit, the sign of zero included, must match.
 //! * SIMD paths and thread counts: bit for bit (same NaN rule), for every kernel and the norms.
-//! * norms: the kernel accumulates `|x|^p` in `f64` in 32 lanes per 64K chunk; the reference
+//! * norms: the kernel accumulates `|x|^p`, each term rounded to the tensor's dtype (torch
+//!   computes a norm in the tensor's dtype, so float32 squares overflow and underflow as
+//!   torch's do), in `f64` in 32 lanes per 64K chunk, and a sum past the dtype's range is inf; the reference
 //!   uses compensated (Neumaier) summation, i.e. is nearly exact. The kernel's error is then
 //!   bounded by about (n/32 + 64) * 2^-53 relative for positive terms, ~4e-13 for the largest
 //!   tensors here (~330K elements), and its expected error is far below that; `1e-12` leaves a
@@ -699,14 +701,16 @@ fn check_rmsprop<T: Ref>(sizes: &[usize], steps: usize, h: &RmspropHyper, seed: 
 // Norms and scaling.
 // ------------------------------------------------------------------------------------------
 
-/// `sum(|x|^p)^(1/p)` with compensated (Neumaier) summation in f64, or the NaN-propagating
-/// max of `|x|` for the inf-norm.
-fn norm_reference(data: &[f64], p: f64) -> f64 {
+/// `sum(|x|^p)^(1/p)` with compensated (Neumaier) summation in f64, each term `|x|^p` rounded
+/// to `T` and a sum past `T`'s range inf (torch's norm of a `T` tensor runs in `T`), or the
+/// NaN-propagating max of `|x|` for the inf-norm.
+fn norm_reference<T: Ref>(data: &[T], p: f64) -> f64 {
+    let data: Vec<f64> = data.iter().map(|x| x.wide()).collect();
     if p == f64::INFINITY {
         return data.iter().fold(0.0, |acc, x| torch_maximum(acc, x.abs()));
     }
     let (mut sum, mut carry) = (0.0f64, 0.0f64);
-    for &x in data {
+    for &x in &data {
         let term = if p == 1.0 {
             x.abs()
         } else if p == 2.0 {
@@ -714,11 +718,14 @@ fn norm_reference(data: &[f64], p: f64) -> f64 {
         } else {
             x.abs().powf(p)
         };
+        let term = T::hp(term).wide();
         let t = sum + term;
         carry += if sum.abs() >= term.abs() { (sum - t) + term } else { (term - t) + sum };
         sum = t;
     }
-    let total = sum + carry;
+    // Past an inf term the carry is inf - inf: the sum alone is the answer (inf, or NaN).
+    let total = if sum.is_finite() { sum + carry } else { sum };
+    let total = if T::hp(total).wide().is_infinite() { f64::INFINITY } else { total };
     if p == 1.0 {
         total
     } else if p == 2.0 {
@@ -743,7 +750,7 @@ fn check_norms<T: Ref>(sizes: &[usize], p: f64, seed: u64) -> Result<(), TestCas
     let data: Vec<Vec<T>> = sizes.iter().map(|&n| rng.values(n)).collect();
     let views: Vec<&[T]> = data.iter().map(Vec::as_slice).collect();
     let norm = NormType::from_p(p).map_err(|e| fail(e.to_string()))?;
-    let want: Vec<f64> = data.iter().map(|d| norm_reference(&d.iter().map(|x| x.wide()).collect::<Vec<_>>(), p)).collect();
+    let want: Vec<f64> = data.iter().map(|d| norm_reference(d, p)).collect();
     let rtol = if p == f64::INFINITY { 0.0 } else { NORM_RTOL };
     let mut base: Option<Vec<f64>> = None;
     for (name, exec) in executors() {
@@ -1170,6 +1177,75 @@ fn inf_norm_propagates_nan_wherever_it_is() {
     assert_eq!(tensor_norm::<f64>(&[], NormType::Two, baseline()), 0.0);
 }
 
+/// The norms of `data` as f32 and as f64 on every path and thread count, checked to agree bit
+/// for bit across them; returns (f32 norm, f64 norm).
+fn norms_everywhere(data: &[f32], norm: NormType) -> (f64, f64) {
+    let wide: Vec<f64> = data.iter().map(|&x| f64::from(x)).collect();
+    let base = (tensor_norm(data, norm, baseline()), tensor_norm(&wide, norm, baseline()));
+    for (name, exec) in executors() {
+        let got = (tensor_norms(&[data], norm, exec)[0], tensor_norms(&[&wide[..]], norm, exec)[0]);
+        assert_eq!((got.0.to_bits(), got.1.to_bits()), (base.0.to_bits(), base.1.to_bits()), "{name} {norm:?} n={}", data.len());
+    }
+    base
+}
+
+#[test]
+fn f32_norms_overflow_and_underflow_as_torch_does() {
+    // Every size puts the extreme values in the lane body, in the tail, and across chunks.
+    for n in [2, 4, 33, 1000, CHUNK + 7, 2 * CHUNK + 100] {
+        let filled = |x: f32| {
+            let mut data = vec![0.0f32; n];
+            data[0] = x;
+            data[n - 1] = -x;
+            data
+        };
+        // torch.linalg.vector_norm(torch.tensor([3e19, 4e19])) is inf: the squares overflow f32.
+        let mut squares_overflow = filled(0.0);
+        (squares_overflow[0], squares_overflow[n - 1]) = (3e19, -4e19);
+        let (f32_norm, f64_norm) = norms_everywhere(&squares_overflow, NormType::Two);
+        assert_eq!(f32_norm, f64::INFINITY, "n={n}");
+        assert!(close(f64_norm, 5e19, 1e-7), "f64 is unaffected: {f64_norm}");
+        assert_eq!(norms_everywhere(&squares_overflow, NormType::P(3.0)).0, f64::INFINITY);
+        // |x| fits: the 1-norm and the inf-norm are finite.
+        assert!(close(norms_everywhere(&squares_overflow, NormType::One).0, 7e19, 1e-7));
+        assert_eq!(norms_everywhere(&squares_overflow, NormType::Inf).0, f64::from(4e19f32));
+
+        // [1.5e19, 1.5e19]: each square fits f32 (2.25e38 < 3.4e38), their sum does not.
+        let sum_overflows = filled(1.5e19);
+        assert!((1.5e19f32 * 1.5e19f32).is_finite());
+        let (f32_norm, f64_norm) = norms_everywhere(&sum_overflows, NormType::Two);
+        assert_eq!(f32_norm, f64::INFINITY, "n={n}");
+        assert!(close(f64_norm, 1.5e19 * 2f64.sqrt(), 1e-7));
+        // The 1-norm's sum overflows the same way: 2 * 2e38 > f32::MAX.
+        let (f32_norm, f64_norm) = norms_everywhere(&filled(2e38), NormType::One);
+        assert_eq!(f32_norm, f64::INFINITY);
+        assert!(close(f64_norm, 2.0 * f64::from(2e38f32), 1e-12));
+        // Just inside the range stays finite: a sum of f32::MAX rounds to f32::MAX.
+        let mut at_max = vec![0.0f32; n];
+        at_max[n / 2] = f32::MAX;
+        assert_eq!(norms_everywhere(&at_max, NormType::One).0, f64::from(f32::MAX));
+
+        // [1e-30] * 4: each square (1e-60) rounds to 0 in f32, so the norm is 0.
+        let tiny = vec![1e-30f32; n];
+        let (f32_norm, f64_norm) = norms_everywhere(&tiny, NormType::Two);
+        assert_eq!(f32_norm, 0.0, "n={n}");
+        assert!(close(f64_norm, f64::from(1e-30f32) * (n as f64).sqrt(), 1e-9), "f64 is unaffected: {f64_norm}");
+        // A square that is subnormal in f32 keeps only what f32 keeps of it.
+        let sub = vec![1e-20f32; n];
+        let term = f64::from(1e-20f32 * 1e-20f32);
+        assert_ne!(term, f64::from(1e-20f32) * f64::from(1e-20f32));
+        assert!(close(norms_everywhere(&sub, NormType::Two).0, (term * n as f64).sqrt(), 1e-12));
+
+        // NaN still wins over an overflowing square and an overflowing sum.
+        let mut with_nan = filled(1.5e19);
+        with_nan[n / 2] = f32::NAN;
+        for norm in [NormType::One, NormType::Two, NormType::Inf, NormType::P(3.0)] {
+            let (a, b) = norms_everywhere(&with_nan, norm);
+            assert!(a.is_nan() && b.is_nan(), "{norm:?} n={n}: {a} {b}");
+        }
+    }
+}
+
 #[test]
 fn norms_are_identical_for_1_2_3_threads_on_tensors_of_many_chunks() {
     let mut rng = Rng(77);
@@ -1190,7 +1266,7 @@ fn norms_are_identical_for_1_2_3_threads_on_tensors_of_many_chunks() {
             NormType::Inf => f64::INFINITY,
             NormType::P(p) => p,
         };
-        let want = norm_reference(&big.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), p);
+        let want = norm_reference(&big, p);
         assert!(close(base32[0], want, if p.is_infinite() { 0.0 } else { NORM_RTOL }), "{norm:?}: {} vs {want}", base32[0]);
     }
 }
@@ -1365,8 +1441,14 @@ fn f64_buf(addr: usize, len: usize, written: bool) -> Buffer {
     Buffer::of::<f64>("f64", 1, addr, len, written)
 }
 
+/// Refused as a bad buffer on its own (null, misaligned, too big).
 fn rejected(buffers: &[Buffer]) -> bool {
     matches!(check_buffers(buffers), Err(Error::InvalidBuffer(_)))
+}
+
+/// Refused because a written buffer shares memory with another.
+fn overlapping(buffers: &[Buffer]) -> bool {
+    matches!(check_buffers(buffers), Err(Error::Overlap(_)))
 }
 
 /// Every order of the same buffers must give the same verdict (the check sorts internally).
@@ -1395,7 +1477,10 @@ fn check_buffers_rejects_overlapping_written_buffers() {
     // A one-element overlap at either end, with mixed element sizes.
     assert!(!verdict_in_every_rotation(&[f64_buf(a, 4, true), f32_buf(a + 28, 4, false)]));
     assert!(!verdict_in_every_rotation(&[f32_buf(a, 4, false), f64_buf(a + 8, 4, true)]));
-    assert!(rejected(&[f32_buf(a, 16, true), f32_buf(a + 60, 16, true)]));
+    assert!(overlapping(&[f32_buf(a, 16, true), f32_buf(a + 60, 16, true)]));
+    assert!(overlapping(&[f32_buf(a, 16, true), f32_buf(a, 16, false)]));
+    // A bad buffer is reported as such even when buffers also overlap.
+    assert!(rejected(&[f32_buf(a, 16, true), f32_buf(a, 16, false), f32_buf(a + 1, 1, false)]));
 }
 
 #[test]
@@ -1458,7 +1543,7 @@ fn check_buffers_rejects_null_misaligned_and_huge() {
     // Just at the isize::MAX limit is a valid size.
     assert!(check_buffers(&[f32_buf(0x1000, isize::MAX as usize / 4, false)]).is_ok());
     // A huge buffer must not swallow an overlap test (no overflowed end).
-    assert!(rejected(&[f32_buf(0x1000, isize::MAX as usize / 4, false), f32_buf(0x2000, 1, true)]));
+    assert!(overlapping(&[f32_buf(0x1000, isize::MAX as usize / 4, false), f32_buf(0x2000, 1, true)]));
 }
 
 /// A brute-force model of `check_buffers`: every pair, no sweep.

@@ -3,53 +3,28 @@
 //! Each step function receives, for every tensor of one param group, the addresses and element
 //! counts of its CPU buffers (sent by `rsoptim/_optimizer.py` and `rsoptim/functional.py`, which
 //! hold the tensors or arrays for the whole call), checks them all (`rsoptim_core::raw`), then
-//! runs the core kernel with the GIL released. Nothing here does arithmetic.
+//! releases the GIL, waits until no other call in flight shares memory with them
+//! (`rsoptim_core::inflight`), and only then slices them and runs the core kernel. Nothing here
+//! does arithmetic.
 //!
 //! These functions are private and, like any API that takes raw addresses, unsafe to call with
 //! anything but live buffers: the checks catch null, misaligned and overlapping addresses, not
 //! addresses of freed memory.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
+use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use rsoptim_core::raw::{check_buffers, slice, slice_mut, Buffer};
+use rsoptim_core::alloc_count::{counters, CountingAllocator};
+use rsoptim_core::inflight::reserve;
+use rsoptim_core::raw::Buffer;
+use rsoptim_core::table::{Dtype, Table};
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
     AdamHyper, AdamTensor, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor,
-    SimdLevel, StepCount,
+    SimdLevel,
 };
-
-/// The system allocator, counting the bytes this extension allocates, so the benchmark can
-/// measure (not assume) what a step allocates on the Rust side.
-struct CountingAllocator;
-
-static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every method forwards to `System` unchanged; the counters are plain atomics.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded with the caller's arguments.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -57,11 +32,27 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 /// (bytes, allocations) this extension has allocated since it was loaded.
 #[pyfunction]
 fn allocation_counters() -> (u64, u64) {
-    (ALLOCATED_BYTES.load(Ordering::Relaxed), ALLOCATIONS.load(Ordering::Relaxed))
+    counters()
 }
 
 fn value_error(e: impl ToString) -> PyErr {
     PyValueError::new_err(e.to_string())
+}
+
+create_exception!(
+    _rsoptim,
+    BufferOverlapError,
+    PyValueError,
+    "A buffer the step writes shares memory with another buffer of the call (torch steps such params one after the other)."
+);
+
+/// The core's errors as Python exceptions: overlapping buffers get their own ValueError subclass,
+/// so the Python layer can fall back to torch for them alone.
+fn core_error(e: Error) -> PyErr {
+    match e {
+        Error::Overlap(msg) => BufferOverlapError::new_err(msg),
+        e => value_error(e),
+    }
 }
 
 static EXECUTOR: RwLock<Option<Executor>> = RwLock::new(None);
@@ -179,125 +170,23 @@ fn set_simd_level(name: &str) -> PyResult<()> {
     replace_executor(|current| Ok(current.with_simd(level)))
 }
 
-#[derive(Clone, Copy)]
-enum Dtype {
-    F32,
-    F64,
-}
-
 fn parse_dtype(name: &str) -> PyResult<Dtype> {
-    match name {
-        "float32" => Ok(Dtype::F32),
-        "float64" => Ok(Dtype::F64),
-        _ => Err(PyValueError::new_err(format!("rsoptim kernels run on float32 or float64, not {name}"))),
-    }
+    Dtype::parse(name).map_err(core_error)
 }
 
-/// A column of addresses or element counts, as the Python layer packs it: native-endian
-/// 64-bit words (`array('Q', ...).tobytes()`), built once per plan and reused every step.
-fn words(role: &str, bytes: &[u8]) -> PyResult<Vec<usize>> {
-    if bytes.len() % 8 != 0 {
-        return Err(value_error(format!("{role}: {} bytes is not a whole number of 64-bit words", bytes.len())));
-    }
-    bytes
-        .chunks_exact(8)
-        .map(|w| {
-            let word = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-            usize::try_from(word).map_err(|_| value_error(format!("{role}: {word} does not fit a pointer")))
-        })
-        .collect()
-}
-
-/// The buffers of one call, a column per role, checked together before any slice is made.
-struct Table {
-    numels: Vec<usize>,
-    buffers: Vec<Buffer>,
-}
-
-/// Where a column's buffers start in `Table::buffers`.
-#[derive(Clone, Copy)]
-struct Column(usize);
-
-impl Table {
-    fn new(numels: &[u8]) -> PyResult<Self> {
-        let numels = words("numels", numels)?;
-        Ok(Self { buffers: Vec::with_capacity(numels.len() * 6), numels })
-    }
-
-    fn len(&self) -> usize {
-        self.numels.len()
-    }
-
-    fn check_count(&self, role: &str, addrs: &[usize]) -> PyResult<()> {
-        if addrs.len() == self.len() {
-            Ok(())
-        } else {
-            Err(value_error(format!("{} {role} addresses for {} tensors", addrs.len(), self.len())))
-        }
-    }
-
-    /// A buffer of each tensor's element count.
-    fn column<T>(&mut self, role: &'static str, addrs: &[u8], written: bool) -> PyResult<Column> {
-        let addrs = words(role, addrs)?;
-        self.check_count(role, &addrs)?;
-        let start = self.buffers.len();
-        for (i, (&addr, &len)) in addrs.iter().zip(&self.numels).enumerate() {
-            self.buffers.push(Buffer::of::<T>(role, i, addr, len, written));
-        }
-        Ok(Column(start))
-    }
-
-    /// One step count per tensor, stored in `step_dtype`.
-    fn steps(&mut self, step_dtype: Dtype, addrs: &[u8]) -> PyResult<Column> {
-        let addrs = words("step", addrs)?;
-        self.check_count("step", &addrs)?;
-        let start = self.buffers.len();
-        for (i, &addr) in addrs.iter().enumerate() {
-            self.buffers.push(match step_dtype {
-                Dtype::F32 => Buffer::of::<f32>("step", i, addr, 1, true),
-                Dtype::F64 => Buffer::of::<f64>("step", i, addr, 1, true),
-            });
-        }
-        Ok(Column(start))
-    }
-
-    fn check(&self) -> PyResult<()> {
-        check_buffers(&self.buffers).map_err(value_error)
-    }
-
-    /// # Safety
-    /// `check` has returned `Ok`, `col` is a written column of `T` made by `column::<T>`, each
-    /// slice is taken once, and the memory outlives the slices (see `rsoptim_core::raw`).
-    unsafe fn written<'a, T>(&self, col: Column, i: usize) -> &'a mut [T] {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { slice_mut(&self.buffers[col.0 + i]) }
-    }
-
-    /// # Safety
-    /// As for `written`, for a read-only column.
-    unsafe fn read<'a, T>(&self, col: Column, i: usize) -> &'a [T] {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { slice(&self.buffers[col.0 + i]) }
-    }
-
-    /// # Safety
-    /// As for `written`, for a column made by `steps(step_dtype, ..)`.
-    unsafe fn step<'a>(&self, col: Column, step_dtype: Dtype, i: usize) -> StepCount<'a> {
-        // SAFETY: forwarded from this function's contract; each step buffer holds one element.
-        unsafe {
-            match step_dtype {
-                Dtype::F32 => StepCount::F32(&mut self.written::<f32>(col, i)[0]),
-                Dtype::F64 => StepCount::F64(&mut self.written::<f64>(col, i)[0]),
-            }
-        }
-    }
-}
-
-/// Runs `work` with the GIL released. A Rust panic becomes a `RuntimeError`, not an abort.
-fn detached<R: Send>(py: Python<'_>, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
-    let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+/// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
+/// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
+/// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
+/// and releases the buffers as it unwinds.
+fn detached<R: Send>(py: Python<'_>, buffers: &[Buffer], work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
+    let outcome = py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _claim = reserve(buffers);
+            work()
+        }))
+    });
     match outcome {
-        Ok(result) => result.map_err(value_error),
+        Ok(result) => result.map_err(core_error),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
@@ -362,29 +251,32 @@ fn adam_typed<T: Real>(
     step_dtype: Dtype,
     hyper: AdamHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let param = table.column::<T>("param", b.params, true)?;
-    let grad = table.column::<T>("grad", b.grads, false)?;
-    let exp_avg = table.column::<T>("exp_avg", b.exp_avgs, true)?;
-    let exp_avg_sq = table.column::<T>("exp_avg_sq", b.exp_avg_sqs, true)?;
-    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose()?;
-    let step = table.steps(step_dtype, b.steps)?;
-    table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
-    let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
-        .map(|i| unsafe {
-            AdamTensor {
-                param: table.written(param, i),
-                grad: table.read(grad, i),
-                exp_avg: table.written(exp_avg, i),
-                exp_avg_sq: table.written(exp_avg_sq, i),
-                max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
-                step: table.step(step, step_dtype, i),
-            }
-        })
-        .collect();
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<T>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<T>("grad", b.grads, false).map_err(core_error)?;
+    let exp_avg = table.column::<T>("exp_avg", b.exp_avgs, true).map_err(core_error)?;
+    let exp_avg_sq = table.column::<T>("exp_avg_sq", b.exp_avg_sqs, true).map_err(core_error)?;
+    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
+    let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, move || rsoptim_core::adam_step(tensors, &hyper, &exec))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
+            .map(|i| unsafe {
+                AdamTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    exp_avg: table.written(exp_avg, i),
+                    exp_avg_sq: table.written(exp_avg_sq, i),
+                    max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
+                    step: table.step(step, i),
+                }
+            })
+            .collect();
+        rsoptim_core::adam_step(tensors, &hyper, &exec)
+    })
 }
 
 /// One SGD step over a param group (see `rsoptim_core::sgd_step`).
@@ -425,27 +317,28 @@ fn sgd_typed<T: Real>(
     are_new: Vec<bool>,
     hyper: SgdHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let param = table.column::<T>("param", params, true)?;
-    let grad = table.column::<T>("grad", grads, false)?;
-    let buf = momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
-    if are_new.len() != table.len() {
-        return Err(value_error("momentum_buffers_are_new needs one flag per tensor"));
-    }
-    table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
-    let tensors: Vec<SgdTensor<'_, T>> = (0..table.len())
-        .map(|i| unsafe {
-            SgdTensor {
-                param: table.written(param, i),
-                grad: table.read(grad, i),
-                momentum_buffer: buf.map(|c| table.written(c, i)),
-                momentum_buffer_is_new: are_new[i],
-            }
-        })
-        .collect();
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<T>("param", params, true).map_err(core_error)?;
+    let grad = table.column::<T>("grad", grads, false).map_err(core_error)?;
+    let buf = momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    table.check_count("momentum_buffers_are_new", are_new.len()).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, move || rsoptim_core::sgd_step(tensors, &hyper, &exec))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<SgdTensor<'_, T>> = (0..table.len())
+            .map(|i| unsafe {
+                SgdTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    momentum_buffer: buf.map(|c| table.written(c, i)),
+                    momentum_buffer_is_new: are_new[i],
+                }
+            })
+            .collect();
+        rsoptim_core::sgd_step(tensors, &hyper, &exec)
+    })
 }
 
 /// One RMSprop step over a param group (see `rsoptim_core::rmsprop_step`).
@@ -499,35 +392,38 @@ fn rmsprop_typed<T: Real>(
     step_dtype: Dtype,
     hyper: RmspropHyper,
 ) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let param = table.column::<T>("param", b.params, true)?;
-    let grad = table.column::<T>("grad", b.grads, false)?;
-    let square_avg = table.column::<T>("square_avg", b.square_avgs, true)?;
-    let buf = b.momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose()?;
-    let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose()?;
-    let step = table.steps(step_dtype, b.steps)?;
-    table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once, with the type its column was made with.
-    let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
-        .map(|i| unsafe {
-            RmspropTensor {
-                param: table.written(param, i),
-                grad: table.read(grad, i),
-                square_avg: table.written(square_avg, i),
-                momentum_buffer: buf.map(|c| table.written(c, i)),
-                grad_avg: grad_avg.map(|c| table.written(c, i)),
-                step: table.step(step, step_dtype, i),
-            }
-        })
-        .collect();
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<T>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<T>("grad", b.grads, false).map_err(core_error)?;
+    let square_avg = table.column::<T>("square_avg", b.square_avgs, true).map_err(core_error)?;
+    let buf = b.momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose().map_err(core_error)?;
+    let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, move || rsoptim_core::rmsprop_step(tensors, &hyper, &exec))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
+            .map(|i| unsafe {
+                RmspropTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    square_avg: table.written(square_avg, i),
+                    momentum_buffer: buf.map(|c| table.written(c, i)),
+                    grad_avg: grad_avg.map(|c| table.written(c, i)),
+                    step: table.step(step, i),
+                }
+            })
+            .collect();
+        rsoptim_core::rmsprop_step(tensors, &hyper, &exec)
+    })
 }
 
 /// The `norm_type`-norm of each buffer, in float64.
 #[pyfunction]
 fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm_type: f64) -> PyResult<Vec<f64>> {
-    let norm = NormType::from_p(norm_type).map_err(value_error)?;
+    let norm = NormType::from_p(norm_type).map_err(core_error)?;
     match parse_dtype(dtype)? {
         Dtype::F32 => norms_typed::<f32>(py, numels, tensors, norm),
         Dtype::F64 => norms_typed::<f64>(py, numels, tensors, norm),
@@ -535,13 +431,15 @@ fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm
 }
 
 fn norms_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: NormType) -> PyResult<Vec<f64>> {
-    let mut table = Table::new(numels)?;
-    let col = table.column::<T>("tensor", tensors, false)?;
-    table.check()?;
-    // SAFETY: `check` passed; read-only slices only.
-    let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let col = table.column::<T>("tensor", tensors, false).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, move || Ok(rsoptim_core::tensor_norms(&slices, norm, &exec)))
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; read-only slices only.
+        let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
+        Ok(rsoptim_core::tensor_norms(&slices, norm, &exec))
+    })
 }
 
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
@@ -554,13 +452,13 @@ fn scale_(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], factor: f6
 }
 
 fn scale_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let col = table.column::<T>("tensor", tensors, true)?;
-    table.check()?;
-    // SAFETY: `check` passed; each buffer is sliced once.
-    let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let col = table.column::<T>("tensor", tensors, true).map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, move || {
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once.
+        let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
         rsoptim_core::scale_in_place(slices, T::round_from(factor), &exec);
         Ok(())
     })
@@ -576,18 +474,21 @@ fn stream_probe(py: Python<'_>, dtype: &str, numels: &[u8], read: &[u8], written
 }
 
 fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Vec<Vec<u8>>) -> PyResult<()> {
-    let mut table = Table::new(numels)?;
-    let read_col = table.column::<T>("read", read, false)?;
-    let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<PyResult<Vec<_>>>()?;
-    table.check()?;
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let read_col = table.column::<T>("read", read, false).map_err(core_error)?;
+    let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<Result<Vec<_>, _>>().map_err(core_error)?;
+    table.check().map_err(core_error)?;
     let exec = executor()?;
     macro_rules! run_with {
         ($w:literal) => {{
-            // SAFETY: `check` passed; each buffer is sliced once, with its column's type.
-            let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
-                .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
-                .collect();
-            detached(py, move || rsoptim_core::roofline::stream(tensors, &exec))
+            detached(py, table.buffers(), || {
+                let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
+                    // SAFETY: `check` passed and the call holds its reservation; each buffer is
+                    // sliced once, with its column's type.
+                    .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
+                    .collect();
+                rsoptim_core::roofline::stream(tensors, &exec)
+            })
         }};
     }
     match cols.len() {
@@ -617,5 +518,6 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream_probe, m)?)?;
     m.add_function(wrap_pyfunction!(allocation_counters, m)?)?;
     m.add("CHUNK", rsoptim_core::CHUNK)?;
+    m.add("BufferOverlapError", m.py().get_type::<BufferOverlapError>())?;
     Ok(())
 }

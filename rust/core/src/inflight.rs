@@ -1,0 +1,178 @@
+//! Serialising kernel calls that touch the same memory.
+//!
+//! `raw::check_buffers` makes the buffers of *one* call safe to slice; it cannot see another
+//! call. Two Python threads may step optimizers over the same params at once (the GIL is
+//! released around each kernel), and their `&mut` slices would then alias: a data race. So each
+//! call registers its buffers here before it slices them, and waits while a call in flight
+//! shares memory with it where at least one side writes. Calls over separate memory, and calls
+//! that only read the same memory, run at the same time.
+//!
+//! A call that reserves twice on one thread while holding an overlapping reservation waits
+//! forever: reserve once per call, around the whole kernel.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::raw::Buffer;
+
+/// The memory of one call: the byte ranges it writes, and all the byte ranges it touches, each
+/// sorted and merged into disjoint `[start, end)` intervals.
+#[derive(Debug, Default)]
+struct Footprint {
+    written: Vec<(usize, usize)>,
+    touched: Vec<(usize, usize)>,
+}
+
+impl Footprint {
+    fn of(buffers: &[Buffer]) -> Self {
+        // Saturating ends: an unchecked buffer past the address space still reserves up to the
+        // top of it, and nothing here can overflow or panic.
+        let mut spans: Vec<(usize, usize, bool)> = buffers
+            .iter()
+            .filter(|b| b.len > 0 && b.elem_size > 0)
+            .map(|b| (b.addr, b.addr.saturating_add(b.len.saturating_mul(b.elem_size)), b.written))
+            .collect();
+        // Buffers usually come in address order already, which the sort detects cheaply.
+        spans.sort_unstable_by_key(|s| s.0);
+        let written = merge(spans.iter().filter(|s| s.2).map(|s| (s.0, s.1)));
+        let touched = merge(spans.iter().map(|s| (s.0, s.1)));
+        Self { written, touched }
+    }
+
+    /// Whether the two calls must not run at the same time.
+    fn conflicts_with(&self, other: &Self) -> bool {
+        intersect(&self.written, &other.touched) || intersect(&self.touched, &other.written)
+    }
+}
+
+/// Merges intervals sorted by start into disjoint ones (touching intervals share no byte and
+/// may stay apart).
+fn merge(sorted: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    for (start, end) in sorted {
+        match merged.last_mut() {
+            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// Whether two lists of disjoint sorted intervals share a byte: one merge-like pass.
+fn intersect(a: &[(usize, usize)], b: &[(usize, usize)]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].0 < b[j].1 && b[j].0 < a[i].1 {
+            return true;
+        }
+        // The interval that ends first cannot meet anything further along the other list.
+        if a[i].1 <= b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    false
+}
+
+struct Registry {
+    next_id: u64,
+    in_flight: Vec<(u64, Footprint)>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { next_id: 0, in_flight: Vec::new() });
+static RELEASED: Condvar = Condvar::new();
+
+fn registry() -> MutexGuard<'static, Registry> {
+    // Nothing panics while the lock is held, but a poisoned registry is still consistent.
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A call's claim on its buffers; dropping it (also while unwinding from a panic) lets the
+/// calls waiting for them go on.
+#[must_use = "the buffers are only reserved while the Reservation lives"]
+#[derive(Debug)]
+pub struct Reservation {
+    id: u64,
+}
+
+/// Blocks while any call in flight shares memory with `buffers` where either side writes it,
+/// then registers them until the returned `Reservation` is dropped. Empty buffers are ignored.
+pub fn reserve(buffers: &[Buffer]) -> Reservation {
+    let footprint = Footprint::of(buffers);
+    let mut reg = registry();
+    while reg.in_flight.iter().any(|(_, other)| footprint.conflicts_with(other)) {
+        reg = RELEASED.wait(reg).unwrap_or_else(|e| e.into_inner());
+    }
+    let id = reg.next_id;
+    reg.next_id += 1;
+    reg.in_flight.push((id, footprint));
+    Reservation { id }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut reg = registry();
+        if let Some(at) = reg.in_flight.iter().position(|(id, _)| *id == self.id) {
+            reg.in_flight.swap_remove(at);
+        }
+        drop(reg);
+        RELEASED.notify_all();
+    }
+}
+
+/// How many calls hold a reservation now (for tests).
+pub fn in_flight() -> usize {
+    registry().in_flight.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(addr: usize, len: usize, written: bool) -> Buffer {
+        Buffer::of::<f32>("x", 0, addr, len, written)
+    }
+
+    #[test]
+    fn footprints_conflict_only_where_a_write_meets_memory() {
+        let f = |bs: &[Buffer]| Footprint::of(bs);
+        let w = f(&[b(100, 4, true)]);
+        assert!(w.conflicts_with(&f(&[b(100, 4, false)])));
+        assert!(w.conflicts_with(&f(&[b(112, 4, false)])), "the last element");
+        assert!(!w.conflicts_with(&f(&[b(116, 4, true)])), "adjacent");
+        assert!(!w.conflicts_with(&f(&[b(84, 4, true)])), "adjacent before");
+        assert!(!f(&[b(100, 4, false)]).conflicts_with(&f(&[b(100, 4, false)])), "read/read");
+        assert!(!w.conflicts_with(&f(&[b(100, 0, true)])), "empty");
+        // Inside a long read-only buffer of the other call, past other intervals.
+        let many = f(&[b(0x1000, 1000, false), b(0x2000, 1, true), b(0x3000, 1, true)]);
+        assert!(many.conflicts_with(&f(&[b(0x0800, 1, true), b(0x1400, 1, true)])));
+        assert!(!many.conflicts_with(&f(&[b(0x0800, 1, true), b(0x1000, 1000, false), b(0x2004, 2, true)])));
+        // Addresses at the top of the address space do not overflow.
+        assert!(f(&[b(usize::MAX - 3, 4, true)]).conflicts_with(&f(&[b(usize::MAX - 1, usize::MAX, false)])));
+    }
+
+    #[test]
+    fn merge_and_intersect_match_brute_force() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as usize
+        };
+        for _ in 0..2000 {
+            let make = |next: &mut dyn FnMut(u64) -> usize| -> Vec<Buffer> {
+                let k = next(6);
+                (0..k).map(|_| b(next(64) * 4, next(6), next(3) == 0)).collect()
+            };
+            let (x, y) = (make(&mut next), make(&mut next));
+            let brute = x.iter().any(|p| {
+                y.iter().any(|q| {
+                    let (pe, qe) = (p.addr + 4 * p.len, q.addr + 4 * q.len);
+                    p.len > 0 && q.len > 0 && p.addr < qe && q.addr < pe && (p.written || q.written)
+                })
+            });
+            assert_eq!(Footprint::of(&x).conflicts_with(&Footprint::of(&y)), brute, "{x:?} {y:?}");
+        }
+    }
+}
