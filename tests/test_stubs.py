@@ -20,6 +20,8 @@ def _stub_names() -> dict[str, list[str]]:
             names[node.name] = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names[node.target.id] = []
+        elif isinstance(node, ast.ClassDef):
+            names[node.name] = []
     return names
 
 
@@ -31,9 +33,13 @@ def test_stub_and_module_have_the_same_names():
 def test_stub_signatures_name_the_modules_arguments():
     for name, stub_args in _stub_names().items():
         obj = getattr(_rsoptim, name)
-        if callable(obj):
+        if callable(obj) and not isinstance(obj, type):
             assert list(inspect.signature(obj).parameters) == stub_args, name
 
 
 def test_package_ships_py_typed():
     assert Path(rsoptim.__file__).with_name("py.typed").exists()
+
+
+def test_stub_exception_classes_have_the_modules_bases():
+    assert issubclass(_rsoptim.BufferOverlapError, ValueError)

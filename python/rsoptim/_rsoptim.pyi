@@ -3,10 +3,14 @@
 Buffer arguments are packed columns (native 64-bit words, `array('Q', ...).tobytes()`) of
 addresses, one per tensor, of CPU buffers that the caller keeps alive for the call; `numels`
 gives each tensor's element count. Every buffer is checked (null,
-alignment, overlap with a written buffer) before anything is written; problems raise ValueError.
+alignment, overlap with a written buffer) before anything is written; problems raise ValueError
+(BufferOverlapError when a written buffer shares memory with another buffer of the call).
+Calls from different threads that share memory (a write on either side) run one after the other.
 """
 
 CHUNK: int
+
+class BufferOverlapError(ValueError): ...
 
 def adam_step(
     dtype: str,
