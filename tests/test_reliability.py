@@ -335,3 +335,47 @@ def test_functional_calls_from_threads_on_the_same_arrays_lose_no_update():
     for t in threads:
         t.join()
     np.testing.assert_array_equal(w, np.full(n, -2.0 * steps, np.float32))
+
+
+# --- Found by the property tests ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [1.5, [1.0, 2.0, 3.0], torch.ones(3, dtype=torch.float64)], ids=["float", "list", "tensor"])
+def test_functional_names_a_param_that_is_not_an_array(bad):
+    with pytest.raises(TypeError, match=r"params\[1\]"):
+        F.sgd_([np.ones(3), bad], [np.ones(3), np.ones(3)], lr=0.1)
+
+
+def test_functional_sgd_takes_a_single_momentum_buffer_array():
+    w1, w2 = np.zeros(3), np.zeros(3)
+    buf1, buf2 = np.ones(3), np.ones(3)
+    F.sgd_(w1, np.ones(3), buf1, lr=0.1, momentum=0.9)
+    F.sgd_([w2], [np.ones(3)], [buf2], lr=0.1, momentum=0.9)
+    np.testing.assert_array_equal(w1, w2)
+    np.testing.assert_array_equal(buf1, buf2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [1e155, 3e19, 1e-200, 1e-30])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, 0.5, INF])
+def test_the_norm_of_one_element_is_its_magnitude_as_in_torch(dtype, value, norm_type):
+    def run(module):
+        p = torch.zeros((), dtype=dtype, requires_grad=True)
+        p.grad = torch.tensor(-value, dtype=dtype)
+        clip = torch.nn.utils.clip_grad_norm_ if module is torch.optim else rsoptim.clip_grad_norm_
+        return clip([p], 1.0, norm_type=norm_type, error_if_nonfinite=True), p.grad.clone()
+
+    _assert_same_outcome(run)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_a_grad_that_is_its_own_param_is_stepped_as_torch_does(name):
+    def run(module):
+        w = torch.linspace(-1, 1, 6).requires_grad_()
+        opt = getattr(module, name)([w], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        for _ in range(2):
+            w.grad = w.detach()
+            opt.step()
+        return w.detach().clone()
+
+    _assert_same_outcome(run)

@@ -52,7 +52,10 @@ class _Params:
         self.arrays = _as_list(params) or []
         if not self.arrays:
             raise ValueError("no params given")
-        dtype = self.arrays[0].dtype if isinstance(self.arrays[0], np.ndarray) else None
+        for i, a in enumerate(self.arrays):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"params[{i}] is a {type(a).__name__}, not a numpy array")
+        dtype = self.arrays[0].dtype
         if dtype not in _DTYPES:
             raise TypeError(f"params must be float32 or float64 numpy arrays, got {dtype}")
         self.dtype, self.name = dtype, _DTYPES[dtype]
@@ -148,7 +151,10 @@ def sgd_(
     """One SGD step, in place. With momentum, a ``None`` buffer (a param's first step) is
     created from the grad; returns the buffers (to pass to the next step)."""
     ps = _Params(params)
-    buffers: list[np.ndarray | None] = list(momentum_buffers) if momentum_buffers is not None else [None] * len(ps.arrays)
+    if momentum_buffers is None:
+        buffers: list[np.ndarray | None] = [None] * len(ps.arrays)
+    else:
+        buffers = [momentum_buffers] if isinstance(momentum_buffers, np.ndarray) else list(momentum_buffers)
     new = [b is None for b in buffers]
     if momentum != 0:
         buffers = [np.empty_like(p) if b is None else b for p, b in zip(ps.arrays, buffers)]

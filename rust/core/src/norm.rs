@@ -163,6 +163,11 @@ pub fn tensor_norms<T: Real>(tensors: &[&[T]], norm: NormType, exec: &Executor) 
     });
     (0..tensors.len())
         .map(|i| {
+            if let [x] = tensors[i] {
+                // torch's norm of one element is |x| for every p, never |x|^p rooted again
+                // (which can overflow or underflow where |x| does not).
+                return x.widen().abs();
+            }
             let parts = partials[first_chunk[i]..first_chunk[i + 1]].iter();
             finish::<T>(norm, combine_partials(norm, parts.map(|p| f64::from_bits(p.load(Ordering::Relaxed)))))
         })

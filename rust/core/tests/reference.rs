@@ -709,6 +709,9 @@ fn norm_reference<T: Ref>(data: &[T], p: f64) -> f64 {
     if p == f64::INFINITY {
         return data.iter().fold(0.0, |acc, x| torch_maximum(acc, x.abs()));
     }
+    if let [x] = data[..] {
+        return x.abs(); // torch's norm of one element, for every p
+    }
     let (mut sum, mut carry) = (0.0f64, 0.0f64);
     for &x in &data {
         let term = if p == 1.0 {
@@ -1243,6 +1246,21 @@ fn f32_norms_overflow_and_underflow_as_torch_does() {
             let (a, b) = norms_everywhere(&with_nan, norm);
             assert!(a.is_nan() && b.is_nan(), "{norm:?} n={n}: {a} {b}");
         }
+    }
+}
+
+#[test]
+fn the_norm_of_one_element_is_its_magnitude_for_every_p() {
+    // torch.linalg.vector_norm of a one-element tensor is |x| for every p: 1e155 stays 1e155 in
+    // f64 (its square would overflow), 3e19 stays 3e19 in f32, 1e-200 does not underflow.
+    for norm in [NormType::One, NormType::Two, NormType::Inf, NormType::P(3.0), NormType::P(0.5)] {
+        assert_eq!(norms_everywhere(&[-3e19f32], norm).0, f64::from(3e19f32), "{norm:?}");
+        assert_eq!(norms_everywhere(&[1e-30f32], norm).0, f64::from(1e-30f32), "{norm:?}");
+        for x in [-1e155f64, 1e-200] {
+            let exec = Executor::new(1, SimdLevel::Scalar).unwrap();
+            assert_eq!(tensor_norms(&[&[x][..]], norm, &exec)[0], x.abs(), "{norm:?}");
+        }
+        assert!(norms_everywhere(&[f32::NAN], norm).0.is_nan());
     }
 }
 

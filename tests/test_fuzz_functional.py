@@ -1,0 +1,635 @@
+"""Property-based tests of ``rsoptim.functional`` (the NumPy API) under hostile arguments.
+
+Hypothesis draws calls of ``adam_``, ``sgd_``, ``rmsprop_``, ``grad_norms`` and
+``clip_grad_norm_`` whose arguments come as lists, tuples, generators, ``map`` objects or single
+arrays; whose arrays are sometimes of the wrong dtype or shape, non-contiguous views, Fortran
+ordered, read-only, Python lists or torch tensors; that share memory (a param passed as its own
+grad or state, overlapping slices of one buffer, step counts inside a param); with step-count
+arrays of every wrong kind; and sometimes with arrays of 1-4M elements (a generator yielding
+freshly allocated arrays then shows a use-after-free as a crash or as wrong numbers).
+
+The property: a call with valid arguments (as the module's docstring defines them) performs the
+same step as torch's own functional optimizers on copies of the inputs; a call with invalid
+arguments raises TypeError or ValueError (never another exception, never a crash) and writes
+nothing; a call with generators or maps gives the same result, bit for bit, as the same call
+with lists. A few calls are left undecided by the docs (no params at all, state given that the
+hyperparameters do not use, zero-size arrays inside another array's memory): those may raise
+TypeError/ValueError or step correctly.
+
+Runs are deterministic (``derandomize=True``) and bounded; ``FUZZ_EXAMPLES_SCALE`` scales the
+example count for longer local runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.optim.adam import adam as torch_adam
+from torch.optim.rmsprop import rmsprop as torch_rmsprop
+from torch.optim.sgd import sgd as torch_sgd
+
+from rsoptim import functional as F
+
+SCALE = float(os.environ.get("FUZZ_EXAMPLES_SCALE", "1"))
+EPS32 = float(np.finfo(np.float32).eps)
+TOL = {np.dtype(np.float64): dict(rtol=1e-7, atol=1e-7), np.dtype(np.float32): dict(rtol=1.3e-6, atol=1e-5)}
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Roles of each function's array arguments: (name, written, when it is used).
+ROLES = {
+    "adam_": [("params", True, None), ("grads", False, None), ("exp_avgs", True, None), ("exp_avg_sqs", True, None), ("max_exp_avg_sqs", True, "amsgrad")],
+    "sgd_": [("params", True, None), ("grads", False, None), ("momentum_buffers", True, "momentum")],
+    "rmsprop_": [("params", True, None), ("grads", False, None), ("square_avgs", True, None), ("momentum_buffers", True, "momentum"), ("grad_avgs", True, "centered")],
+    "grad_norms": [("grads", False, None)],
+    "clip_grad_norm_": [("grads", True, None)],
+}
+HAS_STEPS = {"adam_", "rmsprop_"}
+CONTAINERS = ["list", "list", "list", "tuple", "gen_same", "map_same", "gen_fresh", "map_fresh", "single"]
+
+# -------------------------------------------------------------------------------------------
+# strategies
+# -------------------------------------------------------------------------------------------
+
+small_shapes = st.one_of(
+    st.just(()),
+    st.sampled_from([(0,), (1,), (5,), (16,), (17,), (33,)]),
+    st.tuples(st.integers(1, 4), st.integers(0, 5)),
+    st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4)),
+)
+
+
+@st.composite
+def item_specs(draw):
+    """How one array argument is spoiled, if at all."""
+    if draw(st.integers(0, 11)) != 0:
+        return None
+    return draw(
+        st.sampled_from(
+            [
+                {"dtype": "float32"},
+                {"dtype": "float64"},
+                {"dtype": "float16"},
+                {"dtype": "int64"},
+                {"dtype": "complex128"},
+                {"dtype": "object"},
+                {"shape": "extra"},
+                {"shape": "flat"},
+                {"view": True},
+                {"fortran": True},
+                {"readonly": True},
+                {"kind": "pylist"},
+                {"kind": "tensor"},
+                {"kind": "none"},
+            ]
+        )
+    )
+
+
+@st.composite
+def calls(draw):
+    fn = draw(st.sampled_from(list(ROLES)))
+    n = draw(st.sampled_from([1, 1, 2, 2, 3, 0]))
+    shapes = [draw(small_shapes) for _ in range(n)]
+    if n and draw(st.integers(0, 14)) == 0:
+        shapes[draw(st.integers(0, n - 1))] = (draw(st.integers(1_000_000, 4_000_000)),)
+    case: dict[str, Any] = {
+        "fn": fn,
+        "dtype": draw(st.sampled_from(["float32", "float64"])),
+        "shapes": shapes,
+        "seed": draw(st.integers(0, 2**16)),
+    }
+    hyper: dict[str, Any] = {}
+    if fn == "adam_":
+        hyper = {
+            "lr": draw(st.sampled_from([1e-3, 0.1])),
+            "betas": (draw(st.sampled_from([0.9, 0.5, 0.0])), draw(st.sampled_from([0.999, 0.9]))),
+            "eps": draw(st.sampled_from([1e-8, 1e-3])),
+            "weight_decay": draw(st.sampled_from([0.0, 0.1])),
+            "amsgrad": draw(st.booleans()),
+            "maximize": draw(st.booleans()),
+            "decoupled_weight_decay": draw(st.booleans()),
+        }
+    elif fn == "sgd_":
+        momentum = draw(st.sampled_from([0.0, 0.9, 0.5]))
+        dampening = draw(st.sampled_from([0.0, 0.3]))
+        hyper = {
+            "lr": draw(st.sampled_from([1e-3, 0.1])),
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": draw(st.sampled_from([0.0, 0.1])),
+            "nesterov": momentum > 0 and dampening == 0 and draw(st.booleans()),
+            "maximize": draw(st.booleans()),
+        }
+    elif fn == "rmsprop_":
+        hyper = {
+            "lr": draw(st.sampled_from([1e-2, 0.1])),
+            "alpha": draw(st.sampled_from([0.99, 0.5])),
+            "eps": draw(st.sampled_from([1e-8, 1e-3])),
+            "weight_decay": draw(st.sampled_from([0.0, 0.1])),
+            "momentum": draw(st.sampled_from([0.0, 0.9])),
+            "centered": draw(st.booleans()),
+            "maximize": draw(st.booleans()),
+        }
+    elif fn == "grad_norms":
+        hyper = {"norm_type": draw(st.sampled_from([2.0, 2, 1, 3, 0.5, math.inf, "inf", 0, -1, math.nan]))}
+    else:
+        hyper = {
+            "max_norm": draw(st.sampled_from([1.0, 0.1, 1e6, 0.0])),
+            "norm_type": draw(st.sampled_from([2.0, 1, 3, 0.5, math.inf, 0, -math.inf])),
+        }
+    # Hyperparameters of other kinds than float: numpy scalars, 0-d arrays, lists for betas.
+    kind = draw(st.sampled_from(["float"] * 4 + ["np.float32", "np.float64", "0-d"]))
+    case["hyper"], case["hyper_kind"] = hyper, kind
+    roles = {}
+    for role, _, used_when in ROLES[fn]:
+        if used_when is not None:
+            needed = bool(hyper.get(used_when))
+            # Given exactly when needed, mostly; the other way round sometimes.
+            present = needed if draw(st.integers(0, 9)) else not needed
+            if fn == "sgd_":
+                present = draw(st.booleans())  # sgd_ creates missing buffers itself
+            if not present:
+                roles[role] = None
+                continue
+        container = draw(st.sampled_from(CONTAINERS))
+        items = [draw(item_specs()) for _ in range(n)]
+        if role == "momentum_buffers" and fn == "sgd_":
+            # None entries are a param's first step.
+            items = [draw(st.sampled_from([None, None, {"kind": "none"}])) if s is None else s for s in items]
+        roles[role] = {"container": container, "items": items}
+    case["roles"] = roles
+    written = [r for r, w, _ in ROLES[fn] if w and roles.get(r)]
+    everything = [r for r, _, _ in ROLES[fn] if roles.get(r)]
+    share = None
+    if n and draw(st.integers(0, 4)) == 0:
+        what = draw(st.sampled_from(["same", "overlap", "steps_inside"] if fn in HAS_STEPS else ["same", "overlap"]))
+        if what == "steps_inside":
+            share = ("steps_inside", draw(st.sampled_from(written)), draw(st.integers(0, n - 1)))
+        else:
+            a = (draw(st.sampled_from(everything)), draw(st.integers(0, n - 1)))
+            b = (draw(st.sampled_from(everything)), draw(st.integers(0, n - 1)))
+            share = (what, a, b)
+    case["share"] = share
+    if fn in HAS_STEPS:
+        case["steps"] = draw(
+            st.sampled_from(
+                ["float32"] * 4 + ["float64", "int64", "float16", "wrong_shape", "2d", "list", "readonly", "view", "tensor", "scalar"]
+            )
+        )
+        case["step_values"] = [draw(st.integers(0, 5)) for _ in range(n)]
+    return case
+
+
+# -------------------------------------------------------------------------------------------
+# building the arguments
+# -------------------------------------------------------------------------------------------
+
+
+def initial_values(case, role: str, i: int, rng) -> np.ndarray:
+    shape = case["shapes"][i]
+    x = np.asarray(rng.standard_normal(shape), np.float64).reshape(shape)
+    if role in ("exp_avg_sqs", "square_avgs"):
+        x = np.abs(x)
+    if role == "max_exp_avg_sqs":
+        x = np.abs(x) + 1.0
+    if role in ("exp_avgs", "grad_avgs", "momentum_buffers"):
+        x = 0.1 * x
+    return np.asarray(x.astype(case["dtype"])).reshape(shape)
+
+
+def spoil(a: np.ndarray, spec) -> Any:
+    if spec is None:
+        return a
+    if "dtype" in spec:
+        return a.astype(spec["dtype"])
+    if spec.get("shape") == "extra":
+        return np.zeros(a.shape + (2,), a.dtype)
+    if spec.get("shape") == "flat":
+        return np.zeros(a.size + 1, a.dtype)
+    if spec.get("view"):
+        if a.ndim == 0:
+            return a
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        view = big[..., ::2]
+        view[...] = a
+        return view
+    if spec.get("fortran"):
+        return np.asfortranarray(a)
+    if spec.get("readonly"):
+        a.flags.writeable = False
+        return a
+    kind = spec.get("kind")
+    if kind == "pylist":
+        return a.tolist()
+    if kind == "tensor":
+        return torch.from_numpy(a)
+    if kind == "none":
+        return None
+    raise AssertionError(spec)
+
+
+def build(case):
+    """The arrays of one call (role -> list), and the step array."""
+    rng = np.random.default_rng(case["seed"])
+    arrays: dict[str, list | None] = {}
+    for role, spec in case["roles"].items():
+        if spec is None:
+            arrays[role] = None
+            continue
+        arrays[role] = [spoil(initial_values(case, role, i, rng), s) for i, s in enumerate(spec["items"])]
+    steps = None
+    if case["fn"] in HAS_STEPS:
+        values = np.array(case["step_values"], np.float64)
+        kind = case["steps"]
+        if kind in ("float32", "float64", "int64", "float16"):
+            steps = values.astype(kind)
+        elif kind == "wrong_shape":
+            steps = np.append(values, 0.0).astype(np.float32)
+        elif kind == "2d":
+            steps = values.astype(np.float32).reshape(1, -1)
+        elif kind == "list":
+            steps = values.tolist()
+        elif kind == "readonly":
+            steps = values.astype(np.float32)
+            steps.flags.writeable = False
+        elif kind == "view":
+            big = np.zeros(2 * len(values), np.float32)
+            steps = big[::2]
+            steps[:] = values
+        elif kind == "tensor":
+            steps = torch.tensor(values, dtype=torch.float32)
+        elif kind == "scalar":
+            steps = np.float32(values[0]) if len(values) else np.float32(0)
+    share = case["share"]
+    if share is not None:
+        what = share[0]
+        if what == "steps_inside":
+            role, i = share[1], share[2]
+            a = arrays[role][i] if arrays.get(role) else None
+            if isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype in FLOATS and a.size >= len(case["shapes"]):
+                steps = a[: len(case["shapes"])]
+        else:
+            (ra, ia), (rb, ib) = share[1], share[2]
+            a, b = arrays[ra][ia], arrays[rb][ib]
+            if what == "same" and isinstance(a, np.ndarray):
+                if (ra, ia) != (rb, ib) or ra == "grads":
+                    arrays[rb][ib] = a
+            elif what == "overlap" and isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.size and a.shape == b.shape:
+                # Two slices of one buffer that overlap by half (at least one element).
+                k = max(1, a.size // 2)
+                buf = np.concatenate([a.reshape(-1), b.reshape(-1)[k:]]) if a.dtype == b.dtype else None
+                if buf is not None and (ra, ia) != (rb, ib):
+                    arrays[ra][ia] = buf[: a.size].reshape(a.shape)
+                    arrays[rb][ib] = buf[a.size - k : 2 * a.size - k].reshape(b.shape)
+    return arrays, steps
+
+
+def fresh(a):
+    return a.copy() if isinstance(a, np.ndarray) else a
+
+
+def container(kind: str, items: list):
+    """The argument as the call receives it. Fresh-copy containers allocate each array as they
+    are iterated and drop it right after, as ``(np.ones(n) for _ in ...)`` does."""
+    if kind == "tuple":
+        return tuple(items)
+    if kind == "gen_same":
+        return (a for a in items)
+    if kind == "map_same":
+        return map(lambda a: a, items)
+    if kind == "gen_fresh":
+        return (fresh(a) for a in items)
+    if kind == "map_fresh":
+        return map(fresh, items)
+    if kind == "single" and len(items) == 1:
+        return items[0]
+    return list(items)
+
+
+def hyper_value(x, kind):
+    if isinstance(x, bool) or isinstance(x, str) or not isinstance(x, (int, float)):
+        return x
+    if kind == "np.float32":
+        return np.float32(x)
+    if kind == "np.float64":
+        return np.float64(x)
+    if kind == "0-d":
+        return np.array(x)
+    return x
+
+
+def call(case, arrays, steps, containers: dict[str, str]):
+    fn, h = case["fn"], dict(case["hyper"])
+    kind = case["hyper_kind"]
+    for key in ("lr", "eps", "weight_decay", "momentum", "dampening", "alpha", "max_norm"):
+        if key in h:
+            h[key] = hyper_value(h[key], kind)
+    if "betas" in h and kind != "float":
+        h["betas"] = [hyper_value(b, kind) for b in h["betas"]]
+    args = {role: None if a is None else container(containers[role], a) for role, a in arrays.items()}
+    if fn == "adam_":
+        return F.adam_(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"], steps, max_exp_avg_sqs=args["max_exp_avg_sqs"], **h)
+    if fn == "sgd_":
+        return F.sgd_(args["params"], args["grads"], args["momentum_buffers"], **h)
+    if fn == "rmsprop_":
+        return F.rmsprop_(args["params"], args["grads"], args["square_avgs"], steps, momentum_buffers=args["momentum_buffers"], grad_avgs=args["grad_avgs"], **h)
+    if fn == "grad_norms":
+        return F.grad_norms(args["grads"], h["norm_type"])
+    return F.clip_grad_norm_(args["grads"], h["max_norm"], h["norm_type"])
+
+
+# -------------------------------------------------------------------------------------------
+# what the call should do
+# -------------------------------------------------------------------------------------------
+
+
+def as_seen(case, arrays):
+    """The arrays as the call sees them (fresh-copy containers hand over contiguous, writeable
+    private copies)."""
+    out = {}
+    for role, items in arrays.items():
+        if items is None:
+            out[role] = None
+        elif case["roles"][role]["container"] in ("gen_fresh", "map_fresh"):
+            out[role] = [fresh(a) for a in items]
+        else:
+            out[role] = items
+    return out
+
+
+def verdict(case, arrays, steps) -> tuple[str, str]:
+    """('valid' | 'invalid' | 'either', why)."""
+    fn, h, n = case["fn"], case["hyper"], len(case["shapes"])
+    seen = as_seen(case, arrays)
+    if fn in ("grad_norms", "clip_grad_norm_"):
+        p = float(h["norm_type"])
+        if not (p > 0):
+            return "invalid", f"norm_type {h['norm_type']!r}"
+    if n == 0:
+        return "either", "no params"
+    params = seen.get("params") or seen["grads"]
+    dtype = params[0].dtype if isinstance(params[0], np.ndarray) else None
+    if dtype not in FLOATS:
+        return "invalid", "params are not float32/float64 arrays"
+    written, read = [], []
+    shapes: list[tuple[int, ...]] = []
+    for role, is_written, used_when in ROLES[fn]:
+        items = seen.get(role)
+        needed = used_when is None or bool(h.get(used_when))
+        if items is None:
+            if needed and not (fn == "sgd_" and role == "momentum_buffers"):
+                return "invalid", f"{role} missing"
+            continue
+        if not needed:
+            if fn == "sgd_":
+                continue  # sgd_ ignores buffers without momentum
+            return "either", f"{role} given but not used"
+        for i, a in enumerate(items):
+            if a is None and fn == "sgd_" and role == "momentum_buffers":
+                continue
+            if not isinstance(a, np.ndarray):
+                return "invalid", f"{role}[{i}] is a {type(a).__name__}"
+            if a.dtype != dtype:
+                return "invalid", f"{role}[{i}] dtype {a.dtype}"
+            if role == "params":
+                shapes.append(a.shape)  # the params' own shapes are the ones to match
+            elif fn not in ("grad_norms", "clip_grad_norm_") and a.shape != shapes[i]:
+                return "invalid", f"{role}[{i}] shape"
+            if not a.flags.c_contiguous:
+                return "invalid", f"{role}[{i}] not C-contiguous"
+            if is_written and not a.flags.writeable:
+                return "invalid", f"{role}[{i}] read-only"
+            (written if is_written else read).append((f"{role}[{i}]", a))
+    if fn in HAS_STEPS:
+        if not (isinstance(steps, np.ndarray) and steps.dtype in FLOATS and steps.shape == (n,)):
+            return "invalid", "steps kind"
+        if not (steps.flags.c_contiguous and steps.flags.writeable):
+            return "invalid", "steps not writeable/contiguous"
+        written.append(("steps", steps))
+    either = None
+    for j, (name_a, a) in enumerate(written):
+        for name_b, b in written[j + 1 :] + read:
+            if np.shares_memory(a, b):
+                return "invalid", f"{name_a} shares memory with {name_b}"
+            if np.may_share_memory(a, b):
+                either = f"{name_a} and {name_b} are within each other's bounds"
+    if fn in ("grad_norms", "clip_grad_norm_") and float(h["norm_type"]) == math.inf:
+        if any(a.size == 0 for _, a in written + read):
+            return "either", "the inf-norm of an empty array (torch raises, 0 would do)"
+    if either:
+        return "either", either
+    return "valid", ""
+
+
+def t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def reference(case, seen, steps):
+    """torch's functional optimizers on copies: the expected arrays, by (role, index), and the
+    expected return value."""
+    fn, h = case["fn"], case["hyper"]
+    ts = {role: None if items is None else [None if a is None else t(a) for a in items] for role, items in seen.items()}
+    out_steps = None
+    if fn in HAS_STEPS:
+        step_ts = [torch.tensor(float(s), dtype=torch.float64) for s in steps]
+    if fn == "adam_":
+        torch_adam(
+            ts["params"], ts["grads"], ts["exp_avgs"], ts["exp_avg_sqs"], ts["max_exp_avg_sqs"] or [], step_ts,
+            foreach=False, decoupled_weight_decay=h["decoupled_weight_decay"], amsgrad=h["amsgrad"],
+            beta1=h["betas"][0], beta2=h["betas"][1], lr=h["lr"], weight_decay=h["weight_decay"], eps=h["eps"],
+            maximize=h["maximize"],
+        )
+        out_steps = [s.item() for s in step_ts]
+        ret = None
+    elif fn == "rmsprop_":
+        torch_rmsprop(
+            ts["params"], ts["grads"], ts["square_avgs"], ts["grad_avgs"] or [], ts["momentum_buffers"] or [], step_ts,
+            foreach=False, maximize=h["maximize"], lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+            weight_decay=h["weight_decay"], momentum=h["momentum"], centered=h["centered"],
+        )
+        out_steps = [s.item() for s in step_ts]
+        ret = None
+    elif fn == "sgd_":
+        bufs = list(ts["momentum_buffers"]) if ts["momentum_buffers"] is not None else [None] * len(ts["params"])
+        given_bufs = bufs if h["momentum"] != 0 else []
+        torch_sgd(
+            ts["params"], ts["grads"], given_bufs, foreach=False, weight_decay=h["weight_decay"],
+            momentum=h["momentum"], lr=h["lr"], dampening=h["dampening"], nesterov=h["nesterov"], maximize=h["maximize"],
+        )
+        ts["momentum_buffers"] = bufs
+        ret = bufs
+    elif fn == "grad_norms":
+        p = float(h["norm_type"])
+        ret = np.array([torch.linalg.vector_norm(g.double(), p).item() for g in ts["grads"]])
+    else:
+        p = float(h["norm_type"])
+        norms = torch.tensor([torch.linalg.vector_norm(g.double(), p).item() for g in ts["grads"]], dtype=torch.float64)
+        total = torch.linalg.vector_norm(norms, p).item()
+        factor = min(float(h["max_norm"]) / (total + 1e-6), 1.0)
+        if factor != 1.0:
+            ts["grads"] = [g * factor for g in ts["grads"]]
+        ret = total
+    return ts, out_steps, ret
+
+
+def close(actual: np.ndarray, expected: torch.Tensor, what: str, rtol=None) -> None:
+    assert isinstance(actual, np.ndarray), f"{what}: got a {type(actual).__name__}"
+    assert actual.dtype == expected.numpy().dtype and actual.shape == tuple(expected.shape), f"{what}: dtype/shape"
+    tol = dict(TOL[actual.dtype])
+    if rtol is not None:
+        tol["rtol"] = max(tol["rtol"], rtol)
+    torch.testing.assert_close(torch.from_numpy(np.array(actual)), expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+
+
+def observable(case, arrays, steps, result):
+    """Everything the caller can look at after the call: arrays not handed over as fresh copies,
+    the step counts and the return value (copied)."""
+    out = {}
+    for role, items in arrays.items():
+        if items is None or case["roles"][role]["container"] in ("gen_fresh", "map_fresh"):
+            continue
+        for i, a in enumerate(items):
+            if isinstance(a, np.ndarray):
+                out[(role, i)] = a.copy()
+    if isinstance(steps, np.ndarray):
+        out[("steps", 0)] = steps.copy()
+    if isinstance(result, list):
+        for i, b in enumerate(result):
+            out[("returned", i)] = None if b is None else np.array(b, copy=True)
+    elif result is not None:
+        out[("returned", 0)] = np.array(result, copy=True)
+    return out
+
+
+def same_bits(a, b, what):
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert a.tobytes() == b.tobytes(), f"{what}: not bit-identical"
+
+
+def check_call(case) -> None:
+    arrays, steps = build(case)
+    containers = {role: spec["container"] for role, spec in case["roles"].items() if spec is not None}
+    kind, why = verdict(case, arrays, steps)
+    seen = as_seen(case, arrays)
+    before = observable(case, arrays, steps, None)
+    # Copies to replay the call with lists (same sharing between arguments: a copy per object).
+    copies: dict[int, np.ndarray] = {}
+
+    def copy_of(a):
+        """A copy over a copy of ``a``'s whole buffer, so overlaps between arguments stay."""
+        if not isinstance(a, np.ndarray):
+            return a
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if id(root) not in copies:
+            copies[id(root)] = root.copy(order="K")
+        base = copies[id(root)]
+        out = np.ndarray(a.shape, a.dtype, buffer=base, offset=a.ctypes.data - root.ctypes.data, strides=a.strides)
+        out.flags.writeable = a.flags.writeable
+        return out
+
+    # (Arguments handed over through fresh-copy containers are replayed as fresh copies too.)
+    replay = {
+        role: None if items is None else [
+            fresh(copy_of(a)) if containers[role] in ("gen_fresh", "map_fresh") else copy_of(a) for a in items
+        ]
+        for role, items in arrays.items()
+    }
+    replay_steps = copy_of(steps)
+    ref = reference(case, seen, steps) if kind == "valid" else None
+    try:
+        result = call(case, arrays, steps, containers)
+    except (TypeError, ValueError) as e:
+        assert kind != "valid", f"a valid call raised {type(e).__name__}: {e}"
+        after = observable(case, arrays, steps, None)
+        for key, a in before.items():
+            same_bits(after[key], a, f"{key} was written by a refused call ({type(e).__name__}: {e})")
+        return
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"the call raised {type(e).__name__} (not TypeError/ValueError): {e}") from e
+    assert kind != "invalid", f"an invalid call ({why}) was accepted"
+    if kind == "valid":
+        check_against_reference(case, arrays, steps, result, ref)
+    # Generators and maps: the same result as lists.
+    if any(c in ("gen_same", "map_same", "gen_fresh", "map_fresh") for c in containers.values()):
+        lists = {role: "list" for role in containers}
+        result2 = call(case, replay, replay_steps, lists)
+        got = observable(case, arrays, steps, result)
+        want = observable(case, replay, replay_steps, result2)
+        for key, a in got.items():
+            same_bits(a, want.get(key), f"{key}: generator/map call differs from the list call")
+
+
+def check_against_reference(case, arrays, steps, result, ref) -> None:
+    ts, out_steps, ret = ref
+    fn = case["fn"]
+    extra_rtol = None
+    if fn == "clip_grad_norm_":
+        assert isinstance(result, float), f"clip_grad_norm_ returned a {type(result).__name__}"
+        dtype = arrays["grads"][0].dtype  # the arrays' own (a spoiled dtype may still be uniform)
+        rel = 1e-10 if dtype == np.float64 else 8 * EPS32
+        assert result == ret or abs(result - ret) <= rel * abs(ret) or (math.isnan(ret) and math.isnan(result)), (
+            f"total norm {result} != {ret}"
+        )
+        extra_rtol = 8 * EPS32 if dtype == np.float32 else 1e-10
+    if fn == "grad_norms":
+        assert isinstance(result, np.ndarray) and result.dtype == np.float64 and result.shape == ret.shape
+        rel = 1e-10 if arrays["grads"][0].dtype == np.float64 else 8 * EPS32
+        np.testing.assert_allclose(result, ret, rtol=rel, atol=0)
+        return
+    for role, items in arrays.items():
+        if items is None or case["roles"][role]["container"] in ("gen_fresh", "map_fresh"):
+            continue
+        for i, a in enumerate(items):
+            expected = ts[role][i]
+            if fn == "sgd_" and role == "momentum_buffers":
+                continue  # checked through the returned buffers below
+            close(a, expected, f"{role}[{i}]", rtol=extra_rtol)
+    if out_steps is not None:
+        assert steps.tolist() == out_steps, f"steps {steps.tolist()} != {out_steps}"
+    if fn == "sgd_":
+        assert isinstance(result, list) and len(result) == len(ts["params"])
+        for i, (b, e) in enumerate(zip(result, ts["momentum_buffers"])):
+            if case["hyper"]["momentum"] == 0:
+                continue  # the buffers are handed back as given
+            close(b, e, f"returned momentum buffer {i}")
+            given = arrays["momentum_buffers"]
+            if given is not None and isinstance(given[i], np.ndarray) and case["roles"]["momentum_buffers"]["container"] not in ("gen_fresh", "map_fresh"):
+                assert b is given[i], f"momentum buffer {i}: a given buffer must be updated in place and returned"
+
+
+@settings(
+    max_examples=max(1, int(700 * SCALE)),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+@given(case=calls())
+def test_functional_hostile_arguments(case):
+    check_call(case)
+
+
+def test_generator_of_fresh_grads_is_read_while_alive():
+    """The classic use-after-free: a generator yielding freshly allocated grads (4M elements, so
+    a freed buffer goes back to the OS). The step must read the grads' values, not freed memory."""
+    n = 4_000_000
+    w = np.zeros(n, np.float32)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    steps = np.zeros(1, np.float32)
+    F.adam_([w], (np.ones(n, np.float32) for _ in range(1)), [m], [v], steps, lr=0.1)
+    np.testing.assert_allclose(w, -0.1, rtol=1e-6)
+    np.testing.assert_allclose(m, 0.1, rtol=1e-6)
+    assert steps.tolist() == [1.0]

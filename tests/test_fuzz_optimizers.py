@@ -1,0 +1,635 @@
+"""Property-based differential tests: rsoptim's optimizers and clipping against the installed torch.
+
+Hypothesis draws whole runs: an optimizer with random (mostly valid, sometimes invalid)
+hyperparameters, 1-4 params of random dtypes, shapes and memory layouts, grads in their own
+layouts (missing on some steps, non-finite sometimes), hyperparameters rewritten between steps as
+LR schedulers do, and state dicts swapped between the two implementations mid-run. torch's
+default CPU implementation (the for-loop, ``foreach=False``) and rsoptim run side by side from
+identical copies; after every step params, grads, every state tensor, the bytes around strided
+views and the state-dict structure must agree, within torch's own tolerances. Where torch raises,
+rsoptim must raise an exception of the same type; where torch steps, rsoptim must step.
+
+The second property does the same for ``clip_grad_norm_`` against ``torch.nn.utils``.
+
+Runs are deterministic (``derandomize=True``) and bounded (``max_examples``), so CI sees the same
+examples every time. ``FUZZ_EXAMPLES_SCALE`` (a float, default 1) scales the example counts for
+longer local runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rsoptim
+from conftest import TOLERANCES, assert_optimizers_match, bits
+
+SCALE = float(os.environ.get("FUZZ_EXAMPLES_SCALE", "1"))
+
+
+def fuzz_settings(examples: int):
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+
+
+CLASSES = {
+    "SGD": (torch.optim.SGD, rsoptim.SGD),
+    "Adam": (torch.optim.Adam, rsoptim.Adam),
+    "AdamW": (torch.optim.AdamW, rsoptim.AdamW),
+    "RMSprop": (torch.optim.RMSprop, rsoptim.RMSprop),
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "complex64": torch.complex64, "complex128": torch.complex128}
+REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+# -------------------------------------------------------------------------------------------
+# strategies: everything is drawn as plain data (dicts, tuples, ints), so hypothesis prints a
+# readable falsifying example and shrinks it; tensors are built from it afterwards.
+# -------------------------------------------------------------------------------------------
+
+# A float hyperparameter: mostly ordinary values, the edges of the valid range sometimes, an
+# invalid one rarely.
+lrs = st.one_of(
+    st.sampled_from([1e-3, 0.01, 0.1]),
+    st.sampled_from([0.0, 1.0, 1e-6]),
+    st.floats(1e-5, 0.5),
+    st.sampled_from([-0.1]),  # invalid
+)
+weight_decays = st.one_of(st.sampled_from([0.0, 0.0, 1e-4, 0.1]), st.floats(0, 1), st.sampled_from([-0.1]))
+epss = st.one_of(st.sampled_from([1e-8, 1e-6, 1e-3]), st.sampled_from([0.0, 1.0]), st.sampled_from([-1e-8]))
+betas1 = st.one_of(st.sampled_from([0.9, 0.5, 0.0]), st.floats(0, 0.999), st.sampled_from([1.0, -0.1]))
+betas2 = st.one_of(st.sampled_from([0.999, 0.9, 0.0]), st.floats(0, 0.9999), st.sampled_from([1.0, -0.1]))
+momenta = st.one_of(st.sampled_from([0.0, 0.0, 0.5, 0.9]), st.floats(0, 1), st.sampled_from([-0.5]))
+dampenings = st.one_of(st.sampled_from([0.0, 0.0, 0.1, 0.5]), st.floats(0, 1))
+alphas = st.one_of(st.sampled_from([0.99, 0.9, 0.5, 0.0]), st.floats(0, 1), st.sampled_from([-0.1]))
+
+
+@st.composite
+def hyperparameters(draw, name: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    kw["lr"] = draw(lrs)
+    if draw(st.integers(0, 4)) == 0:
+        kw["lr"] = ("tensor", abs(kw["lr"]))  # a Tensor lr (made into one when the run starts)
+    kw["weight_decay"] = draw(weight_decays)
+    kw["maximize"] = draw(st.booleans())
+    if name == "SGD":
+        kw["momentum"] = draw(momenta)
+        kw["dampening"] = draw(dampenings)
+        # nesterov is valid only with momentum and no dampening; an invalid combination rarely.
+        valid = kw["momentum"] > 0 and kw["dampening"] == 0
+        kw["nesterov"] = draw(st.booleans()) if valid else draw(st.integers(0, 9)) == 0
+    else:
+        kw["eps"] = draw(epss)
+        # capturable=True on CPU params: torch refuses it at step (an AssertionError).
+        if draw(st.integers(0, 24)) == 0:
+            kw["capturable"] = True
+    if name in ("Adam", "AdamW"):
+        kw["betas"] = (draw(betas1), draw(betas2))
+        kw["amsgrad"] = draw(st.booleans())
+        if name == "Adam" and draw(st.booleans()):
+            kw["decoupled_weight_decay"] = draw(st.booleans())
+    if name == "RMSprop":
+        kw["alpha"] = draw(alphas)
+        kw["momentum"] = draw(momenta)
+        kw["centered"] = draw(st.booleans())
+        if kw["centered"] and 0 <= kw["alpha"] < 0.1:
+            # With alpha ~ 0 the centered variance g*g - lerp(ga, g, 1-alpha)**2 is rounding
+            # noise (it is 0 in exact arithmetic), and 1 ulp decides the step: ill-conditioned,
+            # not a parity question.
+            kw["alpha"] = 0.5
+    return kw
+
+
+SHAPES = st.one_of(
+    st.just(()),
+    st.sampled_from([(0,), (1,), (7,), (9,), (17,), (33,), (65,), (1025,)]),
+    st.tuples(st.integers(1, 5), st.integers(0, 6)),
+    st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 5)),
+    st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+    st.sampled_from([(0, 3), (2, 0, 4), (3, 1, 2, 0)]),
+)
+
+
+@st.composite
+def layouts(draw, shape: tuple[int, ...], for_grad: bool):
+    """A memory layout for a tensor of ``shape``: ('contiguous',), ('permuted', perm),
+    ('sliced', dim), ('channels_last',), ('expanded', dims) (stride 0 along ``dims``)."""
+    n = len(shape)
+    choices = ["contiguous"]
+    if n >= 1:
+        choices += ["sliced"]
+    if n >= 2:
+        choices += ["permuted", "permuted"]
+    if n == 4:
+        choices += ["channels_last"]
+    big_dims = [d for d in range(n) if shape[d] > 1]
+    if big_dims and (for_grad or draw(st.integers(0, 14)) == 0):
+        # Expanded grads are common (the grad of a sum); expanded params are refused by torch's
+        # in-place ops (a RuntimeError), rarely drawn.
+        choices += ["expanded"]
+    kind = draw(st.sampled_from(choices))
+    if kind == "permuted":
+        return ("permuted", tuple(draw(st.permutations(range(n)))))
+    if kind == "sliced":
+        return ("sliced", draw(st.integers(0, n - 1)))
+    if kind == "expanded":
+        return ("expanded", tuple(sorted(draw(st.sets(st.sampled_from(big_dims), min_size=1)))))
+    return (kind,)
+
+
+@st.composite
+def grad_plans(draw, shape, dtype_name, param_dtype_name):
+    """How one param's grad looks on one step (None: no grad this step)."""
+    if draw(st.integers(0, 4)) == 0:
+        return None
+    plan = {
+        "seed": draw(st.integers(0, 2**16)),
+        "layout": draw(layouts(shape, for_grad=True)),
+        "scale": draw(st.sampled_from([1.0, 1.0, 1e-3, 1e3, 0.0])),
+    }
+    if draw(st.integers(0, 5)) == 0 and math.prod(shape) > 0:
+        plan["nonfinite"] = draw(
+            st.lists(st.tuples(st.integers(0, math.prod(shape) - 1), st.sampled_from(["nan", "inf", "-inf"])), min_size=1, max_size=3)
+        )
+    # A grad of another dtype, set with `p.grad.data = ...` (torch allows it and steps
+    # float32 params with float64 grads in SGD/RMSprop).
+    if param_dtype_name == "float32" and draw(st.integers(0, 29)) == 0:
+        plan["data_dtype"] = "float64"
+    return plan
+
+
+@st.composite
+def runs(draw):
+    name = draw(st.sampled_from(list(CLASSES)))
+    kw = draw(hyperparameters(name))
+    n_params = draw(st.integers(1, 4))
+    mixed = draw(st.integers(0, 3)) == 0
+    base_dtype = draw(st.sampled_from(["float32", "float64", "complex64", "float32", "float64"]))
+    params = []
+    for _ in range(n_params):
+        dtype = draw(st.sampled_from(list(DTYPES))) if mixed else base_dtype
+        shape = draw(SHAPES)
+        params.append({"dtype": dtype, "shape": shape, "layout": draw(layouts(shape, for_grad=False)), "seed": draw(st.integers(0, 2**16))})
+    # The same param twice in a group, or two params that are overlapping views of one buffer:
+    # torch steps them one after the other.
+    extra = draw(st.sampled_from([None] * 14 + ["duplicate", "overlapping"]))
+    n_steps = draw(st.integers(1, 4))
+    grads = [
+        [draw(grad_plans(p["shape"], p["dtype"], p["dtype"])) for p in params]
+        for _ in range(n_steps)
+    ]
+    # Two params sometimes share one grad tensor (read only: fine), or a grad is its own param.
+    shared_grad = draw(st.sampled_from([None] * 12 + ["shared", "param_itself"]))
+    # A second param group with its own lr and weight decay, sometimes.
+    split = draw(st.integers(0, n_params)) if n_params > 1 and draw(st.booleans()) else None
+    group2 = {"lr": draw(lrs), "weight_decay": draw(weight_decays)} if split else None
+    # Hyperparameters rewritten before a step (as schedulers do), and state dicts swapped
+    # between the implementations after a step.
+    rewrites = {}
+    for s in range(1, n_steps):
+        if draw(st.integers(0, 3)) == 0:
+            rewrites[s] = draw(rewrite(name))
+    swap = draw(st.sampled_from([None, None] + list(range(1, n_steps)))) if n_steps > 1 else None
+    swap_step_kind = draw(st.sampled_from(["keep"] * 6 + ["float64", "int64", "python"])) if swap else None
+    return {
+        "name": name,
+        "kwargs": kw,
+        "params": params,
+        "extra": extra,
+        "grads": grads,
+        "shared_grad": shared_grad,
+        "split": split,
+        "group2": group2,
+        "rewrites": rewrites,
+        "swap_after": swap,
+        "swap_step_kind": swap_step_kind,
+    }
+
+
+@st.composite
+def rewrite(draw, name):
+    key = draw(
+        st.sampled_from(
+            {
+                "SGD": ["lr", "momentum", "weight_decay", "maximize", "dampening"],
+                "Adam": ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"],
+                "AdamW": ["lr", "betas", "eps", "weight_decay", "maximize"],
+                "RMSprop": ["lr", "alpha", "momentum", "centered", "eps", "weight_decay"],
+            }[name]
+        )
+    )
+    value = {
+        "lr": lrs.filter(lambda x: x >= 0),
+        "momentum": st.sampled_from([0.0, 0.5, 0.9]),
+        "dampening": st.sampled_from([0.0, 0.3]),
+        "weight_decay": st.sampled_from([0.0, 0.01]),
+        "maximize": st.booleans(),
+        "betas": st.tuples(st.sampled_from([0.0, 0.8, 0.9]), st.sampled_from([0.9, 0.99, 0.999])),
+        "eps": st.sampled_from([1e-8, 1e-3]),
+        "amsgrad": st.booleans(),
+        "alpha": st.sampled_from([0.9, 0.99]),
+        "centered": st.booleans(),
+    }[key]
+    return (key, draw(value))
+
+
+# -------------------------------------------------------------------------------------------
+# building tensors from the drawn data
+# -------------------------------------------------------------------------------------------
+
+
+def values(shape, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if dtype.is_complex:
+        x = torch.complex(x, torch.randn(shape, generator=gen, dtype=torch.float64) * scale)
+    return x.to(dtype)
+
+
+def laid_out(v: torch.Tensor, layout: tuple, gap_fill: float) -> torch.Tensor:
+    """A tensor equal to ``v`` with the given memory layout (gaps hold ``gap_fill``)."""
+    kind = layout[0]
+    if kind == "contiguous":
+        return v.clone()
+    if kind == "permuted":
+        perm = list(layout[1])
+        inverse = [perm.index(i) for i in range(len(perm))]
+        return v.permute(perm).contiguous().permute(inverse)
+    if kind == "channels_last":
+        return v.contiguous(memory_format=torch.channels_last)
+    if kind == "sliced":
+        dim = layout[1]
+        big_shape = list(v.shape)
+        big_shape[dim] = 2 * big_shape[dim] + 1
+        big = torch.full(big_shape, gap_fill, dtype=v.dtype)
+        index = [slice(None)] * v.dim()
+        index[dim] = slice(1, None, 2)
+        view = big[tuple(index)]
+        view.copy_(v)
+        return view
+    if kind == "expanded":
+        index = [slice(None)] * v.dim()
+        for d in layout[1]:
+            index[d] = slice(0, 1)
+        return v[tuple(index)].clone().expand(v.shape)
+    raise AssertionError(layout)
+
+
+def twin_all(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Copies of ``tensors`` with the same sizes, strides and offsets over copies of their
+    storages; tensors that shared a storage share the copy (aliasing is reproduced)."""
+    storages: dict[int, Any] = {}
+    made: dict[int, torch.Tensor] = {}
+    out: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if id(t) in made:  # the same tensor twice: the same copy twice
+            out.append(made[id(t)])
+            continue
+        original = t
+        t = t.detach()
+        key = t.untyped_storage().data_ptr()
+        if key not in storages:
+            storages[key] = t.untyped_storage().clone()
+        copy_ = torch.empty(0, dtype=t.dtype)
+        copy_.set_(storages[key], t.storage_offset(), t.size(), t.stride())
+        made[id(original)] = copy_
+        out.append(copy_)
+    return out
+
+
+def outside_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t``'s storage that ``t`` does not cover (its gaps and margins)."""
+    t = t.detach()
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),), (1,))
+    if t.numel() == 0:
+        return flat
+    covered = torch.arange(flat.numel()).as_strided(t.shape, t.stride(), t.storage_offset())
+    mask = torch.ones(flat.numel(), dtype=torch.bool)
+    mask[covered.reshape(-1)] = False
+    return flat[mask]
+
+
+def build_params(run) -> list[torch.Tensor]:
+    params = []
+    for spec in run["params"]:
+        dtype = DTYPES[spec["dtype"]]
+        params.append(laid_out(values(spec["shape"], dtype, spec["seed"]), spec["layout"], gap_fill=12345.0))
+    if run["extra"] == "duplicate":
+        params.append(params[0])
+    elif run["extra"] == "overlapping":
+        base = values((12,), DTYPES[run["params"][0]["dtype"]], run["params"][0]["seed"])
+        params += [base[:8], base[4:]]
+    return [p.requires_grad_() for p in params]
+
+
+def make_grad(plan, p: torch.Tensor) -> torch.Tensor:
+    dtype = p.dtype
+    g = values(tuple(p.shape), dtype, plan["seed"], plan["scale"])
+    flat = g.view(-1) if g.dim() else g.view(1)
+    for index, what in plan.get("nonfinite", []):
+        flat[index % max(1, flat.numel())] = float(what)
+    return laid_out(g, plan["layout"], gap_fill=float("nan"))
+
+
+def param_groups(run, params):
+    if run["split"] is None:
+        return params
+    s = run["split"]
+    return [{"params": params[:s]}, {"params": params[s:], **run["group2"]}]
+
+
+def kwargs_for(run, *, ref: bool) -> dict[str, Any]:
+    kw = copy.deepcopy(run["kwargs"])
+    if isinstance(kw["lr"], tuple):
+        kw["lr"] = torch.tensor(kw["lr"][1])
+    if ref:
+        kw["foreach"] = False
+    return kw
+
+
+def plan_of(run, step, i):
+    """The grad plan of param ``i`` (the extra params of 'duplicate'/'overlapping' reuse the
+    first param's, in a contiguous layout)."""
+    plans = run["grads"][step]
+    if i < len(plans):
+        return plans[i]
+    if plans[0] is None:
+        return None
+    return {**plans[0], "layout": ("contiguous",), "seed": plans[0]["seed"] + i}
+
+
+def set_grads(run, step, params):
+    """The grads of one step for torch's params; returns them (in param order)."""
+    grads: list[torch.Tensor | None] = []
+    for i, p in enumerate(params):
+        plan = plan_of(run, step, i)
+        grads.append(None if plan is None else make_grad(plan, p))
+    if run["shared_grad"] == "shared" and len(params) > 1 and grads[0] is not None:
+        for i in range(1, len(params)):
+            if params[i].shape == params[0].shape and params[i].dtype == params[0].dtype and grads[i] is not None:
+                grads[i] = grads[0]
+                break
+    elif run["shared_grad"] == "param_itself" and grads[0] is not None:
+        grads[0] = params[0].detach()
+    return grads
+
+
+def assign_grads(run, step, params, grads):
+    for i, (p, g) in enumerate(zip(params, grads)):
+        plan = plan_of(run, step, i)
+        p.grad = g
+        if g is not None and plan is not None and "data_dtype" in plan and p.dtype == torch.float32:
+            p.grad.data = g.to(torch.float64)
+
+
+def assert_state_dicts_match(ours: dict, ref: dict, where: str) -> None:
+    assert sorted(ours) == sorted(ref), f"{where}: state_dict keys {sorted(ours)} != {sorted(ref)}"
+    assert sorted(ours["state"]) == sorted(ref["state"]), f"{where}: state indices {sorted(ours['state'])} != {sorted(ref['state'])}"
+    for index, s_ref in ref["state"].items():
+        s_ours = ours["state"][index]
+        assert sorted(s_ours) == sorted(s_ref), f"{where}: state[{index}] keys {sorted(s_ours)} != {sorted(s_ref)}"
+        for key, v in s_ref.items():
+            assert type(s_ours[key]) is type(v), f"{where}: state[{index}][{key!r}] type"
+    assert len(ours["param_groups"]) == len(ref["param_groups"]), f"{where}: number of param groups"
+    for g_ours, g_ref in zip(ours["param_groups"], ref["param_groups"]):
+        assert sorted(g_ours) == sorted(g_ref), f"{where}: param group keys {sorted(g_ours)} != {sorted(g_ref)}"
+        for key, v in g_ref.items():
+            if key == "foreach":  # torch's side runs with foreach=False on purpose
+                continue
+            w = g_ours[key]
+            if isinstance(v, torch.Tensor):
+                assert isinstance(w, torch.Tensor) and w.dtype == v.dtype and torch.equal(w, v), f"{where}: group[{key!r}]"
+            else:
+                assert w == v or (v != v and w != w), f"{where}: group[{key!r}] {w!r} != {v!r}"
+
+
+def assert_outside_untouched(ours_tensors, ref_tensors, what: str, where: str) -> None:
+    for i, (a, b) in enumerate(zip(ours_tensors, ref_tensors)):
+        if a is None or b is None:
+            continue
+        oa, ob = outside_view(a), outside_view(b)
+        assert oa.shape == ob.shape and torch.equal(bits(oa), bits(ob)), (
+            f"{where}: the storage of {what} {i} changed outside the view"
+        )
+
+
+def outcome(fn):
+    """('ok', result) or ('raised', exception)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return "ok", fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return "raised", e
+
+
+def same_outcome(ours, ref, what: str) -> bool:
+    """Checks that both sides raised the same type or both did not; True if both went on."""
+    (o_kind, o_val), (r_kind, r_val) = ours, ref
+    if r_kind == "raised":
+        assert o_kind == "raised", f"{what}: torch raised {type(r_val).__name__}: {r_val}, but rsoptim did not"
+        assert type(o_val) is type(r_val), (
+            f"{what}: torch raised {type(r_val).__name__}: {r_val}; rsoptim raised {type(o_val).__name__}: {o_val}"
+        )
+        return False
+    assert o_kind == "ok", f"{what}: torch went on, rsoptim raised {type(o_val).__name__}: {o_val}"
+    return True
+
+
+def retype_steps(sd: dict, kind: str) -> dict:
+    """A state dict as another program may have saved it: step counts of another kind."""
+    for s in sd["state"].values():
+        if "step" in s and isinstance(s["step"], torch.Tensor):
+            value = s["step"].item()
+            s["step"] = {
+                "keep": s["step"],
+                "float64": torch.tensor(value, dtype=torch.float64),
+                "int64": torch.tensor(int(value), dtype=torch.int64),
+                "python": value,
+            }[kind]
+    return sd
+
+
+def check_run(run) -> None:
+    ref_cls, our_cls = CLASSES[run["name"]]
+    ref_params = build_params(run)
+    our_params = [t.requires_grad_() for t in twin_all(ref_params)]
+    made = [
+        outcome(lambda: ref_cls(param_groups(run, ref_params), **kwargs_for(run, ref=True))),
+        outcome(lambda: our_cls(param_groups(run, our_params), **kwargs_for(run, ref=False))),
+    ]
+    if not same_outcome(made[1], made[0], "construction"):
+        return
+    ref, ours = made[0][1], made[1][1]
+    for step in range(len(run["grads"])):
+        where = f"step {step + 1}"
+        if step in run["rewrites"]:
+            key, value = run["rewrites"][step]
+            for opt in (ref, ours):
+                for group in opt.param_groups:
+                    if key == "lr" and isinstance(group["lr"], torch.Tensor):
+                        group["lr"].fill_(value)
+                    else:
+                        group[key] = value
+        grads = set_grads(run, step, ref_params)
+        our_grads = twin_all(grads)  # before `p.grad.data = ...` retypes torch's
+        assign_grads(run, step, ref_params, grads)
+        assign_grads(run, step, our_params, our_grads)
+        if run["shared_grad"] == "param_itself" and grads[0] is not None:
+            our_params[0].grad = our_params[0].detach()
+        stepped = [outcome(ref.step), outcome(ours.step)]
+        if not same_outcome(stepped[1], stepped[0], where):
+            return
+        exact_grads = run["shared_grad"] != "param_itself"
+        assert_optimizers_match(ours, ref, equal_nan=True, grads_exact=exact_grads, where=where)
+        assert_outside_untouched(our_params, ref_params, "param", where)
+        assert_outside_untouched([p.grad for p in our_params], [p.grad for p in ref_params], "grad", where)
+        assert_state_dicts_match(ours.state_dict(), ref.state_dict(), where)
+        if run["swap_after"] == step + 1:
+            # Save from each implementation, load into a fresh one of the other, go on.
+            from_ours = retype_steps(copy.deepcopy(ours.state_dict()), run["swap_step_kind"])
+            from_ref = retype_steps(copy.deepcopy(ref.state_dict()), run["swap_step_kind"])
+            ref = ref_cls(param_groups(run, ref_params), **kwargs_for(run, ref=True))
+            ours = our_cls(param_groups(run, our_params), **kwargs_for(run, ref=False))
+            loaded = [outcome(lambda: ref.load_state_dict(from_ours)), outcome(lambda: ours.load_state_dict(from_ref))]
+            if not same_outcome(loaded[1], loaded[0], f"load_state_dict after {where}"):
+                return
+            for group in ref.param_groups:
+                group["foreach"] = False
+            assert_optimizers_match(ours, ref, equal_nan=True, grads_exact=exact_grads, where=f"after the swap at {where}")
+
+
+@fuzz_settings(400)
+@given(run=runs())
+def test_optimizers_match_torch(run):
+    check_run(run)
+
+
+# -------------------------------------------------------------------------------------------
+# clip_grad_norm_
+# -------------------------------------------------------------------------------------------
+
+CLIP_DTYPES = ["float32", "float64", "complex64", "complex128"]
+
+
+@st.composite
+def clip_cases(draw):
+    n = draw(st.integers(0, 4))
+    base = draw(st.sampled_from(CLIP_DTYPES))
+    mixed = draw(st.integers(0, 3)) == 0
+    grads = []
+    for _ in range(n):
+        shape = draw(SHAPES)
+        plan = None
+        if draw(st.integers(0, 5)) != 0:
+            plan = {
+                "seed": draw(st.integers(0, 2**16)),
+                "layout": draw(layouts(shape, for_grad=True)),
+                "scale": draw(st.sampled_from([1.0, 1.0, 3e19, 1e-30, 1e-20, 1e20, 1e155, 1e-160, 0.0])),
+            }
+            if draw(st.integers(0, 5)) == 0 and math.prod(shape) > 0:
+                plan["nonfinite"] = draw(
+                    st.lists(st.tuples(st.integers(0, math.prod(shape) - 1), st.sampled_from(["nan", "inf", "-inf"])), min_size=1, max_size=2)
+                )
+        grads.append({"dtype": draw(st.sampled_from(CLIP_DTYPES)) if mixed else base, "shape": shape, "grad": plan})
+    return {
+        "grads": grads,
+        "max_norm": draw(st.sampled_from([1.0, 0.5, 1e-3, 0.0, 1e6, 1e30])),
+        "norm_type": draw(st.sampled_from([2.0, 2.0, 1.0, 1, 2, 3.5, math.inf, "inf", 0.5])),
+        "error_if_nonfinite": draw(st.booleans()),
+        "foreach": draw(st.sampled_from([None, False])),
+        "container": draw(st.sampled_from(["list", "list", "tuple", "generator", "single"])),
+        "duplicate": draw(st.integers(0, 14)) == 0,  # the same param twice in the list
+    }
+
+
+def clip_params(case) -> list[torch.Tensor]:
+    params = []
+    for i, spec in enumerate(case["grads"]):
+        dtype = DTYPES[spec["dtype"]]
+        p = torch.zeros(spec["shape"], dtype=dtype, requires_grad=True)
+        if spec["grad"] is not None:
+            p.grad = make_grad(spec["grad"], p)
+        params.append(p)
+    if case["duplicate"] and params:
+        params.append(params[0])
+    return params
+
+
+def clip_container(case, params):
+    kind = case["container"]
+    if kind == "single" and len(params) == 1:
+        return params[0]
+    if kind == "tuple":
+        return tuple(params)
+    if kind == "generator":
+        return (p for p in params)
+    return list(params)
+
+
+def check_clip(case, fn_ours, fn_ref) -> None:
+    ref_params = clip_params(case)
+    seen: dict[int, torch.Tensor] = {}
+    our_params = []
+    for p in ref_params:
+        if id(p) not in seen:
+            q = torch.zeros_like(p).requires_grad_()
+            if p.grad is not None:
+                q.grad = twin_all([p.grad])[0]
+            seen[id(p)] = q
+        our_params.append(seen[id(p)])
+    args = dict(norm_type=case["norm_type"], error_if_nonfinite=case["error_if_nonfinite"], foreach=case["foreach"])
+    before = [None if p.grad is None else p.grad.clone() for p in our_params]
+    r = outcome(lambda: fn_ref(clip_container(case, ref_params), case["max_norm"], **args))
+    o = outcome(lambda: fn_ours(clip_container(case, our_params), case["max_norm"], **args))
+    torch_raised = r[0] == "raised"
+    if same_outcome(o, r, "clip_grad_norm_"):
+        total_ref, total_ours = r[1], o[1]
+        assert isinstance(total_ours, torch.Tensor)
+        assert total_ours.dtype == total_ref.dtype, f"total norm dtype {total_ours.dtype} != torch's {total_ref.dtype}"
+        assert total_ours.shape == total_ref.shape
+        # Each group's norms are computed in the group's dtype, so the total is only as precise
+        # as the least precise group's norms (a float64 total over float32 grads included).
+        grad_dtypes = [p.grad.dtype for p in ref_params if p.grad is not None]
+        least_precise = max(grad_dtypes + [total_ref.dtype], key=lambda d: TOLERANCES[d][0])
+        rtol, atol = TOLERANCES[least_precise]
+        torch.testing.assert_close(total_ours, total_ref, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"total norm: {m}")
+    # The grads: as torch left them (untouched where torch raised before scaling).
+    for i, (p, q) in enumerate(zip(our_params, ref_params)):
+        if q.grad is None:
+            assert p.grad is None
+            continue
+        rtol, atol = TOLERANCES[q.grad.dtype]
+        if torch_raised:
+            if "non-finite" in str(r[1]):
+                # error_if_nonfinite: refused before any grad is scaled.
+                assert torch.equal(bits(p.grad), bits(before[i])), f"grad {i} changed although clipping was refused"
+            # Otherwise torch raised part way (an expanded grad it cannot scale in place, say)
+            # and which dtype groups it had scaled by then is its own business.
+            continue
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"grad {i} after clipping: {m}"
+        )
+        assert_outside_untouched([p.grad], [q.grad], "grad", "clip_grad_norm_")
+
+
+@fuzz_settings(600)
+@given(case=clip_cases())
+def test_clip_grad_norm_matches_torch(case):
+    check_clip(case, rsoptim.clip_grad_norm_, torch.nn.utils.clip_grad_norm_)
