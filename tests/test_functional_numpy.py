@@ -417,7 +417,10 @@ def test_clip_refuses_non_contiguous_and_wrong_dtype():
     g.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         F.clip_grad_norm_([g], 1.0)
-    assert F.clip_grad_norm_([g], 1e3) == pytest.approx(20.0)  # nothing to scale: reading is fine
+    # Refused whether or not this call would clip: the answer must not depend on the data.
+    with pytest.raises(ValueError, match="read-only"):
+        F.clip_grad_norm_([g], 1e3)
+    assert F.grad_norms([g])[0] == pytest.approx(20.0)  # reading is fine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -434,7 +434,13 @@ def t(a: np.ndarray) -> torch.Tensor:
 def reference(case, seen, steps):
     """torch's functional optimizers on copies: the expected arrays, by (role, index), and the
     expected return value."""
-    fn, h = case["fn"], case["hyper"]
+    fn, h = case["fn"], dict(case["hyper"])
+    # The values the call was given (an np.float32 lr is 0.1 rounded to float32), as floats.
+    for key in ("lr", "eps", "weight_decay", "momentum", "dampening", "alpha", "max_norm"):
+        if key in h:
+            h[key] = float(hyper_value(h[key], case["hyper_kind"]))
+    if "betas" in h:
+        h["betas"] = [float(hyper_value(b, case["hyper_kind"])) for b in h["betas"]]
     ts = {role: None if items is None else [None if a is None else t(a) for a in items] for role, items in seen.items()}
     out_steps = None
     if fn in HAS_STEPS:

@@ -151,6 +151,14 @@ def test_a_storage_shrunk_in_place_is_refused_not_written(name, target, plan):
         opt.step()
 
 
+def test_clip_refuses_a_grad_whose_storage_was_shrunk():
+    p = torch.zeros(1 << 16, requires_grad=True)
+    p.grad = torch.ones(1 << 16)
+    p.grad.untyped_storage().resize_(64)
+    with pytest.raises(RuntimeError, match="storage"):
+        rsoptim.clip_grad_norm_([p], 1.0)
+
+
 def test_a_plan_survives_ordinary_steps():
     # The checks above must not send every step down the general path.
     w = torch.zeros(100, requires_grad=True)
@@ -368,6 +376,18 @@ def test_the_norm_of_one_element_is_its_magnitude_as_in_torch(dtype, value, norm
     _assert_same_outcome(run)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("value", [3e19 + 4e19j, 1e155 + 1e155j, 1e-30 + 1e-30j])
+def test_the_norm_of_one_complex_element_is_its_magnitude_as_in_torch(dtype, value):
+    def run(module):
+        p = torch.zeros((), dtype=dtype, requires_grad=True)
+        p.grad = torch.tensor(value, dtype=dtype)
+        norm = torch.nn.utils.get_total_norm if module is torch.optim else rsoptim.get_total_norm
+        return norm([p.grad], error_if_nonfinite=True)
+
+    _assert_same_outcome(run)
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
 def test_a_grad_that_is_its_own_param_is_stepped_as_torch_does(name):
     def run(module):
@@ -379,3 +399,9 @@ def test_a_grad_that_is_its_own_param_is_stepped_as_torch_does(name):
         return w.detach().clone()
 
     _assert_same_outcome(run)
+
+
+def test_functional_clip_refuses_shared_grads_even_when_nothing_is_clipped():
+    g = np.full(4, 1e-3, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        F.clip_grad_norm_([g, g], max_norm=10.0)  # factor 1.0: nothing would be written

@@ -52,6 +52,8 @@ def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
         return None  # p <= 0, NaN p, and complex |z| norms other than the 2-norm
     if norm_type == float("inf") and any(t.numel() == 0 for t in tensors):
         return None  # torch refuses the inf-norm of an empty tensor (no identity): let it say so
+    if tensors[0].is_complex() and any(t.numel() == 1 for t in tensors):
+        return None  # torch's norm of one complex element is |z|, which overflows nowhere
     views = _kernel_ready(tensors)
     if views is None:
         return None

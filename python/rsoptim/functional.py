@@ -223,12 +223,14 @@ def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
 
 def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> float:
     """Scales ``grads`` in place by ``min(max_norm / (total + 1e-6), 1)``, where ``total`` is
-    the norm of the per-array norms; returns ``total``."""
+    the norm of the per-array norms; returns ``total``. The grads must be writeable and must not
+    share memory, whether or not the call clips (``grad_norms`` only reads)."""
     gs = _Params(grads)
     norms = grad_norms(gs.arrays, norm_type).astype(gs.dtype)
     norm_type = float(norm_type)
     total = float(norms.max() if norm_type == float("inf") else (np.abs(norms) ** norm_type).sum() ** (1.0 / norm_type))
     factor = min(float(max_norm) / (total + 1e-6), 1.0)
-    if factor != 1.0:
-        _rsoptim.scale_(gs.name, gs.numels, gs.column("grads", gs.arrays, True), factor)
+    # Called even with factor 1.0 (the kernel then writes nothing): grads that share memory are
+    # refused whether or not this call happens to clip.
+    _rsoptim.scale_(gs.name, gs.numels, gs.column("grads", gs.arrays, True), factor)
     return total

@@ -203,6 +203,9 @@ impl<T: Real> Kernel for ScaleJob<'_, T> {
 
 /// `x *= factor` for every element of every tensor (torch's `_foreach_mul_` by a scalar).
 pub fn scale_in_place<T: Real>(tensors: Vec<&mut [T]>, factor: T, exec: &Executor) {
+    if factor == T::one() {
+        return; // x * 1 == x for every float, NaN included: nothing to write
+    }
     let simd = exec.simd();
     let jobs = tensors.into_iter().map(|data| ScaleJob { data, factor }).collect();
     exec.for_each_piece(jobs, |job| dispatch(simd, job));
