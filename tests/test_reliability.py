@@ -405,3 +405,47 @@ def test_functional_clip_refuses_shared_grads_even_when_nothing_is_clipped():
     g = np.full(4, 1e-3, np.float32)
     with pytest.raises(ValueError, match="share memory"):
         F.clip_grad_norm_([g, g], max_norm=10.0)  # factor 1.0: nothing would be written
+
+
+def test_one_optimizer_stepped_by_threads_while_another_loads_state_dicts():
+    # Two threads step one optimizer while a third keeps replacing its state with copies, which
+    # frees the old state tensors. Each step must keep alive the memory it hands to Rust (its
+    # grads, and the plan holding the params' and state's storages) and its plan must record the
+    # very tensors its columns point at. (torch.optim survives this too; it makes no promise
+    # about the numbers, and neither does rsoptim: only no crash and no stray writes.)
+    import copy
+
+    n = 1 << 20
+    params = [torch.zeros(n, requires_grad=True) for _ in range(2)]
+    opt = rsoptim.Adam(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones(n)
+    opt.step()
+    stop = threading.Event()
+    errors = []
+
+    def stepper():
+        try:
+            for _ in range(60):
+                opt.step()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def swapper():
+        try:
+            while not stop.is_set():
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=stepper) for _ in range(2)]
+    swap = threading.Thread(target=swapper)
+    swap.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    swap.join()
+    assert not errors
+    assert all(torch.isfinite(p).all() and (p < 0).all() for p in params)

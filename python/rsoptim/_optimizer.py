@@ -16,7 +16,8 @@ attribute reads per param.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from array import array
+from dataclasses import dataclass, field, replace
 from itertools import chain, compress, repeat
 from typing import Any, Callable, ClassVar
 
@@ -54,8 +55,9 @@ class KernelCall:
     columns: dict[str, bytes]
     steps: bytes = b""
     new_buffers: list[bool] = field(default_factory=list)
-    # Tensors whose addresses the call uses and nothing else may keep alive during it.
-    held: list[torch.Tensor] = field(default_factory=list)
+    # What keeps alive, while the kernel runs, memory whose address the call uses and that
+    # nothing else may hold (another thread may drop a grad or load a new state dict meanwhile).
+    held: list[Any] = field(default_factory=list)
 
 
 class KernelOptimizer:
@@ -125,7 +127,6 @@ class KernelOptimizer:
             if calls is not None:
                 for call in calls:
                     self._kernel_call(group, call)
-                    call.held = []
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
             elif params:
@@ -164,17 +165,30 @@ class KernelOptimizer:
             # torch applies weight decay to complex params in complex arithmetic, where a
             # non-finite component spreads NaN to the other one; the kernels step real views.
             return False
-        return runs_on_kernel(p) and same_kind(p.grad, p)
+        grad = p.grad
+        return grad is not None and runs_on_kernel(p) and same_kind(grad, p)
 
-    def _state_runs_on_kernel(self, p: torch.Tensor, keys: tuple[str, ...]) -> bool:
-        """Whether ``p``'s state tensors are what the kernels update in place: each of the
+    def _kernel_buffers(self, p: torch.Tensor, group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+        """The grad, state tensors and step count the kernels would step ``p`` with, each read
+        once (so that what was checked is what is stepped and held, whatever other threads
+        assign meanwhile), or None if torch must step ``p``: the state tensors must be of the
         param's dtype, device and shape (a state dict may have loaded anything)."""
-        if not keys and not self._has_step:
-            return True
-        state = self.state[p]
-        if self._has_step and not is_step_count(state.get("step")):
-            return False
-        return all(isinstance(state.get(key), torch.Tensor) and same_kind(state[key], p) for key in keys)
+        if not self._param_runs_on_kernel(p, group):
+            return None
+        buffers: dict[str, Any] = {"grad": p.grad}
+        if keys or self._has_step:
+            state = self.state[p]
+            for key in keys:
+                buffers[key] = state.get(key)
+                if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], p)):
+                    return None
+            if self._has_step:
+                buffers["step"] = state.get("step")
+                if not is_step_count(buffers["step"]):
+                    return None
+        if not same_kind(buffers["grad"], p):
+            return None  # replaced by another thread since it was checked
+        return buffers
 
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
         """Undoes state this step created for ``params`` that torch would create otherwise."""
@@ -184,28 +198,31 @@ class KernelOptimizer:
         keys = self._state_keys(group)
         needs_state = self._needs_state(group)
         kernel_ok = self._group_runs_on_kernel(group)
-        buckets: dict[tuple[str, str], list[torch.Tensor]] = {}
+        buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:
             if needs_state:
                 state = self.state[p]
                 if self._state_is_new(state):
                     self._init_state(p, group, state)
-            if kernel_ok and self._param_runs_on_kernel(p, group) and self._state_runs_on_kernel(p, keys):
-                step_dtype = step_dtype_name(self.state[p]["step"]) if self._has_step else "float32"
-                buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append(p)
+            buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
+            if buffers is not None:
+                step_dtype = step_dtype_name(buffers["step"]) if self._has_step else "float32"
+                buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append((p, buffers))
             else:
                 others.append(p)
         calls = []
-        for (dtype, step_dtype), bucket in buckets.items():
+        stepped: dict[int, dict[str, Any]] = {}
+        for (dtype, step_dtype), entries in buckets.items():
+            bucket = [p for p, _ in entries]
             table = BufferTable(("param", "grad", *keys), written=frozenset(("param", *keys)))
-            for p in bucket:
-                state = self.state[p] if keys else {}
-                table.add(p, {"grad": p.grad, **{key: state[key] for key in keys}})
+            for p, buffers in entries:
+                table.add(p, {role: buffers[role] for role in ("grad", *keys)})
+            steps = [buffers["step"] for _, buffers in entries] if self._has_step else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
-            call = KernelCall(dtype, step_dtype, bucket, pack(table.numels), columns, pack(self._steps(bucket)))
+            call = KernelCall(dtype, step_dtype, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps)))
             call.new_buffers = self._new_buffer_flags(bucket)
-            call.held = [self.state[p]["step"] for p in bucket] if self._has_step else []
+            call.held = [table, steps]
             try:
                 self._kernel_call(group, call)
             except _rsoptim.BufferOverlapError:
@@ -219,10 +236,11 @@ class KernelOptimizer:
             table.write_back()
             increment_version(bucket)
             calls.append(call)
+            stepped.update((id(p), buffers) for p, buffers in entries)
         if others:
             self._torch_step(group, others)
             return None
-        return _Plan.build(self, group, calls)
+        return _Plan.build(self, group, calls, stepped)
 
     def _plan_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Every state tensor a kernel call uses: the state buffers, and the step count."""
@@ -231,11 +249,6 @@ class KernelOptimizer:
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
-
-    def _steps(self, params: list[torch.Tensor]) -> list[int]:
-        if not self._has_step:
-            return []
-        return [self.state[p]["step"].data_ptr() for p in params]
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -289,28 +302,41 @@ class _Plan:
     state_dicts: list[dict[str, Any]] = field(default_factory=list)
 
     @staticmethod
-    def build(opt: KernelOptimizer, group: dict[str, Any], calls: list[KernelCall]) -> _Plan | None:
+    def build(
+        opt: KernelOptimizer, group: dict[str, Any], calls: list[KernelCall], stepped: dict[int, dict[str, Any]]
+    ) -> _Plan | None:
+        """A plan from the step just taken: ``stepped`` maps each stepped param (by id) to the
+        grad, state tensors and step count its call used. The plan records and holds exactly
+        those tensors, whose addresses are in the calls' columns, never a re-read of them (which
+        another thread may have replaced meanwhile)."""
         where = {}
         for c, call in enumerate(calls):
+            columns = {role: array("Q", column) for role, column in call.columns.items()}
+            columns["step"] = array("Q", call.steps)
             for slot, p in enumerate(call.params):
-                where[id(p)] = (c, slot)
+                where[id(p)] = (c, slot, columns)
         keys = opt._plan_keys(group)
-        with_grad = [p for p in group["params"] if p.grad is not None]
+        with_grad = [p for p in group["params"] if id(p) in stepped]
         shapes, dtypes, grad_nbytes, addrs, grad_slots, held = [], [], [], [], [], []
         states: list[torch.Tensor] = []
         for p in with_grad:
+            buffers = stepped[id(p)]
+            grad = buffers["grad"]
+            c, slot, columns = where[id(p)]
             # Complex and strided params take the general path every step.
-            if p.is_complex() or not (p.is_contiguous() and p.grad.is_contiguous()):
+            if p.is_complex() or not (p.is_contiguous() and grad.is_contiguous()):
                 return None
-            tensors = [opt.state[p][k] for k in keys]
+            tensors = [buffers[k] for k in keys]
             if not all(t.is_contiguous() for t in tensors):
                 return None
+            if p.data_ptr() != columns["param"][slot] or any(t.data_ptr() != columns[k][slot] for k, t in zip(keys, tensors)):
+                return None  # moved since the call (another thread): the next step checks afresh
             shapes.append(p.shape)
-            dtypes.append(p.grad.dtype)
-            grad_nbytes.append(p.grad.numel() * p.grad.element_size())
+            dtypes.append(grad.dtype)
+            grad_nbytes.append(grad.numel() * grad.element_size())
             addrs.append(p.data_ptr())
             states.extend(tensors)
-            grad_slots.append(where[id(p)])
+            grad_slots.append((c, slot))
             held.append(p.detach())
         held.extend(t.detach() for t in states)
         storages = [t.untyped_storage() for t in held]
@@ -319,7 +345,7 @@ class _Plan:
             grads_of_call[c][slot] = i
         for call in calls:
             call.new_buffers = [False] * len(call.params)
-        has_grad = [p.grad is not None for p in group["params"]]
+        has_grad = [id(p) in stepped for p in group["params"]]
         return _Plan(
             all_have_grads=all(has_grad),
             group_params=group["params"],
@@ -407,11 +433,13 @@ class _Plan:
         limits = map(operator.add, map(_storage_ptr, grad_storages), map(_storage_nbytes, grad_storages))
         if not all(map(operator.le, ends, limits)):
             return None
-        for call in self.calls:
-            call.held = grads  # alive until the kernels are done, whatever other threads do
+        # This step's calls: the plan's with this step's grads, new objects so that two threads
+        # stepping one optimizer never see each other's columns. Each holds its grads and the
+        # plan (which holds the params' and state's memory) until its kernel returns.
+        held = [grads, self]
         if len(self.calls) == 1:
-            self.calls[0].columns["grad"] = pack(grad_addrs)
-        else:
-            for call, indices in zip(self.calls, self.grads_of_call):
-                call.columns["grad"] = pack([grad_addrs[i] for i in indices])
-        return self.calls
+            return [replace(self.calls[0], columns={**self.calls[0].columns, "grad": pack(grad_addrs)}, held=held)]
+        return [
+            replace(call, columns={**call.columns, "grad": pack([grad_addrs[i] for i in indices])}, held=held)
+            for call, indices in zip(self.calls, self.grads_of_call)
+        ]
