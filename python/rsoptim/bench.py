@@ -30,7 +30,7 @@ import torch
 
 import rsoptim
 from rsoptim import _rsoptim
-from rsoptim._layout import pack
+from rsoptim._columns import pack
 
 # ---------------------------------------------------------------------------------------------
 # Workloads: named lists of parameter shapes.
