@@ -292,3 +292,22 @@ def tensor_sizes() -> Sequence[tuple[int, ...]]:
     """Odd sizes around SIMD widths and the kernels' chunk boundaries."""
     chunk = int(_rsoptim.CHUNK)
     return [(0,), (1,), (7,), (8,), (9,), (17,), (33,), (chunk - 1,), (chunk + 1,), (2 * chunk + 3,), (3, 0, 2)]
+
+
+def fuzz_settings(examples: int):
+    """Hypothesis settings of the property tests: deterministic (the same examples on every run,
+    so CI is reproducible) and bounded; FUZZ_EXAMPLES_SCALE (default 1) scales the example count
+    for longer local runs."""
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    scale = float(os.environ.get("FUZZ_EXAMPLES_SCALE", "1"))
+    return settings(
+        max_examples=max(1, int(examples * scale)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )

@@ -23,20 +23,19 @@ example count for longer local runs.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.optim.adam import adam as torch_adam
 from torch.optim.rmsprop import rmsprop as torch_rmsprop
 from torch.optim.sgd import sgd as torch_sgd
 
+from conftest import fuzz_settings
 from rsoptim import functional as F
 
-SCALE = float(os.environ.get("FUZZ_EXAMPLES_SCALE", "1"))
 EPS32 = float(np.finfo(np.float32).eps)
 TOL = {np.dtype(np.float64): dict(rtol=1e-7, atol=1e-7), np.dtype(np.float32): dict(rtol=1.3e-6, atol=1e-5)}
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -615,14 +614,7 @@ def check_against_reference(case, arrays, steps, result, ref) -> None:
                 assert b is given[i], f"momentum buffer {i}: a given buffer must be updated in place and returned"
 
 
-@settings(
-    max_examples=max(1, int(700 * SCALE)),
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+@fuzz_settings(700)
 @given(case=calls())
 def test_functional_hostile_arguments(case):
     check_call(case)

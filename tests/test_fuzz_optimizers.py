@@ -20,31 +20,15 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 from typing import Any
 
-import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import rsoptim
-from conftest import TOLERANCES, assert_optimizers_match, bits
-
-SCALE = float(os.environ.get("FUZZ_EXAMPLES_SCALE", "1"))
-
-
-def fuzz_settings(examples: int):
-    return settings(
-        max_examples=max(1, int(examples * SCALE)),
-        deadline=None,
-        derandomize=True,
-        database=None,
-        print_blob=False,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
-
+from conftest import TOLERANCES, assert_optimizers_match, bits, fuzz_settings
 
 CLASSES = {
     "SGD": (torch.optim.SGD, rsoptim.SGD),

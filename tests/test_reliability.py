@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rsoptim
+from rsoptim import _rsoptim
 from rsoptim import functional as F
 
 INF = float("inf")
@@ -449,3 +450,74 @@ def test_one_optimizer_stepped_by_threads_while_another_loads_state_dicts():
     swap.join()
     assert not errors
     assert all(torch.isfinite(p).all() and (p < 0).all() for p in params)
+
+
+# --- The step plan's native checks (libtorch's shim) ------------------------------------------
+
+
+def _addresses(tensors, numels, dtypes, shape_of=None):
+    from rsoptim._columns import pack
+    from rsoptim._optimizer import _DTYPE_CODES
+
+    shape_of = range(len(tensors)) if shape_of is None else shape_of
+    return _rsoptim.tensor_addresses(
+        pack(t._cdata for t in tensors), pack(numels), bytes(_DTYPE_CODES.get(d, 0) for d in dtypes), pack(shape_of)
+    )
+
+
+def test_native_checks_are_on_with_this_torch():
+    from rsoptim import _optimizer
+
+    assert _optimizer._native_checks, "libtorch's shim was not found or did not read what torch reads"
+
+
+def test_tensor_addresses_reads_what_torch_reads_and_refuses_the_rest():
+    from rsoptim._columns import pack
+
+    base = torch.arange(40.0).reshape(10, 4)
+    view = base[3:7]
+    f32, f64 = torch.float32, torch.float64
+    assert _addresses([view, base[:4]], [16, 16], [f32, f32], [0, 0]) == pack([view.data_ptr(), base.data_ptr()])
+    assert _addresses([torch.zeros(0)], [0], [f32]) is not None
+    assert _addresses([torch.zeros(())], [1], [f64]) is None  # another dtype
+    shrunk = torch.zeros(100)
+    shrunk.untyped_storage().resize_(40)
+    refused = [
+        ([view], [15], [f32], None),  # another element count
+        ([view, base[:2].reshape(2, 4, 1)], [16, 8], [f32, f32], [0, 0]),  # other sizes
+        ([view.t()], [16], [f32], None),  # not contiguous
+        ([shrunk], [100], [f32], None),  # outside its storage
+        ([torch.zeros(4, device="meta")], [4], [f32], None),  # not on the CPU
+        ([torch.zeros(4).to_sparse()], [4], [f32], None),  # not strided
+        ([torch.zeros(4, dtype=torch.complex64)], [4], [f32], None),
+    ]
+    for tensors, numels, dtypes, shape_of in refused:
+        assert _addresses(tensors, numels, dtypes, shape_of) is None, tensors
+
+
+@pytest.fixture
+def without_native_checks():
+    import glob
+    import os
+
+    from rsoptim import _optimizer
+
+    _optimizer.enable_native_checks(None)
+    yield
+    lib = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")))
+    assert _optimizer.enable_native_checks(lib[0])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_without_native_checks_every_step_takes_the_general_path(name, without_native_checks):
+    def run(module):
+        w = torch.linspace(-1, 1, 12).reshape(3, 4).requires_grad_()
+        opt = getattr(module, name)([w], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        for i in range(4):
+            w.grad = torch.linspace(0.5, 1.5, 12).reshape(3, 4) * (i + 1)
+            opt.step()
+        if module is rsoptim:
+            assert not opt._rsoptim_plans
+        return w.detach().clone()
+
+    _assert_same_outcome(run)

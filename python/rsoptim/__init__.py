@@ -58,11 +58,17 @@ if _torch is not None:
     # OpenMP runtime) where we can, so that the two never compete for the CPU. RSOPTIM_BACKEND=rayon
     # keeps rsoptim on a pool of its own.
     _follow_torch()
+    _torch_lib = os.path.join(os.path.dirname(_torch.__file__), "lib")
     if os.environ.get("RSOPTIM_BACKEND", "auto").strip().lower() != "rayon":
-        _torch_lib = os.path.join(os.path.dirname(_torch.__file__), "lib")
         for _runtime in sorted(glob.glob(os.path.join(_torch_lib, "lib*omp*.so*"))):
             if _rsoptim.use_openmp(_runtime):
                 break
+    # Step plans check their tensors natively through libtorch's stable C shim, where this torch
+    # has one that reads what torch reads (see _optimizer.enable_native_checks).
+    from ._optimizer import enable_native_checks as _enable_native_checks
+
+    _libtorch = sorted(glob.glob(os.path.join(_torch_lib, "libtorch_cpu.*")))
+    _enable_native_checks(_libtorch[0] if _libtorch else None)
 
 
 def __getattr__(name: str) -> Any:

@@ -251,32 +251,68 @@ class KernelOptimizer:
         return [False] * len(params)
 
 
-_data_ptr = torch.Tensor.data_ptr
-_is_contiguous = torch.Tensor.is_contiguous
 _is_neg = torch.Tensor.is_neg
-_untyped_storage = torch.Tensor.untyped_storage
-_storage_ptr = torch.UntypedStorage.data_ptr
-_storage_nbytes = torch.UntypedStorage.nbytes
 _get_grad = operator.attrgetter("grad")
-_get_dtype = operator.attrgetter("dtype")
-_get_shape = operator.attrgetter("shape")
-_get_version = operator.attrgetter("_version")
-_get_is_cpu = operator.attrgetter("is_cpu")
+_get_impl = operator.attrgetter("_cdata")  # the address of the tensor's c10::TensorImpl
+
+#: c10::ScalarType codes of the dtypes a plan checks (see rust/core/src/torch_abi.rs).
+_DTYPE_CODES = {torch.float32: 6, torch.float64: 7}
+
+#: Whether plans can be checked natively (libtorch's shim, see ``enable_native_checks``);
+#: without it every step takes the general path.
+_native_checks = False
+
+
+def enable_native_checks(libtorch: str | None) -> bool:
+    """Lets step plans check their tensors through the shim of the libtorch at ``libtorch``
+    (torch's own, already loaded), after checking on probe tensors that it reads exactly what
+    torch's accessors read and refuses what a plan must refuse."""
+    global _native_checks
+    _native_checks = False
+    if libtorch is None or not _rsoptim.use_torch_abi(libtorch):
+        _rsoptim.use_torch_abi(None)
+        return False
+
+    def addresses(tensors, numels, dtypes, shape_of=None):
+        shape_of = range(len(tensors)) if shape_of is None else shape_of
+        return _rsoptim.tensor_addresses(
+            pack(map(_get_impl, tensors)), pack(numels), bytes(_DTYPE_CODES.get(d, 0) for d in dtypes), pack(shape_of)
+        )
+
+    base = torch.arange(24.0).reshape(6, 4)
+    view = base[2:]  # storage offset 8: the address is not the storage's
+    other = torch.zeros(4, 4, dtype=torch.float64)
+    shrunk = torch.zeros(64)
+    shrunk.untyped_storage().resize_(16)
+    f32, f64 = torch.float32, torch.float64
+    works = (
+        addresses([view, other], [16, 16], [f32, f64]) == pack([view.data_ptr(), other.data_ptr()])
+        and addresses([view, base[:4]], [16, 16], [f32, f32], [0, 0]) == pack([view.data_ptr(), base.data_ptr()])
+        and addresses([view], [16], [f64]) is None  # another dtype
+        and addresses([view], [12], [f32]) is None  # another element count
+        and addresses([view, base[:2].reshape(4, 2)], [16, 8], [f32, f32], [0, 0]) is None  # other sizes
+        and addresses([view.t()], [16], [f32]) is None  # not contiguous
+        and addresses([shrunk], [64], [f32]) is None  # outside its storage
+    )
+    if not works:
+        _rsoptim.use_torch_abi(None)
+    _native_checks = works
+    return works
 
 
 @dataclass
 class _Plan:
     """The addresses of one group's buffers, reused while nothing they depend on changes.
 
-    Each step re-reads, per param: its grad (a contiguous, plain CPU buffer of the param's dtype
-    and shape that lies inside its storage), the param's address, shape and contiguity, and the
-    address and version of each state tensor found through ``optimizer.state``. The plan holds an
-    alias of every param and state tensor it has seen, and their storages, whose address and size
-    it re-checks: so none of that memory can be freed, moved or shrunk without the plan seeing it,
-    and an unchanged address means an unchanged buffer. A state tensor reshaped or transposed in
-    place has a new version. Anything else that changed (the group's param list, the set of
-    params with grads, the optimizer's state dict, the state keys the hyperparameters call for)
-    sends the step down the general path, which checks everything and builds a new plan.
+    Each step re-reads, per param: its grad and the state tensors found through
+    ``optimizer.state``, and checks natively (one call for the whole group, through libtorch's
+    shim) that the params, grads and state tensors are contiguous CPU tensors of the expected
+    dtype and element count, each grad and state tensor of its param's sizes, each inside its
+    storage (one resized in place may be smaller), and that the params and state tensors are
+    where the plan's columns point. Anything else that changed (the group's param list, the set
+    of params with grads, the optimizer's state dict, the state keys the hyperparameters call
+    for, a grad with a lazy negation bit) sends the step down the general path, which checks
+    everything and builds a new plan.
     """
 
     group_params: list[torch.Tensor]
@@ -285,17 +321,15 @@ class _Plan:
     state: Any
     keys: tuple[str, ...]  # state tensors the kernels use, "step" included where kept
     calls: list[KernelCall]
-    shapes: list[torch.Size]  # of each param with a grad (and so of its grad)
-    dtypes: list[torch.dtype]  # of each grad, likewise
-    grad_nbytes: list[int]  # likewise
-    addrs: list[int]  # of each param with a grad, then of its state tensors
-    versions: list[int]  # of the state tensors
-    storages: list[torch.UntypedStorage]  # of the params, then of the state tensors
-    storage_addrs: list[int]
-    storage_nbytes: list[int]
+    # What each step's tensors must be, in the order params, grads, then each param's state
+    # tensors (see rsoptim._rsoptim.tensor_addresses), and where the params and state tensors are.
+    numels: bytes
+    dtypes: bytes
+    shape_of: bytes
+    param_addrs: bytes
+    state_addrs: bytes
     # For each call, which of the group's grads (in order of params with grads) it takes.
     grads_of_call: list[list[int]]
-    held: list[torch.Tensor]
     all_have_grads: bool = False
     # Every value of optimizer.state when the plan was made, and the dicts of its params.
     state_dicts_all: list[dict[str, Any]] = field(default_factory=list)
@@ -306,9 +340,11 @@ class _Plan:
         opt: KernelOptimizer, group: dict[str, Any], calls: list[KernelCall], stepped: dict[int, dict[str, Any]]
     ) -> _Plan | None:
         """A plan from the step just taken: ``stepped`` maps each stepped param (by id) to the
-        grad, state tensors and step count its call used. The plan records and holds exactly
-        those tensors, whose addresses are in the calls' columns, never a re-read of them (which
+        grad, state tensors and step count its call used. The plan records exactly those
+        tensors' addresses, which are in the calls' columns, never a re-read of them (which
         another thread may have replaced meanwhile)."""
+        if not _native_checks:
+            return None
         where = {}
         for c, call in enumerate(calls):
             columns = {role: array("Q", column) for role, column in call.columns.items()}
@@ -317,31 +353,31 @@ class _Plan:
                 where[id(p)] = (c, slot, columns)
         keys = opt._plan_keys(group)
         with_grad = [p for p in group["params"] if id(p) in stepped]
-        shapes, dtypes, grad_nbytes, addrs, grad_slots, held = [], [], [], [], [], []
-        states: list[torch.Tensor] = []
-        for p in with_grad:
-            buffers = stepped[id(p)]
-            grad = buffers["grad"]
-            c, slot, columns = where[id(p)]
-            # Complex and strided params take the general path every step.
-            if p.is_complex() or not (p.is_contiguous() and grad.is_contiguous()):
-                return None
-            tensors = [buffers[k] for k in keys]
-            if not all(t.is_contiguous() for t in tensors):
-                return None
-            if p.data_ptr() != columns["param"][slot] or any(t.data_ptr() != columns[k][slot] for k, t in zip(keys, tensors)):
-                return None  # moved since the call (another thread): the next step checks afresh
-            shapes.append(p.shape)
-            dtypes.append(grad.dtype)
-            grad_nbytes.append(grad.numel() * grad.element_size())
-            addrs.append(p.data_ptr())
-            states.extend(tensors)
-            grad_slots.append((c, slot))
-            held.append(p.detach())
-        held.extend(t.detach() for t in states)
-        storages = [t.untyped_storage() for t in held]
+        if any(p.dtype not in _DTYPE_CODES for p in with_grad):
+            return None  # complex params take the general path every step
+        grads = [stepped[id(p)]["grad"] for p in with_grad]
+        states = [stepped[id(p)][k] for p in with_grad for k in keys]
+        count = len(with_grad)
+        numels = [p.numel() for p in with_grad] * 2
+        dtypes = [_DTYPE_CODES[p.dtype] for p in with_grad] * 2
+        shape_of = [*range(count), *range(count)]
+        for i, p in enumerate(with_grad):
+            for k in keys:
+                step = k == "step"
+                numels.append(1 if step else p.numel())
+                dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0) if step else _DTYPE_CODES[p.dtype])
+                shape_of.append(len(shape_of) if step else i)
+        plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
+        addrs = _rsoptim.tensor_addresses(pack(map(_get_impl, [*with_grad, *grads, *states])), plan_numels, plan_dtypes, plan_shape_of)
+        if addrs is None:
+            return None  # e.g. strided params and state take the general path every step
+        column_addrs = [where[id(p)][2]["param"][where[id(p)][1]] for p in with_grad]
+        column_addrs += [where[id(p)][2][k][where[id(p)][1]] for p in with_grad for k in keys]
+        if addrs[: 8 * count] + addrs[16 * count :] != pack(column_addrs):
+            return None  # moved since the call (another thread): the next step checks afresh
         grads_of_call: list[list[int]] = [[0] * len(call.params) for call in calls]
-        for i, (c, slot) in enumerate(grad_slots):
+        for i, p in enumerate(with_grad):
+            c, slot, _ = where[id(p)]
             grads_of_call[c][slot] = i
         for call in calls:
             call.new_buffers = [False] * len(call.params)
@@ -356,22 +392,19 @@ class _Plan:
             state_dicts=[opt.state[p] for p in with_grad] if keys else [],
             keys=keys,
             calls=calls,
-            shapes=shapes,
-            dtypes=dtypes,
-            grad_nbytes=grad_nbytes,
-            addrs=addrs + [t.data_ptr() for t in states],
-            versions=[t._version for t in states],
-            storages=storages,
-            storage_addrs=[s.data_ptr() for s in storages],
-            storage_nbytes=[s.nbytes() for s in storages],
+            numels=plan_numels,
+            dtypes=plan_dtypes,
+            shape_of=plan_shape_of,
+            param_addrs=addrs[: 8 * count],
+            state_addrs=addrs[16 * count :],
             grads_of_call=grads_of_call,
-            held=held,
         )
 
     def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
         """This step's kernel calls, or None if anything the plan relies on has changed.
 
-        Written as ``map`` over C-level callables: this runs once per step for every param.
+        Written as ``map`` over C-level callables and one native check: this runs once per
+        step for every param.
         """
         params = group["params"]
         if (
@@ -393,17 +426,7 @@ class _Plan:
                 return None
             with_grad = list(compress(params, self.has_grad))
             grads = list(compress(grads, self.has_grad))
-        if (
-            not all(map(_get_is_cpu, grads))
-            or not all(map(_is_contiguous, grads))
-            or list(map(_get_shape, grads)) != self.shapes
-            or not all(map(operator.is_, map(_get_dtype, grads), self.dtypes))
-            or any(map(_is_neg, grads))
-            or not all(map(_is_contiguous, with_grad))
-            or list(map(_get_shape, with_grad)) != self.shapes
-        ):
-            return None
-        addrs = list(map(_data_ptr, with_grad))
+        tensors: list[Any] = []
         if self.keys:
             # optimizer.state maps each param to its dict: if none was replaced, removed or
             # added since the plan was made, the plan's dicts are the params' (no tensor hashing).
@@ -417,29 +440,25 @@ class _Plan:
                 tensors = list(map(get, states) if len(self.keys) == 1 else chain.from_iterable(map(get, states)))
             except KeyError:  # a state entry was removed
                 return None
-            addrs.extend(map(_data_ptr, tensors))
-            if list(map(_get_version, tensors)) != self.versions:
+        try:
+            if any(map(_is_neg, grads)):
                 return None
-        if (
-            addrs != self.addrs
-            or list(map(_storage_ptr, self.storages)) != self.storage_addrs
-            or list(map(_storage_nbytes, self.storages)) != self.storage_nbytes
-        ):
+            impls = pack(chain(map(_get_impl, with_grad), map(_get_impl, grads), map(_get_impl, tensors)))
+        except (AttributeError, TypeError):  # something that is not a tensor where one was
             return None
-        grad_addrs = list(map(_data_ptr, grads))
-        # Each grad must lie inside its storage (one resized in place may be smaller).
-        grad_storages = list(map(_untyped_storage, grads))
-        ends = map(operator.add, grad_addrs, self.grad_nbytes)
-        limits = map(operator.add, map(_storage_ptr, grad_storages), map(_storage_nbytes, grad_storages))
-        if not all(map(operator.le, ends, limits)):
+        addrs = _rsoptim.tensor_addresses(impls, self.numels, self.dtypes, self.shape_of)
+        count = len(grads)
+        if addrs is None or addrs[: 8 * count] != self.param_addrs or addrs[16 * count :] != self.state_addrs:
             return None
+        grad_addrs = addrs[8 * count : 16 * count]
         # This step's calls: the plan's with this step's grads, new objects so that two threads
-        # stepping one optimizer never see each other's columns. Each holds its grads and the
-        # plan (which holds the params' and state's memory) until its kernel returns.
-        held = [grads, self]
+        # stepping one optimizer never see each other's columns. Each holds the tensors it was
+        # checked with (whose memory its columns point at) until its kernel returns.
+        held = [with_grad, grads, tensors]
         if len(self.calls) == 1:
-            return [replace(self.calls[0], columns={**self.calls[0].columns, "grad": pack(grad_addrs)}, held=held)]
+            return [replace(self.calls[0], columns={**self.calls[0].columns, "grad": grad_addrs}, held=held)]
+        grad_words = array("Q", grad_addrs)
         return [
-            replace(call, columns={**call.columns, "grad": pack([grad_addrs[i] for i in indices])}, held=held)
+            replace(call, columns={**call.columns, "grad": pack([grad_words[i] for i in indices])}, held=held)
             for call, indices in zip(self.calls, self.grads_of_call)
         ]

@@ -22,6 +22,8 @@ pub mod sgd;
 pub mod simd;
 pub mod step;
 pub mod table;
+#[cfg(unix)]
+pub mod torch_abi;
 
 pub use adam::{adam_step, AdamHyper, AdamTensor};
 pub use element::{Element, Real};

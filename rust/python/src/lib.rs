@@ -19,7 +19,9 @@ use pyo3::prelude::*;
 use rsoptim_core::alloc_count::{counters, CountingAllocator};
 use rsoptim_core::inflight::reserve;
 use rsoptim_core::raw::Buffer;
-use rsoptim_core::table::{Dtype, Table};
+use rsoptim_core::table::{words, Dtype, Table};
+#[cfg(unix)]
+use rsoptim_core::torch_abi::Expected;
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
     AdamHyper, AdamTensor, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor,
@@ -125,6 +127,68 @@ fn use_openmp(path: Option<&str>) -> PyResult<bool> {
     {
         let _ = path;
         Ok(false)
+    }
+}
+
+#[cfg(unix)]
+static TORCH_ABI: RwLock<Option<rsoptim_core::torch_abi::TorchAbi>> = RwLock::new(None);
+
+/// Reads tensors' metadata through the shim of the libtorch at `path` (torch's, already loaded)
+/// for `tensor_addresses`; returns whether it could. `None` stops using it.
+#[pyfunction]
+#[pyo3(signature = (path))]
+fn use_torch_abi(path: Option<&str>) -> bool {
+    #[cfg(unix)]
+    {
+        let abi = path.and_then(rsoptim_core::torch_abi::TorchAbi::already_loaded);
+        let found = abi.is_some();
+        *TORCH_ABI.write().unwrap_or_else(|e| e.into_inner()) = abi;
+        found
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// The data addresses of tensors named by their TensorImpl addresses (`Tensor._cdata`), packed
+/// as the address columns are, if each is a contiguous strided CPU tensor of its expected
+/// element count and dtype code (6 float32, 7 float64), with the sizes of the tensor
+/// `shape_of` names, lying inside its storage; None if any is not, or without `use_torch_abi`.
+/// Like every function here it takes raw addresses: the caller keeps each tensor alive.
+#[pyfunction]
+fn tensor_addresses<'py>(
+    py: Python<'py>,
+    impls: &[u8],
+    numels: &[u8],
+    dtypes: &[u8],
+    shape_of: &[u8],
+) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    #[cfg(unix)]
+    {
+        let guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
+        let Some(abi) = guard.as_ref() else { return Ok(None) };
+        let (impls, numels, shape_of) = (words("impls", impls), words("numels", numels), words("shape_of", shape_of));
+        let (impls, numels, shape_of) = (impls.map_err(core_error)?, numels.map_err(core_error)?, shape_of.map_err(core_error)?);
+        if numels.len() != impls.len() || shape_of.len() != impls.len() || dtypes.len() != impls.len() {
+            return Err(value_error("tensor_addresses needs one numel, dtype and shape_of per tensor"));
+        }
+        let expected: Vec<Expected> = (0..impls.len())
+            .map(|i| Expected { numel: numels[i], dtype: i32::from(dtypes[i]), shape_of: shape_of[i] })
+            .collect();
+        // SAFETY: the Python layer passes `Tensor._cdata` of tensors it holds for the call, with
+        // the GIL held throughout (see rsoptim/_optimizer.py, `_Plan.kernel_calls`).
+        let addresses = unsafe { abi.checked_addresses(&impls, &expected) };
+        Ok(addresses.map(|a| {
+            let bytes: Vec<u8> = a.iter().flat_map(|&x| (x as u64).to_ne_bytes()).collect();
+            pyo3::types::PyBytes::new(py, &bytes)
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (py, impls, numels, dtypes, shape_of);
+        Ok(None)
     }
 }
 
@@ -509,6 +573,8 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scale_, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(use_torch_abi, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_addresses, m)?)?;
     m.add_function(wrap_pyfunction!(reset_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

@@ -1,0 +1,187 @@
+//! Reading torch tensors' metadata through libtorch's stable C shim (the `aoti_torch_*` functions
+//! it exports for AOTInductor), so that the step plan can re-check every tensor of a step with
+//! native calls instead of several Python attribute reads per tensor.
+//!
+//! A tensor is named by the address of its `c10::TensorImpl` (Python's `Tensor._cdata`). The
+//! shim takes an `AtenTensorHandle`, which is an `at::Tensor*`; an `at::Tensor` is a single
+//! intrusive pointer to its `TensorImpl`, so the address of a word that holds the TensorImpl's
+//! address is such a handle. The shim only reads through it (it never copies or frees the
+//! tensor), and each of its functions turns a C++ exception into an error code. The Python layer
+//! checks at import that what this reads agrees with torch's own accessors before using it.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+type Handle = *const *const c_void; // at::Tensor*: a pointer to a word holding a TensorImpl*
+type Status = i32; // AOTITorchError: 0 on success
+type GetPtr = unsafe extern "C" fn(Handle, *mut *mut c_void) -> Status;
+type GetI64 = unsafe extern "C" fn(Handle, *mut i64) -> Status;
+type GetI32 = unsafe extern "C" fn(Handle, *mut i32) -> Status;
+type GetI64s = unsafe extern "C" fn(Handle, *mut *const i64) -> Status;
+type GetBool = unsafe extern "C" fn(Handle, *mut bool) -> Status;
+
+/// `c10::ScalarType` codes of the dtypes the step plan checks, with their element sizes.
+pub const FLOAT32: i32 = 6;
+pub const FLOAT64: i32 = 7;
+/// `c10::DeviceType::CPU` and `c10::Layout::Strided`.
+const CPU: i32 = 0;
+const STRIDED: i32 = 0;
+
+fn element_size(dtype: i32) -> Option<i64> {
+    match dtype {
+        FLOAT32 => Some(4),
+        FLOAT64 => Some(8),
+        _ => None,
+    }
+}
+
+/// What one tensor of a step must be for the step plan's addresses to stay valid.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected {
+    pub numel: usize,
+    /// A `c10::ScalarType` code (`FLOAT32` or `FLOAT64`).
+    pub dtype: i32,
+    /// The index of the tensor whose sizes this one must have (its own index for none).
+    pub shape_of: usize,
+}
+
+/// libtorch's shim functions, resolved in an already loaded libtorch.
+#[derive(Clone)]
+pub struct TorchAbi {
+    data_ptr: GetPtr,
+    dim: GetI64,
+    sizes: GetI64s,
+    numel: GetI64,
+    storage_size: GetI64,
+    storage_offset: GetI64,
+    dtype: GetI32,
+    device_type: GetI32,
+    layout: GetI32,
+    is_contiguous: GetBool,
+    path: String,
+    // Keeps libtorch loaded while the function pointers may be called.
+    _library: Arc<libloading::os::unix::Library>,
+}
+
+impl std::fmt::Debug for TorchAbi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TorchAbi").field("path", &self.path).finish()
+    }
+}
+
+impl TorchAbi {
+    /// The shim of the libtorch at `path` if this process has already loaded it and it exports
+    /// every function used here; nothing is loaded here.
+    pub fn already_loaded(path: &str) -> Option<Self> {
+        // SAFETY: with RTLD_NOLOAD, dlopen only returns a handle to a library that is already
+        // loaded and initialised; it never maps or initialises anything.
+        let library = unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD) }.ok()?;
+        macro_rules! symbol {
+            ($name:literal, $ty:ty) => {
+                // SAFETY: each `aoti_torch_*` function has the C signature of its type alias in
+                // torch/csrc/inductor/aoti_torch/c/shim.h, and `_library` keeps it loaded while
+                // the pointer is kept.
+                unsafe { *library.get::<$ty>(concat!($name, "\0").as_bytes()).ok()? }
+            };
+        }
+        Some(Self {
+            data_ptr: symbol!("aoti_torch_get_data_ptr", GetPtr),
+            dim: symbol!("aoti_torch_get_dim", GetI64),
+            sizes: symbol!("aoti_torch_get_sizes", GetI64s),
+            numel: symbol!("aoti_torch_get_numel", GetI64),
+            storage_size: symbol!("aoti_torch_get_storage_size", GetI64),
+            storage_offset: symbol!("aoti_torch_get_storage_offset", GetI64),
+            dtype: symbol!("aoti_torch_get_dtype", GetI32),
+            device_type: symbol!("aoti_torch_get_device_type", GetI32),
+            layout: symbol!("aoti_torch_get_layout", GetI32),
+            is_contiguous: symbol!("aoti_torch_is_contiguous", GetBool),
+            path: path.to_owned(),
+            _library: Arc::new(library),
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The data address of every tensor, if each is a defined, contiguous, strided CPU tensor of
+    /// its expected dtype and element count, with the sizes of the tensor it is tied to, whose
+    /// elements all lie inside its storage; None otherwise (also if the shim reports an error).
+    ///
+    /// # Safety
+    /// Each of `impls` must be the address of a `c10::TensorImpl` that stays alive during the
+    /// call (the caller holds its tensor), and `expected` must have one entry per tensor.
+    pub unsafe fn checked_addresses(&self, impls: &[usize], expected: &[Expected]) -> Option<Vec<usize>> {
+        if impls.len() != expected.len() || expected.iter().any(|e| e.shape_of >= impls.len()) {
+            return None;
+        }
+        impls
+            .iter()
+            .zip(expected)
+            // SAFETY: forwarded from this function's contract.
+            .map(|(&tensor, want)| unsafe { self.check_one(tensor, want, impls[want.shape_of]) })
+            .collect()
+    }
+
+    /// # Safety
+    /// As for `checked_addresses`, for `tensor` and `shape_of`.
+    unsafe fn check_one(&self, tensor: usize, want: &Expected, shape_of: usize) -> Option<usize> {
+        let word = tensor as *const c_void;
+        let handle: Handle = &word;
+        // Each shim call below reads one field of a live TensorImpl through `handle` (see the
+        // module docs) and writes one value to a local; a non-zero status is an error.
+        macro_rules! get {
+            ($f:ident, $h:expr, $init:expr) => {{
+                let mut out = $init;
+                // SAFETY: `$h` is a valid handle for the duration of the call (this function's
+                // contract), and `out` is a live local of the type the shim writes.
+                (unsafe { (self.$f)($h, &mut out) } == 0).then_some(out)
+            }};
+        }
+        let numel = get!(numel, handle, 0i64)?;
+        let dtype = get!(dtype, handle, -1i32)?;
+        let item = element_size(dtype)?;
+        if usize::try_from(numel).ok()? != want.numel || dtype != want.dtype {
+            return None;
+        }
+        if get!(device_type, handle, -1i32)? != CPU || get!(layout, handle, -1i32)? != STRIDED {
+            return None;
+        }
+        if !get!(is_contiguous, handle, false)? {
+            return None;
+        }
+        if shape_of != tensor {
+            let other_word = shape_of as *const c_void;
+            let other: Handle = &other_word;
+            let (dim, other_dim) = (get!(dim, handle, -1i64)?, get!(dim, other, -1i64)?);
+            let (sizes, other_sizes) = (get!(sizes, handle, std::ptr::null())?, get!(sizes, other, std::ptr::null())?);
+            if dim != other_dim || dim < 0 {
+                return None;
+            }
+            if dim > 0 {
+                if sizes.is_null() || other_sizes.is_null() {
+                    return None;
+                }
+                let dim = usize::try_from(dim).ok()?;
+                // SAFETY: the shim returns a pointer to the tensor's `dim` sizes, owned by its
+                // TensorImpl, which is alive and unchanged during this call.
+                let (a, b) = unsafe { (std::slice::from_raw_parts(sizes, dim), std::slice::from_raw_parts(other_sizes, dim)) };
+                if a != b {
+                    return None;
+                }
+            }
+        }
+        let address = get!(data_ptr, handle, std::ptr::null_mut())? as usize;
+        if numel > 0 {
+            // Every element inside the storage: a storage resized in place may be smaller than
+            // its tensors.
+            let offset = get!(storage_offset, handle, -1i64)?;
+            let storage_bytes = get!(storage_size, handle, -1i64)?;
+            let end = offset.checked_add(numel)?.checked_mul(item)?;
+            if offset < 0 || end > storage_bytes || address == 0 {
+                return None;
+            }
+        }
+        Some(address)
+    }
+}
