@@ -185,3 +185,22 @@ impl TorchAbi {
         Some(address)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_that_is_not_loaded_is_not_used() {
+        // RTLD_NOLOAD: nothing is loaded, so no shim comes back for a library not in the process
+        // (the Python tests exercise the shim of torch's own libtorch).
+        assert!(TorchAbi::already_loaded("/nonexistent/libtorch_cpu.so").is_none());
+        assert!(TorchAbi::already_loaded("libc.so.6").is_none(), "libc has no aoti_torch_* functions");
+    }
+
+    #[test]
+    fn only_float32_and_float64_have_an_element_size() {
+        assert_eq!((element_size(FLOAT32), element_size(FLOAT64)), (Some(4), Some(8)));
+        assert_eq!(element_size(9), None); // complex64: plans never hold complex params
+    }
+}
