@@ -521,3 +521,146 @@ def test_without_native_checks_every_step_takes_the_general_path(name, without_n
         return w.detach().clone()
 
     _assert_same_outcome(run)
+
+
+# --- Found by review: the plan path under hostile edits, forks -------------------------------
+
+
+def _stepped_twice(name, params, **kwargs):
+    opt = getattr(rsoptim, name)(params, lr=0.1, **kwargs)
+    for _ in range(2):  # the second step builds and uses the plan
+        for p in params:
+            p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape)
+        opt.step()
+    assert opt._rsoptim_plans, "the plan path is what these tests exercise"
+    return opt
+
+
+class _FakeImpl:
+    _cdata = 8  # an address that is no TensorImpl
+
+
+class _SubclassWithCdata(torch.Tensor):
+    @property
+    def _cdata(self):  # noqa: D401 - a hostile override of torch's own attribute
+        return 16
+
+
+@pytest.mark.parametrize("bad", ["storage", "fake object", "tensor subclass"])
+def test_a_state_value_that_is_not_a_plain_tensor_never_reaches_native_code(bad):
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = _stepped_twice("Adam", [p])
+    value = {
+        "storage": torch.zeros(1000).untyped_storage(),
+        "fake object": _FakeImpl(),
+        "tensor subclass": torch.zeros(1000).as_subclass(_SubclassWithCdata),
+    }[bad]
+    opt.state[p]["exp_avg"] = value
+    p.grad = torch.ones(1000)
+    try:
+        opt.step()  # torch's implementation decides; rsoptim must not crash
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def test_a_grad_subclass_overriding_cdata_is_stepped_as_torch_does():
+    def run(module):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 1000))
+        opt = module.SGD([p], lr=0.1)
+        for i in range(3):
+            p.grad = torch.linspace(-1, 1, 1000) * (i + 1)
+            if i == 2:  # the plan exists: its check must read the real TensorImpl
+                p.grad = p.grad.as_subclass(_SubclassWithCdata)
+            opt.step()
+        return p.detach().as_subclass(torch.Tensor).clone()
+
+    _assert_same_outcome(run)
+
+
+@pytest.mark.parametrize("name,key", [("SGD", "momentum_buffer"), ("Adam", "exp_avg"), ("RMSprop", "square_avg"), ("Adam", "step")])
+def test_a_negative_view_made_after_the_plan_is_stepped_as_torch_does(name, key):
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+
+    def run(module):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 64))
+        opt = getattr(module, name)([p], lr=0.1, **kwargs)
+        for i in range(3):
+            p.grad = torch.linspace(-1, 1, 64) * (i + 1)
+            if i == 2:
+                opt.state[p][key] = opt.state[p][key]._neg_view()
+            opt.step()
+        return p.detach().clone()
+
+    _assert_same_outcome(run)
+
+
+def test_a_param_made_a_negative_view_after_the_plan_is_stepped_as_torch_does():
+    def run(module):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 64))
+        opt = module.SGD([p], lr=0.1)
+        for i in range(3):
+            p.grad = torch.linspace(-1, 1, 64) * (i + 1)
+            if i == 2:
+                p.data = p.data._neg_view()
+            opt.step()
+        return p.detach().clone().resolve_neg()
+
+    _assert_same_outcome(run)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_a_grad_aliasing_another_param_after_the_plan_is_stepped_as_torch_does(name):
+    def run(module):
+        p, q = (torch.nn.Parameter(torch.linspace(-1, 1, 64) * s) for s in (1.0, 2.0))
+        q64 = torch.nn.Parameter(torch.linspace(-1, 1, 8, dtype=torch.float64))  # a second call
+        opt = getattr(module, name)([p, q, q64], lr=0.1)
+        for i in range(3):
+            for t in (p, q, q64):
+                t.grad = torch.linspace(-1, 1, t.numel(), dtype=t.dtype) * (i + 1)
+            if i == 2:
+                p.grad = q.detach()  # shares memory with a param the same call writes
+            opt.step()
+        return torch.cat([p.detach(), q.detach(), q64.detach().float()])
+
+    _assert_same_outcome(run)
+
+
+def test_a_child_forked_while_a_step_runs_can_step_the_same_params():
+    import os
+    import time
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    p = torch.nn.Parameter(torch.zeros(1 << 22))
+    p.grad = torch.ones_like(p)
+    opt = rsoptim.Adam([p])
+    opt.step()
+    stop = threading.Event()
+
+    def worker():
+        while not stop.is_set():
+            opt.step()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's reservation belongs to a thread that is gone here
+            try:
+                opt.step()
+            finally:
+                os._exit(0)
+    finally:
+        stop.set()
+        thread.join()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on a reservation it inherited")

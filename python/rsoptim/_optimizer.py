@@ -126,7 +126,15 @@ class KernelOptimizer:
         for index, group, calls, params in work:
             if calls is not None:
                 for call in calls:
-                    self._kernel_call(group, call)
+                    try:
+                        self._kernel_call(group, call)
+                    except _rsoptim.BufferOverlapError:
+                        # A grad now shares memory with a param or state (refused before anything
+                        # was written): torch steps these params, and the plan is rebuilt.
+                        plans.pop(index, None)
+                        with torch.no_grad():
+                            self._torch_step(group, call.params)
+                        continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
             elif params:
@@ -253,7 +261,9 @@ class KernelOptimizer:
 
 _is_neg = torch.Tensor.is_neg
 _get_grad = operator.attrgetter("grad")
-_get_impl = operator.attrgetter("_cdata")  # the address of the tensor's c10::TensorImpl
+# The address of a tensor's c10::TensorImpl, through the base class's descriptor: it raises
+# TypeError for anything that is not a tensor and ignores a subclass's own `_cdata`.
+_get_impl = torch._C.TensorBase._cdata.__get__
 
 #: c10::ScalarType codes of the dtypes a plan checks (see rust/core/src/torch_abi.rs).
 _DTYPE_CODES = {torch.float32: 6, torch.float64: 7}
@@ -368,7 +378,14 @@ class _Plan:
                 dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0) if step else _DTYPE_CODES[p.dtype])
                 shape_of.append(len(shape_of) if step else i)
         plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
-        addrs = _rsoptim.tensor_addresses(pack(map(_get_impl, [*with_grad, *grads, *states])), plan_numels, plan_dtypes, plan_shape_of)
+        tensors = [*with_grad, *grads, *states]
+        try:
+            if any(map(_is_neg, tensors)):
+                return None
+            impls = pack(map(_get_impl, tensors))
+        except TypeError:
+            return None
+        addrs = _rsoptim.tensor_addresses(impls, plan_numels, plan_dtypes, plan_shape_of)
         if addrs is None:
             return None  # e.g. strided params and state take the general path every step
         column_addrs = [where[id(p)][2]["param"][where[id(p)][1]] for p in with_grad]
@@ -441,10 +458,12 @@ class _Plan:
             except KeyError:  # a state entry was removed
                 return None
         try:
-            if any(map(_is_neg, grads)):
-                return None
             impls = pack(chain(map(_get_impl, with_grad), map(_get_impl, grads), map(_get_impl, tensors)))
-        except (AttributeError, TypeError):  # something that is not a tensor where one was
+            # A lazy negation bit (`_neg_view`, `torch._C._set_neg`) changes the values, not the
+            # memory: the kernels would step the raw memory.
+            if any(map(_is_neg, chain(with_grad, grads, tensors))):
+                return None
+        except TypeError:  # something that is not a tensor where one was
             return None
         addrs = _rsoptim.tensor_addresses(impls, self.numels, self.dtypes, self.shape_of)
         count = len(grads)

@@ -10,6 +10,7 @@
 //! A call that reserves twice on one thread while holding an overlapping reservation waits
 //! forever: reserve once per call, around the whole kernel.
 
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::raw::Buffer;
@@ -79,12 +80,52 @@ struct Registry {
     in_flight: Vec<(u64, Footprint)>,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { next_id: 0, in_flight: Vec::new() });
-static RELEASED: Condvar = Condvar::new();
+/// The registry and the condition its waiters wait on.
+struct Shared {
+    registry: Mutex<Registry>,
+    released: Condvar,
+}
 
-fn registry() -> MutexGuard<'static, Registry> {
+impl Shared {
+    fn leak_new() -> *mut Shared {
+        Box::into_raw(Box::new(Shared {
+            registry: Mutex::new(Registry { next_id: 0, in_flight: Vec::new() }),
+            released: Condvar::new(),
+        }))
+    }
+}
+
+/// The registry in use. A new one is made (and the old one leaked) in a child after `fork`: the
+/// child has none of the threads that held the old one's reservations or its lock.
+static CURRENT: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+
+fn shared() -> &'static Shared {
+    let mut current = CURRENT.load(Ordering::Acquire);
+    if current.is_null() {
+        let fresh = Shared::leak_new();
+        current = match CURRENT.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => fresh,
+            Err(installed) => {
+                // SAFETY: `fresh` came from `Box::into_raw` just above and was never shared.
+                drop(unsafe { Box::from_raw(fresh) });
+                installed
+            }
+        };
+    }
+    // SAFETY: every pointer stored in CURRENT comes from `Shared::leak_new` (Box::into_raw) and
+    // is never freed, so it is valid for the rest of the process.
+    unsafe { &*current }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Registry> {
     // Nothing panics while the lock is held, but a poisoned registry is still consistent.
-    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+    shared.registry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For a child process right after `fork()`: starts a new, empty registry. The old one may be
+/// locked, or hold reservations, by threads that do not exist in the child; it is leaked.
+pub fn reset_after_fork() {
+    CURRENT.store(Shared::leak_new(), Ordering::Release);
 }
 
 /// A call's claim on its buffers; dropping it (also while unwinding from a panic) lets the
@@ -93,36 +134,44 @@ fn registry() -> MutexGuard<'static, Registry> {
 #[derive(Debug)]
 pub struct Reservation {
     id: u64,
+    shared: &'static Shared,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
 }
 
 /// Blocks while any call in flight shares memory with `buffers` where either side writes it,
 /// then registers them until the returned `Reservation` is dropped. Empty buffers are ignored.
 pub fn reserve(buffers: &[Buffer]) -> Reservation {
     let footprint = Footprint::of(buffers);
-    let mut reg = registry();
+    let shared = shared();
+    let mut reg = lock(shared);
     while reg.in_flight.iter().any(|(_, other)| footprint.conflicts_with(other)) {
-        reg = RELEASED.wait(reg).unwrap_or_else(|e| e.into_inner());
+        reg = shared.released.wait(reg).unwrap_or_else(|e| e.into_inner());
     }
     let id = reg.next_id;
     reg.next_id += 1;
     reg.in_flight.push((id, footprint));
-    Reservation { id }
+    Reservation { id, shared }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut reg = registry();
+        let mut reg = lock(self.shared);
         if let Some(at) = reg.in_flight.iter().position(|(id, _)| *id == self.id) {
             reg.in_flight.swap_remove(at);
         }
         drop(reg);
-        RELEASED.notify_all();
+        self.shared.released.notify_all();
     }
 }
 
 /// How many calls hold a reservation now (for tests).
 pub fn in_flight() -> usize {
-    registry().in_flight.len()
+    lock(shared()).in_flight.len()
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! A tensor is named by the address of its `c10::TensorImpl` (Python's `Tensor._cdata`). The
 //! shim takes an `AtenTensorHandle`, which is an `at::Tensor*`; an `at::Tensor` is a single
 //! intrusive pointer to its `TensorImpl`, so the address of a word that holds the TensorImpl's
-//! address is such a handle. The shim only reads through it (it never copies or frees the
-//! tensor), and each of its functions turns a C++ exception into an error code. The Python layer
+//! address is such a handle. The shim reads through it and never frees the tensor (asking for
+//! the data address materialises a lazily cloned tensor, as `Tensor.data_ptr()` does in Python),
+//! and each of its functions turns a C++ exception into an error code. The Python layer
 //! checks at import that what this reads agrees with torch's own accessors before using it.
 
 use std::ffi::c_void;
@@ -98,10 +99,6 @@ impl TorchAbi {
             path: path.to_owned(),
             _library: Arc::new(library),
         })
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// The data address of every tensor, if each is a defined, contiguous, strided CPU tensor of

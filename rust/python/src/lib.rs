@@ -101,6 +101,8 @@ fn set_num_threads(threads: usize) -> PyResult<()> {
 /// new pool of as many threads (rsoptim's own: libgomp does not support use after fork).
 #[pyfunction]
 fn reset_after_fork() -> PyResult<()> {
+    // Reservations held by the parent's other threads would never be released here.
+    rsoptim_core::inflight::reset_after_fork();
     let mut slot = EXECUTOR.write().unwrap_or_else(|e| e.into_inner());
     if let Some(old) = slot.take() {
         let (threads, simd) = (old.threads(), old.simd());
