@@ -40,13 +40,16 @@ impl Default for AdamHyper {
     }
 }
 
-/// One param's buffers. `max_exp_avg_sq` is given exactly when `amsgrad` is set.
-pub struct AdamTensor<'a, P: Element> {
+/// One param's buffers. `max_exp_avg_sq` is given exactly when `amsgrad` is set. The state is
+/// stored as `S`: by default the maths type (float32 state for float32, bfloat16 or float16
+/// params), or the param's own type, as torch.optim keeps it; every value is computed in
+/// `P::Math` and rounded once when stored.
+pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>::Math> {
     pub param: &'a mut [P],
     pub grad: &'a [P],
-    pub exp_avg: &'a mut [P::Math],
-    pub exp_avg_sq: &'a mut [P::Math],
-    pub max_exp_avg_sq: Option<&'a mut [P::Math]>,
+    pub exp_avg: &'a mut [S],
+    pub exp_avg_sq: &'a mut [S],
+    pub max_exp_avg_sq: Option<&'a mut [S]>,
     pub step: StepCount<'a>,
 }
 
@@ -90,16 +93,16 @@ impl<T: Real> AdamScalars<T> {
     }
 }
 
-struct AdamJob<'a, P: Element> {
+struct AdamJob<'a, P: Element, S: Element<Math = P::Math>> {
     param: &'a mut [P],
     grad: &'a [P],
-    exp_avg: &'a mut [P::Math],
-    exp_avg_sq: &'a mut [P::Math],
-    max_exp_avg_sq: Option<&'a mut [P::Math]>,
+    exp_avg: &'a mut [S],
+    exp_avg_sq: &'a mut [S],
+    max_exp_avg_sq: Option<&'a mut [S]>,
     k: AdamScalars<P::Math>,
 }
 
-impl<P: Element> Splittable for AdamJob<'_, P> {
+impl<P: Element, S: Element<Math = P::Math>> Splittable for AdamJob<'_, P, S> {
     fn len(&self) -> usize {
         self.param.len()
     }
@@ -119,9 +122,11 @@ impl<P: Element> Splittable for AdamJob<'_, P> {
 }
 
 /// The update loop, specialised on the flags that change its shape.
-struct AdamKernel<'a, P: Element, const AMSGRAD: bool, const L2: bool>(AdamJob<'a, P>);
+struct AdamKernel<'a, P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool>(AdamJob<'a, P, S>);
 
-impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, P, AMSGRAD, L2> {
+impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool> Kernel
+    for AdamKernel<'_, P, S, AMSGRAD, L2>
+{
     type Output = ();
 
     #[inline(always)]
@@ -129,7 +134,7 @@ impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, 
         let AdamJob { param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, k } = self.0;
         let n = param.len();
         let (grad, m, v) = (&grad[..n], &mut exp_avg[..n], &mut exp_avg_sq[..n]);
-        let vmax: &mut [P::Math] = match max_exp_avg_sq {
+        let vmax: &mut [S] = match max_exp_avg_sq {
             Some(x) if AMSGRAD => &mut x[..n],
             _ => &mut [],
         };
@@ -140,14 +145,15 @@ impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, 
             if L2 {
                 g = torch_add(g, p, k.weight_decay);
             }
-            let m_new = lerp(m[i], g, k.lerp_weight);
-            m[i] = m_new;
+            // The state is stored rounded to `S`; this step goes on with the unrounded values.
+            let m_new = lerp(m[i].load(), g, k.lerp_weight);
+            m[i] = S::store(m_new);
             // `exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)`
-            let v_new = torch_addcmul(v[i] * k.beta2, g, g, k.one_minus_beta2);
-            v[i] = v_new;
+            let v_new = torch_addcmul(v[i].load() * k.beta2, g, g, k.one_minus_beta2);
+            v[i] = S::store(v_new);
             let second_moment = if AMSGRAD {
-                let x = vmax[i].max_propagate_nan(v_new);
-                vmax[i] = x;
+                let x = vmax[i].load().max_propagate_nan(v_new);
+                vmax[i] = S::store(x);
                 x
             } else {
                 v_new
@@ -160,7 +166,7 @@ impl<P: Element, const AMSGRAD: bool, const L2: bool> Kernel for AdamKernel<'_, 
     }
 }
 
-fn check<P: Element>(tensors: &[AdamTensor<'_, P>], h: &AdamHyper) -> Result<(), Error> {
+fn check<P: Element, S: Element<Math = P::Math>>(tensors: &[AdamTensor<'_, P, S>], h: &AdamHyper) -> Result<(), Error> {
     for (i, t) in tensors.iter().enumerate() {
         let n = t.param.len();
         check_len(i, "grad", n, t.grad.len())?;
@@ -177,13 +183,13 @@ fn check<P: Element>(tensors: &[AdamTensor<'_, P>], h: &AdamHyper) -> Result<(),
 
 /// One Adam/AdamW step over every tensor of a param group: increments each tensor's step count
 /// and updates its param and state in place. Checks every length before it writes anything.
-pub fn adam_step<P: Element>(
-    tensors: Vec<AdamTensor<'_, P>>,
+pub fn adam_step<P: Element, S: Element<Math = P::Math>>(
+    tensors: Vec<AdamTensor<'_, P, S>>,
     hyper: &AdamHyper,
     exec: &Executor,
 ) -> Result<(), Error> {
     check(&tensors, hyper)?;
-    let jobs: Vec<AdamJob<'_, P>> = tensors
+    let jobs: Vec<AdamJob<'_, P, S>> = tensors
         .into_iter()
         .map(|mut t| AdamJob {
             k: AdamScalars::new(hyper, t.step.increment()),
@@ -197,10 +203,10 @@ pub fn adam_step<P: Element>(
     let l2 = hyper.weight_decay != 0.0 && !hyper.decoupled_weight_decay;
     let simd = exec.simd();
     exec.for_each_piece(jobs, |job| match (hyper.amsgrad, l2) {
-        (false, false) => dispatch(simd, AdamKernel::<P, false, false>(job)),
-        (false, true) => dispatch(simd, AdamKernel::<P, false, true>(job)),
-        (true, false) => dispatch(simd, AdamKernel::<P, true, false>(job)),
-        (true, true) => dispatch(simd, AdamKernel::<P, true, true>(job)),
+        (false, false) => dispatch(simd, AdamKernel::<P, S, false, false>(job)),
+        (false, true) => dispatch(simd, AdamKernel::<P, S, false, true>(job)),
+        (true, false) => dispatch(simd, AdamKernel::<P, S, true, false>(job)),
+        (true, true) => dispatch(simd, AdamKernel::<P, S, true, true>(job)),
     });
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! Element types: the arithmetic type of the maths (`Real`) and the storage type of params and
-//! grads (`Element`). Today both are `f32` or `f64`; the split leaves room for bf16/f16 params
-//! whose maths and state run in `f32`.
+//! Element types: the arithmetic type of the maths (`Real`) and the storage type of params,
+//! grads and state (`Element`): `f32` and `f64` compute in themselves; `bf16` and `f16` are
+//! loaded into `f32` exactly and stored rounded to nearest even, once per value, as torch's fused
+//! CPU kernels compute half-precision params ("opmath" float32).
 
 use num_traits::Float;
 
@@ -69,6 +70,34 @@ impl<T: Real> Element for T {
     #[inline(always)]
     fn store(x: T) -> T {
         x
+    }
+}
+
+/// bfloat16: load is exact (the top 16 bits of an f32); store rounds to nearest even and keeps
+/// NaN a NaN (the `half` crate's conversion, as torch's `c10::BFloat16(float)`).
+impl Element for half::bf16 {
+    type Math = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// IEEE float16: load is exact; store rounds to nearest even (overflow to inf, subnormals kept),
+/// as torch's `c10::Half(float)`.
+impl Element for half::f16 {
+    type Math = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        half::f16::from_f32(x)
     }
 }
 

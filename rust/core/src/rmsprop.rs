@@ -26,12 +26,13 @@ impl Default for RmspropHyper {
 
 /// One param's buffers: `momentum_buffer` exactly when `momentum > 0`, `grad_avg` exactly when
 /// `centered`.
-pub struct RmspropTensor<'a, P: Element> {
+/// The state is stored as `S` (see `AdamTensor`), computed in `P::Math`, rounded once.
+pub struct RmspropTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>::Math> {
     pub param: &'a mut [P],
     pub grad: &'a [P],
-    pub square_avg: &'a mut [P::Math],
-    pub momentum_buffer: Option<&'a mut [P::Math]>,
-    pub grad_avg: Option<&'a mut [P::Math]>,
+    pub square_avg: &'a mut [S],
+    pub momentum_buffer: Option<&'a mut [S]>,
+    pub grad_avg: Option<&'a mut [S]>,
     pub step: StepCount<'a>,
 }
 
@@ -60,16 +61,16 @@ impl<T: Real> RmspropScalars<T> {
     }
 }
 
-struct RmspropJob<'a, P: Element> {
+struct RmspropJob<'a, P: Element, S: Element<Math = P::Math>> {
     param: &'a mut [P],
     grad: &'a [P],
-    square_avg: &'a mut [P::Math],
-    momentum_buffer: Option<&'a mut [P::Math]>,
-    grad_avg: Option<&'a mut [P::Math]>,
+    square_avg: &'a mut [S],
+    momentum_buffer: Option<&'a mut [S]>,
+    grad_avg: Option<&'a mut [S]>,
     k: RmspropScalars<P::Math>,
 }
 
-impl<P: Element> Splittable for RmspropJob<'_, P> {
+impl<P: Element, S: Element<Math = P::Math>> Splittable for RmspropJob<'_, P, S> {
     fn len(&self) -> usize {
         self.param.len()
     }
@@ -88,10 +89,12 @@ impl<P: Element> Splittable for RmspropJob<'_, P> {
     }
 }
 
-struct RmspropKernel<'a, P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool>(RmspropJob<'a, P>);
+struct RmspropKernel<'a, P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTUM: bool, const L2: bool>(
+    RmspropJob<'a, P, S>,
+);
 
-impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Kernel
-    for RmspropKernel<'_, P, CENTERED, MOMENTUM, L2>
+impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Kernel
+    for RmspropKernel<'_, P, S, CENTERED, MOMENTUM, L2>
 {
     type Output = ();
 
@@ -100,11 +103,11 @@ impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Ker
         let RmspropJob { param, grad, square_avg, momentum_buffer, grad_avg, k } = self.0;
         let n = param.len();
         let (grad, sq) = (&grad[..n], &mut square_avg[..n]);
-        let buf: &mut [P::Math] = match momentum_buffer {
+        let buf: &mut [S] = match momentum_buffer {
             Some(b) if MOMENTUM => &mut b[..n],
             _ => &mut [],
         };
-        let ga: &mut [P::Math] = match grad_avg {
+        let ga: &mut [S] = match grad_avg {
             Some(a) if CENTERED => &mut a[..n],
             _ => &mut [],
         };
@@ -116,11 +119,11 @@ impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Ker
                 g = torch_add(g, p, k.weight_decay);
             }
             // `square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)`
-            let sq_new = torch_addcmul(sq[i] * k.alpha, g, g, k.one_minus_alpha);
-            sq[i] = sq_new;
+            let sq_new = torch_addcmul(sq[i].load() * k.alpha, g, g, k.one_minus_alpha);
+            sq[i] = S::store(sq_new);
             let rms = if CENTERED {
-                let ga_new = lerp(ga[i], g, k.one_minus_alpha);
-                ga[i] = ga_new;
+                let ga_new = lerp(ga[i].load(), g, k.one_minus_alpha);
+                ga[i] = S::store(ga_new);
                 // `square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()`
                 torch_addcmul(sq_new, ga_new, ga_new, -one).sqrt()
             } else {
@@ -130,8 +133,8 @@ impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Ker
             let avg = rms + k.eps;
             let p = if MOMENTUM {
                 // `buf.mul_(momentum).addcdiv_(g, avg)`, then `param.add_(buf, alpha=-lr)`
-                let b = torch_addcdiv(buf[i] * k.momentum, g, avg, one);
-                buf[i] = b;
+                let b = torch_addcdiv(buf[i].load() * k.momentum, g, avg, one);
+                buf[i] = S::store(b);
                 torch_add(p, b, k.neg_lr)
             } else {
                 // `param.addcdiv_(g, avg, value=-lr)`
@@ -144,8 +147,8 @@ impl<P: Element, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Ker
 
 /// One RMSprop step over every tensor of a param group: increments each step count and updates
 /// params and state in place. Checks every length before it writes anything.
-pub fn rmsprop_step<P: Element>(
-    tensors: Vec<RmspropTensor<'_, P>>,
+pub fn rmsprop_step<P: Element, S: Element<Math = P::Math>>(
+    tensors: Vec<RmspropTensor<'_, P, S>>,
     hyper: &RmspropHyper,
     exec: &Executor,
 ) -> Result<(), Error> {
@@ -166,7 +169,7 @@ pub fn rmsprop_step<P: Element>(
         }
     }
     let k = RmspropScalars::new(hyper);
-    let jobs: Vec<RmspropJob<'_, P>> = tensors
+    let jobs: Vec<RmspropJob<'_, P, S>> = tensors
         .into_iter()
         .map(|mut t| {
             t.step.increment();
@@ -182,14 +185,14 @@ pub fn rmsprop_step<P: Element>(
         .collect();
     let (centered, l2, simd) = (hyper.centered, hyper.weight_decay != 0.0, exec.simd());
     exec.for_each_piece(jobs, |job| match (centered, momentum, l2) {
-        (false, false, false) => dispatch(simd, RmspropKernel::<P, false, false, false>(job)),
-        (false, false, true) => dispatch(simd, RmspropKernel::<P, false, false, true>(job)),
-        (false, true, false) => dispatch(simd, RmspropKernel::<P, false, true, false>(job)),
-        (false, true, true) => dispatch(simd, RmspropKernel::<P, false, true, true>(job)),
-        (true, false, false) => dispatch(simd, RmspropKernel::<P, true, false, false>(job)),
-        (true, false, true) => dispatch(simd, RmspropKernel::<P, true, false, true>(job)),
-        (true, true, false) => dispatch(simd, RmspropKernel::<P, true, true, false>(job)),
-        (true, true, true) => dispatch(simd, RmspropKernel::<P, true, true, true>(job)),
+        (false, false, false) => dispatch(simd, RmspropKernel::<P, S, false, false, false>(job)),
+        (false, false, true) => dispatch(simd, RmspropKernel::<P, S, false, false, true>(job)),
+        (false, true, false) => dispatch(simd, RmspropKernel::<P, S, false, true, false>(job)),
+        (false, true, true) => dispatch(simd, RmspropKernel::<P, S, false, true, true>(job)),
+        (true, false, false) => dispatch(simd, RmspropKernel::<P, S, true, false, false>(job)),
+        (true, false, true) => dispatch(simd, RmspropKernel::<P, S, true, false, true>(job)),
+        (true, true, false) => dispatch(simd, RmspropKernel::<P, S, true, true, false>(job)),
+        (true, true, true) => dispatch(simd, RmspropKernel::<P, S, true, true, true>(job)),
     });
     Ok(())
 }

@@ -24,10 +24,11 @@ impl Default for SgdHyper {
 /// One param's buffers. `momentum_buffer` is given exactly when `momentum != 0`; a buffer the
 /// caller has just allocated (`momentum_buffer_is_new`) is filled with the grad, as torch's
 /// first step clones the grad into it (no dampening).
-pub struct SgdTensor<'a, P: Element> {
+/// The buffer is stored as `S` (see `AdamTensor`), computed in `P::Math`, rounded once.
+pub struct SgdTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>::Math> {
     pub param: &'a mut [P],
     pub grad: &'a [P],
-    pub momentum_buffer: Option<&'a mut [P::Math]>,
+    pub momentum_buffer: Option<&'a mut [S]>,
     pub momentum_buffer_is_new: bool,
 }
 
@@ -52,15 +53,15 @@ impl<T: Real> SgdScalars<T> {
     }
 }
 
-struct SgdJob<'a, P: Element> {
+struct SgdJob<'a, P: Element, S: Element<Math = P::Math>> {
     param: &'a mut [P],
     grad: &'a [P],
-    momentum_buffer: Option<&'a mut [P::Math]>,
+    momentum_buffer: Option<&'a mut [S]>,
     first: bool,
     k: SgdScalars<P::Math>,
 }
 
-impl<P: Element> Splittable for SgdJob<'_, P> {
+impl<P: Element, S: Element<Math = P::Math>> Splittable for SgdJob<'_, P, S> {
     fn len(&self) -> usize {
         self.param.len()
     }
@@ -77,12 +78,12 @@ impl<P: Element> Splittable for SgdJob<'_, P> {
     }
 }
 
-struct SgdKernel<'a, P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool>(
-    SgdJob<'a, P>,
+struct SgdKernel<'a, P: Element, S: Element<Math = P::Math>, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool>(
+    SgdJob<'a, P, S>,
 );
 
-impl<P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool> Kernel
-    for SgdKernel<'_, P, MOMENTUM, FIRST, NESTEROV, L2>
+impl<P: Element, S: Element<Math = P::Math>, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool> Kernel
+    for SgdKernel<'_, P, S, MOMENTUM, FIRST, NESTEROV, L2>
 {
     type Output = ();
 
@@ -91,7 +92,7 @@ impl<P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, 
         let SgdJob { param, grad, momentum_buffer, k, .. } = self.0;
         let n = param.len();
         let grad = &grad[..n];
-        let buf: &mut [P::Math] = match momentum_buffer {
+        let buf: &mut [S] = match momentum_buffer {
             Some(b) if MOMENTUM => &mut b[..n],
             _ => &mut [],
         };
@@ -103,8 +104,8 @@ impl<P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, 
             }
             if MOMENTUM {
                 // `buf.mul_(momentum).add_(g, alpha=1 - dampening)`; the first step clones g.
-                let b = if FIRST { g } else { torch_add(buf[i] * k.momentum, g, k.one_minus_dampening) };
-                buf[i] = b;
+                let b = if FIRST { g } else { torch_add(buf[i].load() * k.momentum, g, k.one_minus_dampening) };
+                buf[i] = S::store(b);
                 g = if NESTEROV { torch_add(g, b, k.momentum) } else { b };
             }
             param[i] = P::store(torch_add(p, g, k.neg_lr));
@@ -113,7 +114,11 @@ impl<P: Element, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, 
 }
 
 /// One SGD step over every tensor of a param group. Checks every length before it writes.
-pub fn sgd_step<P: Element>(tensors: Vec<SgdTensor<'_, P>>, hyper: &SgdHyper, exec: &Executor) -> Result<(), Error> {
+pub fn sgd_step<P: Element, S: Element<Math = P::Math>>(
+    tensors: Vec<SgdTensor<'_, P, S>>,
+    hyper: &SgdHyper,
+    exec: &Executor,
+) -> Result<(), Error> {
     let momentum = hyper.momentum != 0.0;
     if hyper.nesterov && (!momentum || hyper.dampening != 0.0) {
         return Err(Error::InvalidArgument("Nesterov momentum requires a momentum and zero dampening".into()));
@@ -127,7 +132,7 @@ pub fn sgd_step<P: Element>(tensors: Vec<SgdTensor<'_, P>>, hyper: &SgdHyper, ex
         }
     }
     let k = SgdScalars::new(hyper);
-    let jobs: Vec<SgdJob<'_, P>> = tensors
+    let jobs: Vec<SgdJob<'_, P, S>> = tensors
         .into_iter()
         .map(|t| SgdJob {
             param: t.param,
@@ -139,16 +144,16 @@ pub fn sgd_step<P: Element>(tensors: Vec<SgdTensor<'_, P>>, hyper: &SgdHyper, ex
         .collect();
     let (l2, nesterov, simd) = (hyper.weight_decay != 0.0, hyper.nesterov, exec.simd());
     exec.for_each_piece(jobs, |job| match (momentum, job.first, nesterov, l2) {
-        (false, _, _, false) => dispatch(simd, SgdKernel::<P, false, false, false, false>(job)),
-        (false, _, _, true) => dispatch(simd, SgdKernel::<P, false, false, false, true>(job)),
-        (true, false, false, false) => dispatch(simd, SgdKernel::<P, true, false, false, false>(job)),
-        (true, false, false, true) => dispatch(simd, SgdKernel::<P, true, false, false, true>(job)),
-        (true, false, true, false) => dispatch(simd, SgdKernel::<P, true, false, true, false>(job)),
-        (true, false, true, true) => dispatch(simd, SgdKernel::<P, true, false, true, true>(job)),
-        (true, true, false, false) => dispatch(simd, SgdKernel::<P, true, true, false, false>(job)),
-        (true, true, false, true) => dispatch(simd, SgdKernel::<P, true, true, false, true>(job)),
-        (true, true, true, false) => dispatch(simd, SgdKernel::<P, true, true, true, false>(job)),
-        (true, true, true, true) => dispatch(simd, SgdKernel::<P, true, true, true, true>(job)),
+        (false, _, _, false) => dispatch(simd, SgdKernel::<P, S, false, false, false, false>(job)),
+        (false, _, _, true) => dispatch(simd, SgdKernel::<P, S, false, false, false, true>(job)),
+        (true, false, false, false) => dispatch(simd, SgdKernel::<P, S, true, false, false, false>(job)),
+        (true, false, false, true) => dispatch(simd, SgdKernel::<P, S, true, false, false, true>(job)),
+        (true, false, true, false) => dispatch(simd, SgdKernel::<P, S, true, false, true, false>(job)),
+        (true, false, true, true) => dispatch(simd, SgdKernel::<P, S, true, false, true, true>(job)),
+        (true, true, false, false) => dispatch(simd, SgdKernel::<P, S, true, true, false, false>(job)),
+        (true, true, false, true) => dispatch(simd, SgdKernel::<P, S, true, true, false, true>(job)),
+        (true, true, true, false) => dispatch(simd, SgdKernel::<P, S, true, true, true, false>(job)),
+        (true, true, true, true) => dispatch(simd, SgdKernel::<P, S, true, true, true, true>(job)),
     });
     Ok(())
 }

@@ -1,0 +1,231 @@
+//! bfloat16 and float16 params and state: every kernel computes in f32 and rounds each stored
+//! value once (torch's fused CPU kernels' rule). So a half-precision step must be, bit for bit,
+//! the f32 step on the loaded values followed by one rounding of each stored value, on every
+//! SIMD path and thread count.
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use rsoptim_core::{
+    adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Element, Executor, RmspropHyper, RmspropTensor,
+    SgdHyper, SgdTensor, SimdLevel, StepCount,
+};
+
+fn executors() -> Vec<Executor> {
+    let mut all = Vec::new();
+    for level in SimdLevel::available() {
+        for threads in [1, 3] {
+            all.push(Executor::new(threads, level).expect("thread pool").with_parallel_min_elements(0));
+        }
+    }
+    all
+}
+
+/// Values of varied magnitude with either sign, zeros, and now and then inf/NaN.
+fn values(seed: u64, n: usize, non_finite: bool) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = (state >> 33) as u32;
+            match r % 64 {
+                0 => 0.0,
+                1 if non_finite => f32::INFINITY,
+                2 if non_finite => f32::NAN,
+                _ => {
+                    let mag = 10f32.powf((r % 1000) as f32 / 1000.0 * 6.0 - 4.0);
+                    if r & 1 == 0 { mag } else { -mag }
+                }
+            }
+        })
+        .collect()
+}
+
+fn to<E: Element<Math = f32>>(xs: &[f32]) -> Vec<E> {
+    xs.iter().map(|&x| E::store(x)).collect()
+}
+
+fn load<E: Element<Math = f32>>(xs: &[E]) -> Vec<f32> {
+    xs.iter().map(|x| x.load()).collect()
+}
+
+fn same_bits(a: &[f32], b: &[f32], what: &str) -> Result<(), TestCaseError> {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        prop_assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{what}[{i}]: {x} vs {y}");
+    }
+    Ok(())
+}
+
+/// Adam on `P` params with `S` state, against the f32 kernel on the loaded values plus one
+/// rounding per stored value.
+fn check_adam<P: Element<Math = f32>, S: Element<Math = f32>>(
+    n: usize,
+    seed: u64,
+    hyper: &AdamHyper,
+    steps: u32,
+) -> Result<(), TestCaseError> {
+    let (p0, g, m0, v0) = (values(seed, n, true), values(seed + 1, n, true), values(seed + 2, n, false), values(seed + 3, n, false));
+    let v0: Vec<f32> = v0.iter().map(|x| x * x).collect();
+    for exec in executors() {
+        let (mut p, grad, mut m, mut v, mut vmax) = (to::<P>(&p0), to::<P>(&g), to::<S>(&m0), to::<S>(&v0), to::<S>(&v0));
+        let mut step = 0.0f32;
+        for _ in 0..steps {
+            // The f32 step on the loaded values, each stored value rounded once.
+            let (mut pr, gr, mut mr, mut vr, mut xr) = (load(&p), load(&grad), load(&m), load(&v), load(&vmax));
+            let mut step_r = step;
+            let reference = AdamTensor::<f32> {
+                param: &mut pr,
+                grad: &gr,
+                exp_avg: &mut mr,
+                exp_avg_sq: &mut vr,
+                max_exp_avg_sq: hyper.amsgrad.then_some(&mut xr[..]),
+                step: StepCount::F32(&mut step_r),
+            };
+            adam_step(vec![reference], hyper, &exec).unwrap();
+            let t = AdamTensor::<P, S> {
+                param: &mut p,
+                grad: &grad,
+                exp_avg: &mut m,
+                exp_avg_sq: &mut v,
+                max_exp_avg_sq: hyper.amsgrad.then_some(&mut vmax[..]),
+                step: StepCount::F32(&mut step),
+            };
+            adam_step(vec![t], hyper, &exec).unwrap();
+            same_bits(&load(&p), &load(&to::<P>(&pr)), "param")?;
+            same_bits(&load(&m), &load(&to::<S>(&mr)), "exp_avg")?;
+            same_bits(&load(&v), &load(&to::<S>(&vr)), "exp_avg_sq")?;
+            if hyper.amsgrad {
+                same_bits(&load(&vmax), &load(&to::<S>(&xr)), "max_exp_avg_sq")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64, hyper: &SgdHyper) -> Result<(), TestCaseError> {
+    let (p0, g) = (values(seed, n, true), values(seed + 1, n, true));
+    let momentum = hyper.momentum != 0.0;
+    for exec in executors() {
+        let (mut p, grad, mut buf) = (to::<P>(&p0), to::<P>(&g), to::<S>(&vec![0.0; n]));
+        for first in [true, false] {
+            let (mut pr, gr, mut br) = (load(&p), load(&grad), load(&buf));
+            let reference = SgdTensor::<f32> {
+                param: &mut pr,
+                grad: &gr,
+                momentum_buffer: momentum.then_some(&mut br[..]),
+                momentum_buffer_is_new: first,
+            };
+            sgd_step(vec![reference], hyper, &exec).unwrap();
+            let t = SgdTensor::<P, S> {
+                param: &mut p,
+                grad: &grad,
+                momentum_buffer: momentum.then_some(&mut buf[..]),
+                momentum_buffer_is_new: first,
+            };
+            sgd_step(vec![t], hyper, &exec).unwrap();
+            same_bits(&load(&p), &load(&to::<P>(&pr)), "param")?;
+            same_bits(&load(&buf), &load(&to::<S>(&br)), "momentum_buffer")?;
+        }
+    }
+    Ok(())
+}
+
+fn check_rmsprop<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64, hyper: &RmspropHyper) -> Result<(), TestCaseError> {
+    let (p0, g) = (values(seed, n, true), values(seed + 1, n, true));
+    let (momentum, centered) = (hyper.momentum > 0.0, hyper.centered);
+    for exec in executors() {
+        let (mut p, grad) = (to::<P>(&p0), to::<P>(&g));
+        let (mut sq, mut buf, mut ga) = (to::<S>(&vec![0.0; n]), to::<S>(&vec![0.0; n]), to::<S>(&vec![0.0; n]));
+        let mut step = 0.0f32;
+        for _ in 0..2 {
+            let (mut pr, gr, mut sr, mut br, mut ar) = (load(&p), load(&grad), load(&sq), load(&buf), load(&ga));
+            let mut step_r = step;
+            let reference = RmspropTensor::<f32> {
+                param: &mut pr,
+                grad: &gr,
+                square_avg: &mut sr,
+                momentum_buffer: momentum.then_some(&mut br[..]),
+                grad_avg: centered.then_some(&mut ar[..]),
+                step: StepCount::F32(&mut step_r),
+            };
+            rmsprop_step(vec![reference], hyper, &exec).unwrap();
+            let t = RmspropTensor::<P, S> {
+                param: &mut p,
+                grad: &grad,
+                square_avg: &mut sq,
+                momentum_buffer: momentum.then_some(&mut buf[..]),
+                grad_avg: centered.then_some(&mut ga[..]),
+                step: StepCount::F32(&mut step),
+            };
+            rmsprop_step(vec![t], hyper, &exec).unwrap();
+            same_bits(&load(&p), &load(&to::<P>(&pr)), "param")?;
+            same_bits(&load(&sq), &load(&to::<S>(&sr)), "square_avg")?;
+            same_bits(&load(&buf), &load(&to::<S>(&br)), "momentum_buffer")?;
+            same_bits(&load(&ga), &load(&to::<S>(&ar)), "grad_avg")?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn half_types_load_exactly_and_store_to_nearest_even() {
+    // 1 + 2^-8 lies halfway between two bf16 values: ties go to the even one (1.0).
+    assert_eq!(bf16::store(1.0 + 2f32.powi(-8)).load(), 1.0);
+    assert_eq!(bf16::store(1.0 + 3.0 * 2f32.powi(-8)).load(), 1.0 + 2f32.powi(-6));
+    assert_eq!(f16::store(1.0 + 2f32.powi(-11)).load(), 1.0);
+    assert_eq!(f16::store(70000.0).load(), f32::INFINITY); // past f16's range
+    assert_eq!(f16::store(1e-8).load(), 0.0); // torch's eps=1e-8 is 0 in float16
+    assert!(bf16::store(f32::NAN).load().is_nan() && f16::store(f32::NAN).load().is_nan());
+    for x in values(7, 1000, true) {
+        let (b, h) = (bf16::store(x), f16::store(x));
+        assert!(b.load().to_bits() == bf16::store(b.load()).load().to_bits() || x.is_nan());
+        assert!(h.load().to_bits() == f16::store(h.load()).load().to_bits() || x.is_nan());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn adam_on_half_types_is_the_f32_step_rounded_once(
+        n in prop_oneof![1usize..40, Just(4099usize)],
+        seed in any::<u64>(),
+        amsgrad in any::<bool>(),
+        wd in prop_oneof![Just(0.0), Just(0.01)],
+        decoupled in any::<bool>(),
+        maximize in any::<bool>(),
+    ) {
+        let hyper = AdamHyper { lr: 1e-2, weight_decay: wd, amsgrad, decoupled_weight_decay: decoupled, maximize, ..AdamHyper::default() };
+        check_adam::<bf16, bf16>(n, seed, &hyper, 3)?;
+        check_adam::<f16, f16>(n, seed, &hyper, 3)?;
+        check_adam::<bf16, f32>(n, seed, &hyper, 3)?;
+        check_adam::<f16, f32>(n, seed, &hyper, 3)?;
+    }
+
+    #[test]
+    fn sgd_on_half_types_is_the_f32_step_rounded_once(
+        n in prop_oneof![1usize..40, Just(4099usize)],
+        seed in any::<u64>(),
+        momentum in prop_oneof![Just(0.0), Just(0.9)],
+        nesterov in any::<bool>(),
+        wd in prop_oneof![Just(0.0), Just(0.01)],
+    ) {
+        let hyper = SgdHyper { lr: 0.1, momentum, nesterov: nesterov && momentum != 0.0, weight_decay: wd, ..SgdHyper::default() };
+        check_sgd::<bf16, bf16>(n, seed, &hyper)?;
+        check_sgd::<f16, f16>(n, seed, &hyper)?;
+        check_sgd::<bf16, f32>(n, seed, &hyper)?;
+    }
+
+    #[test]
+    fn rmsprop_on_half_types_is_the_f32_step_rounded_once(
+        n in prop_oneof![1usize..40, Just(4099usize)],
+        seed in any::<u64>(),
+        momentum in prop_oneof![Just(0.0), Just(0.9)],
+        centered in any::<bool>(),
+        wd in prop_oneof![Just(0.0), Just(0.01)],
+    ) {
+        let hyper = RmspropHyper { lr: 1e-2, momentum, centered, weight_decay: wd, ..RmspropHyper::default() };
+        check_rmsprop::<bf16, bf16>(n, seed, &hyper)?;
+        check_rmsprop::<f16, f16>(n, seed, &hyper)?;
+        check_rmsprop::<bf16, f32>(n, seed, &hyper)?;
+    }
+}
