@@ -14,13 +14,20 @@ from typing import Any
 
 import torch
 
-#: dtypes the Rust kernels compute in; complex params run on their real views.
+#: dtypes the Rust kernels step; complex params run on their real views. bfloat16 and float16
+#: params (and their state, kept in the param's dtype as torch.optim keeps it) are computed in
+#: float32 and each stored value is rounded once, as torch's fused CPU kernels do.
 KERNEL_DTYPES = {
     torch.float32: "float32",
     torch.float64: "float64",
     torch.complex64: "float32",
     torch.complex128: "float64",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
 }
+
+#: dtypes the norm and scale kernels of clip_grad_norm_ take (half-precision grads go to torch).
+NORM_DTYPES = frozenset((torch.float32, torch.float64, torch.complex64, torch.complex128))
 
 
 def runs_on_kernel(t: torch.Tensor) -> bool:

@@ -2,10 +2,12 @@
 
 Each optimizer subclasses its torch.optim counterpart, so construction, validation messages,
 defaults, ``state_dict``/``load_state_dict``, hooks, ``repr``, pickling and scheduler support are
-torch's own. Only ``step`` is replaced: CPU float32/float64 (and complex) params of a group go to
-one Rust call per dtype; everything else (CUDA and other devices, float16/bfloat16, sparse grads
-where torch supports them) goes to torch's own functional implementation, which picks its
-foreach or fused kernels as it would for ``torch.optim``.
+torch's own. Only ``step`` is replaced: CPU float32/float64/bfloat16/float16 (and complex) params
+of a group go to one Rust call per dtype (half-precision ones with the numerics of torch's fused
+CPU kernels); everything else (CUDA and other devices, sparse grads where torch supports them,
+the cases ``_param_runs_on_kernel`` and ``_kernel_buffers`` refuse) goes to torch's own
+functional implementation, which picks its foreach or fused kernels as it would for
+``torch.optim``.
 
 A group whose params, grads and state are all plain contiguous CPU buffers keeps a
 :class:`_Plan` of their addresses, so that later steps only re-read the grads and re-check, per
@@ -266,7 +268,7 @@ _get_grad = operator.attrgetter("grad")
 _get_impl = torch._C.TensorBase._cdata.__get__
 
 #: c10::ScalarType codes of the dtypes a plan checks (see rust/core/src/torch_abi.rs).
-_DTYPE_CODES = {torch.float32: 6, torch.float64: 7}
+_DTYPE_CODES = {torch.float32: 6, torch.float64: 7, torch.float16: 5, torch.bfloat16: 15}
 
 #: Whether plans can be checked natively (libtorch's shim, see ``enable_native_checks``);
 #: without it every step takes the general path.

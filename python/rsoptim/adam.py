@@ -55,7 +55,11 @@ class _AdamKernels(KernelOptimizer):
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
             decoupled_weight_decay=self._decoupled(group),
-            lr_in_f32=isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32,
+            # torch's for-loop divides a float32 Tensor lr in float32; its fused kernel (the rule
+            # for half-precision params) reads it as a double.
+            lr_in_f32=call.dtype in ("float32", "float64")
+            and isinstance(group["lr"], torch.Tensor)
+            and group["lr"].dtype == torch.float32,
         )
 
     def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
@@ -100,9 +104,10 @@ class _AdamKernels(KernelOptimizer):
 class Adam(_AdamKernels, torch.optim.Adam):
     """``torch.optim.Adam`` with its step computed by rsoptim's Rust kernels on CPU.
 
-    Same arguments, defaults, errors and state as ``torch.optim.Adam``; ``foreach``, ``fused`` and
-    ``capturable`` are accepted and apply to params that torch steps (non-CPU devices, float16,
-    bfloat16). ``differentiable=True`` is not supported.
+    Same arguments, defaults, errors and state as ``torch.optim.Adam``; bfloat16/float16 params
+    get the numbers of torch's ``fused=True`` kernel. ``foreach``, ``fused`` and ``capturable``
+    are accepted and apply to params that torch steps (non-CPU devices). ``differentiable=True``
+    is not supported.
     """
 
     def __init__(

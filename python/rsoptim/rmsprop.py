@@ -17,9 +17,10 @@ __all__ = ["RMSprop"]
 class RMSprop(KernelOptimizer, torch.optim.RMSprop):
     """``torch.optim.RMSprop`` with its step computed by rsoptim's Rust kernels on CPU.
 
-    Same arguments, defaults, errors and state as ``torch.optim.RMSprop``. Params on other
-    devices and float16/bfloat16 params are stepped by torch. ``differentiable=True`` is not
-    supported.
+    Same arguments, defaults, errors and state as ``torch.optim.RMSprop``; bfloat16/float16 params
+    are computed in float32, each stored value rounded once (the rule of torch's fused kernels;
+    torch has no fused RMSprop). Params on other devices are stepped by torch.
+    ``differentiable=True`` is not supported.
     """
 
     _sparse_message = "RMSprop does not support sparse gradients"

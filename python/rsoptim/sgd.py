@@ -18,8 +18,10 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     """``torch.optim.SGD`` with its step computed by rsoptim's Rust kernels on CPU.
 
     Same arguments, defaults, errors and state as ``torch.optim.SGD`` (``momentum_buffer`` only
-    with momentum, created on a param's first step). Sparse grads, params on other devices and
-    float16/bfloat16 params are stepped by torch. ``differentiable=True`` is not supported.
+    with momentum, created on a param's first step); bfloat16/float16 params are computed in
+    float32, each stored value rounded once (the rule of torch's fused kernels, whose SGD is
+    broken for half params in torch 2.13). Sparse grads and params on other devices are stepped
+    by torch. ``differentiable=True`` is not supported.
     """
 
     _has_step = False

@@ -17,15 +17,21 @@ use crate::step::StepCount;
 pub enum Dtype {
     F32,
     F64,
+    BF16,
+    F16,
 }
 
 impl Dtype {
-    /// torch's name of the dtype (`"float32"`, `"float64"`).
+    /// torch's name of the dtype (`"float32"`, `"float64"`, `"bfloat16"`, `"float16"`).
     pub fn parse(name: &str) -> Result<Self, Error> {
         match name {
             "float32" => Ok(Self::F32),
             "float64" => Ok(Self::F64),
-            _ => Err(Error::InvalidArgument(format!("rsoptim kernels run on float32 or float64, not {name}"))),
+            "bfloat16" => Ok(Self::BF16),
+            "float16" => Ok(Self::F16),
+            _ => Err(Error::InvalidArgument(format!(
+                "rsoptim kernels run on float32, float64, bfloat16 or float16, not {name}"
+            ))),
         }
     }
 }
@@ -118,6 +124,9 @@ impl Table {
 
     /// One written step count per tensor, stored as `dtype`.
     pub fn steps(&mut self, dtype: Dtype, addrs: &[u8]) -> Result<StepColumn, Error> {
+        if !matches!(dtype, Dtype::F32 | Dtype::F64) {
+            return Err(Error::InvalidArgument("step counts are float32 or float64".into()));
+        }
         let addrs = words("step", addrs)?;
         self.check_count("step", addrs.len())?;
         self.checked = false;
@@ -125,7 +134,7 @@ impl Table {
         for (i, &addr) in addrs.iter().enumerate() {
             self.buffers.push(match dtype {
                 Dtype::F32 => Buffer::of::<f32>("step", i, addr, 1, true),
-                Dtype::F64 => Buffer::of::<f64>("step", i, addr, 1, true),
+                Dtype::F64 | Dtype::BF16 | Dtype::F16 => Buffer::of::<f64>("step", i, addr, 1, true),
             });
         }
         Ok(StepColumn { start, dtype })
@@ -186,7 +195,8 @@ impl Table {
         unsafe {
             match col.dtype {
                 Dtype::F32 => StepCount::F32(&mut slice_mut::<f32>(b)[0]),
-                Dtype::F64 => StepCount::F64(&mut slice_mut::<f64>(b)[0]),
+                // (`steps` refuses the half dtypes.)
+                Dtype::F64 | Dtype::BF16 | Dtype::F16 => StepCount::F64(&mut slice_mut::<f64>(b)[0]),
             }
         }
     }

@@ -22,14 +22,17 @@ type GetI64s = unsafe extern "C" fn(Handle, *mut *const i64) -> Status;
 type GetBool = unsafe extern "C" fn(Handle, *mut bool) -> Status;
 
 /// `c10::ScalarType` codes of the dtypes the step plan checks, with their element sizes.
+pub const FLOAT16: i32 = 5;
 pub const FLOAT32: i32 = 6;
 pub const FLOAT64: i32 = 7;
+pub const BFLOAT16: i32 = 15;
 /// `c10::DeviceType::CPU` and `c10::Layout::Strided`.
 const CPU: i32 = 0;
 const STRIDED: i32 = 0;
 
 fn element_size(dtype: i32) -> Option<i64> {
     match dtype {
+        FLOAT16 | BFLOAT16 => Some(2),
         FLOAT32 => Some(4),
         FLOAT64 => Some(8),
         _ => None,
@@ -196,8 +199,9 @@ mod tests {
     }
 
     #[test]
-    fn only_float32_and_float64_have_an_element_size() {
+    fn only_the_planned_dtypes_have_an_element_size() {
         assert_eq!((element_size(FLOAT32), element_size(FLOAT64)), (Some(4), Some(8)));
+        assert_eq!((element_size(FLOAT16), element_size(BFLOAT16)), (Some(2), Some(2)));
         assert_eq!(element_size(9), None); // complex64: plans never hold complex params
     }
 }

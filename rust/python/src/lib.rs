@@ -24,8 +24,8 @@ use rsoptim_core::table::{words, Dtype, Table};
 use rsoptim_core::torch_abi::Expected;
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
-    AdamHyper, AdamTensor, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor,
-    SimdLevel,
+    AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper,
+    SgdTensor, SimdLevel,
 };
 
 #[global_allocator]
@@ -240,6 +240,20 @@ fn parse_dtype(name: &str) -> PyResult<Dtype> {
     Dtype::parse(name).map_err(core_error)
 }
 
+/// Calls a `*_typed::<P, S>` function with the element types of a param dtype: the one place
+/// where dtype names become types. The state is stored in the param's type (torch.optim's
+/// layout: half-precision state for half-precision params), computed in `P::Math`.
+macro_rules! with_param_types {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            Dtype::F32 => $f::<f32, f32>($($arg),*),
+            Dtype::F64 => $f::<f64, f64>($($arg),*),
+            Dtype::BF16 => $f::<half::bf16, half::bf16>($($arg),*),
+            Dtype::F16 => $f::<half::f16, half::f16>($($arg),*),
+        }
+    };
+}
+
 /// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
 /// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
 /// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
@@ -295,10 +309,7 @@ fn adam_step(
     let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 };
     let bufs = AdamBuffers { params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps };
     let step_dtype = parse_dtype(step_dtype)?;
-    match parse_dtype(dtype)? {
-        Dtype::F32 => adam_typed::<f32>(py, numels, bufs, step_dtype, hyper),
-        Dtype::F64 => adam_typed::<f64>(py, numels, bufs, step_dtype, hyper),
-    }
+    with_param_types!(parse_dtype(dtype)?, adam_typed(py, numels, bufs, step_dtype, hyper))
 }
 
 struct AdamBuffers<'a> {
@@ -310,7 +321,7 @@ struct AdamBuffers<'a> {
     steps: &'a [u8],
 }
 
-fn adam_typed<T: Real>(
+fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     py: Python<'_>,
     numels: &[u8],
     b: AdamBuffers<'_>,
@@ -318,18 +329,18 @@ fn adam_typed<T: Real>(
     hyper: AdamHyper,
 ) -> PyResult<()> {
     let mut table = Table::new(numels).map_err(core_error)?;
-    let param = table.column::<T>("param", b.params, true).map_err(core_error)?;
-    let grad = table.column::<T>("grad", b.grads, false).map_err(core_error)?;
-    let exp_avg = table.column::<T>("exp_avg", b.exp_avgs, true).map_err(core_error)?;
-    let exp_avg_sq = table.column::<T>("exp_avg_sq", b.exp_avg_sqs, true).map_err(core_error)?;
-    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<T>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
+    let param = table.column::<P>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
+    let exp_avg = table.column::<S>("exp_avg", b.exp_avgs, true).map_err(core_error)?;
+    let exp_avg_sq = table.column::<S>("exp_avg_sq", b.exp_avg_sqs, true).map_err(core_error)?;
+    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<S>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
     let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
-        let tensors: Vec<AdamTensor<'_, T>> = (0..table.len())
+        let tensors: Vec<AdamTensor<'_, P, S>> = (0..table.len())
             .map(|i| unsafe {
                 AdamTensor {
                     param: table.written(param, i),
@@ -368,13 +379,11 @@ fn sgd_step(
     maximize: bool,
 ) -> PyResult<()> {
     let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
-    match parse_dtype(dtype)? {
-        Dtype::F32 => sgd_typed::<f32>(py, numels, params, grads, momentum_buffers, momentum_buffers_are_new, hyper),
-        Dtype::F64 => sgd_typed::<f64>(py, numels, params, grads, momentum_buffers, momentum_buffers_are_new, hyper),
-    }
+    let are_new = momentum_buffers_are_new;
+    with_param_types!(parse_dtype(dtype)?, sgd_typed(py, numels, params, grads, momentum_buffers, are_new, hyper))
 }
 
-fn sgd_typed<T: Real>(
+fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
     py: Python<'_>,
     numels: &[u8],
     params: &[u8],
@@ -384,16 +393,16 @@ fn sgd_typed<T: Real>(
     hyper: SgdHyper,
 ) -> PyResult<()> {
     let mut table = Table::new(numels).map_err(core_error)?;
-    let param = table.column::<T>("param", params, true).map_err(core_error)?;
-    let grad = table.column::<T>("grad", grads, false).map_err(core_error)?;
-    let buf = momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let param = table.column::<P>("param", params, true).map_err(core_error)?;
+    let grad = table.column::<P>("grad", grads, false).map_err(core_error)?;
+    let buf = momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
     table.check_count("momentum_buffers_are_new", are_new.len()).map_err(core_error)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
-        let tensors: Vec<SgdTensor<'_, T>> = (0..table.len())
+        let tensors: Vec<SgdTensor<'_, P, S>> = (0..table.len())
             .map(|i| unsafe {
                 SgdTensor {
                     param: table.written(param, i),
@@ -436,10 +445,7 @@ fn rmsprop_step(
     let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize };
     let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
     let step_dtype = parse_dtype(step_dtype)?;
-    match parse_dtype(dtype)? {
-        Dtype::F32 => rmsprop_typed::<f32>(py, numels, bufs, step_dtype, hyper),
-        Dtype::F64 => rmsprop_typed::<f64>(py, numels, bufs, step_dtype, hyper),
-    }
+    with_param_types!(parse_dtype(dtype)?, rmsprop_typed(py, numels, bufs, step_dtype, hyper))
 }
 
 struct RmspropBuffers<'a> {
@@ -451,7 +457,7 @@ struct RmspropBuffers<'a> {
     steps: &'a [u8],
 }
 
-fn rmsprop_typed<T: Real>(
+fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
     py: Python<'_>,
     numels: &[u8],
     b: RmspropBuffers<'_>,
@@ -459,18 +465,18 @@ fn rmsprop_typed<T: Real>(
     hyper: RmspropHyper,
 ) -> PyResult<()> {
     let mut table = Table::new(numels).map_err(core_error)?;
-    let param = table.column::<T>("param", b.params, true).map_err(core_error)?;
-    let grad = table.column::<T>("grad", b.grads, false).map_err(core_error)?;
-    let square_avg = table.column::<T>("square_avg", b.square_avgs, true).map_err(core_error)?;
-    let buf = b.momentum_buffers.map(|a| table.column::<T>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
-    let grad_avg = b.grad_avgs.map(|a| table.column::<T>("grad_avg", a, true)).transpose().map_err(core_error)?;
+    let param = table.column::<P>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
+    let square_avg = table.column::<S>("square_avg", b.square_avgs, true).map_err(core_error)?;
+    let buf = b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let grad_avg = b.grad_avgs.map(|a| table.column::<S>("grad_avg", a, true)).transpose().map_err(core_error)?;
     let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
-        let tensors: Vec<RmspropTensor<'_, T>> = (0..table.len())
+        let tensors: Vec<RmspropTensor<'_, P, S>> = (0..table.len())
             .map(|i| unsafe {
                 RmspropTensor {
                     param: table.written(param, i),
@@ -493,6 +499,7 @@ fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm
     match parse_dtype(dtype)? {
         Dtype::F32 => norms_typed::<f32>(py, numels, tensors, norm),
         Dtype::F64 => norms_typed::<f64>(py, numels, tensors, norm),
+        dtype => Err(value_error(format!("norms runs on float32 or float64, not {dtype:?}"))),
     }
 }
 
@@ -514,6 +521,7 @@ fn scale_(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], factor: f6
     match parse_dtype(dtype)? {
         Dtype::F32 => scale_typed::<f32>(py, numels, tensors, factor),
         Dtype::F64 => scale_typed::<f64>(py, numels, tensors, factor),
+        dtype => Err(value_error(format!("scale runs on float32 or float64, not {dtype:?}"))),
     }
 }
 
@@ -536,6 +544,7 @@ fn stream_probe(py: Python<'_>, dtype: &str, numels: &[u8], read: &[u8], written
     match parse_dtype(dtype)? {
         Dtype::F32 => stream_typed::<f32>(py, numels, read, written),
         Dtype::F64 => stream_typed::<f64>(py, numels, read, written),
+        dtype => Err(value_error(format!("stream runs on float32 or float64, not {dtype:?}"))),
     }
 }
 
