@@ -72,7 +72,7 @@ fn any_word() -> impl Strategy<Value = u64> {
 }
 
 fn dtype() -> impl Strategy<Value = Dtype> {
-    prop_oneof![Just(Dtype::F32), Just(Dtype::F64)]
+    prop_oneof![Just(Dtype::F32), Just(Dtype::F64), Just(Dtype::BF16), Just(Dtype::F16)]
 }
 
 /// Adds a column of `T` (or, for `steps`, a step column) and returns whether it was accepted;
@@ -83,8 +83,12 @@ fn add_column(table: &mut Table, addrs: &[u64], dtype: Dtype, written: bool, ste
         (true, d) => table.steps(d, &bytes).map(|_| ()),
         (false, Dtype::F32) => table.column::<f32>("col", &bytes, written).map(|_| ()),
         (false, Dtype::F64) => table.column::<f64>("col", &bytes, written).map(|_| ()),
+        (false, Dtype::BF16) => table.column::<half::bf16>("col", &bytes, written).map(|_| ()),
+        (false, Dtype::F16) => table.column::<half::f16>("col", &bytes, written).map(|_| ()),
     };
-    assert_eq!(result.is_ok(), addrs.len() == table.len(), "{result:?}");
+    // Step counts are float32 or float64: a half-precision step column is refused.
+    let half_steps = steps && matches!(dtype, Dtype::BF16 | Dtype::F16);
+    assert_eq!(result.is_ok(), addrs.len() == table.len() && !half_steps, "{result:?}");
     if let Err(e) = &result {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
     }
@@ -135,6 +139,8 @@ proptest! {
                     expected.push(match dtype {
                         Dtype::F32 => Buffer::of::<f32>("col", i, addr as usize, len, written),
                         Dtype::F64 => Buffer::of::<f64>("col", i, addr as usize, len, written),
+                        Dtype::BF16 => Buffer::of::<half::bf16>("col", i, addr as usize, len, written),
+                        Dtype::F16 => Buffer::of::<half::f16>("col", i, addr as usize, len, written),
                     });
                 }
             }
@@ -322,6 +328,9 @@ fn slices_need_a_passed_check_and_a_written_column() {
 fn dtype_names() {
     assert_eq!(Dtype::parse("float32"), Ok(Dtype::F32));
     assert_eq!(Dtype::parse("float64"), Ok(Dtype::F64));
-    assert!(matches!(Dtype::parse("bfloat16"), Err(Error::InvalidArgument(_))));
-    assert!(matches!(Dtype::parse(""), Err(Error::InvalidArgument(_))));
+    assert_eq!(Dtype::parse("bfloat16"), Ok(Dtype::BF16));
+    assert_eq!(Dtype::parse("float16"), Ok(Dtype::F16));
+    for bad in ["", "int32", "complex64", "Float32"] {
+        assert!(matches!(Dtype::parse(bad), Err(Error::InvalidArgument(_))), "{bad}");
+    }
 }
