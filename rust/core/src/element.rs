@@ -87,18 +87,65 @@ impl Element for half::bf16 {
     }
 }
 
-/// IEEE float16: load is exact; store rounds to nearest even (overflow to inf, subnormals kept),
-/// as torch's `c10::Half(float)`.
+/// IEEE float16: load is exact; store rounds to nearest even (overflow to inf, subnormals kept,
+/// NaN to the canonical quiet NaN), as torch's `c10::Half(float)`. The conversions are written
+/// here without branches (the `half` crate's pick F16C at run time per element, which keeps the
+/// kernels' loops from vectorising); `tests/half.rs` checks them against the `half` crate.
 impl Element for half::f16 {
     type Math = f32;
     #[inline(always)]
     fn load(self) -> f32 {
-        self.to_f32()
+        f16_bits_to_f32(self.to_bits())
     }
     #[inline(always)]
     fn store(x: f32) -> Self {
-        half::f16::from_f32(x)
+        half::f16::from_bits(f32_to_f16_bits(x))
     }
+}
+
+/// The float32 value of float16 bits, exactly.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let (sign, exp, mant) = ((h & 0x8000) << 16, (h >> 10) & 0x1f, h & 0x3ff);
+    let normal = ((exp + (127 - 15)) << 23) | (mant << 13);
+    let inf_nan = (0xff << 23) | (mant << 13);
+    // Zero and subnormals: mant * 2^-24, exact in float32.
+    let subnormal = (mant as f32 * (1.0 / 16_777_216.0)).to_bits();
+    let bits = if exp == 0 {
+        subnormal
+    } else if exp == 0x1f {
+        inf_nan
+    } else {
+        normal
+    };
+    f32::from_bits(bits | sign)
+}
+
+/// float32 rounded to the nearest float16 (ties to even), as bits.
+#[inline(always)]
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let abs = bits & 0x7fff_ffff;
+    // 65536.0 and up (and inf, NaN): past float16's range whatever the rounding.
+    let huge = if abs > 0x7f80_0000 { 0x7e00 } else { 0x7c00 };
+    // Below 2^-14 the result is subnormal (or zero): adding 0.5 lets the FPU round the bits
+    // that fall off to nearest even; the low bits of the sum are the float16 mantissa.
+    const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let small = (f32::from_bits(abs) + f32::from_bits(DENORM_MAGIC)).to_bits().wrapping_sub(DENORM_MAGIC);
+    // Normal: rebias the exponent and round the 13 dropped bits to nearest even (a carry may
+    // reach the exponent, up to infinity, which is right).
+    let odd = (abs >> 13) & 1;
+    let normal = (abs.wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff)).wrapping_add(odd)) >> 13;
+    let out = if abs >= (127 + 16) << 23 {
+        huge
+    } else if abs < (127 - 14) << 23 {
+        small
+    } else {
+        normal
+    };
+    (out | sign) as u16
 }
 
 // The tensor ops of torch's for-loop optimizers, rounded as ATen's vectorised CPU kernels round

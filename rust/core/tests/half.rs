@@ -229,3 +229,34 @@ proptest! {
         check_rmsprop::<bf16, f32>(n, seed, &hyper)?;
     }
 }
+
+#[test]
+fn float16_loads_match_the_half_crate_for_every_value() {
+    for bits in 0..=u16::MAX {
+        let (ours, theirs) = (f16::from_bits(bits).load(), f16::from_bits(bits).to_f32());
+        assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{bits:#06x}: {ours} vs {theirs}");
+    }
+}
+
+#[test]
+fn float16_stores_match_the_half_crate() {
+    let check = |x: f32| {
+        let (ours, theirs) = (f16::store(x), f16::from_f32(x));
+        assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{x:e} ({:#010x}): {:#06x} vs {:#06x}", x.to_bits(), ours.to_bits(), theirs.to_bits());
+    };
+    // Every sign, exponent and kept mantissa bit, with the 13 dropped bits at the rounding
+    // boundaries (zero, just above zero, just below half, half, just above half, all ones).
+    for high in 0..(1u32 << 19) {
+        for low in [0, 1, 0x0fff, 0x1000, 0x1001, 0x1fff] {
+            check(f32::from_bits((high << 13) | low));
+        }
+    }
+    // And a spread of every other bit pattern.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..4_000_000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        check(f32::from_bits(state as u32));
+    }
+}
