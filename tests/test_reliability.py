@@ -563,49 +563,40 @@ def test_a_state_value_that_is_not_a_plain_tensor_never_reaches_native_code(bad)
         pass
 
 
-def test_a_grad_subclass_overriding_cdata_is_stepped_as_torch_does():
-    def run(module):
-        p = torch.nn.Parameter(torch.linspace(-1, 1, 1000))
-        opt = module.SGD([p], lr=0.1)
-        for i in range(3):
-            p.grad = torch.linspace(-1, 1, 1000) * (i + 1)
-            if i == 2:  # the plan exists: its check must read the real TensorImpl
-                p.grad = p.grad.as_subclass(_SubclassWithCdata)
-            opt.step()
-        return p.detach().as_subclass(torch.Tensor).clone()
+def _three_steps(module, name, edit, n=64, **kwargs):
+    """Three steps of ``module.name``; ``edit(opt, p)`` runs before the third, when rsoptim's
+    plan exists."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, n))
+    opt = getattr(module, name)([p], lr=0.1, **kwargs)
+    for i in range(3):
+        p.grad = torch.linspace(-1, 1, n) * (i + 1)
+        if i == 2:
+            edit(opt, p)
+        opt.step()
+    return p.detach().as_subclass(torch.Tensor).resolve_neg().clone()
 
-    _assert_same_outcome(run)
+
+def test_a_grad_subclass_overriding_cdata_is_stepped_as_torch_does():
+    def edit(opt, p):  # the plan's check must read the real TensorImpl
+        p.grad = p.grad.as_subclass(_SubclassWithCdata)
+
+    _assert_same_outcome(lambda module: _three_steps(module, "SGD", edit, n=1000))
 
 
 @pytest.mark.parametrize("name,key", [("SGD", "momentum_buffer"), ("Adam", "exp_avg"), ("RMSprop", "square_avg"), ("Adam", "step")])
 def test_a_negative_view_made_after_the_plan_is_stepped_as_torch_does(name, key):
+    def edit(opt, p):
+        opt.state[p][key] = opt.state[p][key]._neg_view()
+
     kwargs = {"momentum": 0.9} if name == "SGD" else {}
-
-    def run(module):
-        p = torch.nn.Parameter(torch.linspace(-1, 1, 64))
-        opt = getattr(module, name)([p], lr=0.1, **kwargs)
-        for i in range(3):
-            p.grad = torch.linspace(-1, 1, 64) * (i + 1)
-            if i == 2:
-                opt.state[p][key] = opt.state[p][key]._neg_view()
-            opt.step()
-        return p.detach().clone()
-
-    _assert_same_outcome(run)
+    _assert_same_outcome(lambda module: _three_steps(module, name, edit, **kwargs))
 
 
 def test_a_param_made_a_negative_view_after_the_plan_is_stepped_as_torch_does():
-    def run(module):
-        p = torch.nn.Parameter(torch.linspace(-1, 1, 64))
-        opt = module.SGD([p], lr=0.1)
-        for i in range(3):
-            p.grad = torch.linspace(-1, 1, 64) * (i + 1)
-            if i == 2:
-                p.data = p.data._neg_view()
-            opt.step()
-        return p.detach().clone().resolve_neg()
+    def edit(opt, p):
+        p.data = p.data._neg_view()
 
-    _assert_same_outcome(run)
+    _assert_same_outcome(lambda module: _three_steps(module, "SGD", edit))
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
