@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -90,10 +92,11 @@ def test_half_precision_adam_is_torch_fused_bit_for_bit(name, flags, dtype, coun
     assert all(moved), "the bitwise comparison compared params that did not move"
 
 
-def _rounded_float32_run(name, kwargs, dtype, steps, grads):
+def _rounded_float32_run(name, kwargs, dtype, steps, grads, state_dtype=None):
     """The reference of the half-precision rule: torch's float32 for-loop on float32 copies of
     the half params and state, every param and state value rounded to ``dtype`` after each
-    step (so each stored value is rounded once per step, the maths is float32)."""
+    step (so each stored value is rounded once per step, the maths is float32); with
+    ``state_dtype=torch.float32`` the state is kept in float32, unrounded."""
     params = [p.detach().float().requires_grad_() for p in _params([dtype])()]
     opt = OPTIMIZERS[name][0](params, foreach=False, **kwargs)
     history = []
@@ -107,8 +110,10 @@ def _rounded_float32_run(name, kwargs, dtype, steps, grads):
                 p.copy_(p.to(dtype))
                 for key, value in opt.state[p].items():
                     if key != "step":
-                        value.copy_(value.to(dtype))
-        history.append([(p.detach().to(dtype), {k: v.to(dtype) for k, v in opt.state[p].items() if k != "step"}) for p in params])
+                        value.copy_(value.to(state_dtype or dtype))
+        history.append(
+            [(p.detach().to(dtype, copy=True), {k: v.to(state_dtype or dtype, copy=True) for k, v in opt.state[p].items() if k != "step"}) for p in params]
+        )
     return history
 
 
@@ -231,6 +236,112 @@ def test_strided_half_precision_params_are_stepped_as_contiguous_ones(dtype):
             opt.step()
         results.append(p.detach().contiguous())
     assert torch.equal(results[0], results[1])
+
+
+# --- state_dtype=torch.float32: float32 state for half-precision params (rsoptim's extension) ---
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("flags", ["all_on", "all_off"])
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_state_is_the_float32_step_with_the_param_rounded_once(name, flags, dtype):
+    kwargs = (ALL_ON if flags == "all_on" else ALL_OFF)[name]
+    grads = seeded_grads(2, none_at=lambda step, index: index == 3 and step == 1)
+    expected = _rounded_float32_run(name, kwargs, dtype, 4, grads, state_dtype=torch.float32)
+    params = _params([dtype])()
+    opt = OPTIMIZERS[name][1](params, **kwargs, state_dtype=torch.float32)
+    for step in range(4):
+        for index, p in enumerate(params):
+            g = grads(step, index, p)
+            p.grad = None if g is None else g.to(dtype)
+        opt.step()
+        for p, (want, want_state) in zip(params, expected[step]):
+            assert p.dtype == dtype
+            torch.testing.assert_close(p.detach(), want, msg=lambda m: f"{name} {dtype} step {step}: {m}")
+            for key, value in want_state.items():
+                assert opt.state[p][key].dtype == torch.float32
+                torch.testing.assert_close(opt.state[p][key], value, msg=lambda m: f"{key} step {step}: {m}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+def test_float32_state_is_more_accurate_than_half_state(dtype):
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(4096, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(4096, generator=gen, dtype=torch.float64) * 1e-3 for _ in range(20)]
+
+    def run(p_dtype, **extra):
+        p = start.to(p_dtype).clone().requires_grad_()
+        opt = rsoptim.AdamW([p], lr=1e-3, **extra)
+        for g in grads:
+            p.grad = g.to(p_dtype)
+            opt.step()
+        return p.detach().double()
+
+    exact = run(torch.float64)
+    half_state = (run(dtype) - exact).abs().mean()
+    float_state = (run(dtype, state_dtype=torch.float32) - exact).abs().mean()
+    assert float_state < half_state, (float_state, half_state)
+
+
+def test_state_dtype_keeps_float32_state_through_state_dicts():
+    def fresh(**extra):
+        p = torch.linspace(-1, 1, 64).to(torch.bfloat16).requires_grad_()
+        return p, rsoptim.Adam([p], lr=1e-2, **extra)
+
+    grads = [torch.linspace(1, -1, 64).to(torch.bfloat16) * (i + 1) for i in range(4)]
+    p_ref, ref = fresh(state_dtype=torch.float32)
+    for g in grads:
+        p_ref.grad = g.clone()
+        ref.step()
+    # Two steps, a state dict, a fresh optimizer: the same four steps, bit for bit.
+    p_a, a = fresh(state_dtype=torch.float32)
+    for g in grads[:2]:
+        p_a.grad = g.clone()
+        a.step()
+    saved = copy.deepcopy(a.state_dict())
+    assert saved["param_groups"][0]["state_dtype"] == torch.float32
+    p_b, b = fresh()  # built without state_dtype: the loaded group brings it
+    with torch.no_grad():
+        p_b.copy_(p_a)
+    b.load_state_dict(saved)
+    assert b.state[p_b]["exp_avg"].dtype == torch.float32
+    for g in grads[2:]:
+        p_b.grad = g.clone()
+        b.step()
+    assert torch.equal(p_b.detach(), p_ref.detach())
+    assert torch.equal(b.state[p_b]["exp_avg_sq"], ref.state[p_ref]["exp_avg_sq"])
+    # torch.optim takes the same state dict, casting the state to the param's dtype (its rule).
+    p_t = torch.linspace(-1, 1, 64).to(torch.bfloat16).requires_grad_()
+    t = torch.optim.Adam([p_t], lr=1e-2)
+    t.load_state_dict(copy.deepcopy(saved))
+    assert t.state[p_t]["exp_avg"].dtype == torch.bfloat16
+    # And a torch.optim state dict (bfloat16 state) loads into an optimizer built with
+    # state_dtype=torch.float32 as float32 state.
+    p_c, c = fresh(state_dtype=torch.float32)
+    c.load_state_dict(t.state_dict())
+    assert c.state[p_c]["exp_avg"].dtype == torch.float32 and c.param_groups[0]["state_dtype"] == torch.float32
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.bfloat16, torch.float64, torch.int32, "float32"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dtype_refuses_what_it_does_not_support(name, bad):
+    with pytest.raises(ValueError, match="state_dtype"):
+        OPTIMIZERS[name][1]([torch.zeros(3, requires_grad=True)], lr=0.1, state_dtype=bad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dtype_float32_leaves_float32_params_as_they_are(name):
+    def run(**extra):
+        p = torch.linspace(-1, 1, 16).requires_grad_()
+        opt = OPTIMIZERS[name][1]([p], lr=0.1, **extra)
+        for i in range(3):
+            p.grad = torch.linspace(1, -1, 16) * (i + 1)
+            opt.step()
+        return p.detach(), {k: v for k, v in opt.state[p].items()}
+
+    (a, sa), (b, sb) = run(), run(state_dtype=torch.float32)
+    assert torch.equal(a, b)
+    assert all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
 
 
 # --- mixed dtypes in one group --------------------------------------------------------------

@@ -142,12 +142,26 @@ def test_is_a_torch_optimizer(name):
     assert type(opt).__name__ == name
 
 
+#: rsoptim's opt-in arguments beyond torch.optim's: keyword-only, last, off by default.
+EXTENSIONS = {"state_dtype": None}
+
+
+def _signatures(name):
+    t = inspect.signature(getattr(torch.optim, name).__init__, eval_str=True)
+    r = inspect.signature(getattr(rsoptim, name).__init__, eval_str=True)
+    extensions = [p for key, p in r.parameters.items() if key in EXTENSIONS]
+    assert list(r.parameters)[-len(EXTENSIONS):] == list(EXTENSIONS), "extensions come last"
+    for p in extensions:
+        assert p.kind == inspect.Parameter.KEYWORD_ONLY and p.default == EXTENSIONS[p.name], p
+    return t, r.replace(parameters=[p for key, p in r.parameters.items() if key not in EXTENSIONS])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_init_signature_names_kinds_defaults_match_torch(name):
     """What callers see: parameter names, order, kinds (positional / keyword-only) and defaults,
-    and the annotations of every argument but ``params`` (compared in full below)."""
-    t = inspect.signature(getattr(torch.optim, name).__init__, eval_str=True)
-    r = inspect.signature(getattr(rsoptim, name).__init__, eval_str=True)
+    and the annotations of every argument but ``params`` (compared in full below), besides
+    rsoptim's keyword-only extensions."""
+    t, r = _signatures(name)
     assert list(t.parameters) == list(r.parameters)
     for key in t.parameters:
         a, b = t.parameters[key], r.parameters[key]
@@ -160,8 +174,7 @@ def test_init_signature_names_kinds_defaults_match_torch(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_init_signature_fully_equal_to_torch(name):
-    t = inspect.signature(getattr(torch.optim, name).__init__, eval_str=True)
-    r = inspect.signature(getattr(rsoptim, name).__init__, eval_str=True)
+    t, r = _signatures(name)
     assert t == r
 
 

@@ -26,6 +26,8 @@ KERNEL_DTYPES = {
     torch.float16: "float16",
 }
 
+HALF_DTYPES = frozenset((torch.bfloat16, torch.float16))
+
 #: dtypes the norm and scale kernels of clip_grad_norm_ take (half-precision grads go to torch).
 NORM_DTYPES = frozenset((torch.float32, torch.float64, torch.complex64, torch.complex128))
 
@@ -42,11 +44,14 @@ def runs_on_kernel(t: torch.Tensor) -> bool:
     )
 
 
-def same_kind(t: torch.Tensor, like: torch.Tensor) -> bool:
+def same_kind(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether a grad or state tensor ``t`` can be stepped with its param ``like`` by the kernels:
-    the same dtype, device and shape, and plain memory. Anything else torch's own ops handle by
-    promotion or broadcasting, or refuse: such params are left to torch."""
-    return t.dtype == like.dtype and t.device == like.device and t.shape == like.shape and runs_on_kernel(t)
+    ``dtype`` (by default the param's), the param's device and shape, and plain memory. Anything
+    else torch's own ops handle by promotion or broadcasting, or refuse: such params are left to
+    torch."""
+    return (
+        t.dtype == (dtype or like.dtype) and t.device == like.device and t.shape == like.shape and runs_on_kernel(t)
+    )
 
 
 def is_step_count(step: Any) -> bool:
@@ -97,8 +102,9 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether ``t`` has ``like``'s dtype, shape and element order (``like`` is dense)."""
-    if t.dtype != like.dtype or t.device != like.device or t.shape != like.shape:
+    """Whether ``t`` has ``like``'s shape and element order (``like`` is dense); the dtypes may
+    differ (float32 state of a bfloat16 param)."""
+    if t.device != like.device or t.shape != like.shape:
         return False
     if t.is_contiguous() and like.is_contiguous():
         return True
@@ -136,7 +142,7 @@ class BufferTable:
             check_storage(tensor, role)
             t = as_real(tensor)
             if not same_layout(t, p):
-                staged = torch.empty_like(p)
+                staged = torch.empty_like(p, dtype=t.dtype)
                 staged.copy_(t)
                 if role in self._written:
                     self._copy_back.append((t, staged))

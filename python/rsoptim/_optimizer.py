@@ -28,13 +28,23 @@ from torch.autograd.graph import increment_version
 
 from ._columns import pack
 from . import _rsoptim
-from ._layout import KERNEL_DTYPES, BufferTable, is_step_count, runs_on_kernel, same_kind, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, BufferTable, is_step_count, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
 
 def scalar(x: Any) -> float:
     """A hyperparameter as a Python float (schedulers may store Tensor lrs and betas)."""
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def check_state_dtype(state_dtype: Any) -> None:
+    """rsoptim's extension: ``state_dtype=torch.float32`` keeps the state of bfloat16/float16
+    params in float32 (the state of float32/float64 params is in their own dtype already)."""
+    if state_dtype is not None and state_dtype != torch.float32:
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype} (None keeps each param's state in the param's dtype, "
+            "as torch.optim does; torch.float32 keeps the state of bfloat16/float16 params in float32)"
+        )
 
 
 def reject_differentiable(differentiable: bool) -> None:
@@ -52,6 +62,8 @@ class KernelCall:
 
     dtype: str
     step_dtype: str
+    # The state's dtype where it is not the params' (float32 state of half-precision params).
+    state_dtype: str | None
     params: list[torch.Tensor]
     numels: bytes
     columns: dict[str, bytes]
@@ -150,6 +162,39 @@ class KernelOptimizer:
         # The plans hold aliases of the old state's tensors: let them go with it.
         self.__dict__.pop("_rsoptim_plans", None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        # torch casts floating state to each param's dtype. Where a group keeps float32 state
+        # (state_dtype; a group saved by torch.optim has none, and takes this optimizer's own),
+        # take it from the saved tensor itself, not from its rounding to the param's dtype.
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for group in self.param_groups:
+            if self.defaults.get("state_dtype") is not None:
+                group.setdefault("state_dtype", self.defaults["state_dtype"])
+            for p, saved_id in zip(group["params"], saved_ids):
+                wanted, saved = self._state_dtype(p, group), state_dict["state"].get(saved_id, {})
+                state = self.state.get(p, {})
+                for key, value in state.items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.dtype != wanted:
+                        original = saved.get(key)
+                        exact = isinstance(original, torch.Tensor) and original.dtype == wanted
+                        state[key] = (original if exact else value).to(dtype=wanted, device=p.device, copy=True)
+
+    def _init_state_dtype(self, state_dtype: torch.dtype | None) -> None:
+        """Records a ``state_dtype`` in ``defaults`` and every group (so state dicts and
+        ``add_param_group`` keep it); call after ``torch.optim``'s constructor. Without one the
+        groups and state dicts have exactly torch.optim's keys."""
+        if state_dtype is not None:
+            self.defaults["state_dtype"] = state_dtype
+            for group in self.param_groups:
+                group.setdefault("state_dtype", state_dtype)
+
+    def _state_dtype(self, p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state: the param's (torch.optim's layout), or float32 for a
+        bfloat16/float16 CPU param of a group with ``state_dtype=torch.float32``."""
+        if group.get("state_dtype") is not None and p.dtype in HALF_DTYPES:
+            if p.device.type != "cpu":
+                raise ValueError(f"state_dtype={group['state_dtype']} is supported for CPU params, not {p.device}")
+            return group["state_dtype"]
+        return p.dtype
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         params = [p for p in group["params"] if p.grad is not None]
@@ -187,10 +232,10 @@ class KernelOptimizer:
             return None
         buffers: dict[str, Any] = {"grad": p.grad}
         if keys or self._has_step:
-            state = self.state[p]
+            state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
                 buffers[key] = state.get(key)
-                if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], p)):
+                if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], p, state_dtype)):
                     return None
             if self._has_step:
                 buffers["step"] = state.get("step")
@@ -218,19 +263,23 @@ class KernelOptimizer:
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
             if buffers is not None:
                 step_dtype = step_dtype_name(buffers["step"]) if self._has_step else "float32"
-                buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype), []).append((p, buffers))
+                state_dtype = self._state_dtype(p, group)
+                state_name = None if state_dtype == p.dtype else KERNEL_DTYPES[state_dtype]
+                buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype, state_name), []).append((p, buffers))
             else:
                 others.append(p)
         calls = []
         stepped: dict[int, dict[str, Any]] = {}
-        for (dtype, step_dtype), entries in buckets.items():
+        for (dtype, step_dtype, state_name), entries in buckets.items():
             bucket = [p for p, _ in entries]
             table = BufferTable(("param", "grad", *keys), written=frozenset(("param", *keys)))
             for p, buffers in entries:
                 table.add(p, {role: buffers[role] for role in ("grad", *keys)})
             steps = [buffers["step"] for _, buffers in entries] if self._has_step else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
-            call = KernelCall(dtype, step_dtype, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps)))
+            call = KernelCall(
+                dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
+            )
             call.new_buffers = self._new_buffer_flags(bucket)
             call.held = [table, steps]
             try:
@@ -377,7 +426,7 @@ class _Plan:
             for k in keys:
                 step = k == "step"
                 numels.append(1 if step else p.numel())
-                dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0) if step else _DTYPE_CODES[p.dtype])
+                dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0))
                 shape_of.append(len(shape_of) if step else i)
         plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
         tensors = [*with_grad, *grads, *states]

@@ -32,6 +32,7 @@ def adam_step(
     maximize: bool,
     decoupled_weight_decay: bool,
     lr_in_f32: bool = False,
+    state_dtype: str | None = None,
 ) -> None: ...
 def sgd_step(
     dtype: str,
@@ -47,6 +48,7 @@ def sgd_step(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    state_dtype: str | None = None,
 ) -> None: ...
 def rmsprop_step(
     dtype: str,
@@ -66,6 +68,7 @@ def rmsprop_step(
     momentum: float,
     centered: bool,
     maximize: bool,
+    state_dtype: str | None = None,
 ) -> None: ...
 def tensor_norms(dtype: str, numels: bytes, tensors: bytes, norm_type: float) -> list[float]: ...
 def scale_(dtype: str, numels: bytes, tensors: bytes, factor: float) -> None: ...

@@ -9,7 +9,7 @@ from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the modu
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_state_dtype, reject_differentiable, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -29,10 +29,11 @@ class _AdamKernels(KernelOptimizer):
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
         else:
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        dtype = self._state_dtype(p, group)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
         beta1, beta2 = group["betas"]
@@ -60,6 +61,7 @@ class _AdamKernels(KernelOptimizer):
             lr_in_f32=call.dtype in ("float32", "float64")
             and isinstance(group["lr"], torch.Tensor)
             and group["lr"].dtype == torch.float32,
+            state_dtype=call.state_dtype,
         )
 
     def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
@@ -125,8 +127,10 @@ class Adam(_AdamKernels, torch.optim.Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         reject_differentiable(differentiable)
+        check_state_dtype(state_dtype)
         super().__init__(
             params,
             lr=lr,
@@ -141,6 +145,7 @@ class Adam(_AdamKernels, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        self._init_state_dtype(state_dtype)
 
 
 class AdamW(_AdamKernels, torch.optim.AdamW):
@@ -163,8 +168,10 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         reject_differentiable(differentiable)
+        check_state_dtype(state_dtype)
         super().__init__(
             params,
             lr=lr,
@@ -178,3 +185,4 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
+        self._init_state_dtype(state_dtype)

@@ -9,7 +9,7 @@ from torch.optim.rmsprop import rmsprop as _torch_rmsprop  # torch.optim deletes
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_state_dtype, reject_differentiable, scalar
 
 __all__ = ["RMSprop"]
 
@@ -38,8 +38,11 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         reject_differentiable(differentiable)
+        check_state_dtype(state_dtype)
         super().__init__(
             params,
             lr=lr,
@@ -53,6 +56,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             maximize=maximize,
             differentiable=differentiable,
         )
+        self._init_state_dtype(state_dtype)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)
@@ -67,11 +71,12 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
         else:
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype())
-        state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        dtype = self._state_dtype(p, group)
+        state["square_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if group["momentum"] > 0:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if group["centered"]:
-            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["grad_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
         c = call.columns
@@ -92,6 +97,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             momentum=scalar(group["momentum"]),
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
+            state_dtype=call.state_dtype,
         )
 
     def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:

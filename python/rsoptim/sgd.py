@@ -9,7 +9,7 @@ from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module 
 from torch.optim.optimizer import ParamsT
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_state_dtype, reject_differentiable, scalar
 
 __all__ = ["SGD"]
 
@@ -39,8 +39,10 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         reject_differentiable(differentiable)
+        check_state_dtype(state_dtype)
         super().__init__(
             params,
             lr=lr,
@@ -53,6 +55,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
+        self._init_state_dtype(state_dtype)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -75,7 +78,8 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         # is told the buffer is new; should the step not run on the kernel, the buffer is
         # removed again (see _forget_new_state) and torch creates its own.
         if self._param_runs_on_kernel(p, group):
-            state["momentum_buffer"] = torch.empty_like(p.grad, memory_format=torch.preserve_format)
+            dtype = self._state_dtype(p, group)
+            state["momentum_buffer"] = torch.empty_like(p.grad, dtype=dtype, memory_format=torch.preserve_format)
             self._new_buffers.add(p)
 
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
@@ -113,6 +117,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             weight_decay=scalar(group["weight_decay"]),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
+            state_dtype=call.state_dtype,
         )
 
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

@@ -240,18 +240,26 @@ fn parse_dtype(name: &str) -> PyResult<Dtype> {
     Dtype::parse(name).map_err(core_error)
 }
 
-/// Calls a `*_typed::<P, S>` function with the element types of a param dtype: the one place
-/// where dtype names become types. The state is stored in the param's type (torch.optim's
-/// layout: half-precision state for half-precision params), computed in `P::Math`.
+/// Calls a `*_typed::<P, S>` function with the element types of a param dtype and a state
+/// dtype (`None`: the param's, torch.optim's layout): the one place where dtype names become
+/// types. Every value is computed in `P::Math` and rounded once when stored as `P` or `S`.
 macro_rules! with_param_types {
-    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $dtype {
-            Dtype::F32 => $f::<f32, f32>($($arg),*),
-            Dtype::F64 => $f::<f64, f64>($($arg),*),
-            Dtype::BF16 => $f::<half::bf16, half::bf16>($($arg),*),
-            Dtype::F16 => $f::<half::f16, half::f16>($($arg),*),
+    ($dtype:expr, $state_dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {{
+        let dtype = parse_dtype($dtype)?;
+        let state = match $state_dtype {
+            Some(name) => parse_dtype(name)?,
+            None => dtype,
+        };
+        match (dtype, state) {
+            (Dtype::F32, Dtype::F32) => $f::<f32, f32>($($arg),*),
+            (Dtype::F64, Dtype::F64) => $f::<f64, f64>($($arg),*),
+            (Dtype::BF16, Dtype::BF16) => $f::<half::bf16, half::bf16>($($arg),*),
+            (Dtype::F16, Dtype::F16) => $f::<half::f16, half::f16>($($arg),*),
+            (Dtype::BF16, Dtype::F32) => $f::<half::bf16, f32>($($arg),*),
+            (Dtype::F16, Dtype::F32) => $f::<half::f16, f32>($($arg),*),
+            (dtype, state) => Err(value_error(format!("{dtype:?} params cannot keep {state:?} state"))),
         }
-    };
+    }};
 }
 
 /// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
@@ -282,7 +290,8 @@ fn detached<R: Send>(py: Python<'_>, buffers: &[Buffer], work: impl FnOnce() -> 
 #[pyfunction]
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
-    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false,
+    state_dtype=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -305,11 +314,12 @@ fn adam_step(
     maximize: bool,
     decoupled_weight_decay: bool,
     lr_in_f32: bool,
+    state_dtype: Option<&str>,
 ) -> PyResult<()> {
     let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 };
     let bufs = AdamBuffers { params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps };
     let step_dtype = parse_dtype(step_dtype)?;
-    with_param_types!(parse_dtype(dtype)?, adam_typed(py, numels, bufs, step_dtype, hyper))
+    with_param_types!(dtype, state_dtype, adam_typed(py, numels, bufs, step_dtype, hyper))
 }
 
 struct AdamBuffers<'a> {
@@ -360,7 +370,7 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyfunction]
 #[pyo3(signature = (
     dtype, numels, params, grads, momentum_buffers, momentum_buffers_are_new, *,
-    lr, momentum, dampening, weight_decay, nesterov, maximize
+    lr, momentum, dampening, weight_decay, nesterov, maximize, state_dtype=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
@@ -377,10 +387,11 @@ fn sgd_step(
     weight_decay: f64,
     nesterov: bool,
     maximize: bool,
+    state_dtype: Option<&str>,
 ) -> PyResult<()> {
     let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
     let are_new = momentum_buffers_are_new;
-    with_param_types!(parse_dtype(dtype)?, sgd_typed(py, numels, params, grads, momentum_buffers, are_new, hyper))
+    with_param_types!(dtype, state_dtype, sgd_typed(py, numels, params, grads, momentum_buffers, are_new, hyper))
 }
 
 fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
@@ -420,7 +431,7 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyfunction]
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
-    lr, alpha, eps, weight_decay, momentum, centered, maximize
+    lr, alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rmsprop_step(
@@ -441,11 +452,12 @@ fn rmsprop_step(
     momentum: f64,
     centered: bool,
     maximize: bool,
+    state_dtype: Option<&str>,
 ) -> PyResult<()> {
     let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize };
     let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
     let step_dtype = parse_dtype(step_dtype)?;
-    with_param_types!(parse_dtype(dtype)?, rmsprop_typed(py, numels, bufs, step_dtype, hyper))
+    with_param_types!(dtype, state_dtype, rmsprop_typed(py, numels, bufs, step_dtype, hyper))
 }
 
 struct RmspropBuffers<'a> {
