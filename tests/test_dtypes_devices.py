@@ -117,27 +117,34 @@ def _rounded_float32_run(name, kwargs, dtype, steps, grads, state_dtype=None):
     return history
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("flags", ["all_on", "all_off"])
-@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
-def test_half_precision_sgd_rmsprop_is_the_float32_step_rounded_once(name, flags, dtype, count_kernel_calls):
+def _check_against_rounded_float32_run(name, flags, dtype, state_dtype=None):
+    """rsoptim's half-precision steps against ``_rounded_float32_run``: the float32 kernels
+    agree with torch's float32 for-loop to its tolerances, so after the rounding the params
+    agree to within a unit of the half type, and the state to its dtype's tolerances."""
     kwargs = (ALL_ON if flags == "all_on" else ALL_OFF)[name]
     grads = seeded_grads(2, none_at=lambda step, index: index == 3 and step == 1)
-    expected = _rounded_float32_run(name, kwargs, dtype, 4, grads)
+    expected = _rounded_float32_run(name, kwargs, dtype, 4, grads, state_dtype=state_dtype)
     params = _params([dtype])()
-    opt = OPTIMIZERS[name][1](params, **kwargs)
+    opt = OPTIMIZERS[name][1](params, **kwargs, **({"state_dtype": state_dtype} if state_dtype else {}))
     for step in range(4):
         for index, p in enumerate(params):
             g = grads(step, index, p)
             p.grad = None if g is None else g.to(dtype)
         opt.step()
         for p, (want, want_state) in zip(params, expected[step]):
-            # The float32 kernels agree with torch's float32 for-loop to its tolerances, so
-            # after the rounding the results agree to within one unit of the half type.
+            assert p.dtype == dtype
             torch.testing.assert_close(p.detach(), want, msg=lambda m: f"{name} {dtype} step {step}: {m}")
             for key, value in want_state.items():
-                assert opt.state[p][key].dtype == dtype, "state is kept in the param's dtype, as torch keeps it"
+                # Without state_dtype the state is kept in the param's dtype, as torch keeps it.
+                assert opt.state[p][key].dtype == (state_dtype or dtype)
                 torch.testing.assert_close(opt.state[p][key], value, msg=lambda m: f"{key} step {step}: {m}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("flags", ["all_on", "all_off"])
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_half_precision_sgd_rmsprop_is_the_float32_step_rounded_once(name, flags, dtype, count_kernel_calls):
+    _check_against_rounded_float32_run(name, flags, dtype)
     assert count_kernel_calls[KERNELS[name]] >= 4
 
 
@@ -245,22 +252,7 @@ def test_strided_half_precision_params_are_stepped_as_contiguous_ones(dtype):
 @pytest.mark.parametrize("flags", ["all_on", "all_off"])
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_state_is_the_float32_step_with_the_param_rounded_once(name, flags, dtype):
-    kwargs = (ALL_ON if flags == "all_on" else ALL_OFF)[name]
-    grads = seeded_grads(2, none_at=lambda step, index: index == 3 and step == 1)
-    expected = _rounded_float32_run(name, kwargs, dtype, 4, grads, state_dtype=torch.float32)
-    params = _params([dtype])()
-    opt = OPTIMIZERS[name][1](params, **kwargs, state_dtype=torch.float32)
-    for step in range(4):
-        for index, p in enumerate(params):
-            g = grads(step, index, p)
-            p.grad = None if g is None else g.to(dtype)
-        opt.step()
-        for p, (want, want_state) in zip(params, expected[step]):
-            assert p.dtype == dtype
-            torch.testing.assert_close(p.detach(), want, msg=lambda m: f"{name} {dtype} step {step}: {m}")
-            for key, value in want_state.items():
-                assert opt.state[p][key].dtype == torch.float32
-                torch.testing.assert_close(opt.state[p][key], value, msg=lambda m: f"{key} step {step}: {m}")
+    _check_against_rounded_float32_run(name, flags, dtype, state_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
