@@ -288,12 +288,19 @@ def test_wrong_dtype(where):
     _refused(TypeError, "dtype", mutate)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.complex128])
+@pytest.mark.parametrize("dtype", [np.int64, np.complex128, np.uint16])
 def test_unsupported_dtype(dtype):
     def mutate(a):
         a.params = [p.astype(dtype) for p in a.params]
 
-    _refused(TypeError, "float32 or float64", mutate)
+    _refused(TypeError, "params must be numpy arrays of", mutate)
+
+
+def test_float16_params_with_float64_grads_are_refused():
+    def mutate(a):
+        a.params = [p.astype(np.float16) for p in a.params]
+
+    _refused(TypeError, "float16 is expected", mutate)
 
 
 @pytest.mark.parametrize("where", ["params", "grads", "m", "v"])
@@ -461,3 +468,49 @@ def test_functional_does_not_need_torch_objects():
     with pytest.raises(TypeError):
         F.adam_([np.ones(3)], [torch.ones(3, dtype=torch.float64)], [np.zeros(3)], [np.zeros(3)], np.zeros(1))
     assert rsoptim.functional is F
+
+
+# --- half-precision params ------------------------------------------------------------------
+
+_HALF_NUMPY = [np.float16]
+try:
+    import ml_dtypes
+
+    _HALF_NUMPY.append(ml_dtypes.bfloat16)
+except ImportError:  # bfloat16 arrays need ml_dtypes; the float16 cases still run
+    pass
+
+
+@pytest.mark.parametrize("state", ["same", "float32"])
+@pytest.mark.parametrize("dtype", _HALF_NUMPY, ids=lambda d: np.dtype(d).name)
+def test_half_precision_adam_matches_the_torch_optimizers(dtype, state):
+    # The torch optimizer with the same layout (state_dtype=float32 for float32 state), which
+    # test_dtypes_devices checks against torch's fused kernel and the float32 rule.
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[np.dtype(dtype).name]
+    w0 = np.linspace(-1, 1, 1000).astype(dtype)
+    grads = [(np.linspace(1, -1, 1000) * (i + 1)).astype(dtype) for i in range(3)]
+    state_dtype = dtype if state == "same" else np.float32
+    w, m, v = w0.copy(), np.zeros(1000, state_dtype), np.zeros(1000, state_dtype)
+    steps = np.zeros(1, np.float32)
+    p = torch.tensor(w0.astype(np.float32)).to(torch_dtype).requires_grad_()
+    opt = rsoptim.Adam([p], lr=1e-2, **({} if state == "same" else {"state_dtype": torch.float32}))
+    for g in grads:
+        F.adam_([w], [g], [m], [v], steps, lr=1e-2)
+        p.grad = torch.tensor(g.astype(np.float32)).to(torch_dtype)
+        opt.step()
+    np.testing.assert_array_equal(w.astype(np.float32), p.detach().float().numpy())
+    np.testing.assert_array_equal(m.astype(np.float32), opt.state[p]["exp_avg"].float().numpy())
+    assert m.dtype == np.dtype(state_dtype)
+
+
+@pytest.mark.parametrize("dtype", _HALF_NUMPY, ids=lambda d: np.dtype(d).name)
+def test_half_precision_state_of_another_dtype_is_refused(dtype):
+    w = np.zeros(4, dtype)
+    with pytest.raises(TypeError, match="dtype"):
+        F.adam_([w], [np.ones(4, dtype)], [np.zeros(4, np.float64)], [np.zeros(4, np.float64)], np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match="dtype"):  # one state float32, the other not
+        F.adam_([w], [np.ones(4, dtype)], [np.zeros(4, np.float32)], [np.zeros(4, dtype)], np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        F.grad_norms([w])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        F.clip_grad_norm_([w], 1.0)

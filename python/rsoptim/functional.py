@@ -2,8 +2,11 @@
 
 Every function takes lists of C-contiguous float32 or float64 arrays (one entry per tensor; a
 single array is taken as a list of one), all of one dtype, and updates params and state in place
-with the same arithmetic as the torch optimizers. Step counts live in a 1-D float array with one
-entry per tensor, incremented in place. Arrays that share memory are refused with ValueError.
+with the same arithmetic as the torch optimizers. The steps also take float16 params, and
+bfloat16 ones (``ml_dtypes.bfloat16``) where ml_dtypes is installed: computed in float32, each
+stored value rounded once, with state of the params' dtype or float32. Step counts live in a 1-D
+float32/float64 array with one entry per tensor, incremented in place. Arrays that share memory
+are refused with ValueError.
 
 Example::
 
@@ -31,7 +34,18 @@ from ._columns import pack
 __all__ = ["adam_", "sgd_", "rmsprop_", "grad_norms", "clip_grad_norm_"]
 
 Arrays = np.ndarray | Sequence[np.ndarray]
-_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+#: Step counts are float32 or float64.
+_STEP_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+#: Params: float32, float64, float16, and bfloat16 where ml_dtypes (NumPy's bfloat16) is installed.
+#: Half-precision params are computed in float32, each stored value rounded once.
+_DTYPES = {**_STEP_DTYPES, np.dtype(np.float16): "float16"}
+try:
+    import ml_dtypes
+
+    _DTYPES[np.dtype(ml_dtypes.bfloat16)] = "bfloat16"
+except ImportError:  # bfloat16 arrays need ml_dtypes
+    pass
+_HALF = {name for name in _DTYPES.values() if name in ("float16", "bfloat16")}
 
 
 def _as_list(arrays: Arrays | None) -> list[np.ndarray] | None:
@@ -57,13 +71,17 @@ class _Params:
                 raise TypeError(f"params[{i}] is a {type(a).__name__}, not a numpy array")
         dtype = self.arrays[0].dtype
         if dtype not in _DTYPES:
-            raise TypeError(f"params must be float32 or float64 numpy arrays, got {dtype}")
+            names = ", ".join(sorted(_DTYPES.values()))
+            raise TypeError(f"params must be numpy arrays of {names}, got {dtype}")
         self.dtype, self.name = dtype, _DTYPES[dtype]
+        self.state_dtype: np.dtype | None = None
         self.shapes = [p.shape for p in self.arrays]
         self.numels = pack(p.size for p in self.arrays)
 
-    def column(self, name: str, arrays: Arrays | None, written: bool) -> bytes:
-        """The addresses of ``arrays``, one per param, each checked against its param."""
+    def column(self, name: str, arrays: Arrays | None, written: bool, dtype: np.dtype | None = None) -> bytes:
+        """The addresses of ``arrays``, one per param, each checked against its param (and of
+        ``dtype``, by default the params')."""
+        dtype = self.dtype if dtype is None else dtype
         arrays = _as_list(arrays) or []
         self.held.append(arrays)
         if len(arrays) != len(self.shapes):
@@ -71,8 +89,8 @@ class _Params:
         for i, (a, shape) in enumerate(zip(arrays, self.shapes)):
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"{name}[{i}] is a {type(a).__name__}, not a numpy array")
-            if a.dtype != self.dtype:
-                raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but the params have {self.dtype}")
+            if a.dtype != dtype:
+                raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but {dtype} is expected here (params: {self.dtype})")
             if a.shape != shape:
                 raise ValueError(f"{name}[{i}] has shape {a.shape}, but its param has {shape}")
             if not a.flags.c_contiguous:
@@ -81,16 +99,34 @@ class _Params:
                 raise ValueError(f"{name}[{i}] is read-only")
         return pack(a.ctypes.data for a in arrays)
 
-    def optional_column(self, name: str, arrays: Arrays | None) -> bytes | None:
-        return None if arrays is None else self.column(name, arrays, True)
+    def state_column(self, name: str, arrays: Arrays | None) -> bytes:
+        """Like ``column``, for optimizer state: of the params' dtype, or float32 for float16 or
+        bfloat16 params (every state array of a call alike; the first one decides)."""
+        arrays = _as_list(arrays) or []
+        if self.state_dtype is None:
+            first = arrays[0].dtype if arrays and isinstance(arrays[0], np.ndarray) else self.dtype
+            self.state_dtype = first if self.name in _HALF and first == np.float32 else self.dtype
+        return self.column(name, arrays, True, self.state_dtype)
+
+    def optional_state_column(self, name: str, arrays: Arrays | None) -> bytes | None:
+        return None if arrays is None else self.state_column(name, arrays)
+
+    @property
+    def state_dtype_name(self) -> str | None:
+        """The binding's ``state_dtype``: None where the state is of the params' dtype."""
+        return None if self.state_dtype in (None, self.dtype) else "float32"
+
+    def refuse_half(self, what: str) -> None:
+        if self.name in _HALF:
+            raise TypeError(f"{what} takes float32 or float64 arrays, not {self.name}")
 
 
 def _steps(steps: np.ndarray, count: int) -> tuple[str, bytes]:
-    if not isinstance(steps, np.ndarray) or steps.dtype not in _DTYPES or steps.shape != (count,):
+    if not isinstance(steps, np.ndarray) or steps.dtype not in _STEP_DTYPES or steps.shape != (count,):
         raise ValueError(f"steps must be a float32 or float64 numpy array of shape ({count},)")
     if not (steps.flags.c_contiguous and steps.flags.writeable):
         raise ValueError("steps must be writeable and C-contiguous")
-    return _DTYPES[steps.dtype], pack(steps.ctypes.data + i * steps.itemsize for i in range(count))
+    return _STEP_DTYPES[steps.dtype], pack(steps.ctypes.data + i * steps.itemsize for i in range(count))
 
 
 def adam_(
@@ -121,9 +157,9 @@ def adam_(
         ps.numels,
         ps.column("params", ps.arrays, True),
         ps.column("grads", grads, False),
-        ps.column("exp_avgs", exp_avgs, True),
-        ps.column("exp_avg_sqs", exp_avg_sqs, True),
-        ps.optional_column("max_exp_avg_sqs", max_exp_avg_sqs),
+        ps.state_column("exp_avgs", exp_avgs),
+        ps.state_column("exp_avg_sqs", exp_avg_sqs),
+        ps.optional_state_column("max_exp_avg_sqs", max_exp_avg_sqs),
         step_addrs,
         lr=float(lr),
         beta1=float(betas[0]),
@@ -133,6 +169,7 @@ def adam_(
         amsgrad=amsgrad,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
+        state_dtype=ps.state_dtype_name,
     )
 
 
@@ -163,7 +200,7 @@ def sgd_(
         ps.numels,
         ps.column("params", ps.arrays, True),
         ps.column("grads", grads, False),
-        ps.optional_column("momentum_buffers", buffers if momentum != 0 else None),
+        ps.optional_state_column("momentum_buffers", buffers if momentum != 0 else None),
         new,
         lr=float(lr),
         momentum=float(momentum),
@@ -171,6 +208,7 @@ def sgd_(
         weight_decay=float(weight_decay),
         nesterov=nesterov,
         maximize=maximize,
+        state_dtype=ps.state_dtype_name,
     )
     return buffers
 
@@ -201,9 +239,9 @@ def rmsprop_(
         ps.numels,
         ps.column("params", ps.arrays, True),
         ps.column("grads", grads, False),
-        ps.column("square_avgs", square_avgs, True),
-        ps.optional_column("momentum_buffers", momentum_buffers),
-        ps.optional_column("grad_avgs", grad_avgs),
+        ps.state_column("square_avgs", square_avgs),
+        ps.optional_state_column("momentum_buffers", momentum_buffers),
+        ps.optional_state_column("grad_avgs", grad_avgs),
         step_addrs,
         lr=float(lr),
         alpha=float(alpha),
@@ -212,12 +250,14 @@ def rmsprop_(
         momentum=float(momentum),
         centered=centered,
         maximize=maximize,
+        state_dtype=ps.state_dtype_name,
     )
 
 
 def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
     """The ``norm_type``-norm of each array (``p > 0`` or ``inf``), as float64."""
     gs = _Params(grads)
+    gs.refuse_half("grad_norms")
     return np.array(_rsoptim.tensor_norms(gs.name, gs.numels, gs.column("grads", gs.arrays, False), float(norm_type)))
 
 
@@ -226,6 +266,7 @@ def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> f
     the norm of the per-array norms; returns ``total``. The grads must be writeable and must not
     share memory, whether or not the call clips (``grad_norms`` only reads)."""
     gs = _Params(grads)
+    gs.refuse_half("clip_grad_norm_")
     norms = grad_norms(gs.arrays, norm_type).astype(gs.dtype)
     norm_type = float(norm_type)
     total = float(norms.max() if norm_type == float("inf") else (np.abs(norms) ** norm_type).sum() ** (1.0 / norm_type))
