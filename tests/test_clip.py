@@ -421,3 +421,28 @@ def test_get_total_norm_then_clip_equals_clip_grad_norm():
     total_b = rsoptim.clip_grad_norm_(b, 1.0)
     assert torch.equal(total, total_b)
     assert_grads_equal(grads(a), grads(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, float("inf")])
+@pytest.mark.parametrize("max_norm", [1e-2, 1e3], ids=["clips", "no clip"])
+def test_half_precision_grads_are_clipped_as_torch_does(dtype, norm_type, max_norm):
+    """Half-precision grads run on the kernels: norms summed in float64 from float32 terms,
+    scaled in float32 and rounded once; torch sums in float32, so the totals may differ in
+    their last bit, and the grads by a unit of the half type."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [(torch.randn(s, generator=gen) * 2).to(dtype) for s in [(33,), (4, 129), (1,), (70_000,)]]
+    results = []
+    for clip in (torch.nn.utils.clip_grad_norm_, rsoptim.clip_grad_norm_):
+        params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        total = clip(params, max_norm, norm_type=norm_type)
+        results.append((total, [p.grad for p in params]))
+    (t_torch, g_torch), (t_ours, g_ours) = results
+    assert t_ours.dtype == t_torch.dtype == dtype
+    torch.testing.assert_close(t_ours, t_torch)
+    for a, b, original in zip(g_ours, g_torch, grads):
+        torch.testing.assert_close(a, b)
+        if t_torch.item() + 1e-6 < max_norm:  # nothing to clip: untouched, bit for bit
+            assert torch.equal(a, original)

@@ -510,7 +510,13 @@ def test_half_precision_state_of_another_dtype_is_refused(dtype):
         F.adam_([w], [np.ones(4, dtype)], [np.zeros(4, np.float64)], [np.zeros(4, np.float64)], np.zeros(1, np.float32))
     with pytest.raises(TypeError, match="dtype"):  # one state float32, the other not
         F.adam_([w], [np.ones(4, dtype)], [np.zeros(4, np.float32)], [np.zeros(4, dtype)], np.zeros(1, np.float32))
-    with pytest.raises(TypeError, match="float32 or float64"):
-        F.grad_norms([w])
-    with pytest.raises(TypeError, match="float32 or float64"):
-        F.clip_grad_norm_([w], 1.0)
+
+
+@pytest.mark.parametrize("dtype", _HALF_NUMPY, ids=lambda d: np.dtype(d).name)
+def test_half_precision_norms_and_clipping(dtype):
+    g = np.linspace(-3, 4, 1001).astype(dtype)
+    wide = g.astype(np.float64)
+    np.testing.assert_allclose(F.grad_norms([g]), [np.linalg.norm(wide)], rtol=1e-6)
+    total = F.clip_grad_norm_([g], 1.0)
+    assert total == pytest.approx(np.linalg.norm(wide), rel=1e-6)
+    np.testing.assert_allclose(g.astype(np.float64), wide / (total + 1e-6), rtol=1e-2, atol=1e-3)

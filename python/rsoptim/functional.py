@@ -116,9 +116,6 @@ class _Params:
         """The binding's ``state_dtype``: None where the state is of the params' dtype."""
         return None if self.state_dtype in (None, self.dtype) else "float32"
 
-    def refuse_half(self, what: str) -> None:
-        if self.name in _HALF:
-            raise TypeError(f"{what} takes float32 or float64 arrays, not {self.name}")
 
 
 def _steps(steps: np.ndarray, count: int) -> tuple[str, bytes]:
@@ -257,7 +254,6 @@ def rmsprop_(
 def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
     """The ``norm_type``-norm of each array (``p > 0`` or ``inf``), as float64."""
     gs = _Params(grads)
-    gs.refuse_half("grad_norms")
     return np.array(_rsoptim.tensor_norms(gs.name, gs.numels, gs.column("grads", gs.arrays, False), float(norm_type)))
 
 
@@ -266,8 +262,9 @@ def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> f
     the norm of the per-array norms; returns ``total``. The grads must be writeable and must not
     share memory, whether or not the call clips (``grad_norms`` only reads)."""
     gs = _Params(grads)
-    gs.refuse_half("clip_grad_norm_")
-    norms = grad_norms(gs.arrays, norm_type).astype(gs.dtype)
+    # Each array's norm in its own dtype, as torch returns it (float32 for half precision arrays:
+    # NumPy has no bfloat16 arithmetic of its own).
+    norms = grad_norms(gs.arrays, norm_type).astype(np.float32 if gs.name in _HALF else gs.dtype)
     norm_type = float(norm_type)
     total = float(norms.max() if norm_type == float("inf") else (np.abs(norms) ** norm_type).sum() ** (1.0 / norm_type))
     factor = min(float(max_norm) / (total + 1e-6), 1.0)

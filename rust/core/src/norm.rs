@@ -10,7 +10,7 @@
 //! rounds to inf in it makes the norm inf) but keep the `f64` sum, which is more accurate than
 //! torch's and, unlike a float32 sum, independent of how torch happens to vectorise it.
 
-use crate::element::Real;
+use crate::element::{Element, Real};
 use crate::error::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -46,24 +46,25 @@ const WIDTH: usize = 8;
 const LANES: usize = STREAMS * WIDTH;
 
 /// `combine` over `f(x)` for every element, in `LANES` independent accumulators folded pairwise.
-/// Each `f(x)` is rounded to `T` first (torch computes a tensor's norm in its dtype; a no-op for
-/// `f64`). The data is read as `STREAMS` far-apart streams at once: a core reading one stream is
-/// limited by the misses it can keep in flight, not by the memory system.
+/// Each `f(x)` is rounded to `E::Math` first (torch computes a tensor's norm in its dtype, half
+/// types in float32; a no-op for `f64`). The data is read as `STREAMS` far-apart streams at
+/// once: a core reading one stream is limited by the misses it can keep in flight, not by the
+/// memory system.
 #[inline(always)]
-fn lane_reduce<T: Real>(data: &[T], f: impl Fn(f64) -> f64, combine: impl Fn(f64, f64) -> f64) -> f64 {
-    let f = |x: f64| T::round_from(f(x)).widen();
+fn lane_reduce<E: Element>(data: &[E], f: impl Fn(f64) -> f64, combine: impl Fn(f64, f64) -> f64) -> f64 {
+    let f = |x: f64| E::Math::round_from(f(x)).widen();
     let mut acc = [0.0f64; LANES];
     let per_stream = data.len() / LANES * WIDTH;
     let (body, tail) = data.split_at(per_stream * STREAMS);
     let (s01, s23) = body.split_at(2 * per_stream);
     let (s0, s1) = s01.split_at(per_stream);
     let (s2, s3) = s23.split_at(per_stream);
-    let mut add_block = |lanes: usize, block: &[T]| {
+    let mut add_block = |lanes: usize, block: &[E]| {
         // Widening the block first keeps this a plain packed f64 loop, which LLVM vectorises on
         // every path (fused with the conversion it did not, on AVX2).
         let mut wide = [0.0f64; WIDTH];
         for j in 0..WIDTH {
-            wide[j] = block[j].widen();
+            wide[j] = block[j].load().widen();
         }
         for j in 0..WIDTH {
             acc[lanes + j] = combine(acc[lanes + j], f(wide[j]));
@@ -77,7 +78,7 @@ fn lane_reduce<T: Real>(data: &[T], f: impl Fn(f64) -> f64, combine: impl Fn(f64
         add_block(3 * WIDTH, b3);
     }
     for (j, x) in tail.iter().enumerate() {
-        acc[j % LANES] = combine(acc[j % LANES], f(x.widen()));
+        acc[j % LANES] = combine(acc[j % LANES], f(x.load().widen()));
     }
     let mut width = LANES;
     while width > 1 {
@@ -95,7 +96,7 @@ struct PartialNorm<'a, T> {
     norm: NormType,
 }
 
-impl<T: Real> Kernel for PartialNorm<'_, T> {
+impl<E: Element> Kernel for PartialNorm<'_, E> {
     type Output = f64;
 
     #[inline(always)]
@@ -132,8 +133,8 @@ fn finish<T: Real>(norm: NormType, reduced: f64) -> f64 {
     }
 }
 
-/// The norm of one tensor, in `f64` (within `T`'s range: see the module docs).
-pub fn tensor_norm<T: Real>(data: &[T], norm: NormType, exec: &Executor) -> f64 {
+/// The norm of one tensor, in `f64` (within the range of its maths type: see the module docs).
+pub fn tensor_norm<E: Element>(data: &[E], norm: NormType, exec: &Executor) -> f64 {
     tensor_norms(&[data], norm, exec)[0]
 }
 
@@ -141,7 +142,7 @@ pub fn tensor_norm<T: Real>(data: &[T], norm: NormType, exec: &Executor) -> f64 
 /// docs). Each tensor is reduced in fixed `CHUNK`-sized chunks (the tasks spread over the
 /// threads), whose partial results are combined in order: the same bits for any number of
 /// threads.
-pub fn tensor_norms<T: Real>(tensors: &[&[T]], norm: NormType, exec: &Executor) -> Vec<f64> {
+pub fn tensor_norms<E: Element>(tensors: &[&[E]], norm: NormType, exec: &Executor) -> Vec<f64> {
     // first_chunk[i]..first_chunk[i + 1]: the chunks of tensor i (an empty tensor has one).
     let mut first_chunk = Vec::with_capacity(tensors.len() + 1);
     let mut chunks = 0;
@@ -166,20 +167,20 @@ pub fn tensor_norms<T: Real>(tensors: &[&[T]], norm: NormType, exec: &Executor) 
             if let [x] = tensors[i] {
                 // torch's norm of one element is |x| for every p, never |x|^p rooted again
                 // (which can overflow or underflow where |x| does not).
-                return x.widen().abs();
+                return x.load().widen().abs();
             }
             let parts = partials[first_chunk[i]..first_chunk[i + 1]].iter();
-            finish::<T>(norm, combine_partials(norm, parts.map(|p| f64::from_bits(p.load(Ordering::Relaxed)))))
+            finish::<E::Math>(norm, combine_partials(norm, parts.map(|p| f64::from_bits(p.load(Ordering::Relaxed)))))
         })
         .collect()
 }
 
-struct ScaleJob<'a, T> {
-    data: &'a mut [T],
-    factor: T,
+struct ScaleJob<'a, E: Element> {
+    data: &'a mut [E],
+    factor: E::Math,
 }
 
-impl<T: Real> Splittable for ScaleJob<'_, T> {
+impl<E: Element> Splittable for ScaleJob<'_, E> {
     fn len(&self) -> usize {
         self.data.len()
     }
@@ -190,20 +191,21 @@ impl<T: Real> Splittable for ScaleJob<'_, T> {
     }
 }
 
-impl<T: Real> Kernel for ScaleJob<'_, T> {
+impl<E: Element> Kernel for ScaleJob<'_, E> {
     type Output = ();
 
     #[inline(always)]
     fn run(self) {
         for x in self.data.iter_mut() {
-            *x = *x * self.factor;
+            *x = E::store(x.load() * self.factor);
         }
     }
 }
 
-/// `x *= factor` for every element of every tensor (torch's `_foreach_mul_` by a scalar).
-pub fn scale_in_place<T: Real>(tensors: Vec<&mut [T]>, factor: T, exec: &Executor) {
-    if factor == T::one() {
+/// `x *= factor` for every element of every tensor (torch's `_foreach_mul_` by a scalar; half
+/// types multiply in float32 and round once).
+pub fn scale_in_place<E: Element>(tensors: Vec<&mut [E]>, factor: E::Math, exec: &Executor) {
+    if factor == <E::Math as num_traits::One>::one() {
         return; // x * 1 == x for every float, NaN included: nothing to write
     }
     let simd = exec.simd();

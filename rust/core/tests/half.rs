@@ -260,3 +260,24 @@ fn float16_stores_match_the_half_crate() {
         check(f32::from_bits(state as u32));
     }
 }
+
+#[test]
+fn half_norms_and_scales_are_those_of_the_loaded_float32_values() {
+    use rsoptim_core::{scale_in_place, tensor_norms, NormType};
+    for exec in executors() {
+        for n in [0usize, 1, 7, 33, 70_000] {
+            let x = values(n as u64 + 3, n, false);
+            let (b, h) = (to::<bf16>(&x), to::<f16>(&x));
+            for norm in [NormType::One, NormType::Two, NormType::Inf, NormType::P(3.0)] {
+                let want_b = tensor_norms(&[&load(&b)[..]], norm, &exec)[0];
+                let want_h = tensor_norms(&[&load(&h)[..]], norm, &exec)[0];
+                assert_eq!(tensor_norms(&[&b[..]], norm, &exec)[0].to_bits(), want_b.to_bits(), "bf16 {norm:?} n={n}");
+                assert_eq!(tensor_norms(&[&h[..]], norm, &exec)[0].to_bits(), want_h.to_bits(), "f16 {norm:?} n={n}");
+            }
+            let mut scaled = b.clone();
+            scale_in_place(vec![&mut scaled[..]], 0.3f32, &exec);
+            let want: Vec<f32> = load(&b).iter().map(|v| bf16::store(v * 0.3).load()).collect();
+            assert_eq!(load(&scaled).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+    }
+}

@@ -262,6 +262,18 @@ macro_rules! with_param_types {
     }};
 }
 
+/// Calls a `*_typed::<T>` function with the element type of a dtype name (norms and scales).
+macro_rules! with_element_type {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match parse_dtype($dtype)? {
+            Dtype::F32 => $f::<f32>($($arg),*),
+            Dtype::F64 => $f::<f64>($($arg),*),
+            Dtype::BF16 => $f::<half::bf16>($($arg),*),
+            Dtype::F16 => $f::<half::f16>($($arg),*),
+        }
+    };
+}
+
 /// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
 /// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
 /// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
@@ -508,14 +520,10 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyfunction]
 fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm_type: f64) -> PyResult<Vec<f64>> {
     let norm = NormType::from_p(norm_type).map_err(core_error)?;
-    match parse_dtype(dtype)? {
-        Dtype::F32 => norms_typed::<f32>(py, numels, tensors, norm),
-        Dtype::F64 => norms_typed::<f64>(py, numels, tensors, norm),
-        dtype => Err(value_error(format!("norms runs on float32 or float64, not {dtype:?}"))),
-    }
+    with_element_type!(dtype, norms_typed(py, numels, tensors, norm))
 }
 
-fn norms_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: NormType) -> PyResult<Vec<f64>> {
+fn norms_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: NormType) -> PyResult<Vec<f64>> {
     let mut table = Table::new(numels).map_err(core_error)?;
     let col = table.column::<T>("tensor", tensors, false).map_err(core_error)?;
     table.check().map_err(core_error)?;
@@ -530,14 +538,10 @@ fn norms_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: Nor
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
 #[pyfunction]
 fn scale_(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
-    match parse_dtype(dtype)? {
-        Dtype::F32 => scale_typed::<f32>(py, numels, tensors, factor),
-        Dtype::F64 => scale_typed::<f64>(py, numels, tensors, factor),
-        dtype => Err(value_error(format!("scale runs on float32 or float64, not {dtype:?}"))),
-    }
+    with_element_type!(dtype, scale_typed(py, numels, tensors, factor))
 }
 
-fn scale_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
+fn scale_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
     let mut table = Table::new(numels).map_err(core_error)?;
     let col = table.column::<T>("tensor", tensors, true).map_err(core_error)?;
     table.check().map_err(core_error)?;
@@ -545,7 +549,7 @@ fn scale_typed<T: Real>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor: f
     detached(py, table.buffers(), || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once.
         let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
-        rsoptim_core::scale_in_place(slices, T::round_from(factor), &exec);
+        rsoptim_core::scale_in_place(slices, T::Math::round_from(factor), &exec);
         Ok(())
     })
 }
