@@ -57,12 +57,15 @@ WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
 }
 
 
-def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = (torch.randn(shape, generator=gen) * 0.02).requires_grad_()
-        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        p = (torch.randn(shape, generator=gen) * 0.02).to(dtype).requires_grad_()
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
         params.append(p)
     return params
 
@@ -223,7 +226,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
 
 def roofline_probe(params: list[torch.Tensor], written: int) -> Callable[[], object]:
     """A streaming loop over buffers shaped like ``params``: ``written`` buffers read and written
-    and one more read, per element (see ``rsoptim_core::roofline``)."""
+    and one more read, per element (see ``rsoptim_core::roofline``). Half-precision params get
+    float32 buffers of the same byte counts (the probe moves bytes; their type does not matter)."""
+    if params[0].dtype in (torch.bfloat16, torch.float16):
+        params = [torch.empty((p.numel() + 1) // 2) for p in params]
     read = [torch.zeros_like(p) for p in params]
     outs = [[torch.zeros_like(p) for p in params] for _ in range(written)]
     dtype = {torch.float32: "float32", torch.float64: "float64"}[params[0].dtype]
@@ -254,11 +260,11 @@ class Row:
         return self.bytes_per_step / self.seconds[label] / 1e9
 
 
-def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int) -> Row:
+def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, dtype: torch.dtype = torch.float32) -> Row:
     torch.set_num_threads(threads)
     rsoptim.set_num_threads(threads)
     shapes = WORKLOADS[workload]()
-    params = make_params(shapes)
+    params = make_params(shapes, dtype=dtype)
     fns = {label: build(params) for label, build in case.impls.items()}
     if case.roofline_written is not None:
         fns["roofline"] = roofline_probe(params, case.roofline_written)
@@ -420,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
     parser.add_argument("--plot", metavar="FILE.png", help="also sweep Adam over sizes 1K..128M and plot GB/s")
     parser.add_argument("--no-memory", action="store_true", help="skip the allocation measurement")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="the params' (and grads' and state's) dtype; half types are stepped with torch's fused-kernel numerics "
+        "(note: torch 2.13's fused SGD does not update half-precision params, so its times are not a comparison)",
+    )
     args = parser.parse_args(argv)
 
     max_threads = torch.get_num_threads()
@@ -457,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case, workload, threads in plan:
         progress.update(f"{case.name} / {workload} / {threads} threads")
-        rows.append(run_row(case, workload, threads, args.repeats, args.warmup))
+        rows.append(run_row(case, workload, threads, args.repeats, args.warmup, DTYPES[args.dtype]))
 
     memory = None
     if not args.no_memory and "gpt2-small" in workloads:
@@ -477,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {
             "machine": machine,
+            "dtype": args.dtype,
             "rows": [{**asdict(r), "gbps": {k: r.gbps(k) for k in r.seconds}} for r in rows],
             "memory": memory,
             "size_sweep": points,
@@ -487,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"rsoptim {machine['rsoptim']} vs torch {machine['torch']} on {machine['cpu']} "
         f"({machine['cores']} cores), threads {machine['threads']}, SIMD path {machine['simd']}, "
-        f"parallel regions on {machine['backend']}, Python {machine['python']}\n"
+        f"parallel regions on {machine['backend']}, Python {machine['python']}, params {args.dtype}\n"
     )
     print(format_table(rows))
     print()
