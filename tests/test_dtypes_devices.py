@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -492,3 +493,84 @@ def test_cuda_capturable_step_lives_on_the_gpu():
     p.grad = torch.ones_like(p)
     opt.step()
     assert opt.state[p]["step"].device.type == "cuda"
+
+
+# --- state_dtype where torch steps the param, and its checks ----------------------------------
+
+
+def _float32_state_run(name, edit=None, steps=3, **kwargs):
+    """bfloat16 params with float32 state; ``edit(opt, params, step)`` runs before each step."""
+    params = [torch.linspace(-1, 1, 32).to(torch.bfloat16).requires_grad_() for _ in range(2)]
+    opt = OPTIMIZERS[name][1](params, lr=0.1, state_dtype=torch.float32, **kwargs)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = (torch.linspace(1, -1, 32) * (i + step + 1)).to(torch.bfloat16)
+        if edit is not None:
+            edit(opt, params, step)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_state_where_torch_steps_the_param_is_the_kernels_rule(name):
+    # A lazy negation bit sends a param to torch's implementation, which refuses mixed dtypes:
+    # rsoptim steps a float32 copy there and rounds the param once, as the kernels do.
+    def negate_once(opt, params, step):
+        if step == 1:
+            params[0].grad = torch._neg_view(-params[0].grad)  # the same values, through a neg bit
+
+    kwargs = {"momentum": 0.9} if name == "SGD" else {"centered": True} if name == "RMSprop" else {}
+    ours, opt = _float32_state_run(name, negate_once, **kwargs)
+    plain, plain_opt = _float32_state_run(name, **kwargs)
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        for key, value in opt.state[p].items():
+            assert value.dtype == plain_opt.state[q][key].dtype
+            if key != "step":
+                assert value.dtype == torch.float32
+            torch.testing.assert_close(value, plain_opt.state[q][key])
+        assert float(opt.state[p].get("step", torch.tensor(3.0))) == 3.0
+
+
+def test_float32_state_with_a_param_listed_twice_is_stepped_by_torch_in_float32():
+    p = torch.linspace(-1, 1, 16).to(torch.bfloat16).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's duplicate-param warning
+        opt = rsoptim.Adam([p, p], lr=0.1, state_dtype=torch.float32)
+    for _ in range(2):
+        p.grad = torch.linspace(1, -1, 16).to(torch.bfloat16)
+        opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    assert float(opt.state[p]["step"]) == 4.0  # two steps, each stepping it twice (as torch)
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.float64, "float32"])
+def test_state_dtype_is_checked_wherever_a_group_gets_one(bad):
+    a, b = (torch.zeros(4, requires_grad=True) for _ in range(2))
+    with pytest.raises(ValueError, match="state_dtype"):
+        rsoptim.Adam([{"params": [a]}, {"params": [b], "state_dtype": bad}])
+    opt = rsoptim.Adam([a])
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.add_param_group({"params": [b], "state_dtype": bad})
+    assert len(opt.param_groups) == 1
+    saved = opt.state_dict()
+    saved["param_groups"][0]["state_dtype"] = bad
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.load_state_dict(saved)
+    # A group edited by hand: refused before any group is stepped.
+    opt = rsoptim.Adam([{"params": [a]}, {"params": [b]}])
+    opt.param_groups[1]["state_dtype"] = bad
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(4))
+
+
+def test_state_dtype_refuses_half_params_off_the_cpu():
+    p = torch.zeros(4, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    with pytest.raises(ValueError, match="CPU"):
+        rsoptim.Adam([p], state_dtype=torch.float32)
+    opt = rsoptim.Adam([torch.zeros(4, requires_grad=True)], state_dtype=torch.float32)
+    with pytest.raises(ValueError, match="CPU"):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1

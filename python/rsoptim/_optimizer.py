@@ -115,6 +115,41 @@ class KernelOptimizer:
         """Steps ``params`` with torch's own functional implementation."""
         raise NotImplementedError
 
+    def _step_with_torch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Steps ``params`` with torch's implementation. Half-precision params that keep float32
+        state (``state_dtype``) are stepped as float32 copies (torch's ops refuse mixed dtypes),
+        each param rounded once when copied back: the rule the kernels follow too."""
+        same = [p for p in params if self._state_dtype(p, group) == p.dtype]
+        if same:
+            self._torch_step(group, same)
+        mixed = [p for p in params if self._state_dtype(p, group) != p.dtype]
+        if not mixed:
+            return
+        copies = []
+        for p in mixed:
+            copy = p.detach().float()
+            copy.grad = p.grad.float()
+            self.state[copy] = self.state[p]  # the same dict: torch updates (or creates) its entries
+            copies.append(copy)
+        try:
+            self._torch_step(group, copies)
+            for p, copy in zip(mixed, copies):
+                p.copy_(copy)
+        finally:
+            for copy in copies:
+                del self.state[copy]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_state_dtype(param_group.get("state_dtype") if isinstance(param_group, dict) else None)
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                self._state_dtype(p, group)  # refuses state_dtype for params not on the CPU
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs a single optimization step.
 
@@ -130,6 +165,8 @@ class KernelOptimizer:
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
+        for group in self.param_groups:
+            check_state_dtype(group.get("state_dtype"))  # a group may have been edited
         work = []
         for index, group in enumerate(self.param_groups):
             plan = plans.get(index)
@@ -147,7 +184,7 @@ class KernelOptimizer:
                         # was written): torch steps these params, and the plan is rebuilt.
                         plans.pop(index, None)
                         with torch.no_grad():
-                            self._torch_step(group, call.params)
+                            self._step_with_torch(group, call.params)
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
@@ -159,6 +196,8 @@ class KernelOptimizer:
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for saved in state_dict["param_groups"]:
+            check_state_dtype(saved.get("state_dtype"))
         # The plans hold aliases of the old state's tensors: let them go with it.
         self.__dict__.pop("_rsoptim_plans", None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -186,6 +225,8 @@ class KernelOptimizer:
             self.defaults["state_dtype"] = state_dtype
             for group in self.param_groups:
                 group.setdefault("state_dtype", state_dtype)
+                for p in group["params"]:
+                    self._state_dtype(p, group)  # refuses state_dtype for params not on the CPU
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state: the param's (torch.optim's layout), or float32 for a
@@ -297,7 +338,7 @@ class KernelOptimizer:
             calls.append(call)
             stepped.update((id(p), buffers) for p, buffers in entries)
         if others:
-            self._torch_step(group, others)
+            self._step_with_torch(group, others)
             return None
         return _Plan.build(self, group, calls, stepped)
 
