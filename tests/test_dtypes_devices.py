@@ -94,12 +94,13 @@ def test_half_precision_adam_is_torch_fused_bit_for_bit(name, flags, dtype, coun
 
 
 def _rounded_float32_run(name, kwargs, dtype, steps, grads, state_dtype=None):
-    """The reference of the half-precision rule: torch's float32 for-loop on float32 copies of
-    the half params and state, every param and state value rounded to ``dtype`` after each
-    step (so each stored value is rounded once per step, the maths is float32); with
-    ``state_dtype=torch.float32`` the state is kept in float32, unrounded."""
+    """The reference of the half-precision rule: rsoptim's float32 step (checked against torch's
+    float32 for-loop elsewhere) on float32 copies of the half params and state, every param and
+    state value rounded to ``dtype`` after each step (so each stored value is rounded once per
+    step, the maths is float32); with ``state_dtype=torch.float32`` the state is kept in
+    float32, unrounded."""
     params = [p.detach().float().requires_grad_() for p in _params([dtype])()]
-    opt = OPTIMIZERS[name][0](params, foreach=False, **kwargs)
+    opt = OPTIMIZERS[name][1](params, **kwargs)
     history = []
     for step in range(steps):
         for index, p in enumerate(params):
@@ -119,9 +120,7 @@ def _rounded_float32_run(name, kwargs, dtype, steps, grads, state_dtype=None):
 
 
 def _check_against_rounded_float32_run(name, flags, dtype, state_dtype=None):
-    """rsoptim's half-precision steps against ``_rounded_float32_run``: the float32 kernels
-    agree with torch's float32 for-loop to its tolerances, so after the rounding the params
-    agree to within a unit of the half type, and the state to its dtype's tolerances."""
+    """rsoptim's half-precision steps against ``_rounded_float32_run``, bit for bit."""
     kwargs = (ALL_ON if flags == "all_on" else ALL_OFF)[name]
     grads = seeded_grads(2, none_at=lambda step, index: index == 3 and step == 1)
     expected = _rounded_float32_run(name, kwargs, dtype, 4, grads, state_dtype=state_dtype)
@@ -134,11 +133,11 @@ def _check_against_rounded_float32_run(name, flags, dtype, state_dtype=None):
         opt.step()
         for p, (want, want_state) in zip(params, expected[step]):
             assert p.dtype == dtype
-            torch.testing.assert_close(p.detach(), want, msg=lambda m: f"{name} {dtype} step {step}: {m}")
+            assert_tensor_match(p.detach(), want, exact=True, msg=f"{name} {dtype} step {step}")
             for key, value in want_state.items():
                 # Without state_dtype the state is kept in the param's dtype, as torch keeps it.
                 assert opt.state[p][key].dtype == (state_dtype or dtype)
-                torch.testing.assert_close(opt.state[p][key], value, msg=lambda m: f"{key} step {step}: {m}")
+                assert_tensor_match(opt.state[p][key], value, exact=True, msg=f"{key} step {step}")
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])

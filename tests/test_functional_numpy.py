@@ -520,3 +520,22 @@ def test_half_precision_norms_and_clipping(dtype):
     total = F.clip_grad_norm_([g], 1.0)
     assert total == pytest.approx(np.linalg.norm(wide), rel=1e-6)
     np.testing.assert_allclose(g.astype(np.float64), wide / (total + 1e-6), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", _HALF_NUMPY, ids=lambda d: np.dtype(d).name)
+def test_half_precision_sgd_starts_float32_buffers_when_asked(dtype):
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[np.dtype(dtype).name]
+    w = np.linspace(-1, 1, 100).astype(dtype)
+    p = torch.tensor(w.astype(np.float32)).to(torch_dtype).requires_grad_()
+    opt = rsoptim.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, state_dtype=torch.float32)
+    buffers = None
+    for i in range(3):
+        g = (np.linspace(1, -1, 100) * (i + 1)).astype(dtype)
+        buffers = F.sgd_([w], [g], buffers, lr=0.1, momentum=0.9, dampening=0.5, state_dtype=np.float32)
+        p.grad = torch.tensor(g.astype(np.float32)).to(torch_dtype)
+        opt.step()
+    assert buffers[0].dtype == np.float32
+    np.testing.assert_array_equal(w.astype(np.float32), p.detach().float().numpy())
+    np.testing.assert_array_equal(buffers[0], opt.state[p]["momentum_buffer"].numpy())
+    with pytest.raises(TypeError, match="state_dtype"):
+        F.sgd_([np.zeros(3)], [np.ones(3)], lr=0.1, momentum=0.9, state_dtype=np.float32)

@@ -181,17 +181,23 @@ def sgd_(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
+    state_dtype: np.dtype | type | None = None,
 ) -> list[np.ndarray | None]:
     """One SGD step, in place. With momentum, a ``None`` buffer (a param's first step) is
-    created from the grad; returns the buffers (to pass to the next step)."""
+    created from the grad, of the params' dtype or, for float16/bfloat16 params,
+    ``state_dtype=np.float32``; returns the buffers (to pass to the next step)."""
     ps = _Params(params)
+    if state_dtype is not None:
+        if np.dtype(state_dtype) != np.float32 or ps.name not in _HALF:
+            raise TypeError(f"state_dtype: float32 for float16/bfloat16 params, or None; not {state_dtype} for {ps.name} params")
+        ps.state_dtype = np.dtype(np.float32)
     if momentum_buffers is None:
         buffers: list[np.ndarray | None] = [None] * len(ps.arrays)
     else:
         buffers = [momentum_buffers] if isinstance(momentum_buffers, np.ndarray) else list(momentum_buffers)
     new = [b is None for b in buffers]
     if momentum != 0:
-        buffers = [np.empty_like(p) if b is None else b for p, b in zip(ps.arrays, buffers)]
+        buffers = [np.empty_like(p, dtype=ps.state_dtype or p.dtype) if b is None else b for p, b in zip(ps.arrays, buffers)]
     _rsoptim.sgd_step(
         ps.name,
         ps.numels,

@@ -244,12 +244,17 @@ fn float16_stores_match_the_half_crate() {
         let (ours, theirs) = (f16::store(x), f16::from_f32(x));
         assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{x:e} ({:#010x}): {:#06x} vs {:#06x}", x.to_bits(), ours.to_bits(), theirs.to_bits());
     };
-    // Every sign, exponent and kept mantissa bit, with the 13 dropped bits at the rounding
-    // boundaries (zero, just above zero, just below half, half, just above half, all ones).
+    // Every sign, exponent and kept mantissa bit of a normal float16 result, with the 13 dropped
+    // bits at the rounding boundaries (zero, just above zero, just below half, half, just above half, all ones).
     for high in 0..(1u32 << 19) {
         for low in [0, 1, 0x0fff, 0x1000, 0x1001, 0x1fff] {
             check(f32::from_bits((high << 13) | low));
         }
+    }
+    // Every float32 whose float16 is subnormal (from half the smallest subnormal up to the
+    // smallest normal), where more than 13 bits are dropped; the sign is one OR.
+    for bits in (102u32 << 23)..(113u32 << 23) {
+        check(f32::from_bits(bits));
     }
     // And a spread of every other bit pattern.
     let mut state = 0x2545_f491_4f6c_dd1du64;
