@@ -3,6 +3,12 @@ rsoptim.Adam + rsoptim.clip_grad_norm_ and with torch.optim.Adam + torch.nn.util
 from the same initial weights and batch order, printing both loss curves side by side.
 
     python examples/train_digits.py [--epochs 10]
+
+With ``--dtype bfloat16`` (or ``float16``) the same loop trains the MLP with half-precision
+params: rsoptim with the state in the param's dtype (torch's fused numerics), rsoptim with
+float32 state (``state_dtype=torch.float32``) and torch's fused Adam, beside float32 rsoptim.
+
+    python examples/train_digits.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -47,11 +53,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
+    if args.dtype != "float32":
+        half_precision(getattr(torch, args.dtype), (x, y), args)
+        return
 
     model_rs = make_model(seed=0)
     model_torch = copy.deepcopy(model_rs)
@@ -67,6 +77,25 @@ def main() -> None:
     print(f"{'epoch':>5} {'rsoptim.Adam':>14} {'torch.optim.Adam':>17} {'difference':>11}")
     for epoch, (a, b) in enumerate(zip(rs, ref), 1):
         print(f"{epoch:>5} {a:>14.6f} {b:>17.6f} {a - b:>11.2e}")
+
+
+def half_precision(dtype: torch.dtype, data, args) -> None:
+    """Loss curves of half-precision training, beside float32."""
+    x, y = data
+    runs = {
+        "float32": (torch.float32, lambda ps: rsoptim.Adam(ps, lr=args.lr)),
+        f"{str(dtype).split('.')[-1]} state": (dtype, lambda ps: rsoptim.Adam(ps, lr=args.lr)),
+        "float32 state": (dtype, lambda ps: rsoptim.Adam(ps, lr=args.lr, state_dtype=torch.float32)),
+        "torch fused": (dtype, lambda ps: torch.optim.Adam(ps, lr=args.lr, fused=True)),
+    }
+    curves = {}
+    for label, (run_dtype, make_optimizer) in runs.items():
+        model = make_model(seed=0).to(run_dtype)
+        clip = torch.nn.utils.clip_grad_norm_ if label == "torch fused" else rsoptim.clip_grad_norm_
+        curves[label] = train(model, make_optimizer(model.parameters()), clip, (x.to(run_dtype), y), args.epochs, args.batch_size)
+    print(f"{'epoch':>5} " + " ".join(f"{label:>16}" for label in curves))
+    for epoch in range(args.epochs):
+        print(f"{epoch + 1:>5} " + " ".join(f"{curve[epoch]:>16.6f}" for curve in curves.values()))
 
 
 if __name__ == "__main__":

@@ -106,3 +106,19 @@ def test_mlp_on_digits_float64_matches_torch(digits):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert (nr > 1.0).any()
     assert lr[-20:].mean() < 0.5 * lr[:20].mean()
+
+
+def test_the_digits_example_trains_bfloat16_params_four_ways():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
+    if not script.exists():
+        pytest.skip("the examples are not next to the tests")
+    out = subprocess.run([sys.executable, str(script), "--dtype", "bfloat16", "--epochs", "2"], capture_output=True, text=True, timeout=300, check=True)
+    header, *rows = out.stdout.strip().splitlines()
+    assert header.split()[1:] == ["float32", "bfloat16", "state", "float32", "state", "torch", "fused"]
+    losses = [[float(v) for v in row.split()[1:]] for row in rows]
+    assert len(losses) == 2 and all(later < first for first, later in zip(losses[0], losses[1]))
+    assert losses[1][1] == losses[1][3], "bfloat16 state: torch fused's numbers"
