@@ -221,7 +221,8 @@ def test_half_precision_state_dicts_interchange_with_torch(dtype, first):
     b.load_state_dict(a.state_dict())
     # The loaded param group brings the other implementation's flags (torch's rule for every
     # state dict): torch's optimizer must be told again to run its fused kernel.
-    b.param_groups[0]["fused"] = True if first == "rsoptim" else b.param_groups[0]["fused"]
+    if first == "rsoptim":
+        b.param_groups[0]["fused"] = True
     steps(p_b, b, grads[2:])
     assert torch.equal(p_b.detach(), p_ref.detach())
     for key in ("exp_avg", "exp_avg_sq"):

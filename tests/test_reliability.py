@@ -4,6 +4,7 @@ must behave as torch.optim does (step the same, or raise the same exception type
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -82,17 +83,21 @@ def test_functional_sgd_and_rmsprop_take_generators():
 # --- 2. The step plan notices what torch notices -------------------------------------------
 
 
-def _two_steps(module, name, between, n=16, **kwargs):
-    """A step, then ``between(opt, w)``, then another step; returns params and state."""
-    w = torch.linspace(-1, 1, n).reshape(4, n // 4).requires_grad_()
-    opt = getattr(module, name)([w], lr=0.1, **kwargs)
-    for step in range(3):  # the second and third steps go through rsoptim's plan
-        w.grad = torch.linspace(0.5, 1.5, n).reshape(4, n // 4)
+def _edited_run(module, name, edit, shape=(4, 4), **kwargs):
+    """Three steps of ``module.name`` on one param; ``edit(opt, p)`` runs before the third, when
+    rsoptim's plan exists (the second step builds it). Returns the param and its state."""
+    n = math.prod(shape)
+    p = torch.nn.Parameter(torch.linspace(-1, 1, n).reshape(shape))
+    opt = getattr(module, name)([p], lr=0.1, **kwargs)
+    for step in range(3):
+        p.grad = torch.linspace(-1, 1, n).reshape(shape) * (step + 1)
         if step == 2:
-            between(opt, w)
+            if module is rsoptim:
+                assert opt._rsoptim_plans, "the plan path is what these tests exercise"
+            edit(opt, p)
         opt.step()
-    state = {k: v.clone() for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}
-    return w.detach().clone(), state
+    state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    return p.detach().as_subclass(torch.Tensor).resolve_neg().clone(), state
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
@@ -100,34 +105,31 @@ def test_a_grad_set_to_another_shape_is_seen(name):
     def between(opt, w):
         w.grad.set_(torch.ones(2, 8))  # same element count, another shape: torch raises
 
-    _assert_same_outcome(lambda m: _two_steps(m, name, between, momentum=0.9) if name == "SGD" else _two_steps(m, name, between))
+    _assert_same_outcome(lambda m: _edited_run(m, name, between, **({"momentum": 0.9} if name == "SGD" else {})))
 
 
-@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("Adam", "exp_avg_sq"), ("RMSprop", "square_avg"), ("SGD", "momentum_buffer")])
-def test_a_state_tensor_resized_in_place_is_seen(name, key):
+#: Edits of a state tensor made once rsoptim's plan exists: each (optimizer, state key) pair
+#: it is tried on. torch notices each one (it raises, or steps the new tensor).
+STATE_EDITS = {
+    "resized in place": (lambda t: t.resize_(8), ["Adam/exp_avg", "Adam/exp_avg_sq", "RMSprop/square_avg", "SGD/momentum_buffer"]),
+    "replaced by float64": (lambda t: t.double(), ["Adam/exp_avg", "Adam/exp_avg_sq", "RMSprop/square_avg", "SGD/momentum_buffer"]),
+    # 4x4: the same shape, another element order.
+    "transposed in place": (lambda t: t.t_(), ["Adam/exp_avg", "RMSprop/square_avg", "SGD/momentum_buffer"]),
+    "a negative view": (lambda t: t._neg_view(), ["SGD/momentum_buffer", "Adam/exp_avg", "RMSprop/square_avg", "Adam/step"]),
+}
+
+
+@pytest.mark.parametrize(
+    "edit,name,key",
+    [(edit, *target.split("/")) for edit, (_, targets) in STATE_EDITS.items() for target in targets],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_state_tensor_edited_after_the_plan_is_stepped_as_torch_does(edit, name, key):
     def between(opt, w):
-        opt.state[w][key].resize_(8)
+        opt.state[w][key] = STATE_EDITS[edit][0](opt.state[w][key])
 
     kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    _assert_same_outcome(lambda m: _two_steps(m, name, between, **kwargs))
-
-
-@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("Adam", "exp_avg_sq"), ("RMSprop", "square_avg"), ("SGD", "momentum_buffer")])
-def test_a_float64_state_tensor_on_a_float32_param_is_stepped_as_torch_does(name, key):
-    def between(opt, w):
-        opt.state[w][key] = opt.state[w][key].double()
-
-    kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    _assert_same_outcome(lambda m: _two_steps(m, name, between, **kwargs))
-
-
-@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("RMSprop", "square_avg"), ("SGD", "momentum_buffer")])
-def test_a_state_tensor_transposed_in_place_is_seen(name, key):
-    def between(opt, w):
-        opt.state[w][key].t_()  # 4x4: same shape, other element order
-
-    kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    _assert_same_outcome(lambda m: _two_steps(m, name, between, **kwargs))
+    _assert_same_outcome(lambda m: _edited_run(m, name, between, **kwargs))
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
@@ -526,16 +528,6 @@ def test_without_native_checks_every_step_takes_the_general_path(name, without_n
 # --- Found by review: the plan path under hostile edits, forks -------------------------------
 
 
-def _stepped_twice(name, params, **kwargs):
-    opt = getattr(rsoptim, name)(params, lr=0.1, **kwargs)
-    for _ in range(2):  # the second step builds and uses the plan
-        for p in params:
-            p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape)
-        opt.step()
-    assert opt._rsoptim_plans, "the plan path is what these tests exercise"
-    return opt
-
-
 class _FakeImpl:
     _cdata = 8  # an address that is no TensorImpl
 
@@ -548,55 +540,29 @@ class _SubclassWithCdata(torch.Tensor):
 
 @pytest.mark.parametrize("bad", ["storage", "fake object", "tensor subclass"])
 def test_a_state_value_that_is_not_a_plain_tensor_never_reaches_native_code(bad):
-    p = torch.nn.Parameter(torch.randn(1000))
-    opt = _stepped_twice("Adam", [p])
-    value = {
-        "storage": torch.zeros(1000).untyped_storage(),
-        "fake object": _FakeImpl(),
-        "tensor subclass": torch.zeros(1000).as_subclass(_SubclassWithCdata),
-    }[bad]
-    opt.state[p]["exp_avg"] = value
-    p.grad = torch.ones(1000)
-    try:
-        opt.step()  # torch's implementation decides; rsoptim must not crash
-    except Exception:  # noqa: BLE001
-        pass
+    # Each has a `_cdata`: read as a TensorImpl address it would crash the interpreter.
+    def edit(opt, p):
+        opt.state[p]["exp_avg"] = {
+            "storage": torch.zeros(p.shape).untyped_storage(),
+            "fake object": _FakeImpl(),
+            "tensor subclass": torch.zeros(p.shape).as_subclass(_SubclassWithCdata),
+        }[bad]
 
-
-def _three_steps(module, name, edit, n=64, **kwargs):
-    """Three steps of ``module.name``; ``edit(opt, p)`` runs before the third, when rsoptim's
-    plan exists."""
-    p = torch.nn.Parameter(torch.linspace(-1, 1, n))
-    opt = getattr(module, name)([p], lr=0.1, **kwargs)
-    for i in range(3):
-        p.grad = torch.linspace(-1, 1, n) * (i + 1)
-        if i == 2:
-            edit(opt, p)
-        opt.step()
-    return p.detach().as_subclass(torch.Tensor).resolve_neg().clone()
+    _assert_same_outcome(lambda module: _edited_run(module, "Adam", edit))
 
 
 def test_a_grad_subclass_overriding_cdata_is_stepped_as_torch_does():
     def edit(opt, p):  # the plan's check must read the real TensorImpl
         p.grad = p.grad.as_subclass(_SubclassWithCdata)
 
-    _assert_same_outcome(lambda module: _three_steps(module, "SGD", edit, n=1000))
-
-
-@pytest.mark.parametrize("name,key", [("SGD", "momentum_buffer"), ("Adam", "exp_avg"), ("RMSprop", "square_avg"), ("Adam", "step")])
-def test_a_negative_view_made_after_the_plan_is_stepped_as_torch_does(name, key):
-    def edit(opt, p):
-        opt.state[p][key] = opt.state[p][key]._neg_view()
-
-    kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    _assert_same_outcome(lambda module: _three_steps(module, name, edit, **kwargs))
+    _assert_same_outcome(lambda module: _edited_run(module, "SGD", edit, shape=(1000,)))
 
 
 def test_a_param_made_a_negative_view_after_the_plan_is_stepped_as_torch_does():
     def edit(opt, p):
         p.data = p.data._neg_view()
 
-    _assert_same_outcome(lambda module: _three_steps(module, "SGD", edit))
+    _assert_same_outcome(lambda module: _edited_run(module, "SGD", edit))
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])

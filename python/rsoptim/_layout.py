@@ -28,10 +28,6 @@ KERNEL_DTYPES = {
 
 HALF_DTYPES = frozenset((torch.bfloat16, torch.float16))
 
-#: dtypes the norm and scale kernels of clip_grad_norm_ take (half-precision grads are summed and
-#: scaled in float32, as torch does).
-NORM_DTYPES = frozenset((torch.float32, torch.float64, torch.complex64, torch.complex128, *HALF_DTYPES))
-
 
 def runs_on_kernel(t: torch.Tensor) -> bool:
     """Whether a tensor is of a kind the Rust kernels walk: a strided CPU float32/float64 (or

@@ -119,10 +119,11 @@ class KernelOptimizer:
         """Steps ``params`` with torch's implementation. Half-precision params that keep float32
         state (``state_dtype``) are stepped as float32 copies (torch's ops refuse mixed dtypes),
         each param rounded once when copied back: the rule the kernels follow too."""
-        same = [p for p in params if self._state_dtype(p, group) == p.dtype]
+        own_dtype = [self._state_dtype(p, group) == p.dtype for p in params]
+        same = [p for p, own in zip(params, own_dtype) if own]
+        mixed = [p for p, own in zip(params, own_dtype) if not own]
         if same:
             self._torch_step(group, same)
-        mixed = [p for p in params if self._state_dtype(p, group) != p.dtype]
         if not mixed:
             return
         copies = []
@@ -253,15 +254,14 @@ class KernelOptimizer:
         """Whether the group's hyperparameters let the kernels reproduce torch's arithmetic."""
         return True
 
-    def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
-        """Whether the kernels can step ``p`` with its grad exactly as torch would (before its
+    def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor | None) -> bool:
+        """Whether the kernels can step ``p`` with ``grad`` exactly as torch would (before its
         state is looked at). Anything else (another device or dtype, a grad of another dtype or
         shape, a sparse grad) is stepped by torch, which promotes, broadcasts or raises."""
         if p.is_complex() and group["weight_decay"] != 0:
             # torch applies weight decay to complex params in complex arithmetic, where a
             # non-finite component spreads NaN to the other one; the kernels step real views.
             return False
-        grad = p.grad
         return grad is not None and runs_on_kernel(p) and same_kind(grad, p)
 
     def _kernel_buffers(self, p: torch.Tensor, group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -269,9 +269,10 @@ class KernelOptimizer:
         once (so that what was checked is what is stepped and held, whatever other threads
         assign meanwhile), or None if torch must step ``p``: the state tensors must be of the
         param's dtype, device and shape (a state dict may have loaded anything)."""
-        if not self._param_runs_on_kernel(p, group):
+        grad = p.grad
+        if not self._param_runs_on_kernel(p, group, grad):
             return None
-        buffers: dict[str, Any] = {"grad": p.grad}
+        buffers: dict[str, Any] = {"grad": grad}
         if keys or self._has_step:
             state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
@@ -282,8 +283,6 @@ class KernelOptimizer:
                 buffers["step"] = state.get("step")
                 if not is_step_count(buffers["step"]):
                     return None
-        if not same_kind(buffers["grad"], p):
-            return None  # replaced by another thread since it was checked
         return buffers
 
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ import torch
 from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
-from ._layout import KERNEL_DTYPES, NORM_DTYPES, as_real, check_storage, is_dense, runs_on_kernel
+from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -36,7 +36,7 @@ def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """The real dense views the kernels can walk, or None if some tensor needs torch."""
     views = []
     for t in tensors:
-        if t.dtype not in NORM_DTYPES or not runs_on_kernel(t):
+        if not runs_on_kernel(t):
             return None
         real = as_real(t)
         if not is_dense(real):

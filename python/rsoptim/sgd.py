@@ -67,17 +67,17 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     def _state_is_new(self, state: dict[str, Any]) -> bool:
         return state.get("momentum_buffer") is None
 
-    def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+    def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor | None) -> bool:
         # torch's SGD steps complex params in complex arithmetic, where a non-finite component
         # spreads NaN to the other one (Adam and RMSprop step real views): leave them to torch.
-        return not p.is_complex() and super()._param_runs_on_kernel(p, group)
+        return not p.is_complex() and super()._param_runs_on_kernel(p, group, grad)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # torch creates the momentum buffer on a param's first step as a clone of the grad (with
         # the grad's strides). Here it is allocated like the grad and filled by the kernel, which
         # is told the buffer is new; should the step not run on the kernel, the buffer is
         # removed again (see _forget_new_state) and torch creates its own.
-        if self._param_runs_on_kernel(p, group):
+        if self._param_runs_on_kernel(p, group, p.grad):
             dtype = self._state_dtype(p, group)
             state["momentum_buffer"] = torch.empty_like(p.grad, dtype=dtype, memory_format=torch.preserve_format)
             self._new_buffers.add(p)
