@@ -33,6 +33,9 @@ def adam_step(
     decoupled_weight_decay: bool,
     lr_in_f32: bool = False,
     state_dtype: str | None = None,
+    master_params: bytes | None = None,
+    stochastic_rounding_seed: int | None = None,
+    streams: bytes | None = None,
 ) -> None: ...
 def sgd_step(
     dtype: str,
@@ -49,6 +52,11 @@ def sgd_step(
     nesterov: bool,
     maximize: bool,
     state_dtype: str | None = None,
+    master_params: bytes | None = None,
+    stochastic_rounding_seed: int | None = None,
+    streams: bytes | None = None,
+    step_dtype: str | None = None,
+    steps: bytes | None = None,
 ) -> None: ...
 def rmsprop_step(
     dtype: str,
@@ -69,6 +77,19 @@ def rmsprop_step(
     centered: bool,
     maximize: bool,
     state_dtype: str | None = None,
+    master_params: bytes | None = None,
+    stochastic_rounding_seed: int | None = None,
+    streams: bytes | None = None,
+) -> None: ...
+def round_params(
+    dtype: str,
+    numels: bytes,
+    sources: bytes,
+    params: bytes,
+    steps: list[float],
+    *,
+    stochastic_rounding_seed: int | None = None,
+    streams: bytes | None = None,
 ) -> None: ...
 def tensor_norms(dtype: str, numels: bytes, tensors: bytes, norm_type: float) -> list[float]: ...
 def scale_(dtype: str, numels: bytes, tensors: bytes, factor: float) -> None: ...

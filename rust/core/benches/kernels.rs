@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use criterion::measurement::WallTime;
-use rsoptim_core::{
+use rsoptim_core::{Rounding, 
     adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType,
     RmspropHyper, RmspropTensor, SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
@@ -91,6 +91,8 @@ fn bench_adam(c: &mut Criterion, name: &str, hyper: AdamHyper, bytes_per_elem: u
                         exp_avg_sq: black_box(&mut v[..]),
                         max_exp_avg_sq: black_box(vmax.as_deref_mut()),
                         step: StepCount::F32(&mut step),
+                        master_param: None,
+                        rounding: Rounding::Nearest,
                     };
                     adam_step(vec![t], black_box(&hyper), exec).unwrap();
                 })
@@ -124,6 +126,9 @@ fn sgd(c: &mut Criterion) {
                         grad: black_box(&g[..]),
                         momentum_buffer: Some(black_box(&mut buf[..])),
                         momentum_buffer_is_new: false,
+                        master_param: None,
+                        rounding: Rounding::Nearest,
+                        step: None,
                     };
                     sgd_step(vec![t], black_box(&hyper), exec).unwrap();
                 })
@@ -154,6 +159,8 @@ fn bench_rmsprop(c: &mut Criterion, name: &str, hyper: RmspropHyper, bytes_per_e
                         momentum_buffer: black_box(buf.as_deref_mut()),
                         grad_avg: black_box(ga.as_deref_mut()),
                         step: StepCount::F32(&mut step),
+                        master_param: None,
+                        rounding: Rounding::Nearest,
                     };
                     rmsprop_step(vec![t], black_box(&hyper), exec).unwrap();
                 })

@@ -1,11 +1,12 @@
 //! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`), in torch's order of operations.
 
+use crate::block::{blocks, scratch, ParamOut, Rounding};
 use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
-use num_traits::Float;
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
-use crate::simd::{dispatch, Kernel};
+use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
+use num_traits::Float;
 
 /// The hyperparameters of one param group, as torch's Python floats.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,7 +44,8 @@ impl Default for AdamHyper {
 /// One param's buffers. `max_exp_avg_sq` is given exactly when `amsgrad` is set. The state is
 /// stored as `S`: by default the maths type (float32 state for float32, bfloat16 or float16
 /// params), or the param's own type, as torch.optim keeps it; every value is computed in
-/// `P::Math` and rounded once when stored.
+/// `P::Math` and rounded once when stored. With a `master_param` (the param's unrounded values)
+/// the step updates the master copy and writes the param as its rounding, by `rounding`.
 pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>::Math> {
     pub param: &'a mut [P],
     pub grad: &'a [P],
@@ -51,6 +53,8 @@ pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element
     pub exp_avg_sq: &'a mut [S],
     pub max_exp_avg_sq: Option<&'a mut [S]>,
     pub step: StepCount<'a>,
+    pub master_param: Option<&'a mut [P::Math]>,
+    pub rounding: Rounding,
 }
 
 /// The constants of one tensor's update, rounded from `f64` to the maths type as torch rounds a
@@ -94,7 +98,7 @@ impl<T: Real> AdamScalars<T> {
 }
 
 struct AdamJob<'a, P: Element, S: Element<Math = P::Math>> {
-    param: &'a mut [P],
+    param: ParamOut<'a, P>,
     grad: &'a [P],
     exp_avg: &'a mut [S],
     exp_avg_sq: &'a mut [S],
@@ -108,7 +112,7 @@ impl<P: Element, S: Element<Math = P::Math>> Splittable for AdamJob<'_, P, S> {
     }
 
     fn split_at(self, mid: usize) -> (Self, Self) {
-        let (p0, p1) = self.param.split_at_mut(mid);
+        let (p0, p1) = self.param.split_at(mid);
         let (g0, g1) = self.grad.split_at(mid);
         let (m0, m1) = self.exp_avg.split_at_mut(mid);
         let (v0, v1) = self.exp_avg_sq.split_at_mut(mid);
@@ -130,8 +134,21 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
     type Output = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self, isa: I) {
+        if self.0.param.is_plain() && S::IS_MATH {
+            self.update_in_place()
+        } else {
+            self.update_by_blocks(isa)
+        }
+    }
+}
+
+impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool> AdamKernel<'_, P, S, AMSGRAD, L2> {
+    /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
+    #[inline(always)]
+    fn update_in_place(self) {
         let AdamJob { param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, k } = self.0;
+        let param = param.param;
         let n = param.len();
         let (grad, m, v) = (&grad[..n], &mut exp_avg[..n], &mut exp_avg_sq[..n]);
         let vmax: &mut [S] = match max_exp_avg_sq {
@@ -164,6 +181,41 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             param[i] = P::store(p);
         }
     }
+
+    /// The same update over blocks converted to the maths type (see `block`): the values the
+    /// loop stores unrounded into scratch are rounded once as the block is stored back.
+    #[inline(always)]
+    fn update_by_blocks<I: Isa>(self, isa: I) {
+        let AdamJob { mut param, grad, exp_avg, exp_avg_sq, mut max_exp_avg_sq, k } = self.0;
+        let (mut p, mut g, mut m, mut v, mut x) = (scratch(), scratch(), scratch(), scratch(), scratch());
+        for (start, end) in blocks(param.len()) {
+            let len = end - start;
+            let (p, g, m, v, x) = (&mut p[..len], &mut g[..len], &mut m[..len], &mut v[..len], &mut x[..len]);
+            param.load(isa, start, p);
+            P::load_block(isa, &grad[start..end], g);
+            S::load_block(isa, &exp_avg[start..end], m);
+            S::load_block(isa, &exp_avg_sq[start..end], v);
+            let vmax = max_exp_avg_sq.as_deref_mut().map(|vmax| &mut vmax[start..end]);
+            if let Some(vmax) = &vmax {
+                S::load_block(isa, vmax, x);
+            }
+            let block = AdamJob::<P::Math, P::Math> {
+                param: ParamOut::new(p, None, None),
+                grad: g,
+                exp_avg: m,
+                exp_avg_sq: v,
+                max_exp_avg_sq: vmax.is_some().then_some(&mut *x),
+                k,
+            };
+            AdamKernel::<P::Math, P::Math, AMSGRAD, L2>(block).update_in_place();
+            param.store(isa, start, p);
+            S::store_block(isa, m, &mut exp_avg[start..end]);
+            S::store_block(isa, v, &mut exp_avg_sq[start..end]);
+            if let Some(vmax) = vmax {
+                S::store_block(isa, x, vmax);
+            }
+        }
+    }
 }
 
 fn check<P: Element, S: Element<Math = P::Math>>(tensors: &[AdamTensor<'_, P, S>], h: &AdamHyper) -> Result<(), Error> {
@@ -172,6 +224,9 @@ fn check<P: Element, S: Element<Math = P::Math>>(tensors: &[AdamTensor<'_, P, S>
         check_len(i, "grad", n, t.grad.len())?;
         check_len(i, "exp_avg", n, t.exp_avg.len())?;
         check_len(i, "exp_avg_sq", n, t.exp_avg_sq.len())?;
+        if let Some(master) = &t.master_param {
+            check_len(i, "master_param", n, master.len())?;
+        }
         match (&t.max_exp_avg_sq, h.amsgrad) {
             (Some(x), true) => check_len(i, "max_exp_avg_sq", n, x.len())?,
             (None, false) => {}
@@ -191,13 +246,16 @@ pub fn adam_step<P: Element, S: Element<Math = P::Math>>(
     check(&tensors, hyper)?;
     let jobs: Vec<AdamJob<'_, P, S>> = tensors
         .into_iter()
-        .map(|mut t| AdamJob {
-            k: AdamScalars::new(hyper, t.step.increment()),
-            param: t.param,
-            grad: t.grad,
-            exp_avg: t.exp_avg,
-            exp_avg_sq: t.exp_avg_sq,
-            max_exp_avg_sq: t.max_exp_avg_sq,
+        .map(|mut t| {
+            let step = t.step.increment();
+            AdamJob {
+                k: AdamScalars::new(hyper, step),
+                param: ParamOut::new(t.param, t.master_param, t.rounding.key(step)),
+                grad: t.grad,
+                exp_avg: t.exp_avg,
+                exp_avg_sq: t.exp_avg_sq,
+                max_exp_avg_sq: t.max_exp_avg_sq,
+            }
         })
         .collect();
     let l2 = hyper.weight_decay != 0.0 && !hyper.decoupled_weight_decay;

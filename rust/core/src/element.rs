@@ -5,6 +5,8 @@
 
 use num_traits::Float;
 
+use crate::simd::Isa;
+
 /// A floating type the kernels compute in (and store optimizer state in).
 pub trait Real: Float + Send + Sync + Default + core::fmt::Debug + 'static {
     /// Rounds a hyperparameter computed in `f64` (as torch does with Python floats) to `Self`.
@@ -57,12 +59,40 @@ impl Real for f64 {
 /// How a param or grad element is stored, and the type its maths runs in.
 pub trait Element: Copy + Send + Sync + 'static {
     type Math: Real;
+    /// `Self` is `Math` itself: loads and stores are copies, and the kernels run on the buffers
+    /// directly instead of converting them a block at a time.
+    const IS_MATH: bool = false;
     fn load(self) -> Self::Math;
     fn store(x: Self::Math) -> Self;
+
+    /// `dst[i] = src[i].load()` (block conversions may use the ISA's instructions).
+    #[inline(always)]
+    fn load_block<I: Isa>(_isa: I, src: &[Self], dst: &mut [Self::Math]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.load();
+        }
+    }
+
+    /// `dst[i] = Self::store(src[i])`.
+    #[inline(always)]
+    fn store_block<I: Isa>(_isa: I, src: &[Self::Math], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::store(*s);
+        }
+    }
+
+    /// `dst[i] = src[i]` rounded stochastically: up or down to a neighbour with probabilities
+    /// that make the expected result `src[i]`, drawn with `random_bits(key, first_index + i)`.
+    /// A type that holds every `Math` value exactly stores it as it is.
+    #[inline(always)]
+    fn store_block_stochastic<I: Isa>(isa: I, src: &[Self::Math], dst: &mut [Self], _key: u64, _first_index: u64) {
+        Self::store_block(isa, src, dst)
+    }
 }
 
 impl<T: Real> Element for T {
     type Math = T;
+    const IS_MATH: bool = true;
     #[inline(always)]
     fn load(self) -> T {
         self
@@ -73,17 +103,38 @@ impl<T: Real> Element for T {
     }
 }
 
-/// bfloat16: load is exact (the top 16 bits of an f32); store rounds to nearest even and keeps
-/// NaN a NaN (the `half` crate's conversion, as torch's `c10::BFloat16(float)`).
+/// bfloat16: load is exact (the top 16 bits of an f32); store rounds to nearest even and makes
+/// NaN the quiet NaN 0x7fc0, as torch's `c10::BFloat16(float)`.
 impl Element for half::bf16 {
     type Math = f32;
     #[inline(always)]
     fn load(self) -> f32 {
-        self.to_f32()
+        f32::from_bits(u32::from(self.to_bits()) << 16)
     }
     #[inline(always)]
     fn store(x: f32) -> Self {
-        half::bf16::from_f32(x)
+        half::bf16::from_bits(f32_to_bf16_bits(x))
+    }
+    #[inline(always)]
+    fn store_block_stochastic<I: Isa>(_isa: I, src: &[f32], dst: &mut [Self], key: u64, first_index: u64) {
+        for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+            *d = half::bf16::from_bits(f32_to_bf16_bits_stochastic(*s, random_bits(key, first_index + i as u64)));
+        }
+    }
+}
+
+/// float32 rounded to the nearest bfloat16 (ties to even), as bits; written without branches
+/// (the `half` crate's conversion branches, which costs the kernels' vector loops a third).
+#[inline(always)]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    // Adding 0x7fff plus the lowest kept bit rounds the 16 dropped bits to nearest even; a carry
+    // may reach the exponent, up to infinity, which is right.
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        0x7fc0
+    } else {
+        rounded
     }
 }
 
@@ -100,6 +151,20 @@ impl Element for half::f16 {
     #[inline(always)]
     fn store(x: f32) -> Self {
         half::f16::from_bits(f32_to_f16_bits(x))
+    }
+    #[inline(always)]
+    fn load_block<I: Isa>(isa: I, src: &[Self], dst: &mut [f32]) {
+        isa.f16_to_f32(src, dst)
+    }
+    #[inline(always)]
+    fn store_block<I: Isa>(isa: I, src: &[f32], dst: &mut [Self]) {
+        isa.f32_to_f16(src, dst)
+    }
+    #[inline(always)]
+    fn store_block_stochastic<I: Isa>(_isa: I, src: &[f32], dst: &mut [Self], key: u64, first_index: u64) {
+        for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+            *d = half::f16::from_bits(f32_to_f16_bits_stochastic(*s, random_bits(key, first_index + i as u64)));
+        }
     }
 }
 
@@ -138,6 +203,77 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     // reach the exponent, up to infinity, which is right).
     let odd = (abs >> 13) & 1;
     let normal = (abs.wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff)).wrapping_add(odd)) >> 13;
+    let out = if abs >= (127 + 16) << 23 {
+        huge
+    } else if abs < (127 - 14) << 23 {
+        small
+    } else {
+        normal
+    };
+    (out | sign) as u16
+}
+
+/// 32 random bits for element `index` of the stream `key`: a counter-based generator (two
+/// rounds of MurmurHash3's 32-bit finaliser over the index and the key), a pure function of its
+/// inputs, so that any split over threads or SIMD lanes draws the same bits. Within one key,
+/// distinct indices below 2^32 give distinct first rounds (the finaliser is a bijection).
+#[inline(always)]
+pub fn random_bits(key: u64, index: u64) -> u32 {
+    let first = fmix32((index as u32) ^ (key as u32));
+    fmix32(first ^ (key >> 32) as u32 ^ ((index >> 32) as u32).wrapping_mul(0x9e37_79b9))
+}
+
+#[inline(always)]
+fn fmix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
+}
+
+/// The key of one param's stochastic rounding at one step: SplitMix64's mixer over the seed, the
+/// param's stream number and the step, so that no two (stream, step) pairs share a key in practice.
+pub fn stochastic_key(seed: u64, stream: u64, step: u64) -> u64 {
+    let mix = |z: u64| {
+        let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    mix(mix(mix(seed.wrapping_add(GOLDEN)) ^ stream.wrapping_add(GOLDEN)) ^ step.wrapping_add(GOLDEN))
+}
+
+/// float32 rounded stochastically to bfloat16, as bits: the 16 dropped bits plus 16 random ones
+/// carry into the kept bits with probability (dropped bits) / 2^16, which makes the expected
+/// value exact (a carry may reach infinity from the largest finite values, as it should). NaN
+/// stays the quiet NaN.
+#[inline(always)]
+pub fn f32_to_bf16_bits_stochastic(x: f32, random: u32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(random & 0xffff) >> 16) as u16;
+    if x.is_nan() {
+        0x7fc0
+    } else {
+        rounded
+    }
+}
+
+/// float32 rounded stochastically to float16, as bits. Normal results: the 13 dropped bits plus
+/// 13 random ones carry into the kept bits, exactly unbiased. Subnormal results (below 2^-14):
+/// `|x| * 2^24` (exact) is rounded up when its fraction exceeds 23 random bits / 2^23, unbiased to
+/// within 2^-23 of the smallest subnormal. Past float16's range: infinity (or NaN), as nearest.
+#[inline(always)]
+pub fn f32_to_f16_bits_stochastic(x: f32, random: u32) -> u16 {
+    let bits = x.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let abs = bits & 0x7fff_ffff;
+    let huge = if abs > 0x7f80_0000 { 0x7e00 } else { 0x7c00 };
+    let normal = (abs.wrapping_add((15u32.wrapping_sub(127)) << 23).wrapping_add(random & 0x1fff)) >> 13;
+    let scaled = f32::from_bits(abs) * 16_777_216.0;
+    let floor = scaled.floor();
+    let up = (random >> 9) as f32 * (1.0 / 8_388_608.0) < scaled - floor;
+    let small = floor as u32 + u32::from(up);
     let out = if abs >= (127 + 16) << 23 {
         huge
     } else if abs < (127 - 14) << 23 {

@@ -8,6 +8,7 @@
 
 pub mod adam;
 pub mod alloc_count;
+pub mod block;
 pub mod element;
 pub mod error;
 pub mod exec;
@@ -26,6 +27,7 @@ pub mod table;
 pub mod torch_abi;
 
 pub use adam::{adam_step, AdamHyper, AdamTensor};
+pub use block::{round_into, RoundTensor, Rounding};
 pub use element::{Element, Real};
 pub use error::Error;
 pub use exec::{Executor, CHUNK};

@@ -15,7 +15,7 @@ use crate::error::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::exec::{Executor, Splittable, CHUNK};
-use crate::simd::{dispatch, Kernel, SimdLevel};
+use crate::simd::{dispatch, Isa, Kernel, SimdLevel};
 
 /// Which vector norm: `sum(|x|^p)^(1/p)`, with `Inf` the largest `|x|`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,7 +70,8 @@ fn lane_reduce<E: Element>(data: &[E], f: impl Fn(f64) -> f64, combine: impl Fn(
             acc[lanes + j] = combine(acc[lanes + j], f(wide[j]));
         }
     };
-    let blocks = s0.chunks_exact(WIDTH).zip(s1.chunks_exact(WIDTH)).zip(s2.chunks_exact(WIDTH)).zip(s3.chunks_exact(WIDTH));
+    let blocks =
+        s0.chunks_exact(WIDTH).zip(s1.chunks_exact(WIDTH)).zip(s2.chunks_exact(WIDTH)).zip(s3.chunks_exact(WIDTH));
     for (((b0, b1), b2), b3) in blocks {
         add_block(0, b0);
         add_block(WIDTH, b1);
@@ -100,7 +101,7 @@ impl<E: Element> Kernel for PartialNorm<'_, E> {
     type Output = f64;
 
     #[inline(always)]
-    fn run(self) -> f64 {
+    fn run<I: Isa>(self, _isa: I) -> f64 {
         let add = |a: f64, b: f64| a + b;
         match self.norm {
             NormType::One => lane_reduce(self.data, f64::abs, add),
@@ -195,7 +196,7 @@ impl<E: Element> Kernel for ScaleJob<'_, E> {
     type Output = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self, _isa: I) {
         for x in self.data.iter_mut() {
             *x = E::store(x.load() * self.factor);
         }

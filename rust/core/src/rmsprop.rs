@@ -1,11 +1,12 @@
 //! RMSprop, plain and centered, with momentum (`torch.optim.RMSprop`).
 
+use crate::block::{blocks, scratch, ParamOut, Rounding};
 use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
-use num_traits::Float;
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
-use crate::simd::{dispatch, Kernel};
+use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
+use num_traits::Float;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RmspropHyper {
@@ -26,7 +27,8 @@ impl Default for RmspropHyper {
 
 /// One param's buffers: `momentum_buffer` exactly when `momentum > 0`, `grad_avg` exactly when
 /// `centered`.
-/// The state is stored as `S` (see `AdamTensor`), computed in `P::Math`, rounded once.
+/// The state is stored as `S` (see `AdamTensor`), computed in `P::Math`, rounded once;
+/// `master_param` and `rounding` as in `AdamTensor`.
 pub struct RmspropTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>::Math> {
     pub param: &'a mut [P],
     pub grad: &'a [P],
@@ -34,6 +36,8 @@ pub struct RmspropTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Elem
     pub momentum_buffer: Option<&'a mut [S]>,
     pub grad_avg: Option<&'a mut [S]>,
     pub step: StepCount<'a>,
+    pub master_param: Option<&'a mut [P::Math]>,
+    pub rounding: Rounding,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -62,7 +66,7 @@ impl<T: Real> RmspropScalars<T> {
 }
 
 struct RmspropJob<'a, P: Element, S: Element<Math = P::Math>> {
-    param: &'a mut [P],
+    param: ParamOut<'a, P>,
     grad: &'a [P],
     square_avg: &'a mut [S],
     momentum_buffer: Option<&'a mut [S]>,
@@ -76,7 +80,7 @@ impl<P: Element, S: Element<Math = P::Math>> Splittable for RmspropJob<'_, P, S>
     }
 
     fn split_at(self, mid: usize) -> (Self, Self) {
-        let (p0, p1) = self.param.split_at_mut(mid);
+        let (p0, p1) = self.param.split_at(mid);
         let (g0, g1) = self.grad.split_at(mid);
         let (s0, s1) = self.square_avg.split_at_mut(mid);
         let (b0, b1) = split_opt(self.momentum_buffer, mid);
@@ -89,9 +93,14 @@ impl<P: Element, S: Element<Math = P::Math>> Splittable for RmspropJob<'_, P, S>
     }
 }
 
-struct RmspropKernel<'a, P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTUM: bool, const L2: bool>(
-    RmspropJob<'a, P, S>,
-);
+struct RmspropKernel<
+    'a,
+    P: Element,
+    S: Element<Math = P::Math>,
+    const CENTERED: bool,
+    const MOMENTUM: bool,
+    const L2: bool,
+>(RmspropJob<'a, P, S>);
 
 impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTUM: bool, const L2: bool> Kernel
     for RmspropKernel<'_, P, S, CENTERED, MOMENTUM, L2>
@@ -99,8 +108,23 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
     type Output = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self, isa: I) {
+        if self.0.param.is_plain() && S::IS_MATH {
+            self.update_in_place()
+        } else {
+            self.update_by_blocks(isa)
+        }
+    }
+}
+
+impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTUM: bool, const L2: bool>
+    RmspropKernel<'_, P, S, CENTERED, MOMENTUM, L2>
+{
+    /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
+    #[inline(always)]
+    fn update_in_place(self) {
         let RmspropJob { param, grad, square_avg, momentum_buffer, grad_avg, k } = self.0;
+        let param = param.param;
         let n = param.len();
         let (grad, sq) = (&grad[..n], &mut square_avg[..n]);
         let buf: &mut [S] = match momentum_buffer {
@@ -143,6 +167,45 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
             param[i] = P::store(p);
         }
     }
+
+    /// The same update over blocks converted to the maths type (see `block`).
+    #[inline(always)]
+    fn update_by_blocks<I: Isa>(self, isa: I) {
+        let RmspropJob { mut param, grad, square_avg, mut momentum_buffer, mut grad_avg, k } = self.0;
+        let (mut p, mut g, mut sq, mut b, mut a) = (scratch(), scratch(), scratch(), scratch(), scratch());
+        for (start, end) in blocks(param.len()) {
+            let len = end - start;
+            let (p, g, sq, b, a) = (&mut p[..len], &mut g[..len], &mut sq[..len], &mut b[..len], &mut a[..len]);
+            param.load(isa, start, p);
+            P::load_block(isa, &grad[start..end], g);
+            S::load_block(isa, &square_avg[start..end], sq);
+            let buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
+            if let Some(buf) = &buf {
+                S::load_block(isa, buf, b);
+            }
+            let avg = grad_avg.as_deref_mut().map(|avg| &mut avg[start..end]);
+            if let Some(avg) = &avg {
+                S::load_block(isa, avg, a);
+            }
+            let block = RmspropJob::<P::Math, P::Math> {
+                param: ParamOut::new(p, None, None),
+                grad: g,
+                square_avg: sq,
+                momentum_buffer: buf.is_some().then_some(&mut *b),
+                grad_avg: avg.is_some().then_some(&mut *a),
+                k,
+            };
+            RmspropKernel::<P::Math, P::Math, CENTERED, MOMENTUM, L2>(block).update_in_place();
+            param.store(isa, start, p);
+            S::store_block(isa, sq, &mut square_avg[start..end]);
+            if let Some(buf) = buf {
+                S::store_block(isa, b, buf);
+            }
+            if let Some(avg) = avg {
+                S::store_block(isa, a, avg);
+            }
+        }
+    }
 }
 
 /// One RMSprop step over every tensor of a param group: increments each step count and updates
@@ -157,6 +220,9 @@ pub fn rmsprop_step<P: Element, S: Element<Math = P::Math>>(
         let n = t.param.len();
         check_len(i, "grad", n, t.grad.len())?;
         check_len(i, "square_avg", n, t.square_avg.len())?;
+        if let Some(master) = &t.master_param {
+            check_len(i, "master_param", n, master.len())?;
+        }
         for (buffer, needed, given) in [
             ("momentum_buffer (exactly when momentum > 0)", momentum, &t.momentum_buffer),
             ("grad_avg (exactly when centered)", hyper.centered, &t.grad_avg),
@@ -172,9 +238,9 @@ pub fn rmsprop_step<P: Element, S: Element<Math = P::Math>>(
     let jobs: Vec<RmspropJob<'_, P, S>> = tensors
         .into_iter()
         .map(|mut t| {
-            t.step.increment();
+            let step = t.step.increment();
             RmspropJob {
-                param: t.param,
+                param: ParamOut::new(t.param, t.master_param, t.rounding.key(step)),
                 grad: t.grad,
                 square_avg: t.square_avg,
                 momentum_buffer: t.momentum_buffer,

@@ -5,7 +5,7 @@
 use crate::element::Real;
 use crate::error::{check_len, Error};
 use crate::exec::{Executor, Splittable};
-use crate::simd::{dispatch, Kernel};
+use crate::simd::{dispatch, Isa, Kernel};
 
 /// One tensor's buffers for the probe: `W` buffers read and written, one more only read.
 pub struct StreamTensor<'a, T, const W: usize> {
@@ -35,7 +35,7 @@ impl<T: Real, const W: usize> Kernel for StreamTensor<'_, T, W> {
     type Output = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self, _isa: I) {
         let n = self.read.len();
         let read = self.read;
         let mut written = self.written;

@@ -1,9 +1,11 @@
 //! SGD with momentum, dampening and Nesterov (`torch.optim.SGD`).
 
+use crate::block::{blocks, scratch, ParamOut, Rounding};
 use crate::element::{torch_add, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
-use crate::simd::{dispatch, Kernel};
+use crate::simd::{dispatch, Isa, Kernel};
+use crate::step::StepCount;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SgdHyper {
@@ -24,12 +26,17 @@ impl Default for SgdHyper {
 /// One param's buffers. `momentum_buffer` is given exactly when `momentum != 0`; a buffer the
 /// caller has just allocated (`momentum_buffer_is_new`) is filled with the grad, as torch's
 /// first step clones the grad into it (no dampening).
-/// The buffer is stored as `S` (see `AdamTensor`), computed in `P::Math`, rounded once.
+/// The buffer is stored as `S` (see `AdamTensor`), computed in `P::Math`, rounded once;
+/// `master_param` and `rounding` as in `AdamTensor`. torch's SGD counts no steps: a `step`, when
+/// given, is incremented and keys stochastic rounding, which needs one.
 pub struct SgdTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>::Math> {
     pub param: &'a mut [P],
     pub grad: &'a [P],
     pub momentum_buffer: Option<&'a mut [S]>,
     pub momentum_buffer_is_new: bool,
+    pub master_param: Option<&'a mut [P::Math]>,
+    pub rounding: Rounding,
+    pub step: Option<StepCount<'a>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -54,7 +61,7 @@ impl<T: Real> SgdScalars<T> {
 }
 
 struct SgdJob<'a, P: Element, S: Element<Math = P::Math>> {
-    param: &'a mut [P],
+    param: ParamOut<'a, P>,
     grad: &'a [P],
     momentum_buffer: Option<&'a mut [S]>,
     first: bool,
@@ -67,7 +74,7 @@ impl<P: Element, S: Element<Math = P::Math>> Splittable for SgdJob<'_, P, S> {
     }
 
     fn split_at(self, mid: usize) -> (Self, Self) {
-        let (p0, p1) = self.param.split_at_mut(mid);
+        let (p0, p1) = self.param.split_at(mid);
         let (g0, g1) = self.grad.split_at(mid);
         let (b0, b1) = split_opt(self.momentum_buffer, mid);
         let (first, k) = (self.first, self.k);
@@ -78,18 +85,51 @@ impl<P: Element, S: Element<Math = P::Math>> Splittable for SgdJob<'_, P, S> {
     }
 }
 
-struct SgdKernel<'a, P: Element, S: Element<Math = P::Math>, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool>(
-    SgdJob<'a, P, S>,
-);
+struct SgdKernel<
+    'a,
+    P: Element,
+    S: Element<Math = P::Math>,
+    const MOMENTUM: bool,
+    const FIRST: bool,
+    const NESTEROV: bool,
+    const L2: bool,
+>(SgdJob<'a, P, S>);
 
-impl<P: Element, S: Element<Math = P::Math>, const MOMENTUM: bool, const FIRST: bool, const NESTEROV: bool, const L2: bool> Kernel
-    for SgdKernel<'_, P, S, MOMENTUM, FIRST, NESTEROV, L2>
+impl<
+        P: Element,
+        S: Element<Math = P::Math>,
+        const MOMENTUM: bool,
+        const FIRST: bool,
+        const NESTEROV: bool,
+        const L2: bool,
+    > Kernel for SgdKernel<'_, P, S, MOMENTUM, FIRST, NESTEROV, L2>
 {
     type Output = ();
 
     #[inline(always)]
-    fn run(self) {
+    fn run<I: Isa>(self, isa: I) {
+        if self.0.param.is_plain() && S::IS_MATH {
+            self.update_in_place()
+        } else {
+            self.update_by_blocks(isa)
+        }
+    }
+}
+
+impl<
+        P: Element,
+        S: Element<Math = P::Math>,
+        const MOMENTUM: bool,
+        const FIRST: bool,
+        const NESTEROV: bool,
+        const L2: bool,
+    > SgdKernel<'_, P, S, MOMENTUM, FIRST, NESTEROV, L2>
+{
+    /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
+    #[inline(always)]
+    fn update_in_place(self) {
         let SgdJob { param, grad, momentum_buffer, k, .. } = self.0;
+        let param = param.param;
         let n = param.len();
         let grad = &grad[..n];
         let buf: &mut [S] = match momentum_buffer {
@@ -111,6 +151,36 @@ impl<P: Element, S: Element<Math = P::Math>, const MOMENTUM: bool, const FIRST: 
             param[i] = P::store(torch_add(p, g, k.neg_lr));
         }
     }
+
+    /// The same update over blocks converted to the maths type (see `block`).
+    #[inline(always)]
+    fn update_by_blocks<I: Isa>(self, isa: I) {
+        let SgdJob { mut param, grad, mut momentum_buffer, first, k } = self.0;
+        let (mut p, mut g, mut b) = (scratch(), scratch(), scratch());
+        for (start, end) in blocks(param.len()) {
+            let len = end - start;
+            let (p, g, b) = (&mut p[..len], &mut g[..len], &mut b[..len]);
+            param.load(isa, start, p);
+            P::load_block(isa, &grad[start..end], g);
+            let buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
+            // (A new buffer's contents are not read.)
+            if let (Some(buf), false) = (&buf, FIRST) {
+                S::load_block(isa, buf, b);
+            }
+            let block = SgdJob::<P::Math, P::Math> {
+                param: ParamOut::new(p, None, None),
+                grad: g,
+                momentum_buffer: buf.is_some().then_some(&mut *b),
+                first,
+                k,
+            };
+            SgdKernel::<P::Math, P::Math, MOMENTUM, FIRST, NESTEROV, L2>(block).update_in_place();
+            param.store(isa, start, p);
+            if let Some(buf) = buf {
+                S::store_block(isa, b, buf);
+            }
+        }
+    }
 }
 
 /// One SGD step over every tensor of a param group. Checks every length before it writes.
@@ -128,18 +198,30 @@ pub fn sgd_step<P: Element, S: Element<Math = P::Math>>(
         match (&t.momentum_buffer, momentum) {
             (Some(b), true) => check_len(i, "momentum_buffer", t.param.len(), b.len())?,
             (None, false) => {}
-            _ => return Err(Error::MissingBuffer { tensor: i, buffer: "momentum_buffer (exactly when momentum != 0)" }),
+            _ => {
+                return Err(Error::MissingBuffer { tensor: i, buffer: "momentum_buffer (exactly when momentum != 0)" })
+            }
+        }
+        if let Some(master) = &t.master_param {
+            check_len(i, "master_param", t.param.len(), master.len())?;
+        }
+        if matches!(t.rounding, Rounding::Stochastic { .. }) && t.step.is_none() {
+            return Err(Error::MissingBuffer { tensor: i, buffer: "step (stochastic rounding draws by step)" });
         }
     }
     let k = SgdScalars::new(hyper);
     let jobs: Vec<SgdJob<'_, P, S>> = tensors
         .into_iter()
-        .map(|t| SgdJob {
-            param: t.param,
-            grad: t.grad,
-            momentum_buffer: t.momentum_buffer,
-            first: t.momentum_buffer_is_new,
-            k,
+        .map(|t| {
+            let step = t.step.map(|mut step| step.increment());
+            let key = step.and_then(|step| t.rounding.key(step));
+            SgdJob {
+                param: ParamOut::new(t.param, t.master_param, key),
+                grad: t.grad,
+                momentum_buffer: t.momentum_buffer,
+                first: t.momentum_buffer_is_new,
+                k,
+            }
         })
         .collect();
     let (l2, nesterov, simd) = (hyper.weight_decay != 0.0, hyper.nesterov, exec.simd());

@@ -12,6 +12,8 @@
 //! selectable at run time (`RSOPTIM_SIMD`) so every path can be tested on one machine.
 
 use std::fmt;
+
+use crate::element::{f16_bits_to_f32, f32_to_f16_bits};
 use std::sync::OnceLock;
 
 /// The environment variable that forces a path: `scalar`, `avx2`, `avx512`, `neon` or `auto`.
@@ -21,7 +23,7 @@ pub const SIMD_ENV_VAR: &str = "RSOPTIM_SIMD";
 pub enum SimdLevel {
     /// The target's baseline ISA (SSE2 on x86-64), always compiled, always available.
     Scalar,
-    /// x86-64 AVX2 + FMA (x86-64-v3).
+    /// x86-64 AVX2 + FMA + F16C (x86-64-v3).
     Avx2,
     /// x86-64 AVX-512 F/VL/BW/DQ (x86-64-v4).
     Avx512,
@@ -50,7 +52,9 @@ impl SimdLevel {
         match self {
             Self::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Self::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => {
                 is_x86_feature_detected!("avx512f")
@@ -59,6 +63,7 @@ impl SimdLevel {
                     && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "aarch64")]
             Self::Neon => std::arch::is_aarch64_feature_detected!("neon"),
@@ -74,19 +79,14 @@ impl SimdLevel {
 
     /// The fastest path this CPU can run.
     pub fn best() -> SimdLevel {
-        [Self::Avx512, Self::Avx2, Self::Neon]
-            .into_iter()
-            .find(|level| level.is_available())
-            .unwrap_or(Self::Scalar)
+        [Self::Avx512, Self::Avx2, Self::Neon].into_iter().find(|level| level.is_available()).unwrap_or(Self::Scalar)
     }
 
     /// The path named by `RSOPTIM_SIMD` (or the best one when unset or `auto`).
     pub fn from_env() -> Result<SimdLevel, SimdError> {
         match std::env::var(SIMD_ENV_VAR) {
             Err(_) => Ok(Self::best()),
-            Ok(value) if value.trim().is_empty() || value.trim().eq_ignore_ascii_case("auto") => {
-                Ok(Self::best())
-            }
+            Ok(value) if value.trim().is_empty() || value.trim().eq_ignore_ascii_case("auto") => Ok(Self::best()),
             Ok(value) => {
                 let level = Self::parse(&value).ok_or_else(|| SimdError::Unknown(value.clone()))?;
                 if level.is_available() {
@@ -121,15 +121,16 @@ impl fmt::Display for SimdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<_> = SimdLevel::ALL.iter().map(|l| l.name()).collect();
         match self {
-            Self::Unknown(value) => write!(
-                f,
-                "{SIMD_ENV_VAR}={value:?} names no SIMD path; use auto or one of {names:?}"
-            ),
-            Self::Unavailable(level) => write!(
-                f,
-                "{SIMD_ENV_VAR}={level} asks for a SIMD path this CPU cannot run; available: {:?}",
-                SimdLevel::available().iter().map(|l| l.name()).collect::<Vec<_>>()
-            ),
+            Self::Unknown(value) => {
+                write!(f, "{SIMD_ENV_VAR}={value:?} names no SIMD path; use auto or one of {names:?}")
+            }
+            Self::Unavailable(level) => {
+                write!(
+                    f,
+                    "{SIMD_ENV_VAR}={level} asks for a SIMD path this CPU cannot run; available: {:?}",
+                    SimdLevel::available().iter().map(|l| l.name()).collect::<Vec<_>>()
+                )
+            }
         }
     }
 }
@@ -137,10 +138,129 @@ impl fmt::Display for SimdError {
 impl std::error::Error for SimdError {}
 
 /// A loop to be compiled once per instruction set. Implementations mark `run`
-/// `#[inline(always)]`, so that it is inlined into (and vectorised for) each trampoline.
+/// `#[inline(always)]`, so that it is inlined into (and vectorised for) each trampoline; `isa`
+/// proves which instruction set that is, for the conversions that need its intrinsics.
 pub trait Kernel {
     type Output;
-    fn run(self) -> Self::Output;
+    fn run<I: Isa>(self, isa: I) -> Self::Output;
+}
+
+/// An instruction set the running CPU has, as a value: one exists only where the CPU was checked
+/// (or for the baseline ISA, which every CPU of the target has), so code holding one may use its
+/// intrinsics. Only the block conversions between float16 and float32 differ between ISAs: the
+/// other loops are vectorised by LLVM from the same source.
+pub trait Isa: Copy {
+    /// `dst[i] = src[i]` exactly, float16 to float32.
+    #[inline(always)]
+    fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f16_bits_to_f32(s.to_bits());
+        }
+    }
+
+    /// `dst[i] = src[i]` rounded to the nearest float16 (ties to even).
+    #[inline(always)]
+    fn f32_to_f16(self, src: &[f32], dst: &mut [half::f16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_bits(f32_to_f16_bits(*s));
+        }
+    }
+}
+
+/// The target's baseline ISA (and NEON, whose float16 conversions Rust cannot reach on stable).
+#[derive(Clone, Copy, Debug)]
+pub struct Baseline;
+impl Isa for Baseline {}
+
+/// AVX2 + FMA + F16C; made only by `run_avx2`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2(());
+
+/// AVX-512 F/VL/BW/DQ (with AVX2, FMA, F16C); made only by `run_avx512`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Avx512(());
+
+// F16C's and AVX-512's conversions round to nearest even (as the immediate says) and keep
+// float16 subnormals whatever MXCSR says (they are torch's vectorised conversions too); the
+// scalar tails take the baseline's, and `tests/half.rs` checks that all give the same bits.
+#[cfg(target_arch = "x86_64")]
+const ROUND_NEAREST_EVEN: i32 = std::arch::x86_64::_MM_FROUND_TO_NEAREST_INT;
+#[cfg(target_arch = "x86_64")]
+const ROUND_NEAREST_EVEN_NO_EXC: i32 = ROUND_NEAREST_EVEN | std::arch::x86_64::_MM_FROUND_NO_EXC;
+
+#[cfg(target_arch = "x86_64")]
+impl Isa for Avx2 {
+    #[inline(always)]
+    fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: an `Avx2` exists only inside `run_avx2`, whose caller checked F16C and AVX;
+            // `i + 8 <= n` keeps the 8-element load and store inside both slices.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        Baseline.f16_to_f32(&src[i..n], &mut dst[i..n]);
+    }
+
+    #[inline(always)]
+    fn f32_to_f16(self, src: &[f32], dst: &mut [half::f16]) {
+        use std::arch::x86_64::*;
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: as in `f16_to_f32`.
+            unsafe {
+                let h = _mm256_cvtps_ph::<ROUND_NEAREST_EVEN>(_mm256_loadu_ps(src.as_ptr().add(i)));
+                _mm_storeu_si128(dst.as_mut_ptr().add(i).cast::<__m128i>(), h);
+            }
+            i += 8;
+        }
+        Baseline.f32_to_f16(&src[i..n], &mut dst[i..n]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa for Avx512 {
+    #[inline(always)]
+    fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: an `Avx512` exists only inside `run_avx512`, whose caller checked
+            // AVX-512F; `i + 16 <= n` keeps the 16-element load and store inside both slices.
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i).cast::<__m256i>());
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+            i += 16;
+        }
+        Avx2(()).f16_to_f32(&src[i..n], &mut dst[i..n]);
+    }
+
+    #[inline(always)]
+    fn f32_to_f16(self, src: &[f32], dst: &mut [half::f16]) {
+        use std::arch::x86_64::*;
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: as in `f16_to_f32`.
+            unsafe {
+                let h = _mm512_cvtps_ph::<{ ROUND_NEAREST_EVEN_NO_EXC }>(_mm512_loadu_ps(src.as_ptr().add(i)));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast::<__m256i>(), h);
+            }
+            i += 16;
+        }
+        // (AVX-512 includes AVX2 and F16C: `is_available` checks them too.)
+        Avx2(()).f32_to_f16(&src[i..n], &mut dst[i..n]);
+    }
 }
 
 /// Runs `kernel` compiled for `level`. A path the CPU cannot run falls back to the baseline one,
@@ -156,7 +276,7 @@ pub fn dispatch<K: Kernel>(level: SimdLevel, kernel: K) -> K::Output {
         }
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if level.is_available() => {
-            // SAFETY: as above, for AVX2 and FMA.
+            // SAFETY: as above, for AVX2, FMA and F16C.
             unsafe { run_avx2(kernel) }
         }
         #[cfg(target_arch = "aarch64")]
@@ -164,26 +284,26 @@ pub fn dispatch<K: Kernel>(level: SimdLevel, kernel: K) -> K::Output {
             // SAFETY: as above, for NEON.
             unsafe { run_neon(kernel) }
         }
-        _ => kernel.run(),
+        _ => kernel.run(Baseline),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")]
 unsafe fn run_avx512<K: Kernel>(kernel: K) -> K::Output {
-    kernel.run()
+    kernel.run(Avx512(()))
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<K: Kernel>(kernel: K) -> K::Output {
-    kernel.run()
+    kernel.run(Avx2(()))
 }
 
 #[cfg(target_arch = "aarch64")]
 #[target_feature(enable = "neon")]
 unsafe fn run_neon<K: Kernel>(kernel: K) -> K::Output {
-    kernel.run()
+    kernel.run(Baseline)
 }
 
 #[cfg(test)]
@@ -210,7 +330,7 @@ mod tests {
     impl Kernel for Sum<'_> {
         type Output = f32;
         #[inline(always)]
-        fn run(self) -> f32 {
+        fn run<I: Isa>(self, _isa: I) -> f32 {
             self.0.iter().sum()
         }
     }

@@ -5,7 +5,7 @@
 
 use half::{bf16, f16};
 use proptest::prelude::*;
-use rsoptim_core::{
+use rsoptim_core::{Rounding, 
     adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Element, Executor, RmspropHyper, RmspropTensor,
     SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
@@ -79,6 +79,8 @@ fn check_adam<P: Element<Math = f32>, S: Element<Math = f32>>(
                 exp_avg_sq: &mut vr,
                 max_exp_avg_sq: hyper.amsgrad.then_some(&mut xr[..]),
                 step: StepCount::F32(&mut step_r),
+                master_param: None,
+                rounding: Rounding::Nearest,
             };
             adam_step(vec![reference], hyper, &exec).unwrap();
             let t = AdamTensor::<P, S> {
@@ -88,6 +90,8 @@ fn check_adam<P: Element<Math = f32>, S: Element<Math = f32>>(
                 exp_avg_sq: &mut v,
                 max_exp_avg_sq: hyper.amsgrad.then_some(&mut vmax[..]),
                 step: StepCount::F32(&mut step),
+                master_param: None,
+                rounding: Rounding::Nearest,
             };
             adam_step(vec![t], hyper, &exec).unwrap();
             same_bits(&load(&p), &load(&to::<P>(&pr)), "param")?;
@@ -113,6 +117,9 @@ fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64
                 grad: &gr,
                 momentum_buffer: momentum.then_some(&mut br[..]),
                 momentum_buffer_is_new: first,
+                master_param: None,
+                rounding: Rounding::Nearest,
+                step: None,
             };
             sgd_step(vec![reference], hyper, &exec).unwrap();
             let t = SgdTensor::<P, S> {
@@ -120,6 +127,9 @@ fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64
                 grad: &grad,
                 momentum_buffer: momentum.then_some(&mut buf[..]),
                 momentum_buffer_is_new: first,
+                master_param: None,
+                rounding: Rounding::Nearest,
+                step: None,
             };
             sgd_step(vec![t], hyper, &exec).unwrap();
             same_bits(&load(&p), &load(&to::<P>(&pr)), "param")?;
@@ -146,6 +156,8 @@ fn check_rmsprop<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed:
                 momentum_buffer: momentum.then_some(&mut br[..]),
                 grad_avg: centered.then_some(&mut ar[..]),
                 step: StepCount::F32(&mut step_r),
+                master_param: None,
+                rounding: Rounding::Nearest,
             };
             rmsprop_step(vec![reference], hyper, &exec).unwrap();
             let t = RmspropTensor::<P, S> {
@@ -155,6 +167,8 @@ fn check_rmsprop<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed:
                 momentum_buffer: momentum.then_some(&mut buf[..]),
                 grad_avg: centered.then_some(&mut ga[..]),
                 step: StepCount::F32(&mut step),
+                master_param: None,
+                rounding: Rounding::Nearest,
             };
             rmsprop_step(vec![t], hyper, &exec).unwrap();
             same_bits(&load(&p), &load(&to::<P>(&pr)), "param")?;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use rsoptim_core::openmp::OpenMp;
-use rsoptim_core::{adam_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType, SimdLevel, StepCount};
+use rsoptim_core::{Rounding, adam_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType, SimdLevel, StepCount};
 
 const LIBGOMP: &str = "libgomp.so.1";
 
@@ -48,6 +48,8 @@ fn adam_result(exec: &Executor, sizes: &[usize]) -> Vec<Vec<u32>> {
                 exp_avg_sq: v,
                 max_exp_avg_sq: None,
                 step: StepCount::F32(s),
+                master_param: None,
+                rounding: Rounding::Nearest,
             })
             .collect();
         adam_step(tensors, &hyper, exec).expect("valid buffers");

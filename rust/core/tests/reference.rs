@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rsoptim_core::raw::{check_buffers, Buffer};
-use rsoptim_core::{
+use rsoptim_core::{Rounding, 
     adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norm, tensor_norms, AdamHyper, AdamTensor, Error,
     Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor, SimdLevel, StepCount, CHUNK,
 };
@@ -390,6 +390,8 @@ fn adam_kernel<T: Ref>(states: &mut [AdamState<T>], grads: &[Vec<T>], h: &AdamHy
             exp_avg_sq: &mut s.v,
             max_exp_avg_sq: s.vmax.as_deref_mut(),
             step: s.step.count(),
+            master_param: None,
+            rounding: Rounding::Nearest,
         })
         .collect();
     adam_step(tensors, h, exec)
@@ -500,6 +502,9 @@ fn sgd_kernel<T: Ref>(states: &mut [SgdState<T>], grads: &[Vec<T>], h: &SgdHyper
             grad: g,
             momentum_buffer: s.buf.as_deref_mut(),
             momentum_buffer_is_new: s.buf_is_new,
+            master_param: None,
+            rounding: Rounding::Nearest,
+            step: None,
         })
         .collect();
     sgd_step(tensors, h, exec)?;
@@ -627,6 +632,8 @@ fn rmsprop_kernel<T: Ref>(
             momentum_buffer: s.buf.as_deref_mut(),
             grad_avg: s.ga.as_deref_mut(),
             step: s.step.count(),
+            master_param: None,
+            rounding: Rounding::Nearest,
         })
         .collect();
     rmsprop_step(tensors, h, exec)

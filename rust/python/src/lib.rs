@@ -19,12 +19,12 @@ use pyo3::prelude::*;
 use rsoptim_core::alloc_count::{counters, CountingAllocator};
 use rsoptim_core::inflight::reserve;
 use rsoptim_core::raw::Buffer;
-use rsoptim_core::table::{words, Dtype, Table};
+use rsoptim_core::table::{words, Column, Dtype, Table};
 #[cfg(unix)]
 use rsoptim_core::torch_abi::Expected;
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
-    AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper,
+    AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, RoundTensor, Rounding, SgdHyper,
     SgdTensor, SimdLevel,
 };
 
@@ -298,12 +298,42 @@ fn detached<R: Send>(py: Python<'_>, buffers: &[Buffer], work: impl FnOnce() -> 
     }
 }
 
+/// The extensions beyond torch for low-precision params: a master copy of each param (a column
+/// of `P::Math` buffers) and stochastic rounding keyed by a seed and a stream number per param.
+struct ParamExtensions<'a> {
+    master_params: Option<&'a [u8]>,
+    stochastic_rounding_seed: Option<u64>,
+    streams: Option<&'a [u8]>,
+}
+
+/// The parsed extensions: the master column, and each tensor's rounding.
+struct ParamExtensionColumns<M> {
+    master: Option<Column<M>>,
+    rounding: Vec<Rounding>,
+}
+
+impl ParamExtensions<'_> {
+    fn columns<M>(&self, table: &mut Table) -> PyResult<ParamExtensionColumns<M>> {
+        let master = self.master_params.map(|a| table.column::<M>("master_param", a, true)).transpose().map_err(core_error)?;
+        let rounding = match (self.stochastic_rounding_seed, self.streams) {
+            (None, None) => vec![Rounding::Nearest; table.len()],
+            (Some(seed), Some(streams)) => {
+                let streams = words("streams", streams).map_err(core_error)?;
+                table.check_count("streams", streams.len()).map_err(core_error)?;
+                streams.into_iter().map(|stream| Rounding::Stochastic { seed, stream: stream as u64 }).collect()
+            }
+            _ => return Err(value_error("stochastic rounding needs both a seed and a stream per tensor")),
+        };
+        Ok(ParamExtensionColumns { master, rounding })
+    }
+}
+
 /// One Adam/AdamW step over a param group (see `rsoptim_core::adam_step`).
 #[pyfunction]
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false,
-    state_dtype=None
+    state_dtype=None, master_params=None, stochastic_rounding_seed=None, streams=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -327,11 +357,15 @@ fn adam_step(
     decoupled_weight_decay: bool,
     lr_in_f32: bool,
     state_dtype: Option<&str>,
+    master_params: Option<&[u8]>,
+    stochastic_rounding_seed: Option<u64>,
+    streams: Option<&[u8]>,
 ) -> PyResult<()> {
     let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 };
     let bufs = AdamBuffers { params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps };
+    let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
     let step_dtype = parse_dtype(step_dtype)?;
-    with_param_types!(dtype, state_dtype, adam_typed(py, numels, bufs, step_dtype, hyper))
+    with_param_types!(dtype, state_dtype, adam_typed(py, numels, bufs, ext, step_dtype, hyper))
 }
 
 struct AdamBuffers<'a> {
@@ -347,6 +381,7 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     py: Python<'_>,
     numels: &[u8],
     b: AdamBuffers<'_>,
+    ext: ParamExtensions<'_>,
     step_dtype: Dtype,
     hyper: AdamHyper,
 ) -> PyResult<()> {
@@ -357,6 +392,7 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     let exp_avg_sq = table.column::<S>("exp_avg_sq", b.exp_avg_sqs, true).map_err(core_error)?;
     let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<S>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
     let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
@@ -371,6 +407,8 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
                     exp_avg_sq: table.written(exp_avg_sq, i),
                     max_exp_avg_sq: max_sq.map(|c| table.written(c, i)),
                     step: table.step(step, i),
+                    master_param: ext.master.map(|c| table.written(c, i)),
+                    rounding: ext.rounding[i],
                 }
             })
             .collect();
@@ -382,7 +420,8 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyfunction]
 #[pyo3(signature = (
     dtype, numels, params, grads, momentum_buffers, momentum_buffers_are_new, *,
-    lr, momentum, dampening, weight_decay, nesterov, maximize, state_dtype=None
+    lr, momentum, dampening, weight_decay, nesterov, maximize, state_dtype=None,
+    master_params=None, stochastic_rounding_seed=None, streams=None, step_dtype=None, steps=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
@@ -400,26 +439,46 @@ fn sgd_step(
     nesterov: bool,
     maximize: bool,
     state_dtype: Option<&str>,
+    master_params: Option<&[u8]>,
+    stochastic_rounding_seed: Option<u64>,
+    streams: Option<&[u8]>,
+    step_dtype: Option<&str>,
+    steps: Option<&[u8]>,
 ) -> PyResult<()> {
     let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
-    let are_new = momentum_buffers_are_new;
-    with_param_types!(dtype, state_dtype, sgd_typed(py, numels, params, grads, momentum_buffers, are_new, hyper))
+    let bufs = SgdBuffers { params, grads, momentum_buffers, are_new: momentum_buffers_are_new };
+    let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
+    let steps = match (step_dtype, steps) {
+        (Some(dtype), Some(steps)) => Some((parse_dtype(dtype)?, steps)),
+        (None, None) => None,
+        _ => return Err(value_error("step counts need both a step_dtype and a column of steps")),
+    };
+    with_param_types!(dtype, state_dtype, sgd_typed(py, numels, bufs, ext, steps, hyper))
+}
+
+struct SgdBuffers<'a> {
+    params: &'a [u8],
+    grads: &'a [u8],
+    momentum_buffers: Option<&'a [u8]>,
+    are_new: Vec<bool>,
 }
 
 fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
     py: Python<'_>,
     numels: &[u8],
-    params: &[u8],
-    grads: &[u8],
-    momentum_buffers: Option<&[u8]>,
-    are_new: Vec<bool>,
+    b: SgdBuffers<'_>,
+    ext: ParamExtensions<'_>,
+    steps: Option<(Dtype, &[u8])>,
     hyper: SgdHyper,
 ) -> PyResult<()> {
     let mut table = Table::new(numels).map_err(core_error)?;
-    let param = table.column::<P>("param", params, true).map_err(core_error)?;
-    let grad = table.column::<P>("grad", grads, false).map_err(core_error)?;
-    let buf = momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let param = table.column::<P>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
+    let buf = b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let are_new = b.are_new;
     table.check_count("momentum_buffers_are_new", are_new.len()).map_err(core_error)?;
+    let step = steps.map(|(dtype, addrs)| table.steps(dtype, addrs)).transpose().map_err(core_error)?;
+    let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
@@ -432,6 +491,9 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
                     grad: table.read(grad, i),
                     momentum_buffer: buf.map(|c| table.written(c, i)),
                     momentum_buffer_is_new: are_new[i],
+                    master_param: ext.master.map(|c| table.written(c, i)),
+                    rounding: ext.rounding[i],
+                    step: step.map(|c| table.step(c, i)),
                 }
             })
             .collect();
@@ -443,7 +505,8 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyfunction]
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
-    lr, alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None
+    lr, alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None,
+    master_params=None, stochastic_rounding_seed=None, streams=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rmsprop_step(
@@ -465,11 +528,15 @@ fn rmsprop_step(
     centered: bool,
     maximize: bool,
     state_dtype: Option<&str>,
+    master_params: Option<&[u8]>,
+    stochastic_rounding_seed: Option<u64>,
+    streams: Option<&[u8]>,
 ) -> PyResult<()> {
     let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize };
     let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
+    let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
     let step_dtype = parse_dtype(step_dtype)?;
-    with_param_types!(dtype, state_dtype, rmsprop_typed(py, numels, bufs, step_dtype, hyper))
+    with_param_types!(dtype, state_dtype, rmsprop_typed(py, numels, bufs, ext, step_dtype, hyper))
 }
 
 struct RmspropBuffers<'a> {
@@ -485,6 +552,7 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
     py: Python<'_>,
     numels: &[u8],
     b: RmspropBuffers<'_>,
+    ext: ParamExtensions<'_>,
     step_dtype: Dtype,
     hyper: RmspropHyper,
 ) -> PyResult<()> {
@@ -495,6 +563,7 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
     let buf = b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
     let grad_avg = b.grad_avgs.map(|a| table.column::<S>("grad_avg", a, true)).transpose().map_err(core_error)?;
     let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     detached(py, table.buffers(), || {
@@ -509,10 +578,63 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
                     momentum_buffer: buf.map(|c| table.written(c, i)),
                     grad_avg: grad_avg.map(|c| table.written(c, i)),
                     step: table.step(step, i),
+                    master_param: ext.master.map(|c| table.written(c, i)),
+                    rounding: ext.rounding[i],
                 }
             })
             .collect();
         rsoptim_core::rmsprop_step(tensors, &hyper, &exec)
+    })
+}
+
+/// Writes low-precision params from float32 values computed outside the kernels (torch's step
+/// on float32 copies), rounded as a kernel step with the same rounding would write them.
+#[pyfunction]
+#[pyo3(signature = (dtype, numels, sources, params, steps, *, stochastic_rounding_seed=None, streams=None))]
+#[allow(clippy::too_many_arguments)]
+fn round_params(
+    py: Python<'_>,
+    dtype: &str,
+    numels: &[u8],
+    sources: &[u8],
+    params: &[u8],
+    steps: Vec<f64>,
+    stochastic_rounding_seed: Option<u64>,
+    streams: Option<&[u8]>,
+) -> PyResult<()> {
+    let ext = ParamExtensions { master_params: None, stochastic_rounding_seed, streams };
+    with_element_type!(dtype, round_typed(py, numels, sources, params, steps, ext))
+}
+
+fn round_typed<P: Element>(
+    py: Python<'_>,
+    numels: &[u8],
+    sources: &[u8],
+    params: &[u8],
+    steps: Vec<f64>,
+    ext: ParamExtensions<'_>,
+) -> PyResult<()> {
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let source = table.column::<P::Math>("source", sources, false).map_err(core_error)?;
+    let param = table.column::<P>("param", params, true).map_err(core_error)?;
+    table.check_count("steps", steps.len()).map_err(core_error)?;
+    let ext = ext.columns::<P::Math>(&mut table)?;
+    table.check().map_err(core_error)?;
+    let exec = executor()?;
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each written buffer is
+        // sliced once, with the type its column was made with.
+        let tensors: Vec<RoundTensor<'_, P>> = (0..table.len())
+            .map(|i| unsafe {
+                RoundTensor {
+                    param: table.written(param, i),
+                    source: table.read(source, i),
+                    rounding: ext.rounding[i],
+                    step: steps[i],
+                }
+            })
+            .collect();
+        rsoptim_core::round_into(tensors, &exec)
     })
 }
 
@@ -596,6 +718,7 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(rmsprop_step, m)?)?;
+    m.add_function(wrap_pyfunction!(round_params, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_norms, m)?)?;
     m.add_function(wrap_pyfunction!(scale_, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;

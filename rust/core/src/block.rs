@@ -1,0 +1,160 @@
+//! Params, grads and state stored in another type than the maths runs in (bfloat16, float16),
+//! and the extensions beyond torch's rule (a float32 master copy of each param, stochastic
+//! rounding): the kernels convert such buffers a block at a time into scratch arrays in the
+//! maths type, run the same loop as on float32 buffers over those, and store the block back,
+//! each value rounded once. The block conversions can then use the ISA's conversion
+//! instructions (F16C, AVX-512), which a per-element loop cannot reach on stable Rust.
+
+use crate::element::{stochastic_key, Element};
+use crate::simd::Isa;
+
+/// Elements per block: 5 streams of 256 float32 (5 KiB) stay in L1 between the conversions and
+/// the loop.
+pub const BLOCK: usize = 256;
+
+/// How a step writes the new values of a low-precision param.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rounding {
+    /// To nearest, ties to even: torch's rule.
+    #[default]
+    Nearest,
+    /// Up or down at random, with probabilities that make the expected value exact. The bits are
+    /// drawn by `element::random_bits(stochastic_key(seed, stream, step), element index)`, so a
+    /// run is reproducible and the same for any thread count and SIMD path. `stream` tells the
+    /// params of one seed apart.
+    Stochastic { seed: u64, stream: u64 },
+}
+
+impl Rounding {
+    /// The stochastic-rounding key of the step numbered `step` (None: round to nearest).
+    pub(crate) fn key(self, step: f64) -> Option<u64> {
+        match self {
+            Self::Nearest => None,
+            // Step counts are whole numbers below 2^53 (torch counts them in floats).
+            Self::Stochastic { seed, stream } => Some(stochastic_key(seed, stream, step as u64)),
+        }
+    }
+}
+
+/// The param side of one job: the param, its master copy in the maths type if it has one, and
+/// how it is written.
+pub(crate) struct ParamOut<'a, P: Element> {
+    pub param: &'a mut [P],
+    /// The param's unrounded values: the step reads and updates these, and the param is their
+    /// rounding.
+    pub master: Option<&'a mut [P::Math]>,
+    /// This step's stochastic-rounding key (None: nearest).
+    pub key: Option<u64>,
+    /// The index of `param[0]` in its tensor (the random bits are drawn by element index).
+    pub offset: u64,
+}
+
+impl<'a, P: Element> ParamOut<'a, P> {
+    pub fn new(param: &'a mut [P], master: Option<&'a mut [P::Math]>, key: Option<u64>) -> Self {
+        Self { param, master, key, offset: 0 }
+    }
+
+    /// Whether the loop can run on the param buffer itself (nothing to convert or copy).
+    pub fn is_plain(&self) -> bool {
+        P::IS_MATH && self.master.is_none()
+    }
+
+    pub fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    pub fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.param.split_at_mut(mid);
+        let (m0, m1) = crate::exec::split_opt(self.master, mid);
+        let (key, offset) = (self.key, self.offset);
+        (Self { param: p0, master: m0, key, offset }, Self { param: p1, master: m1, key, offset: offset + mid as u64 })
+    }
+
+    /// Elements `start..start + dst.len()` in the maths type: the master copy's, if any.
+    #[inline(always)]
+    pub fn load<I: Isa>(&self, isa: I, start: usize, dst: &mut [P::Math]) {
+        let end = start + dst.len();
+        match &self.master {
+            Some(master) => dst.copy_from_slice(&master[start..end]),
+            None => P::load_block(isa, &self.param[start..end], dst),
+        }
+    }
+
+    /// Writes `src` as elements `start..`: into the master copy as they are, if there is one,
+    /// and into the param rounded (to nearest or stochastically).
+    #[inline(always)]
+    pub fn store<I: Isa>(&mut self, isa: I, start: usize, src: &[P::Math]) {
+        let end = start + src.len();
+        if let Some(master) = &mut self.master {
+            master[start..end].copy_from_slice(src);
+        }
+        let param = &mut self.param[start..end];
+        match self.key {
+            None => P::store_block(isa, src, param),
+            Some(key) => P::store_block_stochastic(isa, src, param, key, self.offset + start as u64),
+        }
+    }
+}
+
+/// A block of scratch space for one stream, in the maths type.
+pub(crate) fn scratch<T: Default + Copy>() -> [T; BLOCK] {
+    [T::default(); BLOCK]
+}
+
+/// The block ranges of `n` elements.
+pub(crate) fn blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(BLOCK).map(move |start| (start, (start + BLOCK).min(n)))
+}
+
+/// One param written from values computed elsewhere (a step torch took on a float32 copy).
+pub struct RoundTensor<'a, P: Element> {
+    pub param: &'a mut [P],
+    pub source: &'a [P::Math],
+    pub rounding: Rounding,
+    /// The step the values belong to (it keys stochastic rounding).
+    pub step: f64,
+}
+
+struct RoundJob<'a, P: Element> {
+    param: ParamOut<'a, P>,
+    source: &'a [P::Math],
+}
+
+impl<P: Element> crate::exec::Splittable for RoundJob<'_, P> {
+    fn len(&self) -> usize {
+        self.param.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.param.split_at(mid);
+        let (s0, s1) = self.source.split_at(mid);
+        (Self { param: p0, source: s0 }, Self { param: p1, source: s1 })
+    }
+}
+
+impl<P: Element> crate::simd::Kernel for RoundJob<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<I: Isa>(mut self, isa: I) {
+        let source = self.source;
+        for (start, end) in blocks(self.param.len()) {
+            self.param.store(isa, start, &source[start..end]);
+        }
+    }
+}
+
+/// Writes each param as its source rounded by its `rounding` (the same bits a kernel step with
+/// that rounding writes). Checks every length before it writes.
+pub fn round_into<P: Element>(tensors: Vec<RoundTensor<'_, P>>, exec: &crate::Executor) -> Result<(), crate::Error> {
+    for (i, t) in tensors.iter().enumerate() {
+        crate::error::check_len(i, "source", t.param.len(), t.source.len())?;
+    }
+    let jobs: Vec<RoundJob<'_, P>> = tensors
+        .into_iter()
+        .map(|t| RoundJob { param: ParamOut::new(t.param, None, t.rounding.key(t.step)), source: t.source })
+        .collect();
+    let simd = exec.simd();
+    exec.for_each_piece(jobs, |job| crate::simd::dispatch(simd, job));
+    Ok(())
+}
