@@ -5,10 +5,12 @@ from the same initial weights and batch order, printing both loss curves side by
     python examples/train_digits.py [--epochs 10]
 
 With ``--dtype bfloat16`` (or ``float16``) the same loop trains the MLP with half-precision
-params: rsoptim with the state in the param's dtype (torch's fused numerics), rsoptim with
-float32 state (``state_dtype=torch.float32``) and torch's fused Adam, beside float32 rsoptim.
+params: rsoptim with the state in the param's dtype (torch's fused numerics), with float32 state
+(``state_dtype=torch.float32``), with stochastic rounding (``stochastic_rounding=True``), with
+float32 master weights (``master_weights=True``), and torch's fused Adam, beside float32
+rsoptim; ``--plot FILE.png`` also draws the curves.
 
-    python examples/train_digits.py --dtype bfloat16
+    python examples/train_digits.py --dtype bfloat16 --plot bf16.png
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--plot", metavar="FILE.png", help="with --dtype bfloat16/float16: also plot the curves")
     args = parser.parse_args()
 
     digits = load_digits()
@@ -86,6 +89,8 @@ def half_precision(dtype: torch.dtype, data, args) -> None:
         "float32": (torch.float32, lambda ps: rsoptim.Adam(ps, lr=args.lr)),
         f"{str(dtype).split('.')[-1]} state": (dtype, lambda ps: rsoptim.Adam(ps, lr=args.lr)),
         "float32 state": (dtype, lambda ps: rsoptim.Adam(ps, lr=args.lr, state_dtype=torch.float32)),
+        "stochastic rnd": (dtype, lambda ps: rsoptim.Adam(ps, lr=args.lr, stochastic_rounding=True, stochastic_rounding_seed=0)),
+        "master weights": (dtype, lambda ps: rsoptim.Adam(ps, lr=args.lr, master_weights=True)),
         "torch fused": (dtype, lambda ps: torch.optim.Adam(ps, lr=args.lr, fused=True)),
     }
     curves = {}
@@ -96,6 +101,24 @@ def half_precision(dtype: torch.dtype, data, args) -> None:
     print(f"{'epoch':>5} " + " ".join(f"{label:>16}" for label in curves))
     for epoch in range(args.epochs):
         print(f"{epoch + 1:>5} " + " ".join(f"{curve[epoch]:>16.6f}" for curve in curves.values()))
+    if args.plot:
+        plot(curves, args.plot, f"digits MLP, Adam lr={args.lr}, {str(dtype).split('.')[-1]} params")
+
+
+def plot(curves: dict[str, list[float]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=label)
+    ax.set(xlabel="epoch", ylabel="mean training loss", yscale="log", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

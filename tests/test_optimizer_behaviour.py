@@ -143,7 +143,12 @@ def test_is_a_torch_optimizer(name):
 
 
 #: rsoptim's opt-in arguments beyond torch.optim's: keyword-only, last, off by default.
-EXTENSIONS = {"state_dtype": None}
+EXTENSIONS = {
+    "state_dtype": None,
+    "master_weights": False,
+    "stochastic_rounding": False,
+    "stochastic_rounding_seed": None,
+}
 
 
 def _signatures(name):

@@ -108,7 +108,7 @@ def test_mlp_on_digits_float64_matches_torch(digits):
     assert lr[-20:].mean() < 0.5 * lr[:20].mean()
 
 
-def test_the_digits_example_trains_bfloat16_params_four_ways():
+def test_the_digits_example_trains_bfloat16_params_every_way(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -116,9 +116,14 @@ def test_the_digits_example_trains_bfloat16_params_four_ways():
     script = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
     if not script.exists():
         pytest.skip("the examples are not next to the tests")
-    out = subprocess.run([sys.executable, str(script), "--dtype", "bfloat16", "--epochs", "2"], capture_output=True, text=True, timeout=300, check=True)
-    header, *rows = out.stdout.strip().splitlines()
-    assert header.split()[1:] == ["float32", "bfloat16", "state", "float32", "state", "torch", "fused"]
+    plot = tmp_path / "curves.png"
+    command = [sys.executable, str(script), "--dtype", "bfloat16", "--epochs", "2", "--plot", str(plot)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    header, *rows = out.stdout.strip().splitlines()[:-1]
+    assert header.split()[1:] == [
+        "float32", "bfloat16", "state", "float32", "state", "stochastic", "rnd", "master", "weights", "torch", "fused"
+    ]
     losses = [[float(v) for v in row.split()[1:]] for row in rows]
     assert len(losses) == 2 and all(later < first for first, later in zip(losses[0], losses[1]))
-    assert losses[1][1] == losses[1][3], "bfloat16 state: torch fused's numbers"
+    assert losses[1][1] == losses[1][5], "bfloat16 state: torch fused's numbers"
+    assert plot.stat().st_size > 0

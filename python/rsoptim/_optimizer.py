@@ -28,6 +28,8 @@ from torch.autograd.graph import increment_version
 
 from ._columns import pack
 from . import _rsoptim
+from torch.optim.optimizer import _get_scalar_dtype
+
 from ._layout import HALF_DTYPES, KERNEL_DTYPES, BufferTable, is_step_count, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
@@ -45,6 +47,37 @@ def check_state_dtype(state_dtype: Any) -> None:
             f"Invalid state_dtype: {state_dtype} (None keeps each param's state in the param's dtype, "
             "as torch.optim does; torch.float32 keeps the state of bfloat16/float16 params in float32)"
         )
+
+
+#: rsoptim's keyword-only extensions beyond torch.optim, kept in ``defaults`` and in every
+#: group (so that state dicts and ``add_param_group`` carry them) only when they are set.
+EXTENSION_DEFAULTS: dict[str, Any] = {
+    "state_dtype": None,
+    "master_weights": False,
+    "stochastic_rounding": False,
+    "stochastic_rounding_seed": None,
+}
+
+
+def check_extensions(options: Any) -> None:
+    """Validates the extension options of a group (or of a constructor's keywords)."""
+    if not isinstance(options, dict):
+        return  # torch's add_param_group says what is wrong with it
+    check_state_dtype(options.get("state_dtype"))
+    for key in ("master_weights", "stochastic_rounding"):
+        if not isinstance(options.get(key, False), bool):
+            raise TypeError(f"{key} must be a bool, not {type(options[key]).__name__}")
+    seed = options.get("stochastic_rounding_seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"Invalid stochastic_rounding_seed: {seed!r} (an int in [0, 2**64))")
+        if not options.get("stochastic_rounding", False):
+            raise ValueError("stochastic_rounding_seed is given but stochastic_rounding is off")
+
+
+def _is_half_state(key: str, value: Any) -> bool:
+    """Whether a state entry is a half-precision buffer (not the step count or master copy)."""
+    return key not in ("step", "master_param") and isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES
 
 
 def reject_differentiable(differentiable: bool) -> None:
@@ -69,15 +102,27 @@ class KernelCall:
     columns: dict[str, bytes]
     steps: bytes = b""
     new_buffers: list[bool] = field(default_factory=list)
+    # Stochastic rounding of half-precision params: the group's seed and each param's stream.
+    rounding_seed: int | None = None
+    streams: bytes | None = None
     # What keeps alive, while the kernel runs, memory whose address the call uses and that
     # nothing else may hold (another thread may drop a grad or load a new state dict meanwhile).
     held: list[Any] = field(default_factory=list)
+
+    def extensions(self) -> dict[str, Any]:
+        """The kernels' keyword arguments for master copies and stochastic rounding."""
+        return {
+            "master_params": self.columns.get("master_param"),
+            "stochastic_rounding_seed": self.rounding_seed,
+            "streams": self.streams,
+        }
 
 
 class KernelOptimizer:
     """Mixin placed before a ``torch.optim`` class: replaces its ``step``.
 
-    Subclasses set ``_sparse_message`` and ``_has_step`` and implement ``_state_keys``,
+    Subclasses set ``_sparse_message`` and ``_has_step`` (whether torch's optimizer counts
+    steps) and implement ``_state_keys``,
     ``_init_state``, ``_kernel_call`` and ``_torch_step``.
     """
 
@@ -103,6 +148,10 @@ class KernelOptimizer:
         """The state buffers the kernel reads and writes, besides param and grad."""
         raise NotImplementedError
 
+    def _counts_steps(self, group: dict[str, Any]) -> bool:
+        """Whether each param keeps a ``state['step']`` count the kernels increment."""
+        return self._has_step
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Creates a param's state on its first step, exactly as torch does."""
         raise NotImplementedError
@@ -117,36 +166,112 @@ class KernelOptimizer:
 
     def _step_with_torch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """Steps ``params`` with torch's implementation. Half-precision params that keep float32
-        state (``state_dtype``) are stepped as float32 copies (torch's ops refuse mixed dtypes),
-        each param rounded once when copied back: the rule the kernels follow too."""
-        own_dtype = [self._state_dtype(p, group) == p.dtype for p in params]
-        same = [p for p, own in zip(params, own_dtype) if own]
-        mixed = [p for p, own in zip(params, own_dtype) if not own]
-        if same:
-            self._torch_step(group, same)
+        state (``state_dtype``) or a master copy, or that are rounded stochastically, are stepped
+        as float32 copies (torch's ops refuse mixed dtypes; a master copy is stepped itself), each
+        param then written once as the kernels write it (``round_params``)."""
+        copied = [self._steps_as_float32(p, group) for p in params]
+        own = [p for p, c in zip(params, copied) if not c]
+        if own:
+            self._torch_step(group, own)
+        mixed = [p for p, c in zip(params, copied) if c]
         if not mixed:
             return
-        copies = []
+        copies, copy_states = [], []
         for p in mixed:
-            copy = p.detach().float()
-            copy.grad = p.grad.float()
-            self.state[copy] = self.state[p]  # the same dict: torch updates (or creates) its entries
-            copies.append(copy)
+            state = self.state[p]
+            master = state.get("master_param") if self._uses_master(p, group) else None
+            if not (isinstance(master, torch.Tensor) and master.dtype == torch.float32 and master.shape == p.shape):
+                master = p.detach().float()
+                if self._uses_master(p, group):
+                    state["master_param"] = master
+            master.grad = p.grad.float()
+            # torch updates (or creates) the entries of this dict: float32 views of the state
+            # (copies where it is kept in the param's dtype), the step count itself.
+            copy_state = {k: v.float() if _is_half_state(k, v) else v for k, v in state.items()}
+            self.state[master] = copy_state
+            copies.append(master)
+            copy_states.append(copy_state)
         try:
             self._torch_step(group, copies)
-            for p, copy in zip(mixed, copies):
-                p.copy_(copy)
+            for p, copy, copy_state in zip(mixed, copies, copy_states):
+                state, state_dtype = self.state[p], self._state_dtype(p, group)
+                for key, value in copy_state.items():
+                    if state.get(key) is value:
+                        continue
+                    if isinstance(state.get(key), torch.Tensor) and state[key].shape == value.shape:
+                        state[key].copy_(value)  # rounded once, to nearest
+                    elif isinstance(value, torch.Tensor) and key not in ("step", "master_param"):
+                        state[key] = value.to(state_dtype)  # an entry torch created
+                    else:
+                        state[key] = value
+                self._write_param(p, copy, group)
         finally:
             for copy in copies:
+                copy.grad = None
                 del self.state[copy]
 
+    def _steps_as_float32(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return p.dtype in HALF_DTYPES and (
+            self._state_dtype(p, group) != p.dtype or self._uses_master(p, group) or self._rounding_seed(p, group) is not None
+        )
+
+    def _write_param(self, p: torch.Tensor, values: torch.Tensor, group: dict[str, Any]) -> None:
+        """``p = values`` (float32) rounded as the kernels round: to nearest, or stochastically
+        with the bits a kernel step would draw (keyed by the step torch just counted)."""
+        seed = self._rounding_seed(p, group)
+        if seed is None:
+            p.copy_(values)
+            return
+        state = self.state[p]
+        if not self._has_step:  # SGD counts steps only for stochastic rounding: torch did not
+            state["step"] += 1
+        source = values.contiguous()
+        out = torch.empty(p.shape, dtype=p.dtype)
+        _rsoptim.round_params(
+            KERNEL_DTYPES[p.dtype],
+            pack([p.numel()]),
+            pack([source.data_ptr()]),
+            pack([out.data_ptr()]),
+            [float(state["step"])],
+            stochastic_rounding_seed=seed,
+            streams=pack(self._streams(group, [p])),
+        )
+        p.copy_(out)
+
+    def _uses_master(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` keeps a float32 master copy (``master_weights``: half-precision params)."""
+        return bool(group.get("master_weights")) and p.dtype in HALF_DTYPES
+
+    def _rounding_seed(self, p: torch.Tensor, group: dict[str, Any]) -> int | None:
+        """The stochastic-rounding seed of ``p`` (None: rounded to nearest)."""
+        if group.get("stochastic_rounding") and p.dtype in HALF_DTYPES:
+            return group["stochastic_rounding_seed"]
+        return None
+
+    def _streams(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[int]:
+        """The stochastic-rounding stream of each param: its group's index and its index in the
+        group (as state dicts number params), so no two params of an optimizer draw alike."""
+        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        index = {id(q): i for i, q in enumerate(group["params"])}
+        return [group_index << 32 | index[id(p)] for p in params]
+
+    def _init_extension_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Creates what the extensions keep in a param's state, where it is missing (a state
+        dict from torch.optim has none): the float32 master copy, SGD's step count."""
+        if self._uses_master(p, group) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        if self._counts_steps(group) and not self._has_step and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        check_state_dtype(param_group.get("state_dtype") if isinstance(param_group, dict) else None)
+        check_extensions(param_group)
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]
+        if group.get("stochastic_rounding") and group.get("stochastic_rounding_seed") is None:
+            group["stochastic_rounding_seed"] = torch.initial_seed()
         try:
             for p in group["params"]:
-                self._state_dtype(p, group)  # refuses state_dtype for params not on the CPU
+                self._check_extensions_apply(p, group)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -167,7 +292,7 @@ class KernelOptimizer:
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
         for group in self.param_groups:
-            check_state_dtype(group.get("state_dtype"))  # a group may have been edited
+            check_extensions(group)  # a group may have been edited
         work = []
         for index, group in enumerate(self.param_groups):
             plan = plans.get(index)
@@ -198,7 +323,7 @@ class KernelOptimizer:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for saved in state_dict["param_groups"]:
-            check_state_dtype(saved.get("state_dtype"))
+            check_extensions(saved)
         # The plans hold aliases of the old state's tensors: let them go with it.
         self.__dict__.pop("_rsoptim_plans", None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -207,27 +332,46 @@ class KernelOptimizer:
         # take it from the saved tensor itself, not from its rounding to the param's dtype.
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for group in self.param_groups:
-            if self.defaults.get("state_dtype") is not None:
-                group.setdefault("state_dtype", self.defaults["state_dtype"])
+            for key in EXTENSION_DEFAULTS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
             for p, saved_id in zip(group["params"], saved_ids):
-                wanted, saved = self._state_dtype(p, group), state_dict["state"].get(saved_id, {})
+                saved = state_dict["state"].get(saved_id, {})
                 state = self.state.get(p, {})
                 for key, value in state.items():
+                    wanted = torch.float32 if key == "master_param" else self._state_dtype(p, group)
                     if key != "step" and isinstance(value, torch.Tensor) and value.dtype != wanted:
                         original = saved.get(key)
                         exact = isinstance(original, torch.Tensor) and original.dtype == wanted
                         state[key] = (original if exact else value).to(dtype=wanted, device=p.device, copy=True)
 
-    def _init_state_dtype(self, state_dtype: torch.dtype | None) -> None:
-        """Records a ``state_dtype`` in ``defaults`` and every group (so state dicts and
-        ``add_param_group`` keep it); call after ``torch.optim``'s constructor. Without one the
-        groups and state dicts have exactly torch.optim's keys."""
-        if state_dtype is not None:
-            self.defaults["state_dtype"] = state_dtype
-            for group in self.param_groups:
-                group.setdefault("state_dtype", state_dtype)
-                for p in group["params"]:
-                    self._state_dtype(p, group)  # refuses state_dtype for params not on the CPU
+    def _init_extensions(self, **options: Any) -> None:
+        """Records the extension options that are set (``state_dtype``, ``master_weights``,
+        ``stochastic_rounding`` and its seed) in ``defaults`` and every group, and checks they
+        apply to the params; call after ``torch.optim``'s constructor. Without them the groups
+        and state dicts have exactly torch.optim's keys. The stochastic-rounding seed follows
+        ``torch.manual_seed`` unless one is given."""
+        check_extensions(options)
+        if options.get("stochastic_rounding") and options.get("stochastic_rounding_seed") is None:
+            options["stochastic_rounding_seed"] = torch.initial_seed()
+        for key, value in options.items():
+            if value != EXTENSION_DEFAULTS[key]:
+                self.defaults[key] = value
+                for group in self.param_groups:
+                    group.setdefault(key, value)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._check_extensions_apply(p, group)
+
+    def _check_extensions_apply(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Refuses extension options for half-precision params the kernels cannot step (not on
+        the CPU, or complex). On float32/float64 params they change nothing: such a param is its
+        own master copy, and every float32 result is stored exactly."""
+        self._state_dtype(p, group)  # refuses state_dtype for params not on the CPU
+        for key in ("master_weights", "stochastic_rounding"):
+            if group.get(key) and p.dtype in (*HALF_DTYPES, torch.complex32):
+                if p.device.type != "cpu" or p.is_complex():
+                    raise ValueError(f"{key}=True is supported for bfloat16/float16 CPU params, not {p.dtype} on {p.device}")
 
     def _state_dtype(self, p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state: the param's (torch.optim's layout), or float32 for a
@@ -273,13 +417,18 @@ class KernelOptimizer:
         if not self._param_runs_on_kernel(p, group, grad):
             return None
         buffers: dict[str, Any] = {"grad": grad}
-        if keys or self._has_step:
+        master = self._uses_master(p, group)
+        if keys or master or self._counts_steps(group):
             state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
                 buffers[key] = state.get(key)
                 if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], p, state_dtype)):
                     return None
-            if self._has_step:
+            if master:
+                buffers["master_param"] = state.get("master_param")
+                if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], p, torch.float32)):
+                    return None
+            if self._counts_steps(group):
                 buffers["step"] = state.get("step")
                 if not is_step_count(buffers["step"]):
                     return None
@@ -293,6 +442,7 @@ class KernelOptimizer:
         keys = self._state_keys(group)
         needs_state = self._needs_state(group)
         kernel_ok = self._group_runs_on_kernel(group)
+        counts_steps = self._counts_steps(group)
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:
@@ -300,9 +450,10 @@ class KernelOptimizer:
                 state = self.state[p]
                 if self._state_is_new(state):
                     self._init_state(p, group, state)
+                self._init_extension_state(p, group, state)
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
             if buffers is not None:
-                step_dtype = step_dtype_name(buffers["step"]) if self._has_step else "float32"
+                step_dtype = step_dtype_name(buffers["step"]) if counts_steps else "float32"
                 state_dtype = self._state_dtype(p, group)
                 state_name = None if state_dtype == p.dtype else KERNEL_DTYPES[state_dtype]
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype, state_name), []).append((p, buffers))
@@ -312,15 +463,19 @@ class KernelOptimizer:
         stepped: dict[int, dict[str, Any]] = {}
         for (dtype, step_dtype, state_name), entries in buckets.items():
             bucket = [p for p, _ in entries]
-            table = BufferTable(("param", "grad", *keys), written=frozenset(("param", *keys)))
+            extra = ("master_param",) if self._uses_master(bucket[0], group) else ()
+            table = BufferTable(("param", "grad", *keys, *extra), written=frozenset(("param", *keys, *extra)))
             for p, buffers in entries:
-                table.add(p, {role: buffers[role] for role in ("grad", *keys)})
-            steps = [buffers["step"] for _, buffers in entries] if self._has_step else []
+                table.add(p, {role: buffers[role] for role in ("grad", *keys, *extra)})
+            steps = [buffers["step"] for _, buffers in entries] if counts_steps else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
             call = KernelCall(
                 dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
             )
             call.new_buffers = self._new_buffer_flags(bucket)
+            call.rounding_seed = self._rounding_seed(bucket[0], group)
+            if call.rounding_seed is not None:
+                call.streams = pack(self._streams(group, bucket))
             call.held = [table, steps]
             try:
                 self._kernel_call(group, call)
@@ -344,7 +499,9 @@ class KernelOptimizer:
     def _plan_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Every state tensor a kernel call uses: the state buffers, and the step count."""
         keys = self._state_keys(group)
-        return (*keys, "step") if self._has_step else keys
+        if group.get("master_weights"):
+            keys = (*keys, "master_param")
+        return (*keys, "step") if self._counts_steps(group) else keys
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
@@ -456,6 +613,8 @@ class _Plan:
         with_grad = [p for p in group["params"] if id(p) in stepped]
         if any(p.dtype not in _DTYPE_CODES for p in with_grad):
             return None  # complex params take the general path every step
+        if any(k not in stepped[id(p)] for p in with_grad for k in keys):
+            return None  # e.g. float32 params beside half ones with master copies: general path
         grads = [stepped[id(p)]["grad"] for p in with_grad]
         states = [stepped[id(p)][k] for p in with_grad for k in keys]
         count = len(with_grad)

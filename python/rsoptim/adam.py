@@ -9,7 +9,7 @@ from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the modu
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, check_state_dtype, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_extensions, reject_differentiable, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -62,6 +62,7 @@ class _AdamKernels(KernelOptimizer):
             and isinstance(group["lr"], torch.Tensor)
             and group["lr"].dtype == torch.float32,
             state_dtype=call.state_dtype,
+            **call.extensions(),
         )
 
     def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
@@ -128,9 +129,18 @@ class Adam(_AdamKernels, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        check_state_dtype(state_dtype)
+        extensions = dict(
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
+        )
+        check_extensions(extensions)
         super().__init__(
             params,
             lr=lr,
@@ -145,7 +155,7 @@ class Adam(_AdamKernels, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._init_state_dtype(state_dtype)
+        self._init_extensions(**extensions)
 
 
 class AdamW(_AdamKernels, torch.optim.AdamW):
@@ -169,9 +179,18 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        check_state_dtype(state_dtype)
+        extensions = dict(
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
+        )
+        check_extensions(extensions)
         super().__init__(
             params,
             lr=lr,
@@ -185,4 +204,4 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_state_dtype(state_dtype)
+        self._init_extensions(**extensions)

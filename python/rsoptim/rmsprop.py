@@ -9,7 +9,7 @@ from torch.optim.rmsprop import rmsprop as _torch_rmsprop  # torch.optim deletes
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, check_state_dtype, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_extensions, reject_differentiable, scalar
 
 __all__ = ["RMSprop"]
 
@@ -40,9 +40,18 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
         differentiable: bool = False,
         *,
         state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        check_state_dtype(state_dtype)
+        extensions = dict(
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
+        )
+        check_extensions(extensions)
         super().__init__(
             params,
             lr=lr,
@@ -56,7 +65,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._init_state_dtype(state_dtype)
+        self._init_extensions(**extensions)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)
@@ -98,6 +107,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
             state_dtype=call.state_dtype,
+            **call.extensions(),
         )
 
     def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:

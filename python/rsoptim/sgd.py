@@ -9,7 +9,7 @@ from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module 
 from torch.optim.optimizer import ParamsT
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, check_state_dtype, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_extensions, reject_differentiable, scalar
 
 __all__ = ["SGD"]
 
@@ -40,9 +40,18 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        check_state_dtype(state_dtype)
+        extensions = dict(
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
+        )
+        check_extensions(extensions)
         super().__init__(
             params,
             lr=lr,
@@ -55,14 +64,19 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._init_state_dtype(state_dtype)
+        self._init_extensions(**extensions)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
+    def _counts_steps(self, group: dict[str, Any]) -> bool:
+        # torch's SGD counts no steps; stochastic rounding draws its bits by step.
+        return bool(group.get("stochastic_rounding"))
+
     def _needs_state(self, group: dict[str, Any]) -> bool:
-        # torch's SGD keeps no state without momentum: `state_dict()['state']` stays empty.
-        return group["momentum"] != 0
+        # torch's SGD keeps no state without momentum: `state_dict()['state']` stays empty
+        # (unless an extension keeps a master copy or a step count there).
+        return group["momentum"] != 0 or bool(group.get("master_weights")) or self._counts_steps(group)
 
     def _state_is_new(self, state: dict[str, Any]) -> bool:
         return state.get("momentum_buffer") is None
@@ -77,7 +91,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         # the grad's strides). Here it is allocated like the grad and filled by the kernel, which
         # is told the buffer is new; should the step not run on the kernel, the buffer is
         # removed again (see _forget_new_state) and torch creates its own.
-        if self._param_runs_on_kernel(p, group, p.grad):
+        if group["momentum"] != 0 and self._param_runs_on_kernel(p, group, p.grad):
             dtype = self._state_dtype(p, group)
             state["momentum_buffer"] = torch.empty_like(p.grad, dtype=dtype, memory_format=torch.preserve_format)
             self._new_buffers.add(p)
@@ -118,6 +132,9 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             state_dtype=call.state_dtype,
+            step_dtype=call.step_dtype if self._counts_steps(group) else None,
+            steps=call.steps if self._counts_steps(group) else None,
+            **call.extensions(),
         )
 
     def _torch_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

@@ -1,0 +1,361 @@
+"""rsoptim's extensions for half-precision params beyond torch.optim: ``master_weights=True`` (a
+float32 copy of each bfloat16/float16 param in its state, updated by the step, the param its
+rounding) and ``stochastic_rounding=True`` (the param written with unbiased stochastic rounding,
+its random bits keyed by a seed, the param's stream, the step and the element index).
+
+References are built from rsoptim's float32 step, which the parity tests hold to torch's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import rsoptim
+from conftest import OPTIMIZERS, assert_tensor_match, seeded_grads
+
+NAMES = list(OPTIMIZERS)
+HALF = [torch.float16, torch.bfloat16]
+HALF_IDS = ["float16", "bfloat16"]
+KWARGS = {
+    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "Adam": dict(lr=0.05, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, amsgrad=True),
+    "AdamW": dict(lr=0.05, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
+    "RMSprop": dict(lr=0.01, alpha=0.9, eps=1e-3, momentum=0.5, centered=True),
+}
+SHAPES = [(), (1,), (7,), (33,), (4, 5), (300,)]
+
+
+def _start(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in SHAPES]
+
+
+def _master_reference(name, dtype, state_dtype, steps, grads):
+    """The float32 step on float32 params that are never rounded (the master copies), the
+    state rounded to its dtype after each step; each param is its master rounded."""
+    params = [s.to(dtype).float().requires_grad_() for s in _start()]
+    opt = OPTIMIZERS[name][1](params, **KWARGS[name])
+    history = []
+    for step in range(steps):
+        for index, p in enumerate(params):
+            p.grad = grads(step, index, p).to(dtype).float()
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                for key, value in opt.state[p].items():
+                    if key != "step":
+                        value.copy_(value.to(state_dtype or dtype))
+        history.append([(p.detach().clone(), p.detach().to(dtype)) for p in params])
+    return history
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["half_state", "float32_state"])
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_master_weights_step_the_float32_copy_and_round_the_param(name, dtype, state_dtype):
+    grads = seeded_grads(3)
+    expected = _master_reference(name, dtype, state_dtype, 4, grads)
+    params = [s.to(dtype).requires_grad_() for s in _start()]
+    extra = {"state_dtype": state_dtype} if state_dtype else {}
+    opt = OPTIMIZERS[name][1](params, **KWARGS[name], master_weights=True, **extra)
+    for step in range(4):
+        for index, p in enumerate(params):
+            p.grad = grads(step, index, p).to(dtype)
+        opt.step()
+        for p, (master, rounded) in zip(params, expected[step]):
+            assert opt.state[p]["master_param"].dtype == torch.float32
+            assert_tensor_match(opt.state[p]["master_param"], master, exact=True, msg=f"master step {step}")
+            assert_tensor_match(p.detach(), rounded, exact=True, msg=f"param step {step}")
+    assert opt.__dict__.get("_rsoptim_plans"), "the steps after the first should reuse a plan"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_master_weights_keep_updates_smaller_than_half_an_ulp(name):
+    """A bfloat16 param of 1.0 does not move under updates below half its ulp (2^-8); its master
+    copy adds them up, and the param follows once they are large enough."""
+    kwargs = dict(lr=1e-4) if name != "RMSprop" else dict(lr=1e-5)
+    plain_p = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
+    master_p = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
+    plain = OPTIMIZERS[name][1]([plain_p], **kwargs)
+    master = OPTIMIZERS[name][1]([master_p], **kwargs, master_weights=True)
+    for _ in range(200):
+        plain_p.grad = torch.ones_like(plain_p)
+        master_p.grad = torch.ones_like(master_p)
+        plain.step()
+        master.step()
+    assert torch.equal(plain_p.detach(), torch.ones_like(plain_p))
+    assert (master.state[master_p]["master_param"] < 1.0 - 1e-3).all()
+    assert (master_p.detach() < 1.0).all()
+    assert torch.equal(master_p.detach(), master.state[master_p]["master_param"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_master_weights_survive_state_dicts_in_float32(name):
+    grads = seeded_grads(4)
+
+    def fresh(**extra):
+        params = [s.to(torch.bfloat16).requires_grad_() for s in _start()]
+        return params, OPTIMIZERS[name][1](params, **KWARGS[name], **extra)
+
+    ref_params, ref = fresh(master_weights=True)
+    for step in range(4):
+        for index, p in enumerate(ref_params):
+            p.grad = grads(step, index, p).to(torch.bfloat16)
+        ref.step()
+    params, opt = fresh(master_weights=True)
+    for step in range(2):
+        for index, p in enumerate(params):
+            p.grad = grads(step, index, p).to(torch.bfloat16)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["master_weights"] is True
+    resumed_params, resumed = fresh()  # the loaded groups bring master_weights
+    with torch.no_grad():
+        for p, q in zip(resumed_params, params):
+            p.copy_(q)
+    resumed.load_state_dict(saved)
+    for p in resumed_params:
+        assert resumed.state[p]["master_param"].dtype == torch.float32
+    for step in range(2, 4):
+        for index, p in enumerate(resumed_params):
+            p.grad = grads(step, index, p).to(torch.bfloat16)
+        resumed.step()
+    for p, q in zip(resumed_params, ref_params):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(resumed.state[p]["master_param"], ref.state[q]["master_param"])
+    # torch.optim loads the same state dict (an extra state key is its to ignore) and rsoptim
+    # loads torch's: the master copy is then made from the param on the next step.
+    torch_params = [s.to(torch.bfloat16).requires_grad_() for s in _start()]
+    torch_opt = OPTIMIZERS[name][0](torch_params, **KWARGS[name])
+    torch_opt.load_state_dict(copy.deepcopy(saved))
+    for index, p in enumerate(torch_params):
+        p.grad = grads(0, index, p).to(torch.bfloat16)
+    torch_opt.step()
+    back_params, back = fresh(master_weights=True)
+    back.load_state_dict(torch_opt.state_dict())
+    for index, p in enumerate(back_params):
+        p.grad = grads(0, index, p).to(torch.bfloat16)
+    back.step()
+    for p in back_params:
+        assert back.state[p]["master_param"].dtype == torch.float32
+
+
+# --- stochastic rounding ------------------------------------------------------------------
+
+
+def _sr_run(name, dtype, steps=3, seed=7, threads=None, simd=None, **extra):
+    grads = seeded_grads(5)
+    params = [s.to(dtype).requires_grad_() for s in _start()]
+    opt = OPTIMIZERS[name][1](
+        params, **KWARGS[name], stochastic_rounding=True, stochastic_rounding_seed=seed, **extra
+    )
+    for step in range(steps):
+        for index, p in enumerate(params):
+            p.grad = grads(step, index, p).to(dtype)
+        opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_stochastic_rounding_is_reproducible_and_keyed_by_the_seed(name, dtype):
+    a, _ = _sr_run(name, dtype, seed=7)
+    b, _ = _sr_run(name, dtype, seed=7)
+    c, _ = _sr_run(name, dtype, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stochastic_rounding_is_the_same_for_any_thread_count_and_simd_path(name):
+    threads, level = rsoptim.get_num_threads(), rsoptim._rsoptim.simd_level()
+    try:
+        results = []
+        for simd in rsoptim._rsoptim.available_simd_levels():
+            for n in (1, 2):
+                rsoptim._rsoptim.set_simd_level(simd)
+                rsoptim.set_num_threads(n)
+                results.append(_sr_run(name, torch.bfloat16)[0] + _sr_run(name, torch.float16)[0])
+    finally:
+        rsoptim.set_num_threads(threads)
+        rsoptim._rsoptim.set_simd_level(level)
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(results[0], other))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_stochastic_rounding_is_unbiased(dtype):
+    """SGD with momentum 0 and float32 master copies: each step writes the param as the master
+    rounded stochastically. Over many steps with a zero grad (the master stays put), the mean of
+    the params is the master to within a few standard errors, and each is one of its two
+    neighbours."""
+    gen = torch.Generator().manual_seed(0)
+    master = torch.rand(64, generator=gen) * 4 - 2
+    if dtype == torch.float16:
+        master[:8] *= 1e-6  # float16 subnormals
+    p = master.to(dtype).requires_grad_()
+    opt = rsoptim.SGD([p], lr=0.1, master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=3)
+    opt.state[p]["master_param"] = master.clone()
+    total, draws = torch.zeros(64, dtype=torch.float64), 4000
+    down = master.to(dtype)  # nearest; the neighbours are it and the next one toward master
+    for _ in range(draws):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        value = p.detach().double()
+        below = torch.nextafter(master.to(dtype), torch.tensor(-float("inf"), dtype=dtype)).double()
+        above = torch.nextafter(master.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
+        assert ((value >= torch.minimum(below, down.double())) & (value <= torch.maximum(above, down.double()))).all()
+        total += value
+    assert torch.equal(opt.state[p]["master_param"], master)
+    mean = total / draws
+    lo = torch.nextafter(master.to(dtype), torch.tensor(-float("inf"), dtype=dtype)).double()
+    hi = torch.nextafter(master.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
+    ulp = torch.where(master.double() >= master.to(dtype).double(), hi - master.to(dtype).double(), master.to(dtype).double() - lo)
+    # Each draw is one of two neighbours ulp apart: the standard error is at most ulp/2/sqrt(n).
+    tolerance = 6 * ulp / 2 / draws**0.5
+    assert ((mean - master.double()).abs() <= tolerance).all(), (mean - master.double()).abs().max()
+    # Rounding to nearest would be biased by up to half an ulp: the test can tell the two apart.
+    assert ((master.to(dtype).double() - master.double()).abs() > tolerance).any()
+
+
+def test_stochastic_rounding_seed_follows_torch_manual_seed():
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(123)
+    a = rsoptim.Adam([p], stochastic_rounding=True)
+    torch.manual_seed(123)
+    b = rsoptim.Adam([p], stochastic_rounding=True)
+    torch.manual_seed(124)
+    c = rsoptim.Adam([p], stochastic_rounding=True)
+    seeds = [o.param_groups[0]["stochastic_rounding_seed"] for o in (a, b, c)]
+    assert seeds[0] == seeds[1] == 123 and seeds[2] == 124
+    assert rsoptim.Adam([p], stochastic_rounding=True, stochastic_rounding_seed=9).defaults["stochastic_rounding_seed"] == 9
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stochastic_rounding_resumes_from_a_state_dict_bit_for_bit(name):
+    full, _ = _sr_run(name, torch.bfloat16, steps=4)
+    half_params, opt = _sr_run(name, torch.bfloat16, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    params = [p.clone().requires_grad_() for p in half_params]
+    resumed = OPTIMIZERS[name][1](params, **KWARGS[name])
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["stochastic_rounding_seed"] == 7
+    grads = seeded_grads(5)
+    for step in range(2, 4):
+        for index, p in enumerate(params):
+            p.grad = grads(step, index, p).to(torch.bfloat16)
+        resumed.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, full))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stochastic_rounding_leaves_the_state_as_nearest_rounding_does(name):
+    """Only the param is rounded stochastically: after one step from the same start, the state
+    equals that of a run rounded to nearest."""
+    _, sr = _sr_run(name, torch.bfloat16, steps=1)
+    grads = seeded_grads(5)
+    params = [s.to(torch.bfloat16).requires_grad_() for s in _start()]
+    nearest = OPTIMIZERS[name][1](params, **KWARGS[name])
+    for index, p in enumerate(params):
+        p.grad = grads(0, index, p).to(torch.bfloat16)
+    nearest.step()
+    for p, q in zip(sr.param_groups[0]["params"], params):
+        for key, value in nearest.state[q].items():
+            assert torch.equal(sr.state[p][key], value), key
+
+
+def test_stochastic_rounding_where_torch_steps_the_param():
+    """Tensor betas leave a group to torch's implementation: torch steps a float32 copy, and the
+    param is written with the random bits a kernel would draw: one of the two bfloat16
+    neighbours of torch's float32 result, the same in every run, not always the nearest."""
+    start = torch.linspace(-1, 1, 4000)
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    reference = start.to(torch.bfloat16).float().requires_grad_()
+    torch_opt = torch.optim.Adam([reference], lr=1e-2, betas=betas)
+    reference.grad = torch.ones_like(reference)
+    torch_opt.step()
+    want = reference.detach()
+    outcomes = []
+    for _ in range(2):
+        p = start.to(torch.bfloat16).requires_grad_()
+        opt = rsoptim.Adam([p], lr=1e-2, betas=betas, stochastic_rounding=True, stochastic_rounding_seed=1)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert int(opt.state[p]["step"]) == 1 and opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        outcomes.append(p.detach().clone())
+    assert torch.equal(outcomes[0], outcomes[1])
+    got = outcomes[0]
+    down = torch.where(got.float() <= want, got, torch.nextafter(got, torch.tensor(-float("inf"), dtype=torch.bfloat16)))
+    up = torch.nextafter(down, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    assert ((down.float() <= want) & (want <= up.float())).all()
+    assert not torch.equal(got, want.to(torch.bfloat16))
+
+
+# --- what makes no sense, and what is a no-op ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "extra, error",
+    [
+        (dict(master_weights="yes"), TypeError),
+        (dict(stochastic_rounding=1), TypeError),
+        (dict(stochastic_rounding_seed=3), ValueError),  # without stochastic_rounding
+        (dict(stochastic_rounding=True, stochastic_rounding_seed=-1), ValueError),
+        (dict(stochastic_rounding=True, stochastic_rounding_seed=2**64), ValueError),
+        (dict(stochastic_rounding=True, stochastic_rounding_seed=1.5), ValueError),
+    ],
+)
+def test_bad_extension_options_raise_before_anything_is_built(name, extra, error):
+    with pytest.raises(error):
+        OPTIMIZERS[name][1]([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], lr=0.1, **extra)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_extension_options_in_param_groups_and_state_dicts_raise(name):
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    opt = OPTIMIZERS[name][1]([p], lr=0.1)
+    with pytest.raises(TypeError):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "master_weights": "yes"})
+    assert len(opt.param_groups) == 1
+    saved = opt.state_dict()
+    saved["param_groups"][0]["stochastic_rounding_seed"] = 4
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        opt.load_state_dict(saved)
+    opt.param_groups[0]["master_weights"] = 1
+    p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extensions_leave_float32_params_as_they_are(name):
+    """A float32 param is its own master copy, and every float32 result is stored exactly: the
+    options change nothing for it (documented), and it keeps torch.optim's state keys."""
+
+    def run(**extra):
+        p = torch.linspace(-1, 1, 16).requires_grad_()
+        opt = OPTIMIZERS[name][1]([p], **KWARGS[name], **extra)
+        for i in range(3):
+            p.grad = torch.linspace(1, -1, 16) * (i + 1)
+            opt.step()
+        return p.detach(), opt
+
+    plain, plain_opt = run()
+    extended, opt = run(master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=2)
+    assert torch.equal(plain, extended)
+    (p,) = opt.param_groups[0]["params"]
+    assert "master_param" not in opt.state[p]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_extensions_refuse_half_params_off_the_cpu(name):
+    p = torch.zeros(3, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    for extra in (dict(master_weights=True), dict(stochastic_rounding=True)):
+        with pytest.raises(ValueError, match="CPU"):
+            OPTIMIZERS[name][1]([p], lr=0.1, **extra)
