@@ -51,7 +51,12 @@ const LANES: usize = STREAMS * WIDTH;
 /// once: a core reading one stream is limited by the misses it can keep in flight, not by the
 /// memory system.
 #[inline(always)]
-fn lane_reduce<E: Element>(data: &[E], f: impl Fn(f64) -> f64, combine: impl Fn(f64, f64) -> f64) -> f64 {
+fn lane_reduce<E: Element, I: Isa>(
+    isa: I,
+    data: &[E],
+    f: impl Fn(f64) -> f64,
+    combine: impl Fn(f64, f64) -> f64,
+) -> f64 {
     let f = |x: f64| E::Math::round_from(f(x)).widen();
     let mut acc = [0.0f64; LANES];
     let per_stream = data.len() / LANES * WIDTH;
@@ -62,9 +67,10 @@ fn lane_reduce<E: Element>(data: &[E], f: impl Fn(f64) -> f64, combine: impl Fn(
     let mut add_block = |lanes: usize, block: &[E]| {
         // Widening the block first keeps this a plain packed f64 loop, which LLVM vectorises on
         // every path (fused with the conversion it did not, on AVX2).
-        let mut wide = [0.0f64; WIDTH];
+        let (mut narrow, mut wide) = ([E::Math::default(); WIDTH], [0.0f64; WIDTH]);
+        E::load_block(isa, block, &mut narrow);
         for j in 0..WIDTH {
-            wide[j] = block[j].load().widen();
+            wide[j] = narrow[j].widen();
         }
         for j in 0..WIDTH {
             acc[lanes + j] = combine(acc[lanes + j], f(wide[j]));
@@ -101,13 +107,13 @@ impl<E: Element> Kernel for PartialNorm<'_, E> {
     type Output = f64;
 
     #[inline(always)]
-    fn run<I: Isa>(self, _isa: I) -> f64 {
+    fn run<I: Isa>(self, isa: I) -> f64 {
         let add = |a: f64, b: f64| a + b;
         match self.norm {
-            NormType::One => lane_reduce(self.data, f64::abs, add),
-            NormType::Two => lane_reduce(self.data, |x| x * x, add),
-            NormType::Inf => lane_reduce(self.data, f64::abs, f64::max_propagate_nan),
-            NormType::P(p) => lane_reduce(self.data, |x| x.abs().powf(p), add),
+            NormType::One => lane_reduce(isa, self.data, f64::abs, add),
+            NormType::Two => lane_reduce(isa, self.data, |x| x * x, add),
+            NormType::Inf => lane_reduce(isa, self.data, f64::abs, f64::max_propagate_nan),
+            NormType::P(p) => lane_reduce(isa, self.data, |x| x.abs().powf(p), add),
         }
     }
 }
@@ -196,9 +202,22 @@ impl<E: Element> Kernel for ScaleJob<'_, E> {
     type Output = ();
 
     #[inline(always)]
-    fn run<I: Isa>(self, _isa: I) {
-        for x in self.data.iter_mut() {
-            *x = E::store(x.load() * self.factor);
+    fn run<I: Isa>(self, isa: I) {
+        if E::IS_MATH {
+            for x in self.data.iter_mut() {
+                *x = E::store(x.load() * self.factor);
+            }
+            return;
+        }
+        // Half types: a block at a time, so that the conversions can use the ISA's instructions.
+        let mut block = crate::block::scratch::<E::Math>();
+        for chunk in self.data.chunks_mut(crate::block::BLOCK) {
+            let block = &mut block[..chunk.len()];
+            E::load_block(isa, chunk, block);
+            for x in block.iter_mut() {
+                *x = *x * self.factor;
+            }
+            E::store_block(isa, block, chunk);
         }
     }
 }
