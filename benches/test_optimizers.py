@@ -39,6 +39,28 @@ def test_step(benchmark, workload: str, implementation: str) -> None:
     benchmark(optimizer.step)
 
 
+# bfloat16/float16 params: torch's fused kernel is the fast reference (its SGD is broken for half
+# params in torch 2.13, so none here); rsoptim's extensions beside its default numerics.
+HALF_IMPLEMENTATIONS = {
+    "rsoptim.Adam": lambda ps: rsoptim.Adam(ps),
+    "rsoptim.Adam float32 state": lambda ps: rsoptim.Adam(ps, state_dtype=torch.float32),
+    "rsoptim.Adam master weights": lambda ps: rsoptim.Adam(ps, master_weights=True),
+    "rsoptim.Adam stochastic rounding": lambda ps: rsoptim.Adam(ps, stochastic_rounding=True),
+    "torch.Adam fused": lambda ps: torch.optim.Adam(ps, fused=True),
+    "torch.Adam foreach": lambda ps: torch.optim.Adam(ps, foreach=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("implementation", list(HALF_IMPLEMENTATIONS))
+def test_half_precision_step(benchmark, dtype: torch.dtype, implementation: str) -> None:
+    params = make_params(WORKLOADS["flat-64m"](), dtype=dtype)
+    optimizer = HALF_IMPLEMENTATIONS[implementation](params)
+    optimizer.step()
+    benchmark.group = f"step / flat-64m / {str(dtype).split('.')[-1]}"
+    benchmark(optimizer.step)
+
+
 @pytest.mark.parametrize("workload", WORKLOAD_NAMES)
 @pytest.mark.parametrize("implementation", ["rsoptim", "torch"])
 def test_clip_grad_norm(benchmark, workload: str, implementation: str) -> None:

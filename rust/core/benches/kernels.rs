@@ -13,6 +13,10 @@
 //! | tensor_norms (p = 2)          | x                      |                   |  4 |
 //! | scale_in_place                | x                      | x                 |  8 |
 //!
+//! Half precision (`adam_half`, 4M only): Adam with bfloat16/float16 params and state (14
+//! bytes/elem), with float32 state (22), with a float32 master copy (30: the master is read and
+//! written besides the param), and with stochastic rounding (14).
+//!
 //! Runs on one thread by default, so the paths compare like for like; set
 //! `RSOPTIM_BENCH_THREADS=n` for a pool of `n`. Samples are few and short so the whole run stays
 //! within a few minutes on a small machine: `cargo bench -p rsoptim-core`, or pick a group,
@@ -23,9 +27,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use criterion::measurement::WallTime;
-use rsoptim_core::{Rounding, 
-    adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType,
-    RmspropHyper, RmspropTensor, SgdHyper, SgdTensor, SimdLevel, StepCount,
+use half::{bf16, f16};
+use rsoptim_core::{
+    adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Element, Executor,
+    NormType, RmspropHyper, RmspropTensor, Rounding, SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
 
 const SIZES: [(usize, &str); 3] = [(4 << 10, "4K"), (256 << 10, "256K"), (4 << 20, "4M")];
@@ -205,6 +210,54 @@ fn norms(c: &mut Criterion) {
     group.finish();
 }
 
+/// One half-precision Adam variant at 4M elements on every path.
+fn bench_adam_typed<P: Element<Math = f32>, S: Element<Math = f32>>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    label: &str,
+    master: bool,
+    rounding: Rounding,
+) {
+    let n = 4 << 20;
+    // p and g read, p written; m and v read and written; the master read and written.
+    let bytes = 3 * std::mem::size_of::<P>() + 4 * std::mem::size_of::<S>() + if master { 8 } else { 0 };
+    group.throughput(Throughput::Bytes((n * bytes) as u64));
+    let to = |xs: Vec<f32>| xs.into_iter().map(P::store).collect::<Vec<P>>();
+    let (mut p, g) = (to(data(n, 1)), to(data(n, 2)));
+    let mut m: Vec<S> = vec![S::store(0.0); n];
+    let mut v: Vec<S> = vec![S::store(0.0); n];
+    let mut master_copy = master.then(|| p.iter().map(|x| x.load()).collect::<Vec<f32>>());
+    let mut step = 0.0f32;
+    for (path, exec) in &executors() {
+        group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+            b.iter(|| {
+                let t = AdamTensor::<P, S> {
+                    param: black_box(&mut p[..]),
+                    grad: black_box(&g[..]),
+                    exp_avg: black_box(&mut m[..]),
+                    exp_avg_sq: black_box(&mut v[..]),
+                    max_exp_avg_sq: None,
+                    step: StepCount::F32(&mut step),
+                    master_param: master_copy.as_deref_mut(),
+                    rounding,
+                };
+                adam_step(vec![t], &AdamHyper::default(), exec).unwrap();
+            })
+        });
+    }
+}
+
+fn adam_half(c: &mut Criterion) {
+    let mut group = new_group(c, "adam_half");
+    let sr = Rounding::Stochastic { seed: 1, stream: 0 };
+    bench_adam_typed::<bf16, bf16>(&mut group, "bf16/4M", false, Rounding::Nearest);
+    bench_adam_typed::<f16, f16>(&mut group, "f16/4M", false, Rounding::Nearest);
+    bench_adam_typed::<bf16, f32>(&mut group, "bf16-f32-state/4M", false, Rounding::Nearest);
+    bench_adam_typed::<bf16, bf16>(&mut group, "bf16-master/4M", true, Rounding::Nearest);
+    bench_adam_typed::<bf16, bf16>(&mut group, "bf16-stochastic/4M", false, sr);
+    bench_adam_typed::<f16, f16>(&mut group, "f16-stochastic/4M", false, sr);
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .without_plots()
@@ -216,6 +269,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = adam, sgd, rmsprop, norms
+    targets = adam, adam_half, sgd, rmsprop, norms
 }
 criterion_main!(benches);

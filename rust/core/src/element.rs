@@ -272,8 +272,11 @@ pub fn f32_to_f16_bits_stochastic(x: f32, random: u32) -> u16 {
     let normal = (abs.wrapping_add((15u32.wrapping_sub(127)) << 23).wrapping_add(random & 0x1fff)) >> 13;
     let scaled = f32::from_bits(abs) * 16_777_216.0;
     let floor = scaled.floor();
-    let up = (random >> 9) as f32 * (1.0 / 8_388_608.0) < scaled - floor;
-    let small = floor as u32 + u32::from(up);
+    let up = ((random >> 9) as i32) as f32 * (1.0 / 8_388_608.0) < scaled - floor;
+    // `floor` is below 2^10 where `small` is used: adding 2^23 puts it in the low mantissa bits
+    // (cheaper in vector code than a saturating float-to-int conversion; `min` keeps the other
+    // lanes harmless).
+    let small = (floor.min(1024.0) + 8_388_608.0).to_bits() - 0x4b00_0000 + u32::from(up);
     let out = if abs >= (127 + 16) << 23 {
         huge
     } else if abs < (127 - 14) << 23 {
