@@ -134,21 +134,54 @@ def test_master_weights_survive_state_dicts_in_float32(name):
     for index, p in enumerate(torch_params):
         p.grad = grads(0, index, p).to(torch.bfloat16)
     torch_opt.step()
+    # torch.optim keeps the master copy it cannot use (cast to bfloat16, never updated): loaded
+    # back, it is dropped and made afresh from the params torch stepped.
     back_params, back = fresh(master_weights=True)
-    back.load_state_dict(torch_opt.state_dict())
+    with torch.no_grad():
+        for p, q in zip(back_params, torch_params):
+            p.copy_(q)
+    back.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert all("master_param" not in back.state[p] for p in back_params)
     for index, p in enumerate(back_params):
-        p.grad = grads(0, index, p).to(torch.bfloat16)
+        p.grad = grads(1, index, p).to(torch.bfloat16)
     back.step()
-    for p in back_params:
+    plain_params, plain = fresh()
+    with torch.no_grad():
+        for p, q in zip(plain_params, torch_params):
+            p.copy_(q)
+    plain.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for index, p in enumerate(plain_params):
+        p.grad = grads(1, index, p).to(torch.bfloat16)
+    plain.step()
+    for p, q in zip(back_params, plain_params):
+        # One step from the same param: the master copy is that param, unrounded afterwards.
         assert back.state[p]["master_param"].dtype == torch.float32
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_changed_outside_the_optimizer_win_over_their_master_copies(name):
+    """torch.optim steps whatever the param holds: a param written between steps (a clamp, a
+    load of new weights) is copied into its master copy before the next step."""
+    p = torch.ones(1000, dtype=torch.bfloat16, requires_grad=True)
+    opt = OPTIMIZERS[name][1]([p], lr=1e-3, master_weights=True)
+    for step in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        if step == 1:
+            with torch.no_grad():
+                p.fill_(5.0)
+    assert (opt.state[p]["master_param"] > 4.9).all() and (p.detach() > 4.9).all()
 
 
 # --- stochastic rounding ------------------------------------------------------------------
 
 
-def _sr_run(name, dtype, steps=3, seed=7, threads=None, simd=None, **extra):
+def _sr_run(name, dtype, steps=3, seed=7, big=False, **extra):
     grads = seeded_grads(5)
     params = [s.to(dtype).requires_grad_() for s in _start()]
+    if big:  # big enough to be cut into pieces over the threads (see rust/core/src/exec.rs)
+        params.append(torch.linspace(-3, 3, (1 << 20) + 3).to(dtype).requires_grad_())
     opt = OPTIMIZERS[name][1](
         params, **KWARGS[name], stochastic_rounding=True, stochastic_rounding_seed=seed, **extra
     )
@@ -178,7 +211,7 @@ def test_stochastic_rounding_is_the_same_for_any_thread_count_and_simd_path(name
             for n in (1, 2):
                 rsoptim._rsoptim.set_simd_level(simd)
                 rsoptim.set_num_threads(n)
-                results.append(_sr_run(name, torch.bfloat16)[0] + _sr_run(name, torch.float16)[0])
+                results.append(_sr_run(name, torch.bfloat16, big=True)[0] + _sr_run(name, torch.float16, big=True)[0])
     finally:
         rsoptim.set_num_threads(threads)
         rsoptim._rsoptim.set_simd_level(level)
@@ -186,39 +219,61 @@ def test_stochastic_rounding_is_the_same_for_any_thread_count_and_simd_path(name
         assert all(torch.equal(x, y) for x, y in zip(results[0], other))
 
 
+def _neighbours(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two values of ``dtype`` around each float32 in ``x`` (equal where x is one)."""
+    nearest = x.to(dtype)
+    toward = torch.where(nearest.float() > x, -float("inf"), float("inf")).to(dtype)
+    other = torch.where(nearest.float() == x, nearest, torch.nextafter(nearest, toward))
+    return torch.minimum(nearest, other), torch.maximum(nearest, other)
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 def test_stochastic_rounding_is_unbiased(dtype):
-    """SGD with momentum 0 and float32 master copies: each step writes the param as the master
-    rounded stochastically. Over many steps with a zero grad (the master stays put), the mean of
-    the params is the master to within a few standard errors, and each is one of its two
-    neighbours."""
+    """SGD with float32 master copies and a zero grad: each step writes the param as the same
+    master rounded stochastically. Each draw is one of its two neighbours, and the mean over
+    many steps is the master to within a few standard errors; the values cover negative ones,
+    -0.0, the float16 subnormals and the boundary at 2^-14."""
     gen = torch.Generator().manual_seed(0)
     master = torch.rand(64, generator=gen) * 4 - 2
+    master[0] = -0.0
+    master[1] = 2.0**-14 * (1 - 2.0**-12)
+    master[2] = 2.0**-14 * (1 + 2.0**-12)
     if dtype == torch.float16:
-        master[:8] *= 1e-6  # float16 subnormals
+        master[3:10] *= 1e-6  # float16 subnormals
     p = master.to(dtype).requires_grad_()
     opt = rsoptim.SGD([p], lr=0.1, master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=3)
     opt.state[p]["master_param"] = master.clone()
+    low, high = _neighbours(master, dtype)
     total, draws = torch.zeros(64, dtype=torch.float64), 4000
-    down = master.to(dtype)  # nearest; the neighbours are it and the next one toward master
     for _ in range(draws):
         p.grad = torch.zeros_like(p)
         opt.step()
-        value = p.detach().double()
-        below = torch.nextafter(master.to(dtype), torch.tensor(-float("inf"), dtype=dtype)).double()
-        above = torch.nextafter(master.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
-        assert ((value >= torch.minimum(below, down.double())) & (value <= torch.maximum(above, down.double()))).all()
-        total += value
+        value = p.detach()
+        assert ((value == low) | (value == high)).all()
+        total += value.double()
     assert torch.equal(opt.state[p]["master_param"], master)
+    assert p.detach()[0].item() == 0.0 and torch.signbit(p.detach()[0])
     mean = total / draws
-    lo = torch.nextafter(master.to(dtype), torch.tensor(-float("inf"), dtype=dtype)).double()
-    hi = torch.nextafter(master.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
-    ulp = torch.where(master.double() >= master.to(dtype).double(), hi - master.to(dtype).double(), master.to(dtype).double() - lo)
-    # Each draw is one of two neighbours ulp apart: the standard error is at most ulp/2/sqrt(n).
-    tolerance = 6 * ulp / 2 / draws**0.5
+    # A draw is one of two neighbours an ulp apart: the standard error is at most ulp/2/sqrt(n).
+    tolerance = 6 * (high.double() - low.double()) / 2 / draws**0.5
     assert ((mean - master.double()).abs() <= tolerance).all(), (mean - master.double()).abs().max()
     # Rounding to nearest would be biased by up to half an ulp: the test can tell the two apart.
     assert ((master.to(dtype).double() - master.double()).abs() > tolerance).any()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_stochastic_rounding_keeps_finite_values_finite(dtype):
+    """Past the largest finite value, up to where rounding to nearest overflows, stochastic
+    rounding keeps the largest finite value (it never makes an inf that nearest would not)."""
+    largest = torch.finfo(dtype).max
+    master = torch.tensor([largest * (1 + 2.0**-12), -largest * (1 + 2.0**-12), largest])
+    p = master.to(dtype).requires_grad_()
+    opt = rsoptim.SGD([p], lr=0.1, master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=3)
+    opt.state[p]["master_param"] = master.clone()
+    for _ in range(200):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        assert torch.equal(p.detach(), torch.tensor([largest, -largest, largest], dtype=dtype))
 
 
 def test_stochastic_rounding_seed_follows_torch_manual_seed():
@@ -322,7 +377,7 @@ def test_bad_extension_options_in_param_groups_and_state_dicts_raise(name):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "master_weights": "yes"})
     assert len(opt.param_groups) == 1
     saved = opt.state_dict()
-    saved["param_groups"][0]["stochastic_rounding_seed"] = 4
+    saved["param_groups"][0]["stochastic_rounding_seed"] = -4
     with pytest.raises(ValueError, match="stochastic_rounding"):
         opt.load_state_dict(saved)
     opt.param_groups[0]["master_weights"] = 1
@@ -348,8 +403,108 @@ def test_extensions_leave_float32_params_as_they_are(name):
     plain, plain_opt = run()
     extended, opt = run(master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=2)
     assert torch.equal(plain, extended)
-    (p,) = opt.param_groups[0]["params"]
-    assert "master_param" not in opt.state[p]
+    ours, torchs = opt.state_dict()["state"], plain_opt.state_dict()["state"]
+    assert ours.keys() == torchs.keys() and all(ours[i].keys() == torchs[i].keys() for i in ours)
+    assert opt.__dict__.get("_rsoptim_plans"), "the steps after the first should reuse a plan"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_group_of_bfloat16_and_float32_params_with_master_copies_keeps_its_plan(name):
+    params = [torch.randn(50).to(torch.bfloat16).requires_grad_(), torch.randn(20, requires_grad=True)]
+    opt = OPTIMIZERS[name][1](params, **KWARGS[name], master_weights=True, stochastic_rounding=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.__dict__.get("_rsoptim_plans")
+    assert "master_param" in opt.state[params[0]] and "master_param" not in opt.state[params[1]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_groups_set_their_own_options_and_edits_take_effect(name):
+    """Per-group options (in the constructor's dicts, add_param_group, or edited later) apply
+    to their group only, whatever a plan had recorded."""
+    a = torch.linspace(-1, 1, 500).to(torch.bfloat16).requires_grad_()
+    b = torch.linspace(-1, 1, 500).to(torch.bfloat16).requires_grad_()
+    opt = OPTIMIZERS[name][1]([{"params": [a], "stochastic_rounding": False}, {"params": [b]}], **KWARGS[name], stochastic_rounding=True)
+    opt.add_param_group({"params": [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], "stochastic_rounding_seed": 5})
+    assert opt.param_groups[2]["stochastic_rounding_seed"] == 5 and opt.param_groups[2]["stochastic_rounding"]
+
+    def nearest_reference(start, steps):
+        q = start.clone().requires_grad_()
+        ref = OPTIMIZERS[name][1]([q], **KWARGS[name])
+        for _ in range(steps):
+            q.grad = torch.ones_like(q)
+            ref.step()
+        return q.detach()
+
+    start_a, start_b = a.detach().clone(), b.detach().clone()
+    for _ in range(2):
+        for p in (a, b):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(a.detach(), nearest_reference(start_a, 2))
+    assert not torch.equal(b.detach(), nearest_reference(start_b, 2))
+    # Turned off in the group after plans exist: the next step rounds to nearest.
+    opt.param_groups[1]["stochastic_rounding"] = False
+    before = b.detach().clone()
+    b.grad = torch.ones_like(b)
+    a.grad = None
+    state_copy = copy.deepcopy(opt.state[b])
+    opt.step()
+    q = before.clone().requires_grad_()
+    ref = OPTIMIZERS[name][1]([q], **KWARGS[name])
+    ref.load_state_dict({"state": {0: state_copy}, "param_groups": [{**ref.param_groups[0], "params": [0]}]})
+    q.grad = torch.ones_like(q)
+    ref.step()
+    assert torch.equal(b.detach(), q.detach())
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("extra", [dict(master_weights=True), dict(stochastic_rounding=True), dict(state_dtype=torch.float32)])
+def test_a_param_listed_twice_is_stepped_twice(extra):
+    """torch steps a param listed twice twice; so does rsoptim where torch steps float32 copies."""
+    p = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
+    opt = rsoptim.SGD([p, p], lr=0.1, **extra)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.allclose(p.detach().float(), torch.full((8,), 0.8), atol=2**-7)
+    if "master_weights" in extra:
+        assert torch.allclose(opt.state[p]["master_param"], torch.full((8,), 0.8))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_where_torch_steps_the_param_it_gets_the_kernels_random_bits(transposed, monkeypatch):
+    """SGD's float32 step is torch's bit for bit, so a param torch steps on a float32 copy must
+    come out with exactly the bits the kernel writes, in memory order for a transposed param."""
+
+    def run():
+        base = torch.linspace(-1, 1, 40 * 30).reshape(40, 30).to(torch.bfloat16)
+        p = (base.t() if transposed else base).requires_grad_()
+        opt = rsoptim.SGD([p], lr=1e-2, momentum=0.9, master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=4)
+        for i in range(3):
+            p.grad = torch.full_like(p, 0.37 * (i + 1))
+            opt.step()
+        return p.detach().clone(), opt.state[p]["master_param"].clone()
+
+    kernel_param, kernel_master = run()
+    monkeypatch.setattr(rsoptim.SGD, "_param_runs_on_kernel", lambda self, p, group, grad: False)
+    torch_param, torch_master = run()
+    assert torch.equal(kernel_master, torch_master)
+    assert torch.equal(kernel_param, torch_param)
+
+
+def test_options_loaded_onto_params_off_the_cpu_raise_before_a_step():
+    """A state dict may bring stochastic_rounding to half params the kernels cannot step (the
+    meta device stands in for CUDA): the step raises before anything changes."""
+    a = rsoptim.Adam([torch.ones(4, dtype=torch.bfloat16, requires_grad=True)], lr=0.1, stochastic_rounding=True)
+    q = torch.ones(4, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    b = rsoptim.Adam([q], lr=0.1)
+    b.load_state_dict(a.state_dict())
+    q.grad = torch.ones_like(q)
+    with pytest.raises(ValueError, match="CPU"):
+        b.step()
+    assert len(b.state) == 0
 
 
 @pytest.mark.cuda

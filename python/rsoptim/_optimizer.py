@@ -71,8 +71,6 @@ def check_extensions(options: Any) -> None:
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"Invalid stochastic_rounding_seed: {seed!r} (an int in [0, 2**64))")
-        if not options.get("stochastic_rounding", False):
-            raise ValueError("stochastic_rounding_seed is given but stochastic_rounding is off")
 
 
 def _is_half_state(key: str, value: Any) -> bool:
@@ -148,8 +146,8 @@ class KernelOptimizer:
         """The state buffers the kernel reads and writes, besides param and grad."""
         raise NotImplementedError
 
-    def _counts_steps(self, group: dict[str, Any]) -> bool:
-        """Whether each param keeps a ``state['step']`` count the kernels increment."""
+    def _counts_steps(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` keeps a ``state['step']`` count the kernels increment."""
         return self._has_step
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -168,32 +166,44 @@ class KernelOptimizer:
         """Steps ``params`` with torch's implementation. Half-precision params that keep float32
         state (``state_dtype``) or a master copy, or that are rounded stochastically, are stepped
         as float32 copies (torch's ops refuse mixed dtypes; a master copy is stepped itself), each
-        param then written once as the kernels write it (``round_params``)."""
+        param then written once as the kernels write it (``round_params``). A param listed twice
+        is stepped twice, one occurrence after the other, as torch steps it."""
         copied = [self._steps_as_float32(p, group) for p in params]
         own = [p for p, c in zip(params, copied) if not c]
         if own:
             self._torch_step(group, own)
-        mixed = [p for p, c in zip(params, copied) if c]
-        if not mixed:
-            return
-        copies, copy_states = [], []
-        for p in mixed:
-            state = self.state[p]
-            master = state.get("master_param") if self._uses_master(p, group) else None
-            if not (isinstance(master, torch.Tensor) and master.dtype == torch.float32 and master.shape == p.shape):
-                master = p.detach().float()
-                if self._uses_master(p, group):
-                    state["master_param"] = master
-            master.grad = p.grad.float()
-            # torch updates (or creates) the entries of this dict: float32 views of the state
-            # (copies where it is kept in the param's dtype), the step count itself.
-            copy_state = {k: v.float() if _is_half_state(k, v) else v for k, v in state.items()}
-            self.state[master] = copy_state
-            copies.append(master)
-            copy_states.append(copy_state)
+        pending = [p for p, c in zip(params, copied) if c]
+        while pending:
+            seen: set[int] = set()
+            batch = [p for p in pending if id(p) not in seen and not seen.add(id(p))]  # type: ignore[func-returns-value]
+            for p in batch:
+                pending.remove(p)
+            self._step_float32_copies(group, batch)
+
+    def _step_float32_copies(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """``_step_with_torch`` for distinct half-precision params stepped as float32 copies."""
+        for p in params:
+            self._check_extensions_apply(p, group)
+            if self._rounding_seed(p, group) is not None and not self._has_step:
+                if not is_step_count(self.state[p].get("step")):
+                    raise ValueError("state['step'] of a param with stochastic_rounding must be a one-element float tensor")
+        copies: list[torch.Tensor] = []
+        copy_states: list[dict[str, Any]] = []
         try:
+            for p in params:
+                state = self.state[p]
+                master = self._master_copy(p, group, state)
+                if master is None:
+                    master = p.detach().float()
+                master.grad = p.grad.float()
+                # torch updates (or creates) the entries of this dict: float32 views of the state
+                # (copies where it is kept in the param's dtype), the step count itself.
+                copy_state = {k: v.float() if _is_half_state(k, v) else v for k, v in state.items()}
+                self.state[master] = copy_state
+                copies.append(master)
+                copy_states.append(copy_state)
             self._torch_step(group, copies)
-            for p, copy, copy_state in zip(mixed, copies, copy_states):
+            for p, copy_state in zip(params, copy_states):
                 state, state_dtype = self.state[p], self._state_dtype(p, group)
                 for key, value in copy_state.items():
                     if state.get(key) is value:
@@ -204,39 +214,81 @@ class KernelOptimizer:
                         state[key] = value.to(state_dtype)  # an entry torch created
                     else:
                         state[key] = value
-                self._write_param(p, copy, group)
+            self._write_params(group, params, copies)
         finally:
             for copy in copies:
                 copy.grad = None
-                del self.state[copy]
+                self.state.pop(copy, None)
+
+    def _master_copy(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor | None:
+        """``p``'s float32 master copy (made from the param where it is missing or unusable, or
+        where the param was changed outside the optimizer since its last step), or None."""
+        if not self._uses_master(p, group):
+            return None
+        master = state.get("master_param")
+        usable = (
+            isinstance(master, torch.Tensor)
+            and master.dtype == torch.float32
+            and master.shape == p.shape
+            and master.device == p.device
+        )
+        if not usable:
+            master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        elif self._param_changed_outside(p):
+            master.copy_(p.detach())
+        return master
+
+    def _param_changed_outside(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` was written since this optimizer last wrote it (then its master copy
+        no longer describes it: the param wins, as it does for torch.optim)."""
+        last = self.__dict__.get("_rsoptim_master_versions", {}).get(id(p))
+        return last is not None and last != p._version
+
+    def _record_master_versions(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Remembers the version of each param with a master copy that the optimizer just wrote."""
+        if group.get("master_weights"):
+            versions = self.__dict__.setdefault("_rsoptim_master_versions", {})
+            versions.update((id(p), p._version) for p in params if self._uses_master(p, group))
 
     def _steps_as_float32(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return p.dtype in HALF_DTYPES and (
             self._state_dtype(p, group) != p.dtype or self._uses_master(p, group) or self._rounding_seed(p, group) is not None
         )
 
-    def _write_param(self, p: torch.Tensor, values: torch.Tensor, group: dict[str, Any]) -> None:
-        """``p = values`` (float32) rounded as the kernels round: to nearest, or stochastically
-        with the bits a kernel step would draw (keyed by the step torch just counted)."""
-        seed = self._rounding_seed(p, group)
-        if seed is None:
-            p.copy_(values)
-            return
-        state = self.state[p]
-        if not self._has_step:  # SGD counts steps only for stochastic rounding: torch did not
-            state["step"] += 1
-        source = values.contiguous()
-        out = torch.empty(p.shape, dtype=p.dtype)
-        _rsoptim.round_params(
-            KERNEL_DTYPES[p.dtype],
-            pack([p.numel()]),
-            pack([source.data_ptr()]),
-            pack([out.data_ptr()]),
-            [float(state["step"])],
-            stochastic_rounding_seed=seed,
-            streams=pack(self._streams(group, [p])),
-        )
-        p.copy_(out)
+    def _write_params(self, group: dict[str, Any], params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """``p = v`` (float32) for each param, rounded as the kernels round: to nearest, or
+        stochastically with the bits a kernel step would draw (keyed by the step torch just
+        counted, and by element in memory order, as the kernels walk a dense param)."""
+        rounded = [(p, v) for p, v in zip(params, values) if self._rounding_seed(p, group) is not None]
+        for p, v in zip(params, values):
+            if self._rounding_seed(p, group) is None:
+                p.copy_(v)
+        if rounded:
+            steps = []
+            for p, _ in rounded:
+                state = self.state[p]
+                if not self._has_step:  # SGD counts steps only for stochastic rounding; torch did not
+                    state["step"] += 1
+                steps.append(float(state["step"]))
+            sources = [torch.empty_like(p, dtype=torch.float32).copy_(v) for p, v in rounded]
+            outs = [torch.empty_like(p) for p, _ in rounded]
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, (p, _) in enumerate(rounded):
+                by_dtype.setdefault(p.dtype, []).append(i)
+            streams = self._streams(group, [p for p, _ in rounded])
+            for dtype, indices in by_dtype.items():
+                _rsoptim.round_params(
+                    KERNEL_DTYPES[dtype],
+                    pack(rounded[i][0].numel() for i in indices),
+                    pack(sources[i].data_ptr() for i in indices),
+                    pack(outs[i].data_ptr() for i in indices),
+                    [steps[i] for i in indices],
+                    stochastic_rounding_seed=self._rounding_seed(rounded[indices[0]][0], group),
+                    streams=pack(streams[i] for i in indices),
+                )
+            for (p, _), out in zip(rounded, outs):
+                p.copy_(out)
+        self._record_master_versions(group, params)
 
     def _uses_master(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` keeps a float32 master copy (``master_weights``: half-precision params)."""
@@ -255,26 +307,51 @@ class KernelOptimizer:
         index = {id(q): i for i, q in enumerate(group["params"])}
         return [group_index << 32 | index[id(p)] for p in params]
 
+    def _param_keys(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, ...]:
+        """Every state tensor a kernel call uses for ``p``: the state buffers, the master copy
+        where ``p`` keeps one, and the step count where it is counted."""
+        keys = self._state_keys(group)
+        if self._uses_master(p, group):
+            keys = (*keys, "master_param")
+        return (*keys, "step") if self._counts_steps(p, group) else keys
+
+    def _plan_signature(self, group: dict[str, Any]) -> tuple[Any, ...]:
+        """What decides the state a plan's calls use and how they round: a change sends the next
+        step down the general path."""
+        return (
+            self._state_keys(group),
+            bool(group.get("master_weights")),
+            bool(group.get("stochastic_rounding")),
+            group.get("stochastic_rounding_seed"),
+            group.get("state_dtype"),
+        )
+
     def _init_extension_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Creates what the extensions keep in a param's state, where it is missing (a state
         dict from torch.optim has none): the float32 master copy, SGD's step count."""
-        if self._uses_master(p, group) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-        if self._counts_steps(group) and not self._has_step and "step" not in state:
+        self._master_copy(p, group, state)
+        if self._counts_steps(p, group) and not self._has_step and "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_extensions(param_group)
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]
-        if group.get("stochastic_rounding") and group.get("stochastic_rounding_seed") is None:
-            group["stochastic_rounding_seed"] = torch.initial_seed()
         try:
+            self._complete_extensions(group)
             for p in group["params"]:
                 self._check_extensions_apply(p, group)
-        except ValueError:
+        except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    def _complete_extensions(self, group: dict[str, Any]) -> None:
+        """Checks a group's extension options (it may have been edited, or have inherited them
+        from ``defaults``), and gives one that rounds stochastically without a seed
+        ``torch.initial_seed()``."""
+        check_extensions(group)
+        if group.get("stochastic_rounding") and group.get("stochastic_rounding_seed") is None:
+            group["stochastic_rounding_seed"] = torch.initial_seed()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs a single optimization step.
@@ -292,12 +369,15 @@ class KernelOptimizer:
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
         for group in self.param_groups:
-            check_extensions(group)  # a group may have been edited
+            self._complete_extensions(group)  # a group may have been edited
         work = []
         for index, group in enumerate(self.param_groups):
             plan = plans.get(index)
             calls = plan.kernel_calls(self, group) if plan is not None else None
-            work.append((index, group, calls, None if calls is not None else self._params_with_grad(group)))
+            params = None if calls is not None else self._params_with_grad(group)
+            for p in params or ():
+                self._check_extensions_apply(p, group)  # e.g. loaded onto params off the CPU
+            work.append((index, group, calls, params))
         for index in [i for i in plans if i >= len(self.param_groups)]:
             del plans[index]  # the group is gone: let its tensors go
         for index, group, calls, params in work:
@@ -314,6 +394,7 @@ class KernelOptimizer:
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
+                    self._record_master_versions(group, call.params)
             elif params:
                 with torch.no_grad():
                     plans[index] = self._step_group(group, params)  # type: ignore[assignment]
@@ -324,8 +405,10 @@ class KernelOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for saved in state_dict["param_groups"]:
             check_extensions(saved)
-        # The plans hold aliases of the old state's tensors: let them go with it.
+        # The plans hold aliases of the old state's tensors: let them go with it (and the
+        # versions of the params whose master copies the optimizer last wrote).
         self.__dict__.pop("_rsoptim_plans", None)
+        self.__dict__.pop("_rsoptim_master_versions", None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         # torch casts floating state to each param's dtype. Where a group keeps float32 state
         # (state_dtype; a group saved by torch.optim has none, and takes this optimizer's own),
@@ -335,9 +418,15 @@ class KernelOptimizer:
             for key in EXTENSION_DEFAULTS:
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])
+            self._complete_extensions(group)
             for p, saved_id in zip(group["params"], saved_ids):
                 saved = state_dict["state"].get(saved_id, {})
                 state = self.state.get(p, {})
+                original = saved.get("master_param")
+                if "master_param" in state and not (isinstance(original, torch.Tensor) and original.dtype == torch.float32):
+                    # Not a float32 master copy (torch.optim casts it to the param's dtype and
+                    # never updates it): the next step makes a new one from the param.
+                    del state["master_param"]
                 for key, value in state.items():
                     wanted = torch.float32 if key == "master_param" else self._state_dtype(p, group)
                     if key != "step" and isinstance(value, torch.Tensor) and value.dtype != wanted:
@@ -352,7 +441,9 @@ class KernelOptimizer:
         and state dicts have exactly torch.optim's keys. The stochastic-rounding seed follows
         ``torch.manual_seed`` unless one is given."""
         check_extensions(options)
-        if options.get("stochastic_rounding") and options.get("stochastic_rounding_seed") is None:
+        if options["stochastic_rounding_seed"] is not None and not options["stochastic_rounding"]:
+            raise ValueError("stochastic_rounding_seed is given but stochastic_rounding is off")
+        if options["stochastic_rounding"] and options["stochastic_rounding_seed"] is None:
             options["stochastic_rounding_seed"] = torch.initial_seed()
         for key, value in options.items():
             if value != EXTENSION_DEFAULTS[key]:
@@ -360,6 +451,7 @@ class KernelOptimizer:
                 for group in self.param_groups:
                     group.setdefault(key, value)
         for group in self.param_groups:
+            self._complete_extensions(group)  # a group given as a dict may set its own
             for p in group["params"]:
                 self._check_extensions_apply(p, group)
 
@@ -388,7 +480,7 @@ class KernelOptimizer:
             raise RuntimeError(self._sparse_message)
         return params
 
-    def _needs_state(self, group: dict[str, Any]) -> bool:
+    def _needs_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return True
 
     def _state_is_new(self, state: dict[str, Any]) -> bool:
@@ -417,18 +509,18 @@ class KernelOptimizer:
         if not self._param_runs_on_kernel(p, group, grad):
             return None
         buffers: dict[str, Any] = {"grad": grad}
-        master = self._uses_master(p, group)
-        if keys or master or self._counts_steps(group):
+        master, counts_steps = self._uses_master(p, group), self._counts_steps(p, group)
+        if keys or master or counts_steps:
             state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
                 buffers[key] = state.get(key)
                 if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], p, state_dtype)):
                     return None
             if master:
-                buffers["master_param"] = state.get("master_param")
-                if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], p, torch.float32)):
+                buffers["master_param"] = self._master_copy(p, group, state)
+                if not same_kind(buffers["master_param"], p, torch.float32):
                     return None
-            if self._counts_steps(group):
+            if counts_steps:
                 buffers["step"] = state.get("step")
                 if not is_step_count(buffers["step"]):
                     return None
@@ -440,20 +532,18 @@ class KernelOptimizer:
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan | None:
         """Steps one group in full generality; returns a plan for the next steps if it can."""
         keys = self._state_keys(group)
-        needs_state = self._needs_state(group)
         kernel_ok = self._group_runs_on_kernel(group)
-        counts_steps = self._counts_steps(group)
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:
-            if needs_state:
+            if self._needs_state(p, group):
                 state = self.state[p]
                 if self._state_is_new(state):
                     self._init_state(p, group, state)
                 self._init_extension_state(p, group, state)
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
             if buffers is not None:
-                step_dtype = step_dtype_name(buffers["step"]) if counts_steps else "float32"
+                step_dtype = step_dtype_name(buffers["step"]) if self._counts_steps(p, group) else "float32"
                 state_dtype = self._state_dtype(p, group)
                 state_name = None if state_dtype == p.dtype else KERNEL_DTYPES[state_dtype]
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype, state_name), []).append((p, buffers))
@@ -467,7 +557,7 @@ class KernelOptimizer:
             table = BufferTable(("param", "grad", *keys, *extra), written=frozenset(("param", *keys, *extra)))
             for p, buffers in entries:
                 table.add(p, {role: buffers[role] for role in ("grad", *keys, *extra)})
-            steps = [buffers["step"] for _, buffers in entries] if counts_steps else []
+            steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], group) else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
             call = KernelCall(
                 dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
@@ -489,6 +579,7 @@ class KernelOptimizer:
                 call.held = []
             table.write_back()
             increment_version(bucket)
+            self._record_master_versions(group, bucket)
             calls.append(call)
             stepped.update((id(p), buffers) for p, buffers in entries)
         if others:
@@ -496,18 +587,23 @@ class KernelOptimizer:
             return None
         return _Plan.build(self, group, calls, stepped)
 
-    def _plan_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        """Every state tensor a kernel call uses: the state buffers, and the step count."""
-        keys = self._state_keys(group)
-        if group.get("master_weights"):
-            keys = (*keys, "master_param")
-        return (*keys, "step") if self._counts_steps(group) else keys
-
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
 
 
 _is_neg = torch.Tensor.is_neg
+_get_version = operator.attrgetter("_version")
+
+
+def _tuple_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``state -> tuple(state[k] for k in keys)``, at C speed (itemgetter of one key gives the
+    item itself, not a tuple)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda state: (state[key],)
+    if not keys:
+        return lambda state: ()
+    return operator.itemgetter(*keys)
 _get_grad = operator.attrgetter("grad")
 # The address of a tensor's c10::TensorImpl, through the base class's descriptor: it raises
 # TypeError for anything that is not a tensor and ignores a subclass's own `_cdata`.
@@ -577,7 +673,9 @@ class _Plan:
     params: list[torch.Tensor]  # the group's params, as they were
     has_grad: list[bool]
     state: Any
-    keys: tuple[str, ...]  # state tensors the kernels use, "step" included where kept
+    signature: tuple[Any, ...]  # the group's `_plan_signature` when the plan was made
+    # Per param with a grad: a getter of the state tensors its call uses (see `_param_keys`).
+    getters: list[Callable[[dict[str, Any]], tuple[Any, ...]]]
     calls: list[KernelCall]
     # What each step's tensors must be, in the order params, grads, then each param's state
     # tensors (see rsoptim._rsoptim.tensor_addresses), and where the params and state tensors are.
@@ -592,6 +690,9 @@ class _Plan:
     # Every value of optimizer.state when the plan was made, and the dicts of its params.
     state_dicts_all: list[dict[str, Any]] = field(default_factory=list)
     state_dicts: list[dict[str, Any]] = field(default_factory=list)
+    # The params with master copies: one written since the optimizer wrote it (their versions
+    # differ) takes the general path, which copies it into its master.
+    master_params: list[torch.Tensor] = field(default_factory=list)
 
     @staticmethod
     def build(
@@ -609,19 +710,17 @@ class _Plan:
             columns["step"] = array("Q", call.steps)
             for slot, p in enumerate(call.params):
                 where[id(p)] = (c, slot, columns)
-        keys = opt._plan_keys(group)
         with_grad = [p for p in group["params"] if id(p) in stepped]
         if any(p.dtype not in _DTYPE_CODES for p in with_grad):
             return None  # complex params take the general path every step
-        if any(k not in stepped[id(p)] for p in with_grad for k in keys):
-            return None  # e.g. float32 params beside half ones with master copies: general path
+        param_keys = [opt._param_keys(p, group) for p in with_grad]
         grads = [stepped[id(p)]["grad"] for p in with_grad]
-        states = [stepped[id(p)][k] for p in with_grad for k in keys]
+        states = [stepped[id(p)][k] for p, keys in zip(with_grad, param_keys) for k in keys]
         count = len(with_grad)
         numels = [p.numel() for p in with_grad] * 2
         dtypes = [_DTYPE_CODES[p.dtype] for p in with_grad] * 2
         shape_of = [*range(count), *range(count)]
-        for i, p in enumerate(with_grad):
+        for i, (p, keys) in enumerate(zip(with_grad, param_keys)):
             for k in keys:
                 step = k == "step"
                 numels.append(1 if step else p.numel())
@@ -639,7 +738,7 @@ class _Plan:
         if addrs is None:
             return None  # e.g. strided params and state take the general path every step
         column_addrs = [where[id(p)][2]["param"][where[id(p)][1]] for p in with_grad]
-        column_addrs += [where[id(p)][2][k][where[id(p)][1]] for p in with_grad for k in keys]
+        column_addrs += [where[id(p)][2][k][where[id(p)][1]] for p, keys in zip(with_grad, param_keys) for k in keys]
         if addrs[: 8 * count] + addrs[16 * count :] != pack(column_addrs):
             return None  # moved since the call (another thread): the next step checks afresh
         grads_of_call: list[list[int]] = [[0] * len(call.params) for call in calls]
@@ -656,8 +755,10 @@ class _Plan:
             has_grad=has_grad,
             state=opt.state,
             state_dicts_all=list(opt.state.values()),
-            state_dicts=[opt.state[p] for p in with_grad] if keys else [],
-            keys=keys,
+            state_dicts=[opt.state[p] for p in with_grad] if states else [],
+            signature=opt._plan_signature(group),
+            getters=[_tuple_getter(keys) for keys in param_keys],
+            master_params=[p for p in with_grad if opt._uses_master(p, group)],
             calls=calls,
             numels=plan_numels,
             dtypes=plan_dtypes,
@@ -680,7 +781,7 @@ class _Plan:
             or not all(map(operator.is_, params, self.params))
             or opt.state is not self.state
             or not opt._group_runs_on_kernel(group)
-            or opt._plan_keys(group) != self.keys
+            or opt._plan_signature(group) != self.signature
         ):
             return None
         grads = list(map(_get_grad, params))
@@ -694,18 +795,19 @@ class _Plan:
             with_grad = list(compress(params, self.has_grad))
             grads = list(compress(grads, self.has_grad))
         tensors: list[Any] = []
-        if self.keys:
+        if self.state_dicts:
             # optimizer.state maps each param to its dict: if none was replaced, removed or
             # added since the plan was made, the plan's dicts are the params' (no tensor hashing).
             values = opt.state.values()
             if len(values) != len(self.state_dicts_all) or not all(map(operator.is_, values, self.state_dicts_all)):
                 return None
-            states = iter(self.state_dicts)
-            get = operator.itemgetter(*self.keys)
-            # itemgetter of one key gives the item, of several a tuple of them.
             try:
-                tensors = list(map(get, states) if len(self.keys) == 1 else chain.from_iterable(map(get, states)))
+                tensors = list(chain.from_iterable(map(operator.call, self.getters, self.state_dicts)))
             except KeyError:  # a state entry was removed
+                return None
+        if self.master_params:
+            written = opt.__dict__.get("_rsoptim_master_versions", {})
+            if list(map(_get_version, self.master_params)) != [written.get(id(p)) for p in self.master_params]:
                 return None
         try:
             impls = pack(chain(map(_get_impl, with_grad), map(_get_impl, grads), map(_get_impl, tensors)))

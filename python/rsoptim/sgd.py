@@ -69,14 +69,14 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _counts_steps(self, group: dict[str, Any]) -> bool:
+    def _counts_steps(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         # torch's SGD counts no steps; stochastic rounding draws its bits by step.
-        return bool(group.get("stochastic_rounding"))
+        return self._rounding_seed(p, group) is not None
 
-    def _needs_state(self, group: dict[str, Any]) -> bool:
+    def _needs_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         # torch's SGD keeps no state without momentum: `state_dict()['state']` stays empty
         # (unless an extension keeps a master copy or a step count there).
-        return group["momentum"] != 0 or bool(group.get("master_weights")) or self._counts_steps(group)
+        return group["momentum"] != 0 or self._uses_master(p, group) or self._counts_steps(p, group)
 
     def _state_is_new(self, state: dict[str, Any]) -> bool:
         return state.get("momentum_buffer") is None
@@ -132,8 +132,8 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             state_dtype=call.state_dtype,
-            step_dtype=call.step_dtype if self._counts_steps(group) else None,
-            steps=call.steps if self._counts_steps(group) else None,
+            step_dtype=call.step_dtype if call.rounding_seed is not None else None,
+            steps=call.steps if call.rounding_seed is not None else None,
             **call.extensions(),
         )
 

@@ -246,14 +246,16 @@ pub fn stochastic_key(seed: u64, stream: u64, step: u64) -> u64 {
 
 /// float32 rounded stochastically to bfloat16, as bits: the 16 dropped bits plus 16 random ones
 /// carry into the kept bits with probability (dropped bits) / 2^16, which makes the expected
-/// value exact (a carry may reach infinity from the largest finite values, as it should). NaN
-/// stays the quiet NaN.
+/// value exact. A finite value never becomes infinite (past the largest bfloat16 it stays the
+/// largest, as rounding to nearest keeps it); NaN stays the quiet NaN.
 #[inline(always)]
 pub fn f32_to_bf16_bits_stochastic(x: f32, random: u32) -> u16 {
     let bits = x.to_bits();
     let rounded = (bits.wrapping_add(random & 0xffff) >> 16) as u16;
     if x.is_nan() {
         0x7fc0
+    } else if x.is_finite() && rounded & 0x7fff == 0x7f80 {
+        (rounded & 0x8000) | 0x7f7f
     } else {
         rounded
     }
@@ -262,7 +264,9 @@ pub fn f32_to_bf16_bits_stochastic(x: f32, random: u32) -> u16 {
 /// float32 rounded stochastically to float16, as bits. Normal results: the 13 dropped bits plus
 /// 13 random ones carry into the kept bits, exactly unbiased. Subnormal results (below 2^-14):
 /// `|x| * 2^24` (exact) is rounded up when its fraction exceeds 23 random bits / 2^23, unbiased to
-/// within 2^-23 of the smallest subnormal. Past float16's range: infinity (or NaN), as nearest.
+/// within 2^-23 of the smallest subnormal. A value that rounds to nearest as a finite float16
+/// never becomes infinite (between 65504 and 65520 it stays 65504); past that, infinity, as to
+/// nearest; NaN stays NaN.
 #[inline(always)]
 pub fn f32_to_f16_bits_stochastic(x: f32, random: u32) -> u16 {
     let bits = x.to_bits();
@@ -277,12 +281,13 @@ pub fn f32_to_f16_bits_stochastic(x: f32, random: u32) -> u16 {
     // (cheaper in vector code than a saturating float-to-int conversion; `min` keeps the other
     // lanes harmless).
     let small = (floor.min(1024.0) + 8_388_608.0).to_bits() - 0x4b00_0000 + u32::from(up);
-    let out = if abs >= (127 + 16) << 23 {
+    // 65520.0: from here on, rounding to nearest gives infinity too.
+    let out = if abs >= 0x477f_f000 {
         huge
     } else if abs < (127 - 14) << 23 {
         small
     } else {
-        normal
+        normal.min(0x7bff)
     };
     (out | sign) as u16
 }
