@@ -116,6 +116,10 @@ impl Element for half::bf16 {
         half::bf16::from_bits(f32_to_bf16_bits(x))
     }
     #[inline(always)]
+    fn store_block<I: Isa>(isa: I, src: &[f32], dst: &mut [Self]) {
+        isa.f32_to_bf16(src, dst)
+    }
+    #[inline(always)]
     fn store_block_stochastic<I: Isa>(_isa: I, src: &[f32], dst: &mut [Self], key: u64, first_index: u64) {
         for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
             *d = half::bf16::from_bits(f32_to_bf16_bits_stochastic(*s, random_bits(key, first_index + i as u64)));

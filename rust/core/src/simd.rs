@@ -13,7 +13,7 @@
 
 use std::fmt;
 
-use crate::element::{f16_bits_to_f32, f32_to_f16_bits};
+use crate::element::{f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use std::sync::OnceLock;
 
 /// The environment variable that forces a path: `scalar`, `avx2`, `avx512`, `neon` or `auto`.
@@ -165,6 +165,14 @@ pub trait Isa: Copy {
             *d = half::f16::from_bits(f32_to_f16_bits(*s));
         }
     }
+
+    /// `dst[i] = src[i]` rounded to the nearest bfloat16 (ties to even, NaN the quiet NaN).
+    #[inline(always)]
+    fn f32_to_bf16(self, src: &[f32], dst: &mut [half::bf16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = half::bf16::from_bits(f32_to_bf16_bits(*s));
+        }
+    }
 }
 
 /// The target's baseline ISA (and NEON, whose float16 conversions Rust cannot reach on stable).
@@ -177,10 +185,13 @@ impl Isa for Baseline {}
 #[derive(Clone, Copy, Debug)]
 pub struct Avx2(());
 
-/// AVX-512 F/VL/BW/DQ (with AVX2, FMA, F16C); made only by `run_avx512`.
+/// AVX-512 F/VL/BW/DQ (with AVX2, FMA, F16C); made only by `run_avx512`, which records whether
+/// the CPU also has AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug)]
-pub struct Avx512(());
+pub struct Avx512 {
+    bf16: bool,
+}
 
 // F16C's and AVX-512's conversions round to nearest even (as the immediate says) and keep
 // float16 subnormals whatever MXCSR says (they are torch's vectorised conversions too); the
@@ -261,6 +272,49 @@ impl Isa for Avx512 {
         // (AVX-512 includes AVX2 and F16C: `is_available` checks them too.)
         Avx2(()).f32_to_f16(&src[i..n], &mut dst[i..n]);
     }
+
+    #[inline(always)]
+    fn f32_to_bf16(self, src: &[f32], dst: &mut [half::bf16]) {
+        if self.bf16 {
+            // SAFETY: `bf16` is set only where the CPU has AVX-512 BF16 (see `run_avx512`), and
+            // an `Avx512` exists only where it has AVX-512 F/BW/DQ.
+            unsafe { f32_to_bf16_avx512bf16(src, dst) }
+        } else {
+            Baseline.f32_to_bf16(src, dst)
+        }
+    }
+}
+
+/// `Isa::f32_to_bf16` with AVX-512 BF16's conversion, 32 values an instruction. It rounds to
+/// nearest even and makes NaN the quiet NaN 0x7fc0, as `f32_to_bf16_bits` does, but flushes
+/// float32 subnormals to zero: a vector holding one takes the baseline's conversion. (Called
+/// once per block, not inlined: the trampolines are not compiled for BF16.)
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, DQ and BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+unsafe fn f32_to_bf16_avx512bf16(src: &[f32], dst: &mut [half::bf16]) {
+    use std::arch::x86_64::*;
+    const SUBNORMAL: i32 = 0x20; // the `fpclass` category of denormal values
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: `i + 32 <= n` keeps the loads and the store inside both slices; the features
+        // are this function's contract.
+        unsafe {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(i));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
+            if _mm512_fpclass_ps_mask::<SUBNORMAL>(lo) | _mm512_fpclass_ps_mask::<SUBNORMAL>(hi) == 0 {
+                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast::<__m512i>(), packed);
+            } else {
+                Baseline.f32_to_bf16(&src[i..i + 32], &mut dst[i..i + 32]);
+            }
+        }
+        i += 32;
+    }
+    Baseline.f32_to_bf16(&src[i..n], &mut dst[i..n]);
 }
 
 /// Runs `kernel` compiled for `level`. A path the CPU cannot run falls back to the baseline one,
@@ -291,7 +345,7 @@ pub fn dispatch<K: Kernel>(level: SimdLevel, kernel: K) -> K::Output {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")]
 unsafe fn run_avx512<K: Kernel>(kernel: K) -> K::Output {
-    kernel.run(Avx512(()))
+    kernel.run(Avx512 { bf16: is_x86_feature_detected!("avx512bf16") })
 }
 
 #[cfg(target_arch = "x86_64")]
