@@ -11,9 +11,9 @@ rsoptim must raise an exception of the same type; where torch steps, rsoptim mus
 
 The second property does the same for ``clip_grad_norm_`` against ``torch.nn.utils``.
 
-A third does it for bfloat16/float16 params, bit for bit: against torch's fused Adam/AdamW
-kernel, and against torch's float32 for-loop rounded once per stored value (see "bfloat16 /
-float16 params" below).
+Two more do it for bfloat16/float16 params and grads, bit for bit: the optimizers against torch's
+fused Adam/AdamW kernel and against torch's float32 for-loop rounded once per stored value (see
+"bfloat16 / float16 params" below), and ``clip_grad_norm_`` against torch's.
 
 Runs are deterministic (``derandomize=True``) and bounded (``max_examples``), so CI sees the same
 examples every time. ``FUZZ_EXAMPLES_SCALE`` (a float, default 1) scales the example counts for
@@ -515,12 +515,13 @@ def test_optimizers_match_torch(run):
 # -------------------------------------------------------------------------------------------
 
 CLIP_DTYPES = ["float32", "float64", "complex64", "complex128"]
+CLIP_SCALES = [1.0, 1.0, 3e19, 1e-30, 1e-20, 1e20, 1e155, 1e-160, 0.0]
 
 
 @st.composite
-def clip_cases(draw):
+def clip_cases(draw, dtypes=CLIP_DTYPES, mixed_dtypes=CLIP_DTYPES, scales=CLIP_SCALES):
     n = draw(st.integers(0, 4))
-    base = draw(st.sampled_from(CLIP_DTYPES))
+    base = draw(st.sampled_from(dtypes))
     mixed = draw(st.integers(0, 3)) == 0
     grads = []
     for _ in range(n):
@@ -530,13 +531,13 @@ def clip_cases(draw):
             plan = {
                 "seed": draw(st.integers(0, 2**16)),
                 "layout": draw(layouts(shape, for_grad=True)),
-                "scale": draw(st.sampled_from([1.0, 1.0, 3e19, 1e-30, 1e-20, 1e20, 1e155, 1e-160, 0.0])),
+                "scale": draw(st.sampled_from(scales)),
             }
             if draw(st.integers(0, 5)) == 0 and math.prod(shape) > 0:
                 plan["nonfinite"] = draw(
                     st.lists(st.tuples(st.integers(0, math.prod(shape) - 1), st.sampled_from(["nan", "inf", "-inf"])), min_size=1, max_size=2)
                 )
-        grads.append({"dtype": draw(st.sampled_from(CLIP_DTYPES)) if mixed else base, "shape": shape, "grad": plan})
+        grads.append({"dtype": draw(st.sampled_from(mixed_dtypes)) if mixed else base, "shape": shape, "grad": plan})
     return {
         "grads": grads,
         "max_norm": draw(st.sampled_from([1.0, 0.5, 1e-3, 0.0, 1e6, 1e30])),
@@ -551,7 +552,7 @@ def clip_cases(draw):
 def clip_params(case) -> list[torch.Tensor]:
     params = []
     for i, spec in enumerate(case["grads"]):
-        dtype = DTYPES[spec["dtype"]]
+        dtype = {**DTYPES, **HALF}[spec["dtype"]]
         p = torch.zeros(spec["shape"], dtype=dtype, requires_grad=True)
         if spec["grad"] is not None:
             p.grad = make_grad(spec["grad"], p)
@@ -588,6 +589,7 @@ def check_clip(case, fn_ours, fn_ref) -> None:
     r = outcome(lambda: fn_ref(clip_container(case, ref_params), case["max_norm"], **args))
     o = outcome(lambda: fn_ours(clip_container(case, our_params), case["max_norm"], **args))
     torch_raised = r[0] == "raised"
+    same_totals = False
     if same_outcome(o, r, "clip_grad_norm_"):
         total_ref, total_ours = r[1], o[1]
         assert isinstance(total_ours, torch.Tensor)
@@ -599,6 +601,7 @@ def check_clip(case, fn_ours, fn_ref) -> None:
         least_precise = max(grad_dtypes + [total_ref.dtype], key=lambda d: TOLERANCES[d][0])
         rtol, atol = TOLERANCES[least_precise]
         torch.testing.assert_close(total_ours, total_ref, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"total norm: {m}")
+        same_totals = bool(torch.equal(bits(total_ours), bits(total_ref)) or (total_ours.isnan() & total_ref.isnan()))
     # The grads: as torch left them (untouched where torch raised before scaling).
     for i, (p, q) in enumerate(zip(our_params, ref_params)):
         if q.grad is None:
@@ -615,6 +618,10 @@ def check_clip(case, fn_ours, fn_ref) -> None:
         torch.testing.assert_close(
             p.grad, q.grad, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"grad {i} after clipping: {m}"
         )
+        if q.grad.dtype in HALF.values() and same_totals:
+            # Half-precision grads are scaled in float32 and rounded once, as torch's
+            # _foreach_mul_ does: with the same total (so the same factor), the same bits.
+            same_values(p.grad.contiguous(), q.grad.contiguous(), f"grad {i} ({q.grad.dtype}) after clipping")
         assert_outside_untouched([p.grad], [q.grad], "grad", "clip_grad_norm_")
 
 
@@ -971,3 +978,27 @@ def check_against_unpadded_fused(p, plain_q, s_ours, s_plain, tag) -> None:
 def test_half_precision_optimizers_match_torch(run):
     check_half_run(run)
 
+
+# -------------------------------------------------------------------------------------------
+# clip_grad_norm_ on bfloat16 / float16 grads
+# -------------------------------------------------------------------------------------------
+#
+# The contract of tests/test_clip.py (test_half_precision_grads_are_clipped_as_torch_does): each
+# grad's norm comes from float32 terms (torch sums them in float32, rsoptim's kernels in float64)
+# and is rounded to the grad's dtype, so a total may differ from torch's in its last bit (within
+# torch's default tolerance for the dtype); the grads are scaled in float32 and rounded once, so
+# where the totals agree they are bit for bit torch's, and otherwise within that tolerance.
+# Scales reach the half types' edges: float16 overflow (3e4 squared, 1e30) and subnormals
+# (1e-5), bfloat16's range (1e-30, 1e30); some cases mix in float32/float64 grads.
+
+
+@fuzz_settings(200)
+@given(
+    case=clip_cases(
+        dtypes=list(HALF),
+        mixed_dtypes=list(HALF) + ["float32", "float64"],
+        scales=[1.0, 1.0, 1e-3, 1e3, 3e4, 1e-5, 1e-30, 1e30, 0.0],
+    )
+)
+def test_clip_grad_norm_half_precision_matches_torch(case):
+    check_clip(case, rsoptim.clip_grad_norm_, torch.nn.utils.clip_grad_norm_)
