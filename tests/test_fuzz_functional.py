@@ -512,7 +512,9 @@ def reference(case, seen, steps):
     ts = {role: None if items is None else [None if a is None else t(a) for a in items] for role, items in seen.items()}
     out_steps = None
     if fn in HAS_STEPS:
-        step_ts = [torch.tensor(float(s), dtype=torch.float64) for s in steps]
+        # In the steps' own dtype: a float32 count is incremented in float32 (steps inside a
+        # state array hold fractions, where that rounds).
+        step_ts = [torch.tensor(float(s), dtype=torch.float32 if steps.dtype == np.float32 else torch.float64) for s in steps]
     rounding = ieee_sqrt() if half is not None else contextlib.nullcontext()
     if fn == "adam_":
         with rounding:
