@@ -13,7 +13,10 @@ The second property does the same for ``clip_grad_norm_`` against ``torch.nn.uti
 
 Two more do it for bfloat16/float16 params and grads, bit for bit: the optimizers against torch's
 fused Adam/AdamW kernel and against torch's float32 for-loop rounded once per stored value (see
-"bfloat16 / float16 params" below), and ``clip_grad_norm_`` against torch's.
+"bfloat16 / float16 params" below), and ``clip_grad_norm_`` against torch's. Two more hold
+rsoptim's own half-precision options (``master_weights``, ``stochastic_rounding``) to the same
+float32 references, bit for bit where the contract is exact (see "master_weights /
+stochastic_rounding" below).
 
 Runs are deterministic (``derandomize=True``) and bounded (``max_examples``), so CI sees the same
 examples every time. ``FUZZ_EXAMPLES_SCALE`` (a float, default 1) scales the example counts for
@@ -23,6 +26,7 @@ longer local runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import math
 import warnings
@@ -979,6 +983,315 @@ def check_against_unpadded_fused(p, plain_q, s_ours, s_plain, tag) -> None:
 @given(run=half_runs())
 def test_half_precision_optimizers_match_torch(run):
     check_half_run(run)
+
+
+# -------------------------------------------------------------------------------------------
+# master_weights / stochastic_rounding on bfloat16 / float16 params
+# -------------------------------------------------------------------------------------------
+#
+# The contract (README "Half-precision params", docs/torch-contract.md 2.6): with
+# ``master_weights=True`` the step loads the param's float32 copy ``state['master_param']``
+# instead of the param, stores it unrounded and the param as its rounding to nearest; with
+# ``stochastic_rounding=True`` the param is stored as one of the two values of its dtype around
+# the float32 result (keyed by seed, param, step and element, so reproducible and the same for
+# any thread count); the state is rounded to nearest either way. float32 params in the same
+# optimizer are left exactly as without the options.
+#
+# The references are the half-precision property's (torch's fused kernel on padded copies for
+# Adam/AdamW with state in the param's dtype, the float32 for-loop with ``ieee_sqrt`` and the
+# fused Tensor-lr rule otherwise), run on float32 params (the fused kernel's float32 vector body
+# computes as its bfloat16/float16 one does, once the values are loaded):
+# * with master weights, over the whole run on float32 params that are never rounded (the
+#   state rounded to its dtype after each step where it is half): the master copy must equal
+#   the reference param bit for bit after every step (the param never feeds back into it);
+# * with stochastic rounding alone, one step at a time from rsoptim's own param and state
+#   before the step (so that only this step's rounding is tested: later steps start from
+#   wherever the random bits took the param).
+# Each run also goes a second time with 2 kernel threads instead of 1 (a big param is drawn
+# now and then, so that a step is cut into pieces over the threads), its optimizer replaced
+# mid-run by a fresh one built without the options that loads a deep copy of the state dict:
+# the two runs must agree bit for bit, params and state.
+
+#: Elements of the big param drawn now and then: more than the kernels' threshold for running
+#: a step on several threads (``OPENMP_PARALLEL_MIN_ELEMENTS``, 2^16, on torch's OpenMP threads;
+#: under RSOPTIM_BACKEND=rayon the threshold is 2^19 and the step stays on one thread).
+EXTENSION_BIG = (1 << 16) + 37
+EXTENSION_DTYPES = {**HALF, "float32": torch.float32}
+
+
+@st.composite
+def extension_runs(draw, stochastic: bool):
+    """A ``half_runs`` run with float32 params mixed in, sometimes a big half param, and the
+    options: master weights (always without ``stochastic``, else drawn), stochastic rounding
+    with a drawn seed (None: ``torch.initial_seed()``), and the step after which the second
+    run's optimizer is replaced through its state dict."""
+    run = draw(half_runs())
+    params, grads = run["params"], run["grads"]
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+        shape = draw(HALF_SHAPES)
+        layout = draw(layouts(shape, for_grad=False))
+        at = draw(st.integers(0, len(params)))
+        params.insert(
+            at,
+            {
+                "dtype": "float32",
+                "shape": shape,
+                "layout": ("contiguous",) if layout[0] == "expanded" else layout,
+                "seed": draw(st.integers(0, 2**16)),
+            },
+        )
+        for step_plans in grads:
+            step_plans.insert(at, draw(half_grad_plans(shape)))
+    if draw(st.integers(0, 9)) == 0:
+        at = draw(st.integers(0, len(params)))
+        shape = (EXTENSION_BIG,)
+        dtype = draw(st.sampled_from(list(HALF)))
+        params.insert(at, {"dtype": dtype, "shape": shape, "layout": ("contiguous",), "seed": draw(st.integers(0, 2**16))})
+        for step_plans in grads:
+            plan = None
+            if draw(st.integers(0, 5)) != 0:
+                plan = {"seed": draw(st.integers(0, 2**16)), "layout": ("contiguous",), "scale": draw(st.sampled_from([1.0, 1e-3, 1e-5]))}
+            step_plans.insert(at, plan)
+    run["split"] = draw(st.integers(0, len(params))) if len(params) > 1 and draw(st.booleans()) else None
+    run["group2"] = {"lr": abs(draw(lrs)), "weight_decay": max(draw(weight_decays), 0.0)} if run["split"] is not None else None
+    run["master_weights"] = draw(st.booleans()) if stochastic else True
+    run["stochastic_rounding"] = stochastic
+    run["seed"] = draw(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**64 - 1, None]))) if stochastic else None
+    n_steps = len(grads)
+    run["swap_after"] = draw(st.sampled_from([None, *range(1, n_steps)])) if n_steps > 1 else None
+    return run
+
+
+def extension_kwargs(run, *, options: bool) -> dict[str, Any]:
+    """rsoptim's arguments, with the run's options or with none of them (not even state_dtype)."""
+    kw = half_kwargs(run, for_ref=None)
+    if not options:
+        kw.pop("state_dtype", None)
+        return kw
+    kw["master_weights"] = run["master_weights"]
+    if run["stochastic_rounding"]:
+        kw["stochastic_rounding"] = True
+        if run["seed"] is not None:
+            kw["stochastic_rounding_seed"] = run["seed"]
+    return kw
+
+
+def reference_groups(run, ref_params: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+    """The run's param groups over the reference params of its half params (by index in the
+    run's param list); groups with none are left out."""
+    n = len(run["params"])
+    s = run["split"]
+    spans = [(range(n), {})] if s is None else [(range(s), {}), (range(s, n), run["group2"])]
+    groups = [{"params": [ref_params[i] for i in span if i in ref_params], **options} for span, options in spans]
+    return [g for g in groups if g["params"]]
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int):
+    """rsoptim's kernels on ``n`` threads within the block (then as before, following torch's
+    count if they did)."""
+    follow, before = rsoptim._threads._follow_torch, rsoptim.get_num_threads()
+    rsoptim.set_num_threads(n)
+    try:
+        yield
+    finally:
+        rsoptim.set_num_threads(None if follow else before)
+
+
+def snapshot(opt, params) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Copies of each param and its state."""
+    return [
+        (p.detach().clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state.get(p, {}).items()})
+        for p in params
+    ]
+
+
+def assert_identical(actual, expected, what: str, indices=None) -> None:
+    """Two snapshots agree bit for bit (NaN payloads included): params, state keys, state
+    dtypes and values."""
+    for i in range(len(expected)) if indices is None else indices:
+        (p, s), (q, t) = actual[i], expected[i]
+        assert p.dtype == q.dtype and torch.equal(bits(p), bits(q)), f"{what}: param {i} ({q.dtype}) differs"
+        assert set(s) == set(t), f"{what}: param {i} state keys {sorted(s)} != {sorted(t)}"
+        for key, value in t.items():
+            other = s[key]
+            if isinstance(value, torch.Tensor):
+                assert isinstance(other, torch.Tensor) and other.dtype == value.dtype and other.shape == value.shape, (
+                    f"{what}: param {i} state[{key!r}] is {other!r}, not like {value.dtype} {tuple(value.shape)}"
+                )
+                assert torch.equal(bits(other), bits(value)), f"{what}: param {i} state[{key!r}] differs"
+            else:
+                assert other == value, f"{what}: param {i} state[{key!r}] {other!r} != {value!r}"
+
+
+def assert_rounded_either_way(actual: torch.Tensor, value: torch.Tensor, what: str, zero_sign: bool = True) -> None:
+    """Each element of ``actual`` (a half dtype) is one of the two values of its dtype around the
+    float32 ``value`` (the value itself where it is one, with its sign if it is a zero unless
+    not ``zero_sign``; NaN where it is NaN; the largest finite value or inf past it). Where many
+    elements lie between two values, not all may be the nearest one: the chance that unbiased
+    stochastic rounding picks the nearest everywhere must be above 1e-13 for that."""
+    dtype = actual.dtype
+    a, v = actual.detach().reshape(-1), value.detach().reshape(-1)
+    assert a.shape == v.shape, f"{what}: shape"
+    nearest = v.to(dtype)
+    toward = torch.where(nearest.float() > v, -math.inf, math.inf).to(dtype)
+    other = torch.where(nearest.float() == v, nearest, torch.nextafter(nearest, toward))
+    a_nan, v_nan = a.isnan(), v.isnan()
+    ok = (bits(a) == bits(nearest)) | (bits(a) == bits(other))
+    if not zero_sign:
+        ok |= (a == 0) & (v == 0)
+    ok = torch.where(v_nan, a_nan, ok & ~a_nan)
+    if not ok.all():
+        where = (~ok).nonzero().reshape(-1)[:5].tolist()
+        raise AssertionError(
+            f"{what}: {int((~ok).sum())} of {a.numel()} elements are not a neighbour of the float32 value, e.g. at "
+            f"flat indices {where}: {[a[i].item() for i in where]} for {[v[i].item() for i in where]}"
+        )
+    between = ~v_nan & (nearest != other) & nearest.isfinite() & other.isfinite()
+    if between.any():
+        near, far, exact = nearest[between].double(), other[between].double(), v[between].double()
+        fractions = ((exact - near) / (far - near)).abs()
+        log_all_nearest = float(torch.log1p(-fractions).sum())
+        if log_all_nearest < math.log(1e-13):
+            assert (bits(a[between]) == bits(far.to(dtype))).any(), (
+                f"{what}: every one of {int(between.sum())} elements was rounded to nearest "
+                f"(probability e^{log_all_nearest:.0f} under stochastic rounding)"
+            )
+
+
+def check_extension_run(run) -> None:
+    name = run["name"]
+    ref_cls, our_cls = CLASSES[name]
+    master, stochastic = run["master_weights"], run["stochastic_rounding"]
+    state_dtype = torch.float32 if run["state_dtype"] == "float32" else None
+    fused = name in ("Adam", "AdamW") and state_dtype is None
+    lerp_keys = set() if fused else ZERO_SIGN_FROM_LERP[name]
+    specs = run["params"]
+    dtypes = [EXTENSION_DTYPES[spec["dtype"]] for spec in specs]
+    starts = [values(spec["shape"], dtype, spec["seed"]) for spec, dtype in zip(specs, dtypes)]
+    half = [i for i, dtype in enumerate(dtypes) if dtype in HALF.values()]
+    singles = [i for i, dtype in enumerate(dtypes) if dtype == torch.float32]
+
+    def build(options: bool):
+        params = [laid_out(v.clone(), spec["layout"], gap_fill=12345.0).requires_grad_() for v, spec in zip(starts, specs)]
+        return params, our_cls(param_groups(run, params), **extension_kwargs(run, options=options))
+
+    first_p, first = build(True)  # stepped on 1 thread
+    again_p, again = build(True)  # on 2 threads, replaced through its state dict at swap_after
+    plain_p, plain = build(False)  # the float32 params' reference: no options
+    if stochastic and run["seed"] is None:
+        assert all(g["stochastic_rounding_seed"] == torch.initial_seed() for g in first.param_groups)
+    outside_before = [outside_view(p).clone() for p in first_p]
+    ref_p = {i: (padded(starts[i].float()) if fused else starts[i].float()).requires_grad_() for i in half}
+    ref = ref_cls(reference_groups(run, ref_p), **half_kwargs(run, for_ref="fused" if fused else "float32"))
+    stepped = [0] * len(specs)  # steps each param took (SGD counts them for stochastic rounding)
+    for step in range(len(run["grads"])):
+        where = f"{name} step {step + 1}"
+        if step in run["rewrites"]:
+            for opt in (first, again, plain, ref):
+                set_hyperparameter(opt, *run["rewrites"][step])
+        # Stochastic rounding alone: the reference steps from rsoptim's param and state.
+        before = snapshot(first, first_p) if stochastic and not master else None
+        for i, plan in enumerate(run["grads"][step]):
+            g = None if plan is None else laid_out(half_grad(plan, specs[i]["shape"], dtypes[i]), plan["layout"], gap_fill=float("nan"))
+            for params in (first_p, again_p, plain_p):
+                params[i].grad = None if g is None else twin_all([g])[0]
+            stepped[i] += g is not None
+            if i in ref_p:
+                q = ref_p[i]
+                q.grad = None if g is None else padded(g.float()) if fused else g.float().contiguous()
+                if before is not None:
+                    p_before, s_before = before[i]
+                    with torch.no_grad():
+                        q.copy_(padded(p_before.float()) if fused else p_before.float())
+                    ref.state.pop(q, None)
+                    if s_before:
+                        ref.state[q] = {
+                            k: v.clone() if k == "step" else padded(v.float()) if fused else v.float().contiguous()
+                            for k, v in s_before.items()
+                            if not (name == "SGD" and k == "step")
+                        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with kernel_threads(1):
+                first.step()
+                plain.step()
+            with kernel_threads(2):
+                again.step()
+            if fused:
+                ref.step()
+            else:
+                with ieee_sqrt() as sqrt_calls:
+                    ref.step()
+                if name != "SGD" and any(q.grad is not None and q.numel() for q in ref_p.values()):
+                    assert sqrt_calls[0] > 0, "the reference no longer calls Tensor.sqrt: revisit ieee_sqrt"
+        if state_dtype is None:
+            with torch.no_grad():  # state kept in the half dtype: rounded once, as rsoptim stores it
+                for i, q in ref_p.items():
+                    for key, value in ref.state.get(q, {}).items():
+                        if key != "step":
+                            value.copy_(value.to(dtypes[i]))
+        ours = snapshot(first, first_p)
+        assert_identical(ours, snapshot(plain, plain_p), f"{where}: float32 params with the options vs without", indices=singles)
+        for i, q in ref_p.items():
+            p, dtype = first_p[i], dtypes[i]
+            tag = f"{where}, param {i} ({dtype}, shape {tuple(p.shape)}, layout {specs[i]['layout']})"
+            s_ours, s_ref = first.state.get(p, {}), ref.state.get(q, {})
+            extra = set()
+            if stepped[i]:
+                extra |= {"master_param"} if master else set()
+                extra |= {"step"} if name == "SGD" and stochastic else set()
+            assert set(s_ours) == set(s_ref) | extra, f"{tag}: state keys {sorted(s_ours)} != {sorted(set(s_ref) | extra)}"
+            value = unpadded(q, p) if fused else q.detach()
+            if "master_param" in s_ours:
+                copy_ = s_ours["master_param"]
+                assert copy_.dtype == torch.float32 and copy_.shape == p.shape, f"{tag}: master_param {copy_.dtype} {tuple(copy_.shape)}"
+                same_values(copy_.contiguous(), value, f"{tag}: master_param", zero_sign="param" not in lerp_keys)
+                value, value_zero_sign = copy_, True  # the param is the rounding of rsoptim's own copy
+            else:
+                value_zero_sign = "param" not in lerp_keys
+            if stochastic:
+                assert_rounded_either_way(p.detach().contiguous(), value.contiguous(), f"{tag}: param", zero_sign=value_zero_sign)
+            else:
+                same_values(p.detach().contiguous(), value.to(dtype), f"{tag}: param (its master copy rounded to nearest)")
+            for key, expected in s_ref.items():
+                actual = s_ours[key]
+                if key == "step":
+                    assert actual.dtype == expected.dtype and actual.item() == expected.item(), f"{tag}: step {actual!r} != {expected!r}"
+                    continue
+                want_dtype = state_dtype or dtype
+                assert actual.dtype == want_dtype, f"{tag}: state[{key!r}] dtype {actual.dtype} != {want_dtype}"
+                expected = unpadded(expected, p) if fused else expected
+                same_values(actual.contiguous(), expected.to(want_dtype), f"{tag}: state[{key!r}]", zero_sign=key not in lerp_keys)
+            if "step" in extra:
+                count = s_ours["step"]
+                assert count.dtype == torch.float32 and count.item() == stepped[i], f"{tag}: SGD's step count {count!r} != {stepped[i]}"
+        for i, p in enumerate(first_p):
+            assert torch.equal(bits(outside_view(p)), bits(outside_before[i])), f"{where}: param {i}'s storage changed outside it"
+        swapped = ""
+        if run["swap_after"] is not None and run["swap_after"] <= step:
+            swapped = f", its optimizer replaced through a state dict after step {run['swap_after']}"
+        assert_identical(snapshot(again, again_p), ours, f"{where}: the run on 2 threads{swapped} vs the run on 1")
+        if run["swap_after"] == step + 1:
+            saved = copy.deepcopy(again.state_dict())
+            again = our_cls(param_groups(run, again_p), **extension_kwargs(run, options=False))
+            again.load_state_dict(saved)
+            for g_again, g_first in zip(again.param_groups, first.param_groups):
+                for key in ("state_dtype", "master_weights", "stochastic_rounding", "stochastic_rounding_seed"):
+                    loaded, kept = g_again.get(key), g_first.get(key)
+                    assert loaded == kept, f"{where}: loaded group[{key!r}] {loaded!r} != {kept!r}"
+
+
+@fuzz_settings(350)
+@given(run=extension_runs(stochastic=False))
+def test_master_weights_match_the_float32_reference(run):
+    check_extension_run(run)
+
+
+@fuzz_settings(350)
+@given(run=extension_runs(stochastic=True))
+def test_stochastic_rounding_picks_a_neighbour_of_the_float32_reference(run):
+    check_extension_run(run)
 
 
 # -------------------------------------------------------------------------------------------
