@@ -1,10 +1,17 @@
-"""The bench CLI runs (a smoke test: one tiny row, no timing is asserted)."""
+"""The bench CLI runs (smoke tests on tiny rows; no timing is asserted)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
+import torch
+
+import rsoptim
+from rsoptim import bench
 
 
 def test_bench_cli_runs_one_row():
@@ -33,3 +40,157 @@ def test_bench_cli_runs_a_bfloat16_row():
     row = result["rows"][0]
     assert row["bytes_per_step"] == row["elements"] * 7 * 2  # 7 streams of 2-byte elements
     assert row["roofline_seconds"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The DeepSpeedCPUAdam column: optional. The suite never needs deepspeed; where it is installed
+# the column's logic is exercised too.
+
+# Runs the CLI in a fresh interpreter where `import deepspeed` fails as if it were not installed.
+WITHOUT_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None; from rsoptim.bench import main; sys.exit(main(sys.argv[1:]))"
+TINY = ["--workloads", "seed-mlp", "--repeats", "1", "--warmup", "0", "--no-memory"]
+
+
+def run_bench(args: list[str], code: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "rsoptim.bench", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=check)
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def test_without_deepspeed_the_table_has_its_rows_and_one_note():
+    out = run_bench([*TINY, "--cases", "Adam,AdamW"], code=WITHOUT_DEEPSPEED)
+    assert "Traceback" not in out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith(("Adam ", "AdamW "))] == ["Adam", "AdamW"]
+    assert "x DeepSpeed" not in out.stdout
+    notes = [line for line in lines if "DeepSpeedCPUAdam" in line]
+    assert notes == ["Note: DeepSpeedCPUAdam column left out: deepspeed is not installed (scripts/bench.sh installs it)"]
+
+
+def test_without_deepspeed_json_has_the_rows_and_the_note():
+    out = run_bench([*TINY, "--cases", "Adam", "--json"], code=WITHOUT_DEEPSPEED)
+    result = json.loads(out.stdout)
+    assert [set(r["seconds"]) for r in result["rows"]] == [{"rsoptim", "torch fused", "torch foreach", "torch for-loop"}]
+    assert result["notes"] == ["DeepSpeedCPUAdam column left out: deepspeed is not installed (scripts/bench.sh installs it)"]
+    assert result["machine"]["deepspeed"] is None
+
+
+def test_the_fp32_state_case_needs_half_params():
+    out = run_bench([*TINY, "--cases", "AdamW fp32 state"], check=False)
+    assert out.returncode == 2
+    assert "runs on half-precision params: add --dtype bfloat16" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_the_fp32_state_case_moves_22_bytes_per_bfloat16_element():
+    out = run_bench([*TINY, "--cases", "AdamW fp32 state", "--dtype", "bfloat16", "--json", "--no-deepspeed"])
+    row = json.loads(out.stdout)["rows"][0]
+    assert row["case"] == "AdamW fp32 state"
+    assert row["bytes_per_step"] == row["elements"] * (3 * 2 + 2 * 2 * 4)  # grad, param r+w; two float32 moments r+w
+    assert row["roofline_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    ("bytes_moved", "bytes_written", "layout"),
+    [
+        (28, 12, (4, 3)),  # float32 Adam: exactly its streams
+        (14, 6, (2, 3)),  # bfloat16 Adam
+        (20, 8, (4, 2)),  # float32 SGD momentum / RMSprop
+        (22, 10, (22 / 9, 4)),  # bfloat16 params, float32 moments: same bytes, at most 4 written buffers
+    ],
+)
+def test_the_roofline_probe_moves_the_same_bytes(bytes_moved, bytes_written, layout):
+    buffer_bytes, written = bench.probe_layout(bytes_moved, bytes_written)
+    assert (buffer_bytes, written) == pytest.approx(layout)
+    assert buffer_bytes * (1 + 2 * written) == pytest.approx(bytes_moved)
+    assert written <= bench.STREAM_PROBE_MAX_WRITTEN
+    params = bench.make_params([(1000,), (7,)], dtype=torch.bfloat16)
+    bench.roofline_probe(params, bytes_moved, bytes_written)()  # runs (no timing is asserted)
+
+
+def test_the_plot_has_a_bfloat16_curve(tmp_path):
+    png = tmp_path / "adam.png"
+    out = run_bench([*TINY, "--cases", "Adam", "--json", "--no-deepspeed", "--plot", str(png), "--plot-max-elements", "4096"])
+    result = json.loads(out.stdout)
+    curves = {(p["dtype"], p["elements"]): p for p in result["size_sweep"]}
+    assert set(curves) == {(d, n) for d in ("float32", "bfloat16") for n in (1024, 4096)}
+    assert curves["bfloat16", 1024]["bytes_per_element"] == 14 and curves["float32", 1024]["bytes_per_element"] == 28
+    assert {"rsoptim", "torch fused", "roofline"} <= set(curves["bfloat16", 4096])
+    assert png.stat().st_size > 0
+    assert result["notes"] == ["DeepSpeedCPUAdam column left out: --no-deepspeed"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_adam():
+    if not deepspeed_installed():
+        pytest.skip("deepspeed is not installed (scripts/bench.sh installs it)")
+    column = bench.load_deepspeed()
+    if column.optimizer is None:
+        pytest.skip(column.note)
+    return column.optimizer
+
+
+def test_the_deepspeed_column_is_in_the_adam_rows(deepspeed_adam):
+    out = run_bench([*TINY, "--cases", "Adam,AdamW,AdamW fp32 state", "--dtype", "bfloat16", "--json"])
+    result = json.loads(out.stdout)
+    assert result["machine"]["deepspeed"]
+    # Where this CPU's DeepSpeed refuses bfloat16 (no AVX-512) a row says so instead.
+    for row in result["rows"]:
+        assert "DeepSpeedCPUAdam" in row["seconds"] or any("DeepSpeedCPUAdam left out of " + row["case"] in n for n in row["notes"])
+
+
+@pytest.mark.parametrize(
+    ("case_name", "dtype"),
+    [("Adam", torch.float32), ("AdamW", torch.float32), ("Adam", torch.bfloat16), ("AdamW", torch.bfloat16), ("AdamW fp32 state", torch.bfloat16)],
+)
+def test_deepspeed_steps_the_same_update_as_rsoptim(deepspeed_adam, case_name, dtype):
+    """The column compares the same update: same hyperparameters, same state dtype."""
+    case = next(c for c in bench.cases(deepspeed_adam) if c.name == case_name)
+    shapes = [(64, 33), (5,)]
+    results = {}
+    for label in ("rsoptim", "DeepSpeedCPUAdam"):
+        params = bench.make_params(shapes, dtype=dtype)
+        step = case.impls[label](params)
+        for _ in range(3):
+            step()
+        bench.check_state_dtypes(label, step, torch.float32 if case.float32_state_buffers else dtype)
+        results[label] = [p.detach().float() for p in params]
+    # float32: the same arithmetic in another order; bfloat16: each value rounded once per step.
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-6}
+    for ours, theirs in zip(results["rsoptim"], results["DeepSpeedCPUAdam"]):
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def test_a_failing_optional_column_becomes_a_note_and_a_failing_rsoptim_raises():
+    def refuses(params):
+        raise RuntimeError("Adam optimizer with param type BFloat16 and state type BFloat16 is not supported on current hardware")
+
+    working = bench._optimizer_step(torch.optim.SGD, lr=0.1)
+    case = bench.Case("SGD", {"rsoptim": working, bench.DEEPSPEED: refuses}, 3, 1)
+    fns, notes = bench.build_steps(case, bench.make_params([(10,)]), "tiny / float32")
+    assert list(fns) == ["rsoptim"]
+    assert notes == [
+        "DeepSpeedCPUAdam left out of SGD / tiny / float32: RuntimeError: Adam optimizer with param type BFloat16 "
+        "and state type BFloat16 is not supported on current hardware"
+    ]
+    with pytest.raises(RuntimeError, match="not supported"):
+        bench.build_steps(bench.Case("SGD", {"rsoptim": refuses}, 3, 1), bench.make_params([(10,)]), "tiny")
+
+
+def test_a_failed_build_reads_as_one_line_that_names_the_cause():
+    error = RuntimeError("Error building extension 'cpu_adam': [1/3] c++ -c a.cpp -o a.o\nFAILED: a.o\nc++ -c a.cpp -o a.o\na.cpp:1:10: fatal error: x.h: No such file or directory\nninja: build stopped")
+    line = bench._one_line(error)
+    assert "\n" not in line
+    assert line == "RuntimeError: Error building extension 'cpu_adam': [1/3] c++ -c a.cpp -o a.o ... a.cpp:1:10: fatal error: x.h: No such file or directory"
+
+
+def test_a_state_buffer_in_another_dtype_is_caught():
+    params = bench.make_params([(10,)], dtype=torch.bfloat16)
+    step = bench._optimizer_step(rsoptim.AdamW, state_dtype=torch.float32)(params)
+    step()
+    bench.check_state_dtypes("rsoptim", step, torch.float32)
+    with pytest.raises(RuntimeError, match="keeps exp_avg in torch.float32, not torch.bfloat16"):
+        bench.check_state_dtypes("rsoptim", step, torch.bfloat16)

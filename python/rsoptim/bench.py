@@ -11,15 +11,21 @@ and reports medians. "GB/s" is the bytes a step must move (params, grads and sta
 written once) over its time; "roofline" is a plain streaming loop moving the same bytes per
 element on the same tensors and threads, measured in the same run, so "% roofline" is a
 measured fraction of what this machine's memory system delivers.
+
+Where ``deepspeed`` is installed and its CPU Adam op builds (a C++ extension compiled with ninja on
+first use), the Adam and AdamW rows get a DeepSpeedCPUAdam column, stepped on the same tensors with
+the same hyperparameters and threads; otherwise one line says why the column is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -71,22 +77,127 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0, dtype: torch.dtype
 
 
 # ---------------------------------------------------------------------------------------------
+# DeepSpeed's CPU Adam: a column where deepspeed is installed and its op builds on this machine.
+
+DEEPSPEED = "DeepSpeedCPUAdam"
+#: The cases with a DeepSpeedCPUAdam column.
+DEEPSPEED_CASES = ("Adam", "AdamW", "AdamW fp32 state")
+
+
+@dataclass
+class DeepSpeedColumn:
+    #: DeepSpeedCPUAdam once its cpu_adam op has built and loaded, else None.
+    optimizer: type | None = None
+    version: str | None = None
+    #: Why the column is left out (one line), when it is.
+    note: str | None = None
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Sends what is printed meanwhile, by Python or by a compiler or C++ code on file
+    descriptor 1, to stderr: deepspeed logs to stdout, and stdout carries only the report
+    (``--json`` must stay parseable)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(error: BaseException) -> str:
+    """An error as one line: its first line and, for a failed build (whose first line is a
+    compiler command), the first line further down that says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {_shorten(lines[0], 160) if lines else ''}"
+    cause = next((line for line in lines[1:] if re.search(r"error|not found", line, re.IGNORECASE) and len(line) < 300), None)
+    return text + (f" ... {_shorten(cause, 200)}" if cause else "")
+
+
+def load_deepspeed(progress: Progress | None = None) -> DeepSpeedColumn:
+    """Imports deepspeed and builds (or loads the cached build of) its cpu_adam op. Never raises:
+    whatever goes wrong becomes the column's one-line note."""
+    try:
+        with stdout_to_stderr():  # deepspeed's logger binds to stdout when it is imported
+            import deepspeed
+    except ModuleNotFoundError as e:
+        if e.name != "deepspeed":
+            return DeepSpeedColumn(note=f"{DEEPSPEED} column left out: import deepspeed failed: {_one_line(e)}")
+        return DeepSpeedColumn(note=f"{DEEPSPEED} column left out: deepspeed is not installed (scripts/bench.sh installs it)")
+    except Exception as e:  # a deepspeed that does not import with this torch: say so, go on
+        return DeepSpeedColumn(note=f"{DEEPSPEED} column left out: import deepspeed failed: {_one_line(e)}")
+    version = getattr(deepspeed, "__version__", None)
+    # The op is compiled by ninja, which pip installs beside this Python.
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if progress is not None:
+        progress.note(f"loading {DEEPSPEED}'s op (its first build compiles C++ with ninja and can take minutes)")
+    try:
+        with stdout_to_stderr():
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            from deepspeed.ops.op_builder import CPUAdamBuilder
+
+            CPUAdamBuilder().load()
+    except Exception as e:
+        return DeepSpeedColumn(version=version, note=f"{DEEPSPEED} column left out: deepspeed {version}'s cpu_adam op did not build: {_one_line(e)}")
+    return DeepSpeedColumn(optimizer=DeepSpeedCPUAdam, version=version)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cases: what one row runs.
 
 
 @dataclass
 class Case:
     name: str
-    #: rsoptim's implementation and torch's, by label; each builds a step function.
+    #: rsoptim's implementation and the others', by label; each builds a step function.
     impls: dict[str, Callable[[list[torch.Tensor]], Callable[[], object]]]
-    #: Elements moved per param element (reads + writes), and written buffers for the roofline.
+    #: Elements moved per param element (reads + writes) in the param's dtype, and how many of
+    #: those buffers are written (for the roofline; None: no roofline for this case).
     elements_moved: int
     roofline_written: int | None
+    #: State buffers kept in float32 whatever the param's dtype (``state_dtype=torch.float32``),
+    #: each read and written once per step.
+    float32_state_buffers: int = 0
+    #: Runs only on bfloat16/float16 params (with float32 params it would repeat another row).
+    half_only: bool = False
+
+    def bytes_per_element(self, itemsize: int) -> int:
+        return self.elements_moved * itemsize + 2 * 4 * self.float32_state_buffers
+
+    def bytes_written_per_element(self, itemsize: int) -> int:
+        assert self.roofline_written is not None
+        return self.roofline_written * itemsize + 4 * self.float32_state_buffers
+
+
+# The same hyperparameters for every implementation of a row (torch's defaults, spelled out so
+# that DeepSpeedCPUAdam, whose AdamW default weight decay is 0, steps the same update).
+ADAM_HYPERPARAMETERS: dict[str, object] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+ADAMW_HYPERPARAMETERS: dict[str, object] = {**ADAM_HYPERPARAMETERS, "weight_decay": 1e-2}
 
 
 def _optimizer_step(cls, **kwargs) -> Callable[[list[torch.Tensor]], Callable[[], object]]:
     def build(params: list[torch.Tensor]) -> Callable[[], object]:
         return cls(params, **kwargs).step
+
+    return build
+
+
+def _deepspeed_step(cls, adamw_mode: bool, fp32_optimizer_states: bool, **kwargs) -> Callable[[list[torch.Tensor]], Callable[[], object]]:
+    def build(params: list[torch.Tensor]) -> Callable[[], object]:
+        with stdout_to_stderr():  # its C++ side may print when the optimizer is created
+            optimizer = cls(params, adamw_mode=adamw_mode, fp32_optimizer_states=fp32_optimizer_states, **kwargs)
+        return optimizer.step
 
     return build
 
@@ -108,15 +219,52 @@ def _torch_variants(cls, fused: bool, **kwargs) -> dict[str, Callable]:
     return variants
 
 
-def cases() -> list[Case]:
+def cases(deepspeed_adam: type | None = None) -> list[Case]:
+    """Every case; ``deepspeed_adam`` (DeepSpeedCPUAdam, once its op has built) adds its column to
+    the Adam and AdamW rows."""
     clip_torch = torch.nn.utils.clip_grad_norm_
+
+    def deepspeed(case: str, adamw_mode: bool, fp32_optimizer_states: bool, hyperparameters: dict[str, object]) -> dict[str, Callable]:
+        assert case in DEEPSPEED_CASES  # main loads deepspeed only for those
+        if deepspeed_adam is None:
+            return {}
+        return {DEEPSPEED: _deepspeed_step(deepspeed_adam, adamw_mode, fp32_optimizer_states, **hyperparameters)}
+
+    adam, adamw = ADAM_HYPERPARAMETERS, ADAMW_HYPERPARAMETERS
     return [
-        Case("Adam", {"rsoptim": _optimizer_step(rsoptim.Adam), **_torch_variants(torch.optim.Adam, True)}, 7, 3),
         Case(
-            "AdamW",
-            {"rsoptim": _optimizer_step(rsoptim.AdamW), **_torch_variants(torch.optim.AdamW, True)},
+            "Adam",
+            {
+                "rsoptim": _optimizer_step(rsoptim.Adam, **adam),
+                **_torch_variants(torch.optim.Adam, True, **adam),
+                # State in the param's dtype, as rsoptim's and torch's.
+                **deepspeed("Adam", False, False, adam),
+            },
             7,
             3,
+        ),
+        Case(
+            "AdamW",
+            {
+                "rsoptim": _optimizer_step(rsoptim.AdamW, **adamw),
+                **_torch_variants(torch.optim.AdamW, True, **adamw),
+                **deepspeed("AdamW", True, False, adamw),
+            },
+            7,
+            3,
+        ),
+        Case(
+            # DeepSpeed's layout for half-precision params: float32 moments, 22 bytes per
+            # bfloat16 element. torch.optim has no such option, so no torch column.
+            "AdamW fp32 state",
+            {
+                "rsoptim": _optimizer_step(rsoptim.AdamW, state_dtype=torch.float32, **adamw),
+                **deepspeed("AdamW fp32 state", True, True, adamw),
+            },
+            3,  # grad read, param read and written
+            1,
+            float32_state_buffers=2,  # exp_avg, exp_avg_sq
+            half_only=True,
         ),
         Case(
             "SGD momentum",
@@ -194,6 +342,11 @@ class Progress:
         end = "\r" if sys.stderr.isatty() else "\n"
         print(f"{line:<100}", end=end, file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """A line that stays on screen (progress lines overwrite each other on a terminal)."""
+        if self.enabled:
+            print(f"{text:<100}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.enabled and sys.stderr.isatty():
             print(" " * 100, end="\r", file=sys.stderr, flush=True)
@@ -224,21 +377,38 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return {label: statistics.median(s) for label, s in samples.items()}
 
 
-def roofline_probe(params: list[torch.Tensor], written: int) -> Callable[[], object]:
-    """A streaming loop over buffers shaped like ``params``: ``written`` buffers read and written
-    and one more read, per element (see ``rsoptim_core::roofline``). Half-precision params get
-    float32 buffers of the same byte counts (the probe moves bytes; their type does not matter)."""
-    if params[0].dtype in (torch.bfloat16, torch.float16):
-        params = [torch.empty((p.numel() + 1) // 2) for p in params]
-    read = [torch.zeros_like(p) for p in params]
-    outs = [[torch.zeros_like(p) for p in params] for _ in range(written)]
-    dtype = {torch.float32: "float32", torch.float64: "float64"}[params[0].dtype]
-    numels = pack(p.numel() for p in params)
+# The binding's stream_probe takes 1 to 4 written buffers per read buffer.
+STREAM_PROBE_MAX_WRITTEN = 4
+
+
+def probe_layout(bytes_moved: int, bytes_written: int) -> tuple[float, int]:
+    """The roofline probe for a step that moves ``bytes_moved`` bytes per param element, of which
+    ``bytes_written`` are written: (bytes per param element in each float32 probe buffer, written
+    buffers). The probe moves the same bytes in the same read/write split where the split is one
+    the probe can make (28 B float32 and 14 B half Adam: 3 written buffers); otherwise (22 B for
+    half params with float32 state: 12 read, 10 written) it moves the same bytes with the nearest
+    split it can make, at most 4 written buffers (4/9 of the bytes written instead of 10/22)."""
+    read_only = bytes_moved - 2 * bytes_written  # bytes read and not written back
+    if read_only <= 0:
+        raise ValueError(f"the probe needs a read-only stream: {bytes_moved} bytes moved, {bytes_written} written")
+    written = max(1, min(STREAM_PROBE_MAX_WRITTEN, round(bytes_written / read_only)))
+    return bytes_moved / (1 + 2 * written), written
+
+
+def roofline_probe(params: list[torch.Tensor], bytes_moved: int, bytes_written: int) -> Callable[[], object]:
+    """A streaming loop over float32 buffers sized from ``params``: one buffer read, and some
+    read and written, per element (see ``rsoptim_core::roofline``), moving ``bytes_moved`` bytes
+    per param element (``probe_layout``). The probe moves bytes; their type does not matter."""
+    buffer_bytes, written = probe_layout(bytes_moved, bytes_written)
+    buffers = [torch.empty(math.ceil(p.numel() * buffer_bytes / 4)) for p in params]
+    read = [torch.zeros_like(b) for b in buffers]
+    outs = [[torch.zeros_like(b) for b in buffers] for _ in range(written)]
+    numels = pack(b.numel() for b in buffers)
     read_addrs = pack(t.data_ptr() for t in read)
     out_addrs = [pack(t.data_ptr() for t in col) for col in outs]
 
     def run() -> None:
-        _rsoptim.stream_probe(dtype, numels, read_addrs, out_addrs)
+        _rsoptim.stream_probe("float32", numels, read_addrs, out_addrs)
 
     run.buffers = (read, outs)  # type: ignore[attr-defined]  # keep the buffers alive
     return run
@@ -248,6 +418,7 @@ def roofline_probe(params: list[torch.Tensor], written: int) -> Callable[[], obj
 class Row:
     case: str
     workload: str
+    dtype: str
     threads: int
     tensors: int
     elements: int
@@ -255,31 +426,76 @@ class Row:
     seconds: dict[str, float]
     roofline_seconds: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)
+    #: Columns left out of this row, and why (one line each).
+    notes: list[str] = field(default_factory=list)
 
     def gbps(self, label: str) -> float:
         return self.bytes_per_step / self.seconds[label] / 1e9
 
 
+# Implementations whose failure on a row leaves their column out with a note instead of stopping
+# the run (DeepSpeed's op refuses some dtypes on some CPUs, e.g. bfloat16 without AVX-512).
+OPTIONAL_IMPLS = {DEEPSPEED}
+
+
+def check_state_dtypes(label: str, step: Callable[[], object], expected: torch.dtype) -> None:
+    """The bytes a row counts assume every param-sized state buffer has the case's state dtype:
+    check it, after the first step has created the state."""
+    optimizer = getattr(step, "__self__", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return  # clip_grad_norm_ keeps no state
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if key != "step" and isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dtype != expected:
+                raise RuntimeError(f"{label} keeps {key} in {value.dtype}, not {expected}: its bytes per step would differ from the row's")
+
+
+def build_steps(case: Case, params: list[torch.Tensor], where: str) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """Each implementation's step function on ``params``, each stepped once, and a note for each
+    optional implementation left out (``where`` names the row in it)."""
+    state_dtype = torch.float32 if case.float32_state_buffers else params[0].dtype
+    fns: dict[str, Callable[[], object]] = {}
+    notes = []
+    for label, build in case.impls.items():
+        try:
+            fn = build(params)
+            fn()  # the first step creates the state (and shows a dtype the implementation refuses)
+            check_state_dtypes(label, fn, state_dtype)
+        except Exception as e:
+            if label not in OPTIONAL_IMPLS:
+                raise
+            notes.append(f"{label} left out of {case.name} / {where}: {_one_line(e)}")
+            continue
+        fns[label] = fn
+    return fns, notes
+
+
 def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, dtype: torch.dtype = torch.float32) -> Row:
+    # One thread count for every implementation: torch's intra-op pool, rsoptim's, and
+    # DeepSpeed's OpenMP regions (they run on torch's libgomp, which torch.set_num_threads sets).
     torch.set_num_threads(threads)
     rsoptim.set_num_threads(threads)
     shapes = WORKLOADS[workload]()
     params = make_params(shapes, dtype=dtype)
-    fns = {label: build(params) for label, build in case.impls.items()}
+    fns, notes = build_steps(case, params, f"{workload} / {str(dtype).removeprefix('torch.')}")
+    itemsize = params[0].element_size()
+    bytes_per_element = case.bytes_per_element(itemsize)
     if case.roofline_written is not None:
-        fns["roofline"] = roofline_probe(params, case.roofline_written)
+        fns["roofline"] = roofline_probe(params, bytes_per_element, case.bytes_written_per_element(itemsize))
     elements = sum(p.numel() for p in params)
     seconds = time_interleaved(fns, repeats, warmup, target_s=0.02)
     roofline = seconds.pop("roofline", None)
     row = Row(
         case=case.name,
         workload=workload,
+        dtype=str(dtype).removeprefix("torch."),
         threads=threads,
         tensors=len(params),
         elements=elements,
-        bytes_per_step=elements * case.elements_moved * params[0].element_size(),
+        bytes_per_step=elements * bytes_per_element,
         seconds=seconds,
         roofline_seconds=roofline,
+        notes=notes,
     )
     row.ratios = {label: s / seconds["rsoptim"] for label, s in seconds.items() if label != "rsoptim"}
     del fns, params
@@ -317,43 +533,82 @@ def step_allocations(build: Callable[[list[torch.Tensor]], Callable[[], object]]
 
 
 PLOT_SIZES = [2**k for k in range(10, 28, 2)] + [2**27]
+# The bfloat16 curves: rsoptim and the other kernels that compute in float32 and round once
+# (torch's for-loop and foreach would double the sweep's time and crowd the plot).
+PLOT_BFLOAT16_IMPLS = ("rsoptim", "torch fused", DEEPSPEED)
 
 
-def size_sweep(repeats: int, threads: int, progress: Progress) -> list[dict[str, float]]:
+def size_sweep(
+    repeats: int, threads: int, progress: Progress, deepspeed_adam: type | None = None, max_elements: int = PLOT_SIZES[-1]
+) -> tuple[list[dict[str, object]], list[str]]:
+    """Adam on one tensor of each size, float32 and bfloat16: GB/s of each implementation and of
+    the roofline probe moving the same bytes; and the notes of columns left out."""
     torch.set_num_threads(threads)
     rsoptim.set_num_threads(threads)
-    adam = cases()[0]
-    points = []
-    for n in PLOT_SIZES:
-        progress.update(f"size sweep: Adam on {n} elements")
-        params = make_params([(n,)])
-        fns = {label: build(params) for label, build in adam.impls.items()}
-        fns["roofline"] = roofline_probe(params, 3)
-        seconds = time_interleaved(fns, repeats, 1, target_s=0.01)
-        bytes_moved = n * adam.elements_moved * 4
-        points.append({"elements": n, **{label: bytes_moved / s / 1e9 for label, s in seconds.items()}})
-        del fns, params
-    return points
+    adam = next(c for c in cases(deepspeed_adam) if c.name == "Adam")
+    points: list[dict[str, object]] = []
+    notes: list[str] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        dtype_name = str(dtype).removeprefix("torch.")
+        impls = {k: v for k, v in adam.impls.items() if dtype == torch.float32 or k in PLOT_BFLOAT16_IMPLS}
+        case = Case(adam.name, impls, adam.elements_moved, adam.roofline_written)
+        for n in [n for n in PLOT_SIZES if n <= max_elements]:
+            progress.update(f"size sweep: Adam on {n} {dtype_name} elements")
+            params = make_params([(n,)], dtype=dtype)
+            fns, left_out = build_steps(case, params, f"size sweep / {n} {dtype_name}")
+            notes += left_out
+            for label in [k for k in impls if k not in fns]:
+                del impls[label]  # left out for the rest of this dtype: one note, not one per size
+            itemsize = params[0].element_size()
+            fns["roofline"] = roofline_probe(params, case.bytes_per_element(itemsize), case.bytes_written_per_element(itemsize))
+            seconds = time_interleaved(fns, repeats, 1, target_s=0.01)
+            bytes_moved = n * case.bytes_per_element(itemsize)
+            gbps = {label: bytes_moved / s / 1e9 for label, s in seconds.items()}
+            points.append({"dtype": dtype_name, "elements": n, "bytes_per_element": case.bytes_per_element(itemsize), **gbps})
+            del fns, params
+    return points, notes
 
 
-def plot(points: list[dict[str, float]], path: str, machine: dict[str, object], threads: int) -> None:
+def plot(points: list[dict[str, object]], path: str, machine: dict[str, object], threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    sizes = [p["elements"] for p in points]
-    styles = {"rsoptim": "o-", "torch fused": "s--", "torch foreach": "^--", "torch for-loop": "v--"}
-    for label, style in styles.items():
-        ax.plot(sizes, [p[label] for p in points], style, label=label)
-    ax.plot(sizes, [p["roofline"] for p in points], "k:", linewidth=2, label="roofline probe (measured)")
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = {"rsoptim": "C0", "torch fused": "C1", "torch foreach": "C2", "torch for-loop": "C3", DEEPSPEED: "C4"}
+    markers = {"rsoptim": "o", "torch fused": "s", "torch foreach": "^", "torch for-loop": "v", DEEPSPEED: "D"}
+    bytes_per_element = {}
+    for dtype, linestyle, fill in (("float32", "-", "full"), ("bfloat16", "--", "none")):
+        curve = [p for p in points if p["dtype"] == dtype]
+        if not curve:
+            continue
+        sizes = [p["elements"] for p in curve]
+        bytes_per_element[dtype] = curve[0]["bytes_per_element"]
+        for label in colors:
+            measured = [p for p in curve if label in p]  # an optional column may be left out
+            if measured:
+                ax.plot(
+                    [p["elements"] for p in measured],
+                    [p[label] for p in measured],
+                    color=colors[label],
+                    marker=markers[label],
+                    fillstyle=fill,
+                    linestyle=linestyle,
+                    label=f"{label}, {dtype}",
+                )
+        roof_style = {"color": "k", "linestyle": ":"} if dtype == "float32" else {"color": "0.5", "linestyle": "-."}
+        ax.plot(sizes, [p["roofline"] for p in curve], linewidth=2, label=f"roofline probe, {dtype} bytes (measured)", **roof_style)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("elements in one float32 tensor")
-    ax.set_ylabel("GB/s moved (28 bytes per element)")
-    ax.set_title(f"Adam step throughput, {threads} threads, {machine['simd']} path\n{machine['cpu']}")
+    ax.set_xlabel("elements in one tensor")
+    ax.set_ylabel("GB/s moved (" + ", ".join(f"{d}: {b} B/element" for d, b in bytes_per_element.items()) + ")")
+    ax.set_title(
+        f"Adam step throughput (float32 solid, bfloat16 dashed: params, grads and state), {threads} threads, "
+        f"{machine['simd']} path\n{machine['cpu']}",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -385,19 +640,31 @@ def machine_info(threads: list[int]) -> dict[str, object]:
 
 
 def format_table(rows: list[Row]) -> str:
-    labels = ["rsoptim", "torch fused", "torch foreach", "torch for-loop"]
+    others = ["torch fused", "torch foreach", "torch for-loop"]
+    if any(DEEPSPEED in r.ratios for r in rows):
+        others.append(DEEPSPEED)
+    short = {DEEPSPEED: "DeepSpeed"}
     head = f"{'case':<27} {'workload':<11} {'thr':>3} {'rsoptim ms':>10} {'GB/s':>6} {'%roof':>6}"
-    head += "".join(f" {'x ' + label.replace('torch ', ''):>10}" for label in labels[1:])
+    head += "".join(f" {'x ' + short.get(label, label.replace('torch ', '')):>11}" for label in others)
     lines = [head, "-" * len(head)]
     for r in rows:
         roof = f"{100 * r.roofline_seconds / r.seconds['rsoptim']:5.0f}%" if r.roofline_seconds else "     -"
         line = f"{r.case:<27} {r.workload:<11} {r.threads:>3} {1e3 * r.seconds['rsoptim']:>10.3f} {r.gbps('rsoptim'):>6.1f} {roof:>6}"
-        for label in labels[1:]:
-            line += f" {r.ratios[label]:>9.2f}x" if label in r.ratios else f" {'-':>10}"
+        for label in others:
+            line += f" {r.ratios[label]:>10.2f}x" if label in r.ratios else f" {'-':>11}"
         lines.append(line)
     lines.append("")
-    lines.append("x fused / x foreach / x for-loop: torch's time over rsoptim's (higher is better for rsoptim).")
+    lines.append(
+        "x fused / x foreach / x for-loop"
+        + (" / x DeepSpeed" if DEEPSPEED in others else "")
+        + ": the other implementation's time over rsoptim's (higher is better for rsoptim)."
+    )
     lines.append("%roof: rsoptim's speed as a share of the roofline probe's (same bytes, tensors and threads).")
+    if any(r.case == "AdamW fp32 state" for r in rows):
+        lines.append(
+            "AdamW fp32 state: rsoptim.AdamW(state_dtype=torch.float32) and DeepSpeedCPUAdam(adamw_mode=True, "
+            "fp32_optimizer_states=True): half params, float32 moments."
+        )
     return "\n".join(lines)
 
 
@@ -407,7 +674,7 @@ def format_torch_times(rows: list[Row]) -> str:
         parts = [f"{label} {1e3 * s:.3f} ({r.gbps(label):.1f})" for label, s in r.seconds.items()]
         if r.roofline_seconds:
             parts.append(f"roofline {1e3 * r.roofline_seconds:.3f} ({r.bytes_per_step / r.roofline_seconds / 1e9:.1f})")
-        lines.append(f"  {r.case} / {r.workload} / {r.threads} thr: " + ", ".join(parts))
+        lines.append(f"  {r.case} / {r.workload} / {r.threads} thr ({r.bytes_per_step / r.elements:g} B/element): " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -424,8 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="3 repeats, no gpt2-small")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
-    parser.add_argument("--plot", metavar="FILE.png", help="also sweep Adam over sizes 1K..128M and plot GB/s")
+    parser.add_argument("--plot", metavar="FILE.png", help="also sweep Adam (float32 and bfloat16) over sizes 1K..128M and plot GB/s")
+    parser.add_argument(
+        "--plot-max-elements", type=int, default=PLOT_SIZES[-1], metavar="N", help="the size sweep's largest tensor (default: %(default)s)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the allocation measurement")
+    parser.add_argument("--no-deepspeed", action="store_true", help=f"leave out the {DEEPSPEED} column (deepspeed is not imported)")
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -434,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         "(note: torch 2.13's fused SGD does not update half-precision params, so its times are not a comparison)",
     )
     args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype]
 
     max_threads = torch.get_num_threads()
     workloads = [w for w in args.workloads.split(",") if w]
@@ -443,34 +715,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats = min(args.repeats, 3)
         workloads = [w for w in workloads if w != "gpt2-small"]
-    all_cases = {c.name: c for c in cases()}
+    case_names = {c.name: c for c in cases()}
     chosen = None if args.cases is None else [c.strip() for c in args.cases.split(",")]
     for name in chosen or []:
-        if name not in all_cases:
-            parser.error(f"unknown case {name!r}; choose from {', '.join(all_cases)}")
+        if name not in case_names:
+            parser.error(f"unknown case {name!r}; choose from {', '.join(case_names)}")
+        if case_names[name].half_only and dtype == torch.float32:
+            parser.error(f"case {name!r} runs on half-precision params: add --dtype bfloat16 or --dtype float16")
 
-    plan: list[tuple[Case, str, int]] = []
+    named_plan: list[tuple[str, str, int]] = []
     for w in workloads:
-        for name in chosen or DEFAULT_PLAN.get(w, ["Adam"]):
+        names = chosen or [n for n in DEFAULT_PLAN.get(w, ["Adam"]) if not (case_names[n].half_only and dtype == torch.float32)]
+        for name in names:
             if args.threads is not None:
                 thread_counts = [int(t) for t in args.threads.split(",")]
             elif name == "Adam" and w in ("gpt2-small", "flat-64m") and max_threads > 1:
                 thread_counts = [1, max_threads]
             else:
                 thread_counts = [max_threads]
-            plan += [(all_cases[name], w, t) for t in thread_counts]
-    used_threads = sorted({t for _, _, t in plan})
+            named_plan += [(name, w, t) for t in thread_counts]
+    used_threads = sorted({t for _, _, t in named_plan})
     machine = machine_info(used_threads)
-    progress = Progress(len(plan) + (len(PLOT_SIZES) if args.plot else 0), enabled=True)
+    sweep_sizes = [n for n in PLOT_SIZES if n <= args.plot_max_elements]
+    progress = Progress(len(named_plan) + (2 * len(sweep_sizes) if args.plot else 0), enabled=True)
     print(
         f"rsoptim {machine['rsoptim']} vs torch {machine['torch']} | {machine['cpu']} | "
         f"{machine['cores']} cores | threads {machine['threads']} | SIMD {machine['simd']}",
         file=sys.stderr,
     )
+
+    if args.no_deepspeed:
+        deepspeed = DeepSpeedColumn(note=f"{DEEPSPEED} column left out: --no-deepspeed")
+    elif args.plot or any(name in DEEPSPEED_CASES for name, _, _ in named_plan):
+        deepspeed = load_deepspeed(progress)
+    else:
+        deepspeed = DeepSpeedColumn()  # no row would have the column
+    if deepspeed.note:
+        progress.note(deepspeed.note)
+    machine["deepspeed"] = deepspeed.version if deepspeed.optimizer is not None else None
+    all_cases = {c.name: c for c in cases(deepspeed.optimizer)}
+
     rows = []
-    for case, workload, threads in plan:
-        progress.update(f"{case.name} / {workload} / {threads} threads")
-        rows.append(run_row(case, workload, threads, args.repeats, args.warmup, DTYPES[args.dtype]))
+    for name, workload, threads in named_plan:
+        progress.update(f"{name} / {workload} / {threads} threads")
+        rows.append(run_row(all_cases[name], workload, threads, args.repeats, args.warmup, dtype))
+        for note in rows[-1].notes:
+            progress.note(note)
 
     memory = None
     if not args.no_memory and "gpt2-small" in workloads:
@@ -481,11 +771,14 @@ def main(argv: list[str] | None = None) -> int:
             "torch Adam for-loop": step_allocations(_optimizer_step(torch.optim.Adam, foreach=False), "gpt2-small"),
         }
 
-    points = None
+    points, sweep_notes = None, []
     if args.plot:
-        points = size_sweep(max(3, args.repeats // 2), max_threads, progress)
+        points, sweep_notes = size_sweep(max(3, args.repeats // 2), max_threads, progress, deepspeed.optimizer, args.plot_max_elements)
+        for note in sweep_notes:
+            progress.note(note)
         plot(points, args.plot, machine, max_threads)
     progress.close()
+    notes = ([deepspeed.note] if deepspeed.note else []) + [n for r in rows for n in r.notes] + sweep_notes
 
     if args.json:
         out = {
@@ -494,16 +787,20 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [{**asdict(r), "gbps": {k: r.gbps(k) for k in r.seconds}} for r in rows],
             "memory": memory,
             "size_sweep": points,
+            "notes": notes,
         }
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
+    deepspeed_version = f", deepspeed {deepspeed.version}" if deepspeed.optimizer is not None else ""
     print(
-        f"rsoptim {machine['rsoptim']} vs torch {machine['torch']} on {machine['cpu']} "
+        f"rsoptim {machine['rsoptim']} vs torch {machine['torch']}{deepspeed_version} on {machine['cpu']} "
         f"({machine['cores']} cores), threads {machine['threads']}, SIMD path {machine['simd']}, "
         f"parallel regions on {machine['backend']}, Python {machine['python']}, params {args.dtype}\n"
     )
     print(format_table(rows))
+    for note in notes:
+        print(f"Note: {note}")
     print()
     print(format_torch_times(rows))
     if memory is not None:
@@ -515,11 +812,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"({m['tensors']} tensors, params {m['param_bytes'] / 2**20:.0f} MiB)"
             )
     if points is not None:
-        print(f"\nSize sweep (Adam, one float32 tensor, GB/s), plotted to {args.plot}:")
-        labels = [k for k in points[0] if k != "elements"]
-        print(f"  {'elements':>10} " + " ".join(f"{label:>15}" for label in labels))
-        for p in points:
-            print(f"  {int(p['elements']):>10} " + " ".join(f"{p[label]:>15.1f}" for label in labels))
+        print(f"\nSize sweep (Adam, one tensor, GB/s), plotted to {args.plot}:")
+        for dtype_name in dict.fromkeys(str(p["dtype"]) for p in points):
+            curve = [p for p in points if p["dtype"] == dtype_name]
+            labels = list(dict.fromkeys(k for p in curve for k in p if k not in ("dtype", "elements", "bytes_per_element")))
+            print(f"  {dtype_name} ({curve[0]['bytes_per_element']} B/element):")
+            print(f"  {'elements':>10} " + " ".join(f"{label:>16}" for label in labels))
+            for p in curve:
+                print(f"  {int(p['elements']):>10} " + " ".join(f"{p[label]:>16.1f}" if label in p else f"{'-':>16}" for label in labels))
     return 0
 
 
