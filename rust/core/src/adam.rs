@@ -1,6 +1,6 @@
 //! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`), in torch's order of operations.
 
-use crate::block::{blocks, scratch, ParamOut, Rounding};
+use crate::block::{blocks, scratch, state_block, state_unblock, ParamOut, Rounding};
 use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -190,29 +190,22 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
         let (mut p, mut g, mut m, mut v, mut x) = (scratch(), scratch(), scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            let (p, g, m, v, x) = (&mut p[..len], &mut g[..len], &mut m[..len], &mut v[..len], &mut x[..len]);
-            param.load(isa, start, p);
-            P::load_block(isa, &grad[start..end], g);
-            S::load_block(isa, &exp_avg[start..end], m);
-            S::load_block(isa, &exp_avg_sq[start..end], v);
-            let vmax = max_exp_avg_sq.as_deref_mut().map(|vmax| &mut vmax[start..end]);
-            if let Some(vmax) = &vmax {
-                S::load_block(isa, vmax, x);
-            }
+            P::load_block(isa, &grad[start..end], &mut g[..len]);
+            let mut vmax = max_exp_avg_sq.as_deref_mut().map(|vmax| &mut vmax[start..end]);
             let block = AdamJob::<P::Math, P::Math> {
-                param: ParamOut::new(p, None, None),
-                grad: g,
-                exp_avg: m,
-                exp_avg_sq: v,
-                max_exp_avg_sq: vmax.is_some().then_some(&mut *x),
+                param: ParamOut::new(param.block(isa, start, end, &mut p[..len]), None, None),
+                grad: &g[..len],
+                exp_avg: state_block(isa, &mut exp_avg[start..end], &mut m[..len]),
+                exp_avg_sq: state_block(isa, &mut exp_avg_sq[start..end], &mut v[..len]),
+                max_exp_avg_sq: vmax.as_deref_mut().map(|vmax| state_block(isa, vmax, &mut x[..len])),
                 k,
             };
             AdamKernel::<P::Math, P::Math, AMSGRAD, L2>(block).update_in_place();
-            param.store(isa, start, p);
-            S::store_block(isa, m, &mut exp_avg[start..end]);
-            S::store_block(isa, v, &mut exp_avg_sq[start..end]);
+            param.unblock(isa, start, end, &p[..len]);
+            state_unblock(isa, &m[..len], &mut exp_avg[start..end]);
+            state_unblock(isa, &v[..len], &mut exp_avg_sq[start..end]);
             if let Some(vmax) = vmax {
-                S::store_block(isa, x, vmax);
+                state_unblock(isa, &x[..len], vmax);
             }
         }
     }

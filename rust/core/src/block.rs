@@ -70,13 +70,40 @@ impl<'a, P: Element> ParamOut<'a, P> {
         (Self { param: p0, master: m0, key, offset }, Self { param: p1, master: m1, key, offset: offset + mid as u64 })
     }
 
-    /// Elements `start..start + dst.len()` in the maths type: the master copy's, if any.
+    /// Elements `start..end` in the maths type, for the loop to update in place: the master
+    /// copy's own (or the param's, stored in the maths type), else the param's converted into
+    /// `scratch`. `unblock` then writes the param.
     #[inline(always)]
-    pub fn load<I: Isa>(&self, isa: I, start: usize, dst: &mut [P::Math]) {
-        let end = start + dst.len();
-        match &self.master {
-            Some(master) => dst.copy_from_slice(&master[start..end]),
-            None => P::load_block(isa, &self.param[start..end], dst),
+    pub fn block<'b, I: Isa>(
+        &'b mut self,
+        isa: I,
+        start: usize,
+        end: usize,
+        scratch: &'b mut [P::Math],
+    ) -> &'b mut [P::Math] {
+        match &mut self.master {
+            Some(master) => &mut master[start..end],
+            None if P::IS_MATH => P::as_math_mut(&mut self.param[start..end]).expect("IS_MATH"),
+            None => {
+                P::load_block(isa, &self.param[start..end], scratch);
+                scratch
+            }
+        }
+    }
+
+    /// Writes the param's elements `start..end` from what `block` handed out (`scratch`, or the
+    /// master copy), rounded to nearest or stochastically.
+    #[inline(always)]
+    pub fn unblock<I: Isa>(&mut self, isa: I, start: usize, end: usize, scratch: &[P::Math]) {
+        let src: &[P::Math] = match &self.master {
+            Some(master) => &master[start..end],
+            None if P::IS_MATH => return, // updated in place
+            None => scratch,
+        };
+        let param = &mut self.param[start..end];
+        match self.key {
+            None => P::store_block(isa, src, param),
+            Some(key) => P::store_block_stochastic(isa, src, param, key, self.offset + start as u64),
         }
     }
 
@@ -99,6 +126,30 @@ impl<'a, P: Element> ParamOut<'a, P> {
 /// A block of scratch space for one stream, in the maths type.
 pub(crate) fn scratch<T: Default + Copy>() -> [T; BLOCK] {
     [T::default(); BLOCK]
+}
+
+/// A block of a state buffer in the maths type, for the loop to update in place: the buffer
+/// itself where it is stored in the maths type, else its values converted into `scratch`.
+#[inline(always)]
+pub(crate) fn state_block<'b, S: Element, I: Isa>(
+    isa: I,
+    buffer: &'b mut [S],
+    scratch: &'b mut [S::Math],
+) -> &'b mut [S::Math] {
+    if S::IS_MATH {
+        S::as_math_mut(buffer).expect("IS_MATH")
+    } else {
+        S::load_block(isa, buffer, scratch);
+        scratch
+    }
+}
+
+/// Stores what `state_block` converted back into the buffer, each value rounded once.
+#[inline(always)]
+pub(crate) fn state_unblock<S: Element, I: Isa>(isa: I, scratch: &[S::Math], buffer: &mut [S]) {
+    if !S::IS_MATH {
+        S::store_block(isa, scratch, buffer)
+    }
 }
 
 /// The block ranges of `n` elements.

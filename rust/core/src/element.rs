@@ -65,6 +65,9 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn load(self) -> Self::Math;
     fn store(x: Self::Math) -> Self;
 
+    /// The buffer itself in the maths type, where `Self` is that type (`IS_MATH`); else None.
+    fn as_math_mut(buffer: &mut [Self]) -> Option<&mut [Self::Math]>;
+
     /// `dst[i] = src[i].load()` (block conversions may use the ISA's instructions).
     #[inline(always)]
     fn load_block<I: Isa>(_isa: I, src: &[Self], dst: &mut [Self::Math]) {
@@ -101,6 +104,10 @@ impl<T: Real> Element for T {
     fn store(x: T) -> T {
         x
     }
+    #[inline(always)]
+    fn as_math_mut(buffer: &mut [T]) -> Option<&mut [T]> {
+        Some(buffer)
+    }
 }
 
 /// bfloat16: load is exact (the top 16 bits of an f32); store rounds to nearest even and makes
@@ -114,6 +121,9 @@ impl Element for half::bf16 {
     #[inline(always)]
     fn store(x: f32) -> Self {
         half::bf16::from_bits(f32_to_bf16_bits(x))
+    }
+    fn as_math_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
     #[inline(always)]
     fn store_block<I: Isa>(isa: I, src: &[f32], dst: &mut [Self]) {
@@ -155,6 +165,9 @@ impl Element for half::f16 {
     #[inline(always)]
     fn store(x: f32) -> Self {
         half::f16::from_bits(f32_to_f16_bits(x))
+    }
+    fn as_math_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
     #[inline(always)]
     fn load_block<I: Isa>(isa: I, src: &[Self], dst: &mut [f32]) {

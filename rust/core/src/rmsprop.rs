@@ -1,6 +1,6 @@
 //! RMSprop, plain and centered, with momentum (`torch.optim.RMSprop`).
 
-use crate::block::{blocks, scratch, ParamOut, Rounding};
+use crate::block::{blocks, scratch, state_block, state_unblock, ParamOut, Rounding};
 use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -175,34 +175,25 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
         let (mut p, mut g, mut sq, mut b, mut a) = (scratch(), scratch(), scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            let (p, g, sq, b, a) = (&mut p[..len], &mut g[..len], &mut sq[..len], &mut b[..len], &mut a[..len]);
-            param.load(isa, start, p);
-            P::load_block(isa, &grad[start..end], g);
-            S::load_block(isa, &square_avg[start..end], sq);
-            let buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
-            if let Some(buf) = &buf {
-                S::load_block(isa, buf, b);
-            }
-            let avg = grad_avg.as_deref_mut().map(|avg| &mut avg[start..end]);
-            if let Some(avg) = &avg {
-                S::load_block(isa, avg, a);
-            }
+            P::load_block(isa, &grad[start..end], &mut g[..len]);
+            let mut buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
+            let mut avg = grad_avg.as_deref_mut().map(|avg| &mut avg[start..end]);
             let block = RmspropJob::<P::Math, P::Math> {
-                param: ParamOut::new(p, None, None),
-                grad: g,
-                square_avg: sq,
-                momentum_buffer: buf.is_some().then_some(&mut *b),
-                grad_avg: avg.is_some().then_some(&mut *a),
+                param: ParamOut::new(param.block(isa, start, end, &mut p[..len]), None, None),
+                grad: &g[..len],
+                square_avg: state_block(isa, &mut square_avg[start..end], &mut sq[..len]),
+                momentum_buffer: buf.as_deref_mut().map(|buf| state_block(isa, buf, &mut b[..len])),
+                grad_avg: avg.as_deref_mut().map(|avg| state_block(isa, avg, &mut a[..len])),
                 k,
             };
             RmspropKernel::<P::Math, P::Math, CENTERED, MOMENTUM, L2>(block).update_in_place();
-            param.store(isa, start, p);
-            S::store_block(isa, sq, &mut square_avg[start..end]);
+            param.unblock(isa, start, end, &p[..len]);
+            state_unblock(isa, &sq[..len], &mut square_avg[start..end]);
             if let Some(buf) = buf {
-                S::store_block(isa, b, buf);
+                state_unblock(isa, &b[..len], buf);
             }
             if let Some(avg) = avg {
-                S::store_block(isa, a, avg);
+                state_unblock(isa, &a[..len], avg);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! SGD with momentum, dampening and Nesterov (`torch.optim.SGD`).
 
-use crate::block::{blocks, scratch, ParamOut, Rounding};
+use crate::block::{blocks, scratch, state_block, state_unblock, ParamOut, Rounding};
 use crate::element::{torch_add, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -159,25 +159,24 @@ impl<
         let (mut p, mut g, mut b) = (scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            let (p, g, b) = (&mut p[..len], &mut g[..len], &mut b[..len]);
-            param.load(isa, start, p);
-            P::load_block(isa, &grad[start..end], g);
-            let buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
-            // (A new buffer's contents are not read.)
-            if let (Some(buf), false) = (&buf, FIRST) {
-                S::load_block(isa, buf, b);
-            }
+            P::load_block(isa, &grad[start..end], &mut g[..len]);
+            let mut buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
             let block = SgdJob::<P::Math, P::Math> {
-                param: ParamOut::new(p, None, None),
-                grad: g,
-                momentum_buffer: buf.is_some().then_some(&mut *b),
+                param: ParamOut::new(param.block(isa, start, end, &mut p[..len]), None, None),
+                grad: &g[..len],
+                momentum_buffer: match buf.as_deref_mut() {
+                    // A new buffer's contents are not read (the loop writes it without reading).
+                    Some(_) if FIRST && !S::IS_MATH => Some(&mut b[..len]),
+                    Some(buf) => Some(state_block(isa, buf, &mut b[..len])),
+                    None => None,
+                },
                 first,
                 k,
             };
             SgdKernel::<P::Math, P::Math, MOMENTUM, FIRST, NESTEROV, L2>(block).update_in_place();
-            param.store(isa, start, p);
+            param.unblock(isa, start, end, &p[..len]);
             if let Some(buf) = buf {
-                S::store_block(isa, b, buf);
+                state_unblock(isa, &b[..len], buf);
             }
         }
     }
