@@ -171,13 +171,15 @@ class Case:
     float32_state_buffers: int = 0
     #: Runs only on bfloat16/float16 params (with float32 params it would repeat another row).
     half_only: bool = False
+    #: A float32 master copy of each param (``master_weights=True``), read and written per step.
+    master_copy: bool = False
 
     def bytes_per_element(self, itemsize: int) -> int:
-        return self.elements_moved * itemsize + 2 * 4 * self.float32_state_buffers
+        return self.elements_moved * itemsize + 2 * 4 * (self.float32_state_buffers + self.master_copy)
 
     def bytes_written_per_element(self, itemsize: int) -> int:
         assert self.roofline_written is not None
-        return self.roofline_written * itemsize + 4 * self.float32_state_buffers
+        return self.roofline_written * itemsize + 4 * (self.float32_state_buffers + self.master_copy)
 
 
 # The same hyperparameters for every implementation of a row (torch's defaults, spelled out so
@@ -264,6 +266,24 @@ def cases(deepspeed_adam: type | None = None) -> list[Case]:
             3,  # grad read, param read and written
             1,
             float32_state_buffers=2,  # exp_avg, exp_avg_sq
+            half_only=True,
+        ),
+        Case(
+            # rsoptim's extensions for half-precision params (torch.optim has neither): a float32
+            # master copy read and written besides the param, or stochastic rounding of the
+            # param (the bytes of plain AdamW, plus the random bits' arithmetic).
+            "AdamW master weights",
+            {"rsoptim": _optimizer_step(rsoptim.AdamW, master_weights=True, **adamw)},
+            7,
+            3,
+            half_only=True,
+            master_copy=True,
+        ),
+        Case(
+            "AdamW stochastic rounding",
+            {"rsoptim": _optimizer_step(rsoptim.AdamW, stochastic_rounding=True, **adamw)},
+            7,
+            3,
             half_only=True,
         ),
         Case(
@@ -446,8 +466,9 @@ def check_state_dtypes(label: str, step: Callable[[], object], expected: torch.d
         return  # clip_grad_norm_ keeps no state
     for p, state in optimizer.state.items():
         for key, value in state.items():
-            if key != "step" and isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dtype != expected:
-                raise RuntimeError(f"{label} keeps {key} in {value.dtype}, not {expected}: its bytes per step would differ from the row's")
+            wanted = torch.float32 if key == "master_param" else expected
+            if key != "step" and isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dtype != wanted:
+                raise RuntimeError(f"{label} keeps {key} in {value.dtype}, not {wanted}: its bytes per step would differ from the row's")
 
 
 def build_steps(case: Case, params: list[torch.Tensor], where: str) -> tuple[dict[str, Callable[[], object]], list[str]]:
