@@ -78,6 +78,20 @@ def _is_half_state(key: str, value: Any) -> bool:
     return key not in ("step", "master_param") and isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES
 
 
+def extension_options(
+    state_dtype: torch.dtype | None, master_weights: bool, stochastic_rounding: bool, stochastic_rounding_seed: int | None
+) -> dict[str, Any]:
+    """A constructor's extension keywords, checked (before torch.optim's constructor runs)."""
+    options = {
+        "state_dtype": state_dtype,
+        "master_weights": master_weights,
+        "stochastic_rounding": stochastic_rounding,
+        "stochastic_rounding_seed": stochastic_rounding_seed,
+    }
+    check_extensions(options)
+    return options
+
+
 def reject_differentiable(differentiable: bool) -> None:
     if differentiable:
         raise ValueError(

@@ -9,7 +9,7 @@ from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the modu
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, check_extensions, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, extension_options, reject_differentiable, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -134,13 +134,7 @@ class Adam(_AdamKernels, torch.optim.Adam):
         stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        extensions = dict(
-            state_dtype=state_dtype,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            stochastic_rounding_seed=stochastic_rounding_seed,
-        )
-        check_extensions(extensions)
+        extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
             lr=lr,
@@ -184,13 +178,7 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
         stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        extensions = dict(
-            state_dtype=state_dtype,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            stochastic_rounding_seed=stochastic_rounding_seed,
-        )
-        check_extensions(extensions)
+        extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
             lr=lr,

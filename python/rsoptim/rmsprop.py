@@ -9,7 +9,7 @@ from torch.optim.rmsprop import rmsprop as _torch_rmsprop  # torch.optim deletes
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, check_extensions, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, extension_options, reject_differentiable, scalar
 
 __all__ = ["RMSprop"]
 
@@ -45,13 +45,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
         stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        extensions = dict(
-            state_dtype=state_dtype,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            stochastic_rounding_seed=stochastic_rounding_seed,
-        )
-        check_extensions(extensions)
+        extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
             lr=lr,

@@ -9,7 +9,7 @@ from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module 
 from torch.optim.optimizer import ParamsT
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, check_extensions, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, extension_options, reject_differentiable, scalar
 
 __all__ = ["SGD"]
 
@@ -45,13 +45,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         stochastic_rounding_seed: int | None = None,
     ) -> None:
         reject_differentiable(differentiable)
-        extensions = dict(
-            state_dtype=state_dtype,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            stochastic_rounding_seed=stochastic_rounding_seed,
-        )
-        check_extensions(extensions)
+        extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
             lr=lr,
