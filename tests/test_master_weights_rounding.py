@@ -514,3 +514,124 @@ def test_extensions_refuse_half_params_off_the_cpu(name):
     for extra in (dict(master_weights=True), dict(stochastic_rounding=True)):
         with pytest.raises(ValueError, match="CPU"):
             OPTIMIZERS[name][1]([p], lr=0.1, **extra)
+
+
+# --- from the second review -----------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("numel", [1, 4])
+def test_a_param_listed_twice_before_another_steps_each_as_torch_does(numel):
+    """Params [a, a, b] on the float32-copy path: a twice, b once (found by identity, never by
+    comparing tensors' values)."""
+    a = torch.full((numel,), 1.0, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.full((numel,), 1.0, dtype=torch.bfloat16, requires_grad=True)
+    opt = rsoptim.SGD([a, a, b], lr=0.25, master_weights=True)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    assert torch.equal(a.detach(), torch.full_like(a, 0.5)) and torch.equal(b.detach(), torch.full_like(b, 0.75))
+
+
+@pytest.mark.parametrize("layout", ["two_groups", "one_group_one_grad"])
+def test_params_that_are_views_of_one_buffer_keep_their_master_precision(layout):
+    """Views share a version counter: writing one must not look like a write to the others."""
+    flat = torch.ones(8, dtype=torch.bfloat16)
+    p1, p2 = flat[:4].requires_grad_(), flat[4:].requires_grad_()
+    groups = [{"params": [p1]}, {"params": [p2]}] if layout == "two_groups" else [{"params": [p1, p2]}]
+    opt = rsoptim.SGD(groups, lr=1e-4, master_weights=True)
+    for step in range(5):
+        p1.grad = torch.ones_like(p1)
+        p2.grad = None if (layout == "one_group_one_grad" and step == 2) else torch.ones_like(p2)
+        opt.step()
+    assert torch.allclose(opt.state[p1]["master_param"], torch.full((4,), 1 - 5e-4), rtol=0, atol=1e-6)
+    expected_p2 = 1 - (4e-4 if layout == "one_group_one_grad" else 5e-4)
+    assert torch.allclose(opt.state[p2]["master_param"], torch.full((4,), expected_p2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "load_state_dict", "pickle"])
+def test_a_write_after_a_copy_or_a_load_wins_over_the_master_copy(how):
+    import pickle
+
+    p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    opt = rsoptim.SGD([p], lr=1e-4, master_weights=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    if how == "deepcopy":
+        opt = copy.deepcopy(opt)
+        (p,) = opt.param_groups[0]["params"]
+    elif how == "pickle":
+        opt = pickle.loads(pickle.dumps(opt))
+        (p,) = opt.param_groups[0]["params"]
+    else:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    precise = opt.state[p]["master_param"].clone()
+    with torch.no_grad():
+        p[:32].fill_(3.0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    master = opt.state[p]["master_param"]
+    assert torch.allclose(master[:32], torch.full((32,), 3.0 - 1e-4), rtol=0, atol=1e-6)
+    # The elements nobody wrote keep the master's precision.
+    assert torch.allclose(master[32:], precise[32:] - 1e-4, rtol=0, atol=1e-7)
+
+
+def test_bfloat16_nan_bits_are_the_same_on_every_simd_path():
+    level = rsoptim._rsoptim.simd_level()
+    results = []
+    try:
+        for simd in rsoptim._rsoptim.available_simd_levels():
+            rsoptim._rsoptim.set_simd_level(simd)
+            p = torch.linspace(-1, 1, 64).to(torch.bfloat16).requires_grad_()
+            opt = rsoptim.AdamW([p], lr=0.1)
+            grad = torch.ones(64)
+            grad[::3] = float("inf")
+            grad[1::5] = -float("nan")
+            p.grad = grad.to(torch.bfloat16)
+            opt.step()
+            results.append([p.detach().view(torch.int16).clone()] + [v.view(torch.int16).clone() for k, v in opt.state[p].items() if k != "step"])
+    finally:
+        rsoptim._rsoptim.set_simd_level(level)
+    assert any(bool(t.isnan().any()) for t in [p.detach()])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("extra", [dict(master_weights=True), dict(stochastic_rounding=True)])
+def test_float32_params_get_no_state_entry_of_their_own(extra):
+    f32, bf16 = torch.ones(4, requires_grad=True), torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = rsoptim.SGD([f32, bf16], lr=0.1, **extra)
+    reference = torch.optim.SGD([torch.ones(4, requires_grad=True)], lr=0.1)
+    for _ in range(3):
+        f32.grad, bf16.grad = torch.ones_like(f32), torch.ones_like(bf16)
+        opt.step()
+    assert 0 not in opt.state_dict()["state"] and reference.state_dict()["state"] == {}
+
+
+def test_two_threads_stepping_one_optimizer_through_float32_copies():
+    """Tensor betas send every step through torch on float32 copies: two threads stepping one
+    optimizer must not lose steps or mix up state."""
+    import threading
+
+    params = [torch.ones(32, dtype=torch.bfloat16, requires_grad=True) for _ in range(8)]
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    opt = rsoptim.Adam(params, lr=1e-3, betas=betas, master_weights=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(40):
+                opt.step()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(int(opt.state[p]["step"]) == 80 for p in params)
+    masters = [opt.state[p]["master_param"] for p in params]
+    assert all(torch.equal(m, masters[0]) for m in masters)

@@ -18,6 +18,7 @@ attribute reads per param.
 from __future__ import annotations
 
 import operator
+import threading
 from array import array
 from dataclasses import dataclass, field, replace
 from itertools import chain, compress, repeat
@@ -71,6 +72,18 @@ def check_extensions(options: Any) -> None:
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"Invalid stochastic_rounding_seed: {seed!r} (an int in [0, 2**64))")
+
+
+def _refresh_master(param: torch.Tensor, master: torch.Tensor) -> None:
+    """Copies into ``master`` the elements of ``param`` that are not a rounding of it (the
+    param was written outside the optimizer: its value wins, as torch.optim steps whatever the
+    param holds); elements that still are one keep the master's precision."""
+    nearest = master.to(param.dtype)
+    toward = torch.where(nearest.float() > master, -torch.inf, torch.inf).to(param.dtype)
+    rounding = (param == nearest) | (param == torch.nextafter(nearest, toward))
+    rounding |= param.isnan() & master.isnan()
+    if not bool(rounding.all()):
+        torch.where(rounding, master, param.float(), out=master)
 
 
 def _is_half_state(key: str, value: Any) -> bool:
@@ -188,11 +201,14 @@ class KernelOptimizer:
             self._torch_step(group, own)
         pending = [p for p, c in zip(params, copied) if c]
         while pending:
-            seen: set[int] = set()
-            batch = [p for p in pending if id(p) not in seen and not seen.add(id(p))]  # type: ignore[func-returns-value]
-            for p in batch:
-                pending.remove(p)
-            self._step_float32_copies(group, batch)
+            # Each round steps every param once (by identity: `==` on tensors compares values).
+            batch, repeats, seen = [], [], set()
+            for p in pending:
+                (repeats if id(p) in seen else batch).append(p)
+                seen.add(id(p))
+            with _FLOAT32_COPIES_LOCK:
+                self._step_float32_copies(group, batch)
+            pending = repeats
 
     def _step_float32_copies(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """``_step_with_torch`` for distinct half-precision params stepped as float32 copies."""
@@ -248,21 +264,19 @@ class KernelOptimizer:
         )
         if not usable:
             master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-        elif self._param_changed_outside(p):
-            master.copy_(p.detach())
+        elif self.__dict__.get("_rsoptim_master_versions", {}).get(id(p)) != p._version:
+            _refresh_master(p.detach(), master)
         return master
 
-    def _param_changed_outside(self, p: torch.Tensor) -> bool:
-        """Whether ``p`` was written since this optimizer last wrote it (then its master copy
-        no longer describes it: the param wins, as it does for torch.optim)."""
-        last = self.__dict__.get("_rsoptim_master_versions", {}).get(id(p))
-        return last is not None and last != p._version
-
-    def _record_master_versions(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Remembers the version of each param with a master copy that the optimizer just wrote."""
-        if group.get("master_weights"):
-            versions = self.__dict__.setdefault("_rsoptim_master_versions", {})
-            versions.update((id(p), p._version) for p in params if self._uses_master(p, group))
+    def _record_master_versions(self) -> None:
+        """Remembers the version of every param with a master copy, after a step: until it
+        changes, nothing has written the param since (params that are views of one buffer share
+        a version, so all are recorded at once)."""
+        versions = {}
+        for group in self.param_groups:
+            if group.get("master_weights"):
+                versions.update((id(p), p._version) for p in group["params"] if self._uses_master(p, group))
+        self.__dict__["_rsoptim_master_versions"] = versions
 
     def _steps_as_float32(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return p.dtype in HALF_DTYPES and (
@@ -302,7 +316,6 @@ class KernelOptimizer:
                 )
             for (p, _), out in zip(rounded, outs):
                 p.copy_(out)
-        self._record_master_versions(group, params)
 
     def _uses_master(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` keeps a float32 master copy (``master_weights``: half-precision params)."""
@@ -343,7 +356,8 @@ class KernelOptimizer:
     def _init_extension_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Creates what the extensions keep in a param's state, where it is missing (a state
         dict from torch.optim has none): the float32 master copy, SGD's step count."""
-        self._master_copy(p, group, state)
+        if "master_param" not in state:
+            self._master_copy(p, group, state)
         if self._counts_steps(p, group) and not self._has_step and "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
 
@@ -408,22 +422,23 @@ class KernelOptimizer:
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
-                    self._record_master_versions(group, call.params)
             elif params:
                 with torch.no_grad():
                     plans[index] = self._step_group(group, params)  # type: ignore[assignment]
                 if plans[index] is None:
                     del plans[index]
+        if "_rsoptim_master_versions" in self.__dict__ or any(g.get("master_weights") for g in self.param_groups):
+            self._record_master_versions()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for saved in state_dict["param_groups"]:
             check_extensions(saved)
-        # The plans hold aliases of the old state's tensors: let them go with it (and the
-        # versions of the params whose master copies the optimizer last wrote).
+        # The plans hold aliases of the old state's tensors: let them go with it.
         self.__dict__.pop("_rsoptim_plans", None)
-        self.__dict__.pop("_rsoptim_master_versions", None)
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        # New master copies: each is checked against its param's values at the next step.
+        self.__dict__.pop("_rsoptim_master_versions", None)
         # torch casts floating state to each param's dtype. Where a group keeps float32 state
         # (state_dtype; a group saved by torch.optim has none, and takes this optimizer's own),
         # take it from the saved tensor itself, not from its rounding to the param's dtype.
@@ -593,7 +608,6 @@ class KernelOptimizer:
                 call.held = []
             table.write_back()
             increment_version(bucket)
-            self._record_master_versions(group, bucket)
             calls.append(call)
             stepped.update((id(p), buffers) for p, buffers in entries)
         if others:
@@ -604,6 +618,10 @@ class KernelOptimizer:
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
 
+
+#: Serialises steps on float32 copies (a slow path): they move state between dtypes and key
+#: ``optimizer.state`` by the master copies, which two threads stepping one optimizer would race on.
+_FLOAT32_COPIES_LOCK = threading.RLock()
 
 _is_neg = torch.Tensor.is_neg
 _get_version = operator.attrgetter("_version")
@@ -769,7 +787,8 @@ class _Plan:
             has_grad=has_grad,
             state=opt.state,
             state_dicts_all=list(opt.state.values()),
-            state_dicts=[opt.state[p] for p in with_grad] if states else [],
+            # (`opt.state` makes an entry for a param it is asked about: not for keyless ones.)
+            state_dicts=[opt.state[p] if keys else {} for p, keys in zip(with_grad, param_keys)] if states else [],
             signature=opt._plan_signature(group),
             getters=[_tuple_getter(keys) for keys in param_keys],
             master_params=[p for p in with_grad if opt._uses_master(p, group)],
@@ -816,7 +835,7 @@ class _Plan:
             if len(values) != len(self.state_dicts_all) or not all(map(operator.is_, values, self.state_dicts_all)):
                 return None
             try:
-                tensors = list(chain.from_iterable(map(operator.call, self.getters, self.state_dicts)))
+                tensors = [t for get, state in zip(self.getters, self.state_dicts) for t in get(state)]
             except KeyError:  # a state entry was removed
                 return None
         if self.master_params:

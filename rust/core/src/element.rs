@@ -152,10 +152,12 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// IEEE float16: load is exact; store rounds to nearest even (overflow to inf, subnormals kept,
-/// NaN to the canonical quiet NaN), as torch's `c10::Half(float)`. The conversions are written
-/// here without branches (the `half` crate's pick F16C at run time per element, which keeps the
-/// kernels' loops from vectorising); `tests/half.rs` checks them against the `half` crate.
+/// IEEE float16: load is exact; store rounds to nearest even (overflow to inf, subnormals kept),
+/// as torch's `c10::Half(float)` and its vectorised (F16C) conversions do; a NaN becomes a quiet
+/// NaN with its sign and the top of its payload, as F16C makes it, so that every SIMD path gives
+/// the same bits. The scalar conversions are written here without branches (the `half` crate's
+/// pick F16C at run time per element, which keeps the kernels' loops from vectorising);
+/// `tests/half.rs` and `tests/extensions.rs` check them against the `half` crate and F16C.
 impl Element for half::f16 {
     type Math = f32;
     #[inline(always)]
@@ -191,7 +193,8 @@ pub fn f16_bits_to_f32(h: u16) -> f32 {
     let h = u32::from(h);
     let (sign, exp, mant) = ((h & 0x8000) << 16, (h >> 10) & 0x1f, h & 0x3ff);
     let normal = ((exp + (127 - 15)) << 23) | (mant << 13);
-    let inf_nan = (0xff << 23) | (mant << 13);
+    // A NaN comes out quiet, its payload kept (as F16C's conversion does).
+    let inf_nan = (0xff << 23) | (mant << 13) | if mant != 0 { 0x0040_0000 } else { 0 };
     // Zero and subnormals: mant * 2^-24, exact in float32.
     let subnormal = (mant as f32 * (1.0 / 16_777_216.0)).to_bits();
     let bits = if exp == 0 {
@@ -210,8 +213,9 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     let sign = (bits >> 16) & 0x8000;
     let abs = bits & 0x7fff_ffff;
-    // 65536.0 and up (and inf, NaN): past float16's range whatever the rounding.
-    let huge = if abs > 0x7f80_0000 { 0x7e00 } else { 0x7c00 };
+    // 65536.0 and up (and inf, NaN): past float16's range whatever the rounding. A NaN stays a
+    // quiet NaN with the top of its payload, as F16C's conversion keeps it.
+    let huge = if abs > 0x7f80_0000 { 0x7e00 | ((abs >> 13) & 0x3ff) } else { 0x7c00 };
     // Below 2^-14 the result is subnormal (or zero): adding 0.5 lets the FPU round the bits
     // that fall off to nearest even; the low bits of the sum are the float16 mantissa.
     const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
@@ -289,7 +293,7 @@ pub fn f32_to_f16_bits_stochastic(x: f32, random: u32) -> u16 {
     let bits = x.to_bits();
     let sign = (bits >> 16) & 0x8000;
     let abs = bits & 0x7fff_ffff;
-    let huge = if abs > 0x7f80_0000 { 0x7e00 } else { 0x7c00 };
+    let huge = if abs > 0x7f80_0000 { 0x7e00 | ((abs >> 13) & 0x3ff) } else { 0x7c00 };
     let normal = (abs.wrapping_add((15u32.wrapping_sub(127)) << 23).wrapping_add(random & 0x1fff)) >> 13;
     let scaled = f32::from_bits(abs) * 16_777_216.0;
     let floor = scaled.floor();

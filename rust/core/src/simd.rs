@@ -286,9 +286,10 @@ impl Isa for Avx512 {
 }
 
 /// `Isa::f32_to_bf16` with AVX-512 BF16's conversion, 32 values an instruction. It rounds to
-/// nearest even and makes NaN the quiet NaN 0x7fc0, as `f32_to_bf16_bits` does, but flushes
-/// float32 subnormals to zero: a vector holding one takes the baseline's conversion. (Called
-/// once per block, not inlined: the trampolines are not compiled for BF16.)
+/// nearest even as `f32_to_bf16_bits` does, but flushes float32 subnormals to zero and keeps a
+/// NaN's sign and payload: a vector holding either takes the baseline's conversion (found with
+/// integer compares, which MXCSR's denormals-are-zero cannot affect). (Called once per block,
+/// not inlined: the trampolines are not compiled for BF16.)
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW, DQ and BF16.
@@ -296,16 +297,22 @@ impl Isa for Avx512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
 unsafe fn f32_to_bf16_avx512bf16(src: &[f32], dst: &mut [half::bf16]) {
     use std::arch::x86_64::*;
-    const SUBNORMAL: i32 = 0x20; // the `fpclass` category of denormal values
     let n = src.len().min(dst.len());
     let mut i = 0;
+    // Lanes whose |bits| - 1 is below 0x7fffff are subnormal; above 0x7f800000, NaN.
+    let (magnitude, one) = (_mm512_set1_epi32(0x7fff_ffff), _mm512_set1_epi32(1));
+    let (subnormal_below, nan_above) = (_mm512_set1_epi32(0x007f_ffff), _mm512_set1_epi32(0x7f80_0000));
+    let special = |x: __m512| {
+        let abs = _mm512_and_si512(_mm512_castps_si512(x), magnitude);
+        _mm512_cmplt_epu32_mask(_mm512_sub_epi32(abs, one), subnormal_below) | _mm512_cmpgt_epu32_mask(abs, nan_above)
+    };
     while i + 32 <= n {
         // SAFETY: `i + 32 <= n` keeps the loads and the store inside both slices; the features
         // are this function's contract.
         unsafe {
             let lo = _mm512_loadu_ps(src.as_ptr().add(i));
             let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
-            if _mm512_fpclass_ps_mask::<SUBNORMAL>(lo) | _mm512_fpclass_ps_mask::<SUBNORMAL>(hi) == 0 {
+            if special(lo) | special(hi) == 0 {
                 let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
                 _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast::<__m512i>(), packed);
             } else {
