@@ -727,13 +727,6 @@ def test_construction_errors_match_torch(case, name):
         assert str(rs_err.value) == message
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_differentiable_true_raises_clear_value_error(name):
-    with pytest.raises(ValueError, match="differentiable=True"):
-        getattr(rsoptim, name)([_p()], differentiable=True)
-    getattr(rsoptim, name)([_p()], differentiable=False)  # the default is fine
-
-
 FLAG_CASES = [
     ("SGD", dict(momentum=0.9), dict(foreach=True)),
     ("SGD", dict(momentum=0.9), dict(foreach=False)),

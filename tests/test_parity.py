@@ -12,8 +12,8 @@ Three parts:
   sqrt, bias correction one step off, coupled instead of decoupled weight decay, ...) under the
   hyperparameters of a parity configuration, so these tests can fail.
 
-``differentiable=True`` is refused by rsoptim (ValueError, documented in its classes); torch's
-configurations that set it are left out and the refusal itself is tested.
+``differentiable=True`` groups are stepped by torch's own implementation (autograd through the
+step); that is tested at the end.
 """
 
 from __future__ import annotations
@@ -67,8 +67,6 @@ def _optim_db_cases() -> list[Any]:
             for config_device in ("cpu", "cuda"):
                 for oi in info.optim_inputs_func(device=config_device, dtype=dtype):
                     kwargs = dict(oi.kwargs)
-                    if kwargs.get("differentiable", False):
-                        continue  # rsoptim refuses differentiable=True: see test_differentiable_is_refused
                     desc = oi.desc
                     if config_device == "cuda":
                         if not kwargs.pop("capturable", False):
@@ -140,12 +138,53 @@ def test_torch_optim_db_configs(name, dtype, kwargs):
     _torch_harness(name, dtype, kwargs)
 
 
+# (amsgrad and centered RMSprop fail in torch itself under differentiable=True: in-place state.)
+DIFFERENTIABLE_EXTRA = {"SGD": dict(momentum=0.9), "Adam": dict(weight_decay=0.1), "AdamW": {}, "RMSprop": dict(alpha=0.9)}
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_differentiable_is_refused(name):
+def test_differentiable_true_is_torchs_step_with_autograd_through_it(name):
+    """differentiable=True: torch's implementation steps the group with autograd on, so the
+    updated params and the gradients through the steps are torch.optim's."""
+    torch_cls, our_cls = OPTIMIZERS[name]
+    results = []
+    for cls in (torch_cls, our_cls):
+        leaf = torch.linspace(-1, 1, 10, dtype=torch.float64, requires_grad=True)
+        g = torch.linspace(1, -1, 10, dtype=torch.float64).add(0.05).requires_grad_()
+        p = leaf * 1.5  # not a leaf: a differentiable optimizer may step it
+        opt = cls([p], lr=0.1, differentiable=True, **DIFFERENTIABLE_EXTRA[name])
+        for i in range(3):
+            p.grad = g * (i + 1)  # a grad with a history: the step is differentiated through
+            opt.step()
+        grads = torch.autograd.grad((p**2).sum(), (leaf, g))
+        results.append((p.detach(), *grads))
+    (want_p, *want_grads), (got_p, *got_grads) = results
+    assert torch.equal(got_p, want_p)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    assert got_grads[1].abs().sum() > 0, "the gradient reached the grads through the steps"
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_differentiable_true_refuses_the_half_precision_extensions(name):
     _, our_cls = OPTIMIZERS[name]
-    p = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match="differentiable"):
-        our_cls([p], lr=0.1, differentiable=True)
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    for extra in (dict(master_weights=True), dict(stochastic_rounding=True), dict(state_dtype=torch.float32)):
+        with pytest.raises(ValueError, match="differentiable"):
+            our_cls([p], lr=0.1, differentiable=True, **extra)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_true_refuses_params_torchs_fused_kernels_cannot_step(name):
+    """torch checks the device and dtype of fused params when it steps them: so does rsoptim."""
+    outcomes = []
+    for cls in OPTIMIZERS[name]:
+        p = torch.zeros(3, device="meta", requires_grad=True)
+        p.grad = torch.zeros_like(p)
+        opt = cls([p], lr=0.1, fused=True)
+        with pytest.raises(RuntimeError) as err:
+            opt.step()
+        outcomes.append(str(err.value))
+    assert outcomes[0] == outcomes[1]
 
 
 # -------------------------------------------------------------------------------------------

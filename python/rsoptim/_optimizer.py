@@ -105,12 +105,6 @@ def extension_options(
     return options
 
 
-def reject_differentiable(differentiable: bool) -> None:
-    if differentiable:
-        raise ValueError(
-            "rsoptim optimizers do not support differentiable=True (the Rust kernels update "
-            "tensors in place outside autograd); use torch.optim for differentiable optimization"
-        )
 
 
 @dataclass
@@ -378,6 +372,11 @@ class KernelOptimizer:
         from ``defaults``), and gives one that rounds stochastically without a seed
         ``torch.initial_seed()``."""
         check_extensions(group)
+        if group.get("differentiable") and any(group.get(k, v) != v for k, v in EXTENSION_DEFAULTS.items() if k != "stochastic_rounding_seed"):
+            raise ValueError(
+                "state_dtype, master_weights and stochastic_rounding are not supported with differentiable=True "
+                "(torch's implementation steps such groups, with autograd through the step)"
+            )
         if group.get("stochastic_rounding") and group.get("stochastic_rounding_seed") is None:
             group["stochastic_rounding_seed"] = torch.initial_seed()
 
@@ -423,7 +422,9 @@ class KernelOptimizer:
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
             elif params:
-                with torch.no_grad():
+                # differentiable=True: torch's implementation steps the group with autograd on, as
+                # torch.optim does (see _step_group).
+                with torch.set_grad_enabled(bool(group.get("differentiable"))):
                     plans[index] = self._step_group(group, params)  # type: ignore[assignment]
                 if plans[index] is None:
                     del plans[index]
@@ -561,7 +562,8 @@ class KernelOptimizer:
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan | None:
         """Steps one group in full generality; returns a plan for the next steps if it can."""
         keys = self._state_keys(group)
-        kernel_ok = self._group_runs_on_kernel(group)
+        # The kernels update tensors outside autograd: differentiable groups are torch's to step.
+        kernel_ok = self._group_runs_on_kernel(group) and not group.get("differentiable")
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:
@@ -611,6 +613,8 @@ class KernelOptimizer:
             calls.append(call)
             stepped.update((id(p), buffers) for p, buffers in entries)
         if others:
+            # A buffer made for the kernel to fill (SGD's first momentum) is torch's to make.
+            self._forget_new_state(others)
             self._step_with_torch(group, others)
             return None
         return _Plan.build(self, group, calls, stepped)

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the module name
-from torch.optim.optimizer import ParamsT, _get_scalar_dtype
+from torch.optim.optimizer import ParamsT, _device_dtype_check_for_fused, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, extension_options, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, extension_options, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -25,6 +25,8 @@ class _AdamKernels(KernelOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if group["fused"]:
+            _device_dtype_check_for_fused(p)  # as torch's _init_group, on a param's first step
         if group["capturable"] or group["fused"]:
             state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
         else:
@@ -88,7 +90,7 @@ class _AdamKernels(KernelOptimizer):
             [s["step"] for s in states],
             foreach=group["foreach"],
             capturable=group["capturable"],
-            differentiable=False,
+            differentiable=group["differentiable"],
             fused=group["fused"],
             grad_scale=None,
             found_inf=None,
@@ -109,8 +111,9 @@ class Adam(_AdamKernels, torch.optim.Adam):
 
     Same arguments, defaults, errors and state as ``torch.optim.Adam``; bfloat16/float16 params
     get the numbers of torch's ``fused=True`` kernel. ``foreach``, ``fused`` and ``capturable``
-    are accepted and apply to params that torch steps (non-CPU devices). ``differentiable=True``
-    is not supported.
+    are accepted and apply to params that torch steps (non-CPU devices); ``fused=True`` refuses
+    params of devices and dtypes torch's fused kernel refuses, as torch does. Groups with
+    ``differentiable=True`` are stepped by torch's implementation, with autograd through the step.
     """
 
     def __init__(
@@ -133,7 +136,6 @@ class Adam(_AdamKernels, torch.optim.Adam):
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
     ) -> None:
-        reject_differentiable(differentiable)
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
@@ -177,7 +179,6 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
     ) -> None:
-        reject_differentiable(differentiable)
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,

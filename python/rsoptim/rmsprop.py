@@ -9,7 +9,7 @@ from torch.optim.rmsprop import rmsprop as _torch_rmsprop  # torch.optim deletes
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, extension_options, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, extension_options, scalar
 
 __all__ = ["RMSprop"]
 
@@ -19,8 +19,8 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
 
     Same arguments, defaults, errors and state as ``torch.optim.RMSprop``; bfloat16/float16 params
     are computed in float32, each stored value rounded once (the rule of torch's fused kernels;
-    torch has no fused RMSprop). Params on other devices are stepped by torch.
-    ``differentiable=True`` is not supported.
+    torch has no fused RMSprop). Params on other devices are stepped by torch, and so are groups
+    with ``differentiable=True`` (autograd through the step).
     """
 
     _sparse_message = "RMSprop does not support sparse gradients"
@@ -44,7 +44,6 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
     ) -> None:
-        reject_differentiable(differentiable)
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
@@ -118,7 +117,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             [s["step"] for s in states],
             foreach=group["foreach"],
             maximize=group["maximize"],
-            differentiable=False,
+            differentiable=group["differentiable"],
             capturable=group["capturable"],
             has_complex=any(torch.is_complex(p) for p in params),
             lr=group["lr"],

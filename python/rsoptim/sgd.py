@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module name
-from torch.optim.optimizer import ParamsT
+from torch.optim.optimizer import ParamsT, _device_dtype_check_for_fused
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, extension_options, reject_differentiable, scalar
+from ._optimizer import KernelCall, KernelOptimizer, extension_options, scalar
 
 __all__ = ["SGD"]
 
@@ -21,7 +21,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     with momentum, created on a param's first step); bfloat16/float16 params are computed in
     float32, each stored value rounded once (the rule of torch's fused kernels, whose SGD is
     broken for half params in torch 2.13). Sparse grads and params on other devices are stepped
-    by torch. ``differentiable=True`` is not supported.
+    by torch, and so are groups with ``differentiable=True`` (autograd through the step).
     """
 
     _has_step = False
@@ -44,7 +44,6 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
     ) -> None:
-        reject_differentiable(differentiable)
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
         super().__init__(
             params,
@@ -97,6 +96,10 @@ class SGD(KernelOptimizer, torch.optim.SGD):
                 self._new_buffers.discard(p)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> Any:
+        if group["fused"] and params and getattr(self, "_need_device_dtype_check_for_fused", True):
+            # As torch's _init_group: once, on the first param with a grad.
+            _device_dtype_check_for_fused(params[0])
+            self._need_device_dtype_check_for_fused = False
         self._new_buffers: set[torch.Tensor] = set()
         try:
             return super()._step_group(group, params)
