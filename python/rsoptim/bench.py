@@ -838,7 +838,7 @@ def format_table(rows: list[Row]) -> str:
     if any(r.case == "clip_grad_norm_ (clips)" for r in rows):
         lines.append(
             "clip_grad_norm_ (clips): the same over-norm grads are copied back, untimed, before every timed call of every "
-            f"implementation (max_norm {CLIP_MAX_NORM:g}; each call checked to scale the grads by a factor < 1)."
+            f"implementation (max_norm {CLIP_MAX_NORM:g}; each call checked to scale the grads by a factor < {CLIPS_BELOW:g})."
         )
     if any(r.case == "AdamW fp32 state" for r in rows):
         lines.append(
