@@ -74,7 +74,8 @@ def test_without_deepspeed_json_has_the_rows_and_the_note():
     out = run_bench([*TINY, "--cases", "Adam", "--json"], code=WITHOUT_DEEPSPEED)
     result = json.loads(out.stdout)
     assert [set(r["seconds"]) for r in result["rows"]] == [{"rsoptim", "torch fused", "torch foreach", "torch for-loop"}]
-    assert result["notes"] == ["DeepSpeedCPUAdam column left out: deepspeed is not installed (scripts/bench.sh installs it)"]
+    notes = [n for n in result["notes"] if "is a measurement error" not in n]  # seed-mlp's share of the roofline is noise
+    assert notes == ["DeepSpeedCPUAdam column left out: deepspeed is not installed (scripts/bench.sh installs it)"]
     assert result["machine"]["deepspeed"] is None
 
 
@@ -120,7 +121,10 @@ def test_the_plot_has_a_bfloat16_curve(tmp_path):
     assert curves["bfloat16", 1024]["bytes_per_element"] == 14 and curves["float32", 1024]["bytes_per_element"] == 28
     assert {"rsoptim", "torch fused", "roofline"} <= set(curves["bfloat16", 4096])
     assert png.stat().st_size > 0
-    assert result["notes"] == ["DeepSpeedCPUAdam column left out: --no-deepspeed"]
+    # seed-mlp is cache-resident and timed once here: its share of the roofline is noise, and may
+    # be flagged (a note) as above 105%.
+    notes = [n for n in result["notes"] if "is a measurement error" not in n]
+    assert notes == ["DeepSpeedCPUAdam column left out: --no-deepspeed"]
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +198,95 @@ def test_a_state_buffer_in_another_dtype_is_caught():
     bench.check_state_dtypes("rsoptim", step, torch.float32)
     with pytest.raises(RuntimeError, match="keeps exp_avg in torch.float32, not torch.bfloat16"):
         bench.check_state_dtypes("rsoptim", step, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The clipping rows clip at every timed call; a row faster than the roofline is flagged.
+
+
+def clip_case(name: str) -> bench.Case:
+    return next(c for c in bench.cases() if c.name == name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_clips_row_scales_the_grads_at_every_call(dtype):
+    case = clip_case("clip_grad_norm_ (clips)")
+    params = bench.make_params([(64, 33), (5,), (300,)], dtype=dtype)
+    original = [p.grad.clone() for p in params]
+    prepare = case.prepare(params)
+    fns, notes = bench.build_steps(case, params, "tiny", prepare)
+    assert list(fns) == ["rsoptim", "torch foreach", "torch for-loop"] and notes == []
+    expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in original]))
+    factor = bench.CLIP_MAX_NORM / (float(expected_norm) + 1e-6)
+    assert factor < 0.5
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7  # bfloat16: the norm and the scaled grads are rounded to it
+    for _ in range(3):  # repeated calls: without the restore the factor would converge to 1
+        for label, fn in fns.items():
+            prepare()
+            assert all(torch.equal(g, o) for g, o in zip((p.grad for p in params), original))
+            total = fn()
+            case.check(total)
+            assert float(total) == pytest.approx(float(expected_norm), rel=rtol)
+            for p, o in zip(params, original):
+                tolerance = {"rtol": rtol, "atol": 0}
+                torch.testing.assert_close(p.grad.float(), o.float() * factor, **tolerance)
+                assert p.grad.float().abs().max() < o.float().abs().max()
+    # Without the restore the next calls have nothing left to clip, and the check says so.
+    fns["rsoptim"]()
+    with pytest.raises(AssertionError, match="did not clip"):
+        case.check(fns["torch foreach"]())
+    with pytest.raises(AssertionError, match="did not clip"):
+        case.check(fns["rsoptim"]())
+
+
+def test_time_interleaved_prepares_and_checks_every_call_untimed():
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}
+    prepare = {label: (lambda label=label: calls.append("prep " + label)) for label in fns}
+    checked: list[object] = []
+    bench.time_interleaved(fns, repeats=2, warmup=1, target_s=0.0, prepare=prepare, check={"a": checked.append, "b": checked.append})
+    for i, call in enumerate(calls):
+        if call in ("a", "b"):
+            assert calls[i - 1] == "prep " + call  # every call right after its preparation
+    assert calls.count("a") == calls.count("prep a") == len([c for c in checked if c == 1]) >= 4  # warm-up, batch size, 2 samples
+
+
+def test_the_no_clip_row_checks_that_nothing_is_clipped():
+    case = clip_case("clip_grad_norm_ (no clip)")
+    case.check(torch.tensor(10.0))
+    with pytest.raises(AssertionError, match="clipped in the no-clip row"):
+        case.check(torch.tensor(1e10))
+
+
+def fake_row(roofline_seconds: float | None) -> bench.Row:
+    return bench.Row(
+        case="Adam",
+        workload="gpt2-small",
+        dtype="float32",
+        threads=2,
+        tensors=1,
+        elements=1000,
+        bytes_per_step=28_000,
+        seconds={"rsoptim": 1.0, "torch fused": 2.0},
+        roofline_seconds=roofline_seconds,
+        ratios={"torch fused": 2.0},
+    )
+
+
+@pytest.mark.parametrize(
+    ("roofline_seconds", "cell", "error"),
+    [(0.97, "   97% ", False), (1.05, "  105% ", False), (1.063, "  106%!", True), (1.63, "  163%!", True), (None, "     - ", False)],
+)
+def test_a_share_of_the_roofline_above_105_percent_is_flagged(roofline_seconds, cell, error):
+    row = fake_row(roofline_seconds)
+    assert bench.roofline_cell(row) == cell
+    assert row.measurement_error is error
+    table = bench.format_table([row])
+    line = next(line for line in table.splitlines() if line.startswith("Adam "))
+    assert cell in line
+    assert ("MEASUREMENT ERROR" in table) is error
+    out = json.loads(json.dumps(bench.row_json(row)))
+    assert out["measurement_error"] is error
+    assert out["roofline_share"] == (None if roofline_seconds is None else pytest.approx(roofline_seconds))
+    if error:
+        assert "measurement error" in bench.roofline_error_note(row)

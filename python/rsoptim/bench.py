@@ -173,6 +173,12 @@ class Case:
     half_only: bool = False
     #: A float32 master copy of each param (``master_weights=True``), read and written per step.
     master_copy: bool = False
+    #: Untimed work before every timed call of every implementation: built once per row from the
+    #: params, before any implementation has run (``restore_grads``: the clipping rows put back
+    #: the same over-norm grads before each call, so each call clips as the first one did).
+    prepare: Callable[[list[torch.Tensor]], Callable[[], object]] | None = None
+    #: Called (untimed) with each call's result; raises if the call did not run the case's work.
+    check: Callable[[object], None] | None = None
 
     def bytes_per_element(self, itemsize: int) -> int:
         return self.elements_moved * itemsize + 2 * 4 * (self.float32_state_buffers + self.master_copy)
@@ -209,6 +215,57 @@ def _clip_step(fn, max_norm: float, **kwargs) -> Callable[[list[torch.Tensor]], 
         return lambda: fn(params, max_norm, **kwargs)
 
     return build
+
+
+def restore_grads(params: list[torch.Tensor]) -> Callable[[], object]:
+    """Saves the grads of ``params`` as they are now; the function returned copies them back."""
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for g, s in zip(grads, saved):
+                g.copy_(s)
+
+    restore.saved = saved  # type: ignore[attr-defined]
+    return restore
+
+
+def clip_factor(max_norm: float, total_norm: object) -> float:
+    """The factor clip_grad_norm_ scales the grads by (torch's rule, before the clamp to 1)."""
+    return max_norm / (float(total_norm) + 1e-6)  # type: ignore[arg-type]
+
+
+def clips_check(max_norm: float) -> Callable[[object], None]:
+    """For a clipping row: every call must scale the grads, by a factor clearly under 1 (< 0.99;
+    repeated calls on the same grads converge to a factor within 1e-7 of 1, which is 1.0 in
+    float32). Otherwise the row would time the no-clip case (rsoptim skips the scale pass at a
+    factor of 1, torch does not)."""
+
+    def check(total_norm: object) -> None:
+        factor = clip_factor(max_norm, total_norm)
+        if not factor < CLIPS_BELOW:
+            raise AssertionError(f"clip_grad_norm_ did not clip: clip factor {factor:g} (total norm {float(total_norm):g}, max_norm {max_norm:g})")  # type: ignore[arg-type]
+
+    return check
+
+
+def no_clip_check(max_norm: float) -> Callable[[object], None]:
+    """For the no-clip row: no call may scale the grads (clip factor >= 1)."""
+
+    def check(total_norm: object) -> None:
+        factor = clip_factor(max_norm, total_norm)
+        if not factor >= 1:
+            raise AssertionError(f"clip_grad_norm_ clipped in the no-clip row: clip factor {factor:g}")
+
+    return check
+
+
+# max_norm of the clipping row: far under the norm of make_params' grads (about 11 on gpt2-small,
+# 0.3 on seed-mlp), so every call scales every grad.
+CLIP_MAX_NORM = 1e-2
+CLIPS_BELOW = 0.99
+NO_CLIP_MAX_NORM = 1e9
 
 
 def _torch_variants(cls, fused: bool, **kwargs) -> dict[str, Callable]:
@@ -315,24 +372,29 @@ def cases(deepspeed_adam: type | None = None) -> list[Case]:
         Case(
             "clip_grad_norm_ (no clip)",
             {
-                "rsoptim": _clip_step(rsoptim.clip_grad_norm_, 1e9),
-                "torch foreach": _clip_step(clip_torch, 1e9, foreach=True),
-                "torch for-loop": _clip_step(clip_torch, 1e9, foreach=False),
+                "rsoptim": _clip_step(rsoptim.clip_grad_norm_, NO_CLIP_MAX_NORM),
+                "torch foreach": _clip_step(clip_torch, NO_CLIP_MAX_NORM, foreach=True),
+                "torch for-loop": _clip_step(clip_torch, NO_CLIP_MAX_NORM, foreach=False),
             },
             1,
             None,
+            check=no_clip_check(NO_CLIP_MAX_NORM),
         ),
         Case(
             "clip_grad_norm_ (clips)",
             {
-                "rsoptim": _clip_step(rsoptim.clip_grad_norm_, 1e-2),
-                "torch foreach": _clip_step(clip_torch, 1e-2, foreach=True),
-                "torch for-loop": _clip_step(clip_torch, 1e-2, foreach=False),
+                "rsoptim": _clip_step(rsoptim.clip_grad_norm_, CLIP_MAX_NORM),
+                "torch foreach": _clip_step(clip_torch, CLIP_MAX_NORM, foreach=True),
+                "torch for-loop": _clip_step(clip_torch, CLIP_MAX_NORM, foreach=False),
             },
             3,
             # No roofline: the probe's streams (read r, read and write w) are not the clip's (read
             # g, then read and write g), and reads alone run faster than mixed streams.
             None,
+            # Repeated calls on the same grads converge to a clip factor of exactly 1 (nothing
+            # left to clip): the same over-norm grads are copied back, untimed, before each call.
+            prepare=restore_grads,
+            check=clips_check(CLIP_MAX_NORM),
         ),
     ]
 
@@ -374,28 +436,56 @@ class Progress:
             print(" " * 100, end="\r", file=sys.stderr, flush=True)
 
 
-def _batch_size(fn: Callable[[], object], target_s: float) -> int:
-    """How many calls make one sample of at least ``target_s`` seconds."""
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
+def timed_calls(
+    fn: Callable[[], object], n: int, prepare: Callable[[], object] | None = None, check: Callable[[object], None] | None = None
+) -> float:
+    """Seconds spent in ``n`` calls of ``fn``. With ``prepare`` or ``check``, each call is timed
+    on its own: ``prepare()`` runs before it and ``check(result)`` after it, both untimed."""
+    if prepare is None and check is None:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return time.perf_counter() - t0
+    total = 0.0
+    for _ in range(n):
+        if prepare is not None:
+            prepare()
+        t0 = time.perf_counter()
+        result = fn()
+        total += time.perf_counter() - t0
+        if check is not None:
+            check(result)
+    return total
+
+
+def _batch_size(
+    fn: Callable[[], object], target_s: float, prepare: Callable[[], object] | None = None, check: Callable[[object], None] | None = None
+) -> int:
+    """How many calls make one sample of at least ``target_s`` seconds (of timed calls)."""
+    once = max(timed_calls(fn, 1, prepare, check), 1e-7)
     return max(1, min(10_000, math.ceil(target_s / once)))
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, target_s: float) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turn (A B C A B C ...)."""
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    target_s: float,
+    prepare: dict[str, Callable[[], object]] | None = None,
+    check: dict[str, Callable[[object], None]] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn (A B C A B C ...). ``prepare`` and
+    ``check`` (by label) run untimed before and after every call, warm-up calls included."""
+    prepare, check = prepare or {}, check or {}
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    batches = {label: _batch_size(fn, target_s) for label, fn in fns.items()}
+        for label, fn in fns.items():
+            timed_calls(fn, 1, prepare.get(label), check.get(label))
+    batches = {label: _batch_size(fn, target_s, prepare.get(label), check.get(label)) for label, fn in fns.items()}
     samples: dict[str, list[float]] = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
             n = batches[label]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[label].append((time.perf_counter() - t0) / n)
+            samples[label].append(timed_calls(fn, n, prepare.get(label), check.get(label)) / n)
     return {label: statistics.median(s) for label, s in samples.items()}
 
 
@@ -454,6 +544,48 @@ class Row:
     def gbps(self, label: str) -> float:
         return self.bytes_per_step / self.seconds[label] / 1e9
 
+    @property
+    def roofline_share(self) -> float | None:
+        """rsoptim's speed as a share of the roofline probe's (None: no probe for this row)."""
+        return self.roofline_seconds / self.seconds["rsoptim"] if self.roofline_seconds else None
+
+    @property
+    def measurement_error(self) -> bool:
+        """Faster than the probe moving the same bytes: the step skipped work, or the row counts
+        bytes the step does not move; either way its figures are not a speed."""
+        share = self.roofline_share
+        return share is not None and share > ROOFLINE_LIMIT
+
+
+#: A share of the roofline above this is flagged as a measurement error (the probe is a plain
+#: streaming loop; a step moving the same bytes can match it, within noise, not beat it).
+ROOFLINE_LIMIT = 1.05
+
+
+def roofline_cell(row: Row) -> str:
+    """The table's %roof cell: "  97% ", or " 163%!" for a measurement error, or "     - "."""
+    share = row.roofline_share
+    if share is None:
+        return "     - "
+    return f"{100 * share:5.0f}%" + ("!" if row.measurement_error else " ")
+
+
+def roofline_error_note(row: Row) -> str:
+    return (
+        f"{row.case} / {row.workload} / {row.dtype} / {row.threads} thr: rsoptim at {100 * row.roofline_share:.0f}% of the roofline "  # type: ignore[operator]
+        f"(above {100 * ROOFLINE_LIMIT:.0f}%) is a measurement error, not a speed: the step skipped work or the row counts bytes it does not move"
+    )
+
+
+def row_json(row: Row) -> dict[str, object]:
+    """A row as the JSON output has it."""
+    return {
+        **asdict(row),
+        "gbps": {k: row.gbps(k) for k in row.seconds},
+        "roofline_share": row.roofline_share,
+        "measurement_error": row.measurement_error,
+    }
+
 
 # Implementations whose failure on a row leaves their column out with a note instead of stopping
 # the run (DeepSpeed's op refuses some dtypes on some CPUs, e.g. bfloat16 without AVX-512).
@@ -473,16 +605,20 @@ def check_state_dtypes(label: str, step: Callable[[], object], expected: torch.d
                 raise RuntimeError(f"{label} keeps {key} in {value.dtype}, not {wanted}: its bytes per step would differ from the row's")
 
 
-def build_steps(case: Case, params: list[torch.Tensor], where: str) -> tuple[dict[str, Callable[[], object]], list[str]]:
-    """Each implementation's step function on ``params``, each stepped once, and a note for each
-    optional implementation left out (``where`` names the row in it)."""
+def build_steps(
+    case: Case, params: list[torch.Tensor], where: str, prepare: Callable[[], object] | None = None
+) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """Each implementation's step function on ``params``, each stepped once (after ``prepare()``,
+    the case's untimed preparation built on ``params``, and checked by ``case.check``), and a note
+    for each optional implementation left out (``where`` names the row in it)."""
     state_dtype = torch.float32 if case.float32_state_buffers else params[0].dtype
     fns: dict[str, Callable[[], object]] = {}
     notes = []
     for label, build in case.impls.items():
         try:
             fn = build(params)
-            fn()  # the first step creates the state (and shows a dtype the implementation refuses)
+            # The first step creates the state (and shows a dtype the implementation refuses).
+            timed_calls(fn, 1, prepare, case.check)
             check_state_dtypes(label, fn, state_dtype)
         except Exception as e:
             if label not in OPTIONAL_IMPLS:
@@ -500,13 +636,23 @@ def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, 
     rsoptim.set_num_threads(threads)
     shapes = WORKLOADS[workload]()
     params = make_params(shapes, dtype=dtype)
-    fns, notes = build_steps(case, params, f"{workload} / {str(dtype).removeprefix('torch.')}")
+    # Built before any implementation runs, from the grads as make_params leaves them.
+    prepare = case.prepare(params) if case.prepare is not None else None
+    fns, notes = build_steps(case, params, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)
+    impls = list(fns)
     itemsize = params[0].element_size()
     bytes_per_element = case.bytes_per_element(itemsize)
     if case.roofline_written is not None:
         fns["roofline"] = roofline_probe(params, bytes_per_element, case.bytes_written_per_element(itemsize))
     elements = sum(p.numel() for p in params)
-    seconds = time_interleaved(fns, repeats, warmup, target_s=0.02)
+    seconds = time_interleaved(
+        fns,
+        repeats,
+        warmup,
+        target_s=0.02,
+        prepare={label: prepare for label in impls} if prepare is not None else None,
+        check={label: case.check for label in impls} if case.check is not None else None,
+    )
     roofline = seconds.pop("roofline", None)
     row = Row(
         case=case.name,
@@ -521,7 +667,9 @@ def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, 
         notes=notes,
     )
     row.ratios = {label: s / seconds["rsoptim"] for label, s in seconds.items() if label != "rsoptim"}
-    del fns, params
+    if row.measurement_error:
+        row.notes.append(roofline_error_note(row))
+    del fns, params, prepare
     return row
 
 
@@ -667,12 +815,11 @@ def format_table(rows: list[Row]) -> str:
     if any(DEEPSPEED in r.ratios for r in rows):
         others.append(DEEPSPEED)
     short = {DEEPSPEED: "DeepSpeed"}
-    head = f"{'case':<27} {'workload':<11} {'thr':>3} {'rsoptim ms':>10} {'GB/s':>6} {'%roof':>6}"
+    head = f"{'case':<27} {'workload':<11} {'thr':>3} {'rsoptim ms':>10} {'GB/s':>6} {'%roof':>6} "
     head += "".join(f" {'x ' + short.get(label, label.replace('torch ', '')):>11}" for label in others)
     lines = [head, "-" * len(head)]
     for r in rows:
-        roof = f"{100 * r.roofline_seconds / r.seconds['rsoptim']:5.0f}%" if r.roofline_seconds else "     -"
-        line = f"{r.case:<27} {r.workload:<11} {r.threads:>3} {1e3 * r.seconds['rsoptim']:>10.3f} {r.gbps('rsoptim'):>6.1f} {roof:>6}"
+        line = f"{r.case:<27} {r.workload:<11} {r.threads:>3} {1e3 * r.seconds['rsoptim']:>10.3f} {r.gbps('rsoptim'):>6.1f} {roofline_cell(r)}"
         for label in others:
             line += f" {r.ratios[label]:>10.2f}x" if label in r.ratios else f" {'-':>11}"
         lines.append(line)
@@ -683,6 +830,16 @@ def format_table(rows: list[Row]) -> str:
         + ": the other implementation's time over rsoptim's (higher is better for rsoptim)."
     )
     lines.append("%roof: rsoptim's speed as a share of the roofline probe's (same bytes, tensors and threads).")
+    if any(r.measurement_error for r in rows):
+        lines.append(
+            f"!: MEASUREMENT ERROR: above {100 * ROOFLINE_LIMIT:.0f}% of the roofline, faster than a plain loop moving the same bytes; "
+            "the step skipped work or the row counts bytes it does not move, so the row's figures are not a speed."
+        )
+    if any(r.case == "clip_grad_norm_ (clips)" for r in rows):
+        lines.append(
+            "clip_grad_norm_ (clips): the same over-norm grads are copied back, untimed, before every timed call of every "
+            f"implementation (max_norm {CLIP_MAX_NORM:g}; each call checked to scale the grads by a factor < {CLIPS_BELOW:g})."
+        )
     if any(r.case == "AdamW fp32 state" for r in rows):
         lines.append(
             "AdamW fp32 state: rsoptim.AdamW(state_dtype=torch.float32) and DeepSpeedCPUAdam(adamw_mode=True, "
@@ -807,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "machine": machine,
             "dtype": args.dtype,
-            "rows": [{**asdict(r), "gbps": {k: r.gbps(k) for k in r.seconds}} for r in rows],
+            "rows": [row_json(r) for r in rows],
             "memory": memory,
             "size_sweep": points,
             "notes": notes,
