@@ -257,7 +257,12 @@ class KernelOptimizer:
             and master.device == p.device
         )
         if not usable:
-            master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            fresh = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            # setdefault: another thread stepping this optimizer may have just made (and stepped)
+            # one; keep that one. An unusable one is replaced.
+            master = state.setdefault("master_param", fresh) if master is None else fresh
+            if master is fresh:
+                state["master_param"] = fresh
         elif self.__dict__.get("_rsoptim_master_versions", {}).get(id(p)) != p._version:
             _refresh_master(p.detach(), master)
         return master
@@ -568,10 +573,12 @@ class KernelOptimizer:
         others: list[torch.Tensor] = []
         for p in params:
             if self._needs_state(p, group):
-                state = self.state[p]
-                if self._state_is_new(state):
-                    self._init_state(p, group, state)
-                self._init_extension_state(p, group, state)
+                # Atomic for threads stepping one optimizer: none sees a state half made.
+                with _STATE_INIT_LOCK:
+                    state = self.state[p]
+                    if self._state_is_new(state):
+                        self._init_state(p, group, state)
+                    self._init_extension_state(p, group, state)
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
             if buffers is not None:
                 step_dtype = step_dtype_name(buffers["step"]) if self._counts_steps(p, group) else "float32"
@@ -626,6 +633,8 @@ class KernelOptimizer:
 #: Serialises steps on float32 copies (a slow path): they move state between dtypes and key
 #: ``optimizer.state`` by the master copies, which two threads stepping one optimizer would race on.
 _FLOAT32_COPIES_LOCK = threading.RLock()
+#: Makes the lazy creation of a param's state atomic (see ``_step_group``).
+_STATE_INIT_LOCK = threading.RLock()
 
 _is_neg = torch.Tensor.is_neg
 _get_version = operator.attrgetter("_version")
