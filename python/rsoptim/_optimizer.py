@@ -206,8 +206,7 @@ class KernelOptimizer:
 
     def _step_float32_copies(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """``_step_with_torch`` for distinct half-precision params stepped as float32 copies."""
-        for p in params:
-            self._check_extensions_apply(p, group)
+        for p in params:  # (`step` checked the options apply to them)
             if self._rounding_seed(p, group) is not None and not self._has_step:
                 if not is_step_count(self.state[p].get("step")):
                     raise ValueError("state['step'] of a param with stochastic_rounding must be a one-element float tensor")
@@ -286,34 +285,32 @@ class KernelOptimizer:
         """``p = v`` (float32) for each param, rounded as the kernels round: to nearest, or
         stochastically with the bits a kernel step would draw (keyed by the step torch just
         counted, and by element in memory order, as the kernels walk a dense param)."""
-        rounded = [(p, v) for p, v in zip(params, values) if self._rounding_seed(p, group) is not None]
+        stochastic = []
         for p, v in zip(params, values):
             if self._rounding_seed(p, group) is None:
                 p.copy_(v)
-        if rounded:
+            else:
+                stochastic.append((p, v))
+        streams = self._streams(group, [p for p, _ in stochastic])
+        for dtype in {p.dtype for p, _ in stochastic}:
+            batch = [(p, v, stream) for (p, v), stream in zip(stochastic, streams) if p.dtype == dtype]
             steps = []
-            for p, _ in rounded:
-                state = self.state[p]
+            for p, _, _ in batch:
                 if not self._has_step:  # SGD counts steps only for stochastic rounding; torch did not
-                    state["step"] += 1
-                steps.append(float(state["step"]))
-            sources = [torch.empty_like(p, dtype=torch.float32).copy_(v) for p, v in rounded]
-            outs = [torch.empty_like(p) for p, _ in rounded]
-            by_dtype: dict[torch.dtype, list[int]] = {}
-            for i, (p, _) in enumerate(rounded):
-                by_dtype.setdefault(p.dtype, []).append(i)
-            streams = self._streams(group, [p for p, _ in rounded])
-            for dtype, indices in by_dtype.items():
-                _rsoptim.round_params(
-                    KERNEL_DTYPES[dtype],
-                    pack(rounded[i][0].numel() for i in indices),
-                    pack(sources[i].data_ptr() for i in indices),
-                    pack(outs[i].data_ptr() for i in indices),
-                    [steps[i] for i in indices],
-                    stochastic_rounding_seed=self._rounding_seed(rounded[indices[0]][0], group),
-                    streams=pack(streams[i] for i in indices),
-                )
-            for (p, _), out in zip(rounded, outs):
+                    self.state[p]["step"] += 1
+                steps.append(float(self.state[p]["step"]))
+            sources = [torch.empty_like(p, dtype=torch.float32).copy_(v) for p, v, _ in batch]
+            outs = [torch.empty_like(p) for p, _, _ in batch]
+            _rsoptim.round_params(
+                KERNEL_DTYPES[dtype],
+                pack(p.numel() for p, _, _ in batch),
+                pack(map(torch.Tensor.data_ptr, sources)),
+                pack(map(torch.Tensor.data_ptr, outs)),
+                steps,
+                stochastic_rounding_seed=group["stochastic_rounding_seed"],
+                streams=pack(stream for _, _, stream in batch),
+            )
+            for (p, _, _), out in zip(batch, outs):
                 p.copy_(out)
 
     def _uses_master(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -433,7 +430,7 @@ class KernelOptimizer:
                     plans[index] = self._step_group(group, params)  # type: ignore[assignment]
                 if plans[index] is None:
                     del plans[index]
-        if "_rsoptim_master_versions" in self.__dict__ or any(g.get("master_weights") for g in self.param_groups):
+        if any(g.get("master_weights") for g in self.param_groups):
             self._record_master_versions()
         return loss
 

@@ -16,6 +16,9 @@
 //! float16 conversions keep a NaN's payload and make it quiet, as F16C does; bfloat16 makes
 //! every NaN 0x7fc0 on every path); the kernels' results are compared with NaN equal to NaN.
 
+mod common;
+
+use common::{load, to};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -668,36 +671,9 @@ fn baseline() -> &'static Executor {
 /// into pieces (more than 1.5 pieces of 8192).
 const SIZES: [usize; 5] = [1, 37, 300, 4099, 20_003];
 
-/// Values of varied magnitude with either sign, zeros, and now and then inf/NaN.
+/// `common::values` from a seed mixed first (the seeds here are small consecutive integers).
 fn values(seed: u64, n: usize, non_finite: bool) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let r = (state >> 33) as u32;
-            match r % 64 {
-                0 => 0.0,
-                1 if non_finite => f32::INFINITY,
-                2 if non_finite => f32::NAN,
-                _ => {
-                    let mag = 10f32.powf((r % 1000) as f32 / 1000.0 * 6.0 - 4.0);
-                    if r & 1 == 0 {
-                        mag
-                    } else {
-                        -mag
-                    }
-                }
-            }
-        })
-        .collect()
-}
-
-fn to<E: Element<Math = f32>>(xs: &[f32]) -> Vec<E> {
-    xs.iter().map(|&x| E::store(x)).collect()
-}
-
-fn load<E: Element<Math = f32>>(xs: &[E]) -> Vec<f32> {
-    xs.iter().map(|x| x.load()).collect()
+    common::values(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678, n, non_finite)
 }
 
 fn assert_same(got: &[f32], want: &[f32], what: &str) {

@@ -3,9 +3,13 @@
 //! the f32 step on the loaded values followed by one rounding of each stored value, on every
 //! SIMD path and thread count.
 
+mod common;
+
+use common::{load, to, values};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use rsoptim_core::{Rounding, 
+use rsoptim_core::{
+    Rounding,
     adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Element, Executor, RmspropHyper, RmspropTensor,
     SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
@@ -20,33 +24,6 @@ fn executors() -> Vec<Executor> {
     all
 }
 
-/// Values of varied magnitude with either sign, zeros, and now and then inf/NaN.
-fn values(seed: u64, n: usize, non_finite: bool) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let r = (state >> 33) as u32;
-            match r % 64 {
-                0 => 0.0,
-                1 if non_finite => f32::INFINITY,
-                2 if non_finite => f32::NAN,
-                _ => {
-                    let mag = 10f32.powf((r % 1000) as f32 / 1000.0 * 6.0 - 4.0);
-                    if r & 1 == 0 { mag } else { -mag }
-                }
-            }
-        })
-        .collect()
-}
-
-fn to<E: Element<Math = f32>>(xs: &[f32]) -> Vec<E> {
-    xs.iter().map(|&x| E::store(x)).collect()
-}
-
-fn load<E: Element<Math = f32>>(xs: &[E]) -> Vec<f32> {
-    xs.iter().map(|x| x.load()).collect()
-}
 
 fn same_bits(a: &[f32], b: &[f32], what: &str) -> Result<(), TestCaseError> {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
