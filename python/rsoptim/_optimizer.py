@@ -29,6 +29,7 @@ from torch.autograd.graph import increment_version
 
 from ._columns import pack
 from . import _rsoptim
+from ._distributed import any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ._layout import HALF_DTYPES, KERNEL_DTYPES, BufferTable, is_step_count, runs_on_kernel, same_kind, step_dtype_name
@@ -127,6 +128,8 @@ class KernelCall:
     # What keeps alive, while the kernel runs, memory whose address the call uses and that
     # nothing else may hold (another thread may drop a grad or load a new state dict meanwhile).
     held: list[Any] = field(default_factory=list)
+    # The local shards of DTensor params (a write bumps the version of each, and of its DTensor).
+    local_params: list[torch.Tensor] = field(default_factory=list)
 
     def extensions(self) -> dict[str, Any]:
         """The kernels' keyword arguments for master copies and stochastic rounding."""
@@ -254,6 +257,7 @@ class KernelOptimizer:
             and master.dtype == torch.float32
             and master.shape == p.shape
             and master.device == p.device
+            and (not is_dtensor(p) or same_layout(master, p))
         )
         if not usable:
             fresh = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
@@ -262,8 +266,8 @@ class KernelOptimizer:
             master = state.setdefault("master_param", fresh) if master is None else fresh
             if master is fresh:
                 state["master_param"] = fresh
-        elif self.__dict__.get("_rsoptim_master_versions", {}).get(id(p)) != p._version:
-            _refresh_master(p.detach(), master)
+        elif self.__dict__.get("_rsoptim_master_versions", {}).get(id(p)) != param_version(p):
+            _refresh_master(local(p).detach(), local(master))
         return master
 
     def _record_master_versions(self) -> None:
@@ -273,7 +277,7 @@ class KernelOptimizer:
         versions = {}
         for group in self.param_groups:
             if group.get("master_weights"):
-                versions.update((id(p), p._version) for p in group["params"] if self._uses_master(p, group))
+                versions.update((id(p), param_version(p)) for p in group["params"] if self._uses_master(p, group))
         self.__dict__["_rsoptim_master_versions"] = versions
 
     def _steps_as_float32(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -299,11 +303,12 @@ class KernelOptimizer:
                 if not self._has_step:  # SGD counts steps only for stochastic rounding; torch did not
                     self.state[p]["step"] += 1
                 steps.append(float(self.state[p]["step"]))
-            sources = [torch.empty_like(p, dtype=torch.float32).copy_(v) for p, v, _ in batch]
-            outs = [torch.empty_like(p) for p, _, _ in batch]
+            # (A DTensor's local shard is rounded: `v` is laid out like `p`, so shard matches shard.)
+            sources = [torch.empty_like(local(p), dtype=torch.float32).copy_(local(v)) for p, v, _ in batch]
+            outs = [torch.empty_like(local(p)) for p, _, _ in batch]
             _rsoptim.round_params(
                 KERNEL_DTYPES[dtype],
-                pack(p.numel() for p, _, _ in batch),
+                pack(out.numel() for out in outs),
                 pack(map(torch.Tensor.data_ptr, sources)),
                 pack(map(torch.Tensor.data_ptr, outs)),
                 steps,
@@ -311,7 +316,9 @@ class KernelOptimizer:
                 streams=pack(stream for _, _, stream in batch),
             )
             for (p, _, _), out in zip(batch, outs):
-                p.copy_(out)
+                local(p).copy_(out)
+                if is_dtensor(p):
+                    increment_version(p)
 
     def _uses_master(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` keeps a float32 master copy (``master_weights``: half-precision params)."""
@@ -325,10 +332,12 @@ class KernelOptimizer:
 
     def _streams(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[int]:
         """The stochastic-rounding stream of each param: its group's index and its index in the
-        group (as state dicts number params), so no two params of an optimizer draw alike."""
+        group (as state dicts number params), so no two params of an optimizer draw alike; and
+        for a DTensor, which shard this rank holds (bits 48 and up), so that the shards of one
+        param draw apart and the replicas of one shard alike."""
         group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
         index = {id(q): i for i, q in enumerate(group["params"])}
-        return [group_index << 32 | index[id(p)] for p in params]
+        return [(shard_index(p) << 48) + (group_index << 32 | index[id(p)]) for p in params]
 
     def _param_keys(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, ...]:
         """Every state tensor a kernel call uses for ``p``: the state buffers, the master copy
@@ -406,6 +415,10 @@ class KernelOptimizer:
             params = None if calls is not None else self._params_with_grad(group)
             for p in params or ():
                 self._check_extensions_apply(p, group)  # e.g. loaded onto params off the CPU
+            if params and any_dtensor(params):
+                for i, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        check_grad(p, p.grad, i)
             work.append((index, group, calls, params))
         for index in [i for i in plans if i >= len(self.param_groups)]:
             del plans[index]  # the group is gone: let its tensors go
@@ -423,6 +436,8 @@ class KernelOptimizer:
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
+                    if call.local_params:
+                        increment_version(call.local_params)
             elif params:
                 # differentiable=True: torch's implementation steps the group with autograd on, as
                 # torch.optim does (see _step_group).
@@ -525,7 +540,13 @@ class KernelOptimizer:
     def _param_runs_on_kernel(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor | None) -> bool:
         """Whether the kernels can step ``p`` with ``grad`` exactly as torch would (before its
         state is looked at). Anything else (another device or dtype, a grad of another dtype or
-        shape, a sparse grad) is stepped by torch, which promotes, broadcasts or raises."""
+        shape, a sparse grad) is stepped by torch, which promotes, broadcasts or raises. A DTensor
+        param is stepped by its local shard, with a grad laid out like it (else torch's DTensor
+        ops redistribute it)."""
+        if is_dtensor(p) or is_dtensor(grad):
+            if not (is_dtensor(p) and same_layout(grad, p)):
+                return False
+            p, grad = p._local_tensor, grad._local_tensor
         if p.is_complex() and group["weight_decay"] != 0:
             # torch applies weight decay to complex params in complex arithmetic, where a
             # non-finite component spreads NaN to the other one; the kernels step real views.
@@ -536,21 +557,30 @@ class KernelOptimizer:
         """The grad, state tensors and step count the kernels would step ``p`` with, each read
         once (so that what was checked is what is stepped and held, whatever other threads
         assign meanwhile), or None if torch must step ``p``: the state tensors must be of the
-        param's dtype, device and shape (a state dict may have loaded anything)."""
+        param's dtype, device and shape (a state dict may have loaded anything). For a DTensor
+        param these are the local shards of its grad and state, each laid out like the param."""
         grad = p.grad
         if not self._param_runs_on_kernel(p, group, grad):
             return None
-        buffers: dict[str, Any] = {"grad": grad}
+        distributed = is_dtensor(p)
+
+        def shard(t: Any) -> Any:
+            # The local shard of a state tensor laid out like a DTensor param (None: not one).
+            return t._local_tensor if same_layout(t, p) else None
+
+        target = local(p)
+        buffers: dict[str, Any] = {"param": target, "grad": local(grad)}
         master, counts_steps = self._uses_master(p, group), self._counts_steps(p, group)
         if keys or master or counts_steps:
             state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
-                buffers[key] = state.get(key)
-                if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], p, state_dtype)):
+                buffers[key] = shard(state.get(key)) if distributed else state.get(key)
+                if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], target, state_dtype)):
                     return None
             if master:
-                buffers["master_param"] = self._master_copy(p, group, state)
-                if not same_kind(buffers["master_param"], p, torch.float32):
+                copy = self._master_copy(p, group, state)
+                buffers["master_param"] = shard(copy) if distributed else copy
+                if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], target, torch.float32)):
                     return None
             if counts_steps:
                 buffers["step"] = state.get("step")
@@ -591,7 +621,7 @@ class KernelOptimizer:
             extra = ("master_param",) if self._uses_master(bucket[0], group) else ()
             table = BufferTable(("param", "grad", *keys, *extra), written=frozenset(("param", *keys, *extra)))
             for p, buffers in entries:
-                table.add(p, {role: buffers[role] for role in ("grad", *keys, *extra)})
+                table.add(buffers["param"], {role: buffers[role] for role in ("grad", *keys, *extra)})
             steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], group) else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
             call = KernelCall(
@@ -614,6 +644,9 @@ class KernelOptimizer:
                 call.held = []
             table.write_back()
             increment_version(bucket)
+            if any_dtensor(bucket):
+                call.local_params = [local(p) for p in bucket]
+                increment_version(call.local_params)
             calls.append(call)
             stepped.update((id(p), buffers) for p, buffers in entries)
         if others:
@@ -634,7 +667,6 @@ _FLOAT32_COPIES_LOCK = threading.RLock()
 _STATE_INIT_LOCK = threading.RLock()
 
 _is_neg = torch.Tensor.is_neg
-_get_version = operator.attrgetter("_version")
 
 
 def _tuple_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -647,6 +679,9 @@ def _tuple_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any
         return lambda state: ()
     return operator.itemgetter(*keys)
 _get_grad = operator.attrgetter("grad")
+# A DTensor's local shard and its layout (see _distributed.same_layout), at C speed.
+_get_local = operator.attrgetter("_local_tensor")
+_get_mesh_and_placements = operator.attrgetter("_spec.mesh", "_spec.placements")
 # The address of a tensor's c10::TensorImpl, through the base class's descriptor: it raises
 # TypeError for anything that is not a tensor and ignores a subclass's own `_cdata`.
 _get_impl = torch._C.TensorBase._cdata.__get__
@@ -735,6 +770,12 @@ class _Plan:
     # The params with master copies: one written since the optimizer wrote it (their versions
     # differ) takes the general path, which copies it into its master.
     master_params: list[torch.Tensor] = field(default_factory=list)
+    # A group of DTensor params: the kernels take the local shards of the params, grads and
+    # state tensors (not the step counts, plain tensors), each DTensor on the mesh and in the
+    # placements recorded in `layouts` (in the order grads, then state tensors).
+    distributed: bool = False
+    layouts: list[tuple[Any, Any]] = field(default_factory=list)
+    step_slots: list[bool] = field(default_factory=list)
 
     @staticmethod
     def build(
@@ -756,20 +797,30 @@ class _Plan:
         if any(p.dtype not in _DTYPE_CODES for p in with_grad):
             return None  # complex params take the general path every step
         param_keys = [opt._param_keys(p, group) for p in with_grad]
+        distributed = any_dtensor(with_grad)
+        layouts: list[tuple[Any, Any]] = []
+        if distributed:
+            # Every param a DTensor (stepped by its local shard, so its grad and state tensors
+            # are laid out like it), the step counts plain tensors, as torch.optim makes them.
+            if not all(map(is_dtensor, with_grad)):
+                return None
+            layouts = list(map(_get_mesh_and_placements, with_grad))  # the grads'
+            for p, keys in zip(with_grad, param_keys):
+                layouts += [_get_mesh_and_placements(p)] * sum(k != "step" for k in keys)
         grads = [stepped[id(p)]["grad"] for p in with_grad]
         states = [stepped[id(p)][k] for p, keys in zip(with_grad, param_keys) for k in keys]
         count = len(with_grad)
-        numels = [p.numel() for p in with_grad] * 2
+        numels = [local(p).numel() for p in with_grad] * 2
         dtypes = [_DTYPE_CODES[p.dtype] for p in with_grad] * 2
         shape_of = [*range(count), *range(count)]
         for i, (p, keys) in enumerate(zip(with_grad, param_keys)):
             for k in keys:
                 step = k == "step"
-                numels.append(1 if step else p.numel())
+                numels.append(1 if step else local(p).numel())
                 dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0))
                 shape_of.append(len(shape_of) if step else i)
         plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
-        tensors = [*with_grad, *grads, *states]
+        tensors = [*map(local, with_grad), *grads, *states]
         try:
             if any(map(_is_neg, tensors)):
                 return None
@@ -809,6 +860,9 @@ class _Plan:
             param_addrs=addrs[: 8 * count],
             state_addrs=addrs[16 * count :],
             grads_of_call=grads_of_call,
+            distributed=distributed,
+            layouts=layouts,
+            step_slots=[k == "step" for keys in param_keys for k in keys],
         )
 
     def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
@@ -850,7 +904,17 @@ class _Plan:
                 return None
         if self.master_params:
             written = opt.__dict__.get("_rsoptim_master_versions", {})
-            if list(map(_get_version, self.master_params)) != [written.get(id(p)) for p in self.master_params]:
+            if list(map(param_version, self.master_params)) != [written.get(id(p)) for p in self.master_params]:
+                return None
+        if self.distributed:
+            try:
+                dtensors = [*grads, *compress(tensors, map(operator.not_, self.step_slots))]
+                if list(map(_get_mesh_and_placements, dtensors)) != self.layouts:
+                    return None  # (meshes compare by identity first, placements by value)
+                with_grad = list(map(_get_local, with_grad))
+                grads = list(map(_get_local, grads))
+                tensors = [t if step else _get_local(t) for t, step in zip(tensors, self.step_slots)]
+            except AttributeError:  # a plain tensor where a DTensor was
                 return None
         try:
             impls = pack(chain(map(_get_impl, with_grad), map(_get_impl, grads), map(_get_impl, tensors)))
