@@ -5,6 +5,11 @@ Same semantics and return value as ``torch.nn.utils.clip_grad_norm_``: grads are
 follows promotion across groups), and every grad is multiplied by
 ``min(max_norm / (total + 1e-6), 1)``. CPU float32/float64 grads (complex ones for the 2-norm)
 use the kernels; the rest use torch's own ops.
+
+DTensor grads (FSDP2): each rank takes the norms of its local shards, and one collective per
+device mesh (per mesh dim that shards them) combines them into the norm of the whole grads; the
+total is returned replicated over the mesh, as torch returns it, and each rank scales its local
+shards. Grads in a ``Partial`` placement are reduced by torch's DTensor ops first.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
+from ._distributed import is_dtensor, local, replicated_like
 from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
@@ -63,7 +69,7 @@ def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     return torch.tensor(norms, dtype=views[0].dtype)
 
 
-def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.device, foreach: bool | None) -> torch.Tensor:
+def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.device, foreach: bool | None, stack: bool = True) -> torch.Tensor:
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
     if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
@@ -72,7 +78,7 @@ def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.de
         raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
     else:
         norms = [torch.linalg.vector_norm(g, norm_type) for g in tensors]
-    return torch.stack(norms)
+    return torch.stack(norms) if stack else norms
 
 
 def _as_list(tensors: Tensors) -> list[torch.Tensor]:
@@ -88,12 +94,26 @@ def get_total_norm(
     if len(tensors) == 0:
         return torch.tensor(0.0)
     first_device = tensors[0].device
-    norms = []
-    for (device, _), group in _group_by_device_and_dtype(tensors).items():
-        group_norms = _kernel_norms(group, norm_type)
-        if group_norms is None:
-            group_norms = _torch_norms(group, norm_type, device, foreach)
-        norms.append(group_norms.to(first_device))
+    plain: list[torch.Tensor] = []
+    sharded: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if not is_dtensor(t):
+            plain.append(t)
+        elif any(placement.is_partial() for placement in t.placements):
+            sharded.setdefault(("partial",), []).append(t)
+        else:
+            # Shards of one mesh, by the mesh dims they are split over: one reduction each.
+            dims = tuple(d for d, placement in enumerate(t.placements) if not placement.is_replicate())
+            sharded.setdefault((t._spec.mesh, dims), []).append(t)
+    norms = [_local_norms(plain, norm_type, foreach).to(first_device)] if plain else []
+    for key, group in sharded.items():
+        if key == ("partial",):
+            # Addends of the grads: torch's DTensor ops reduce them (as its clip_grad_norm_ does).
+            norms += [n.full_tensor().to(first_device).reshape(1) for n in _local_norms(group, norm_type, foreach, dtensors=True)]
+        else:
+            mesh, dims = key
+            shard_total = torch.linalg.vector_norm(_local_norms([local(t) for t in group], norm_type, foreach), norm_type)
+            norms.append(_reduce_over_mesh(shard_total, norm_type, mesh, dims).to(first_device).reshape(1))
     total_norm = torch.linalg.vector_norm(torch.cat(norms), norm_type)
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
@@ -102,7 +122,45 @@ def get_total_norm(
             "this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    return total_norm
+    return replicated_like(total_norm, tensors)
+
+
+def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None, dtensors: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    """The norm of each tensor (by the kernels where they can), in one tensor; for DTensors, a
+    DTensor norm per tensor (torch's)."""
+    if dtensors:
+        return [n for (device, _), group in _group_by_device_and_dtype(tensors).items() for n in _torch_norms(group, norm_type, device, foreach, stack=False)]
+    first_device = tensors[0].device
+    norms = []
+    for (device, _), group in _group_by_device_and_dtype(tensors).items():
+        group_norms = _kernel_norms(group, norm_type)
+        if group_norms is None:
+            group_norms = _torch_norms(group, norm_type, device, foreach)
+        norms.append(group_norms.to(first_device))
+    return torch.cat(norms)
+
+
+def _reduce_over_mesh(shard_total: torch.Tensor, norm_type: float, mesh, dims: tuple[int, ...]) -> torch.Tensor:
+    """The norm of every rank's shards along ``dims`` of ``mesh``, from this rank's norm of its
+    own: the sum of p-th powers (the max for inf, the min for -inf, the sum for 0), one
+    all-reduce per mesh dim, on the mesh's device (a CPU-offloaded grad's norm travels by NCCL
+    on a CUDA mesh)."""
+    import torch.distributed as dist
+
+    if norm_type == float("inf"):
+        value, op = shard_total, dist.ReduceOp.MAX
+    elif norm_type == -float("inf"):
+        value, op = shard_total, dist.ReduceOp.MIN
+    elif norm_type == 0:
+        value, op = shard_total, dist.ReduceOp.SUM
+    else:
+        value, op = shard_total**norm_type, dist.ReduceOp.SUM
+    on_mesh = torch.device(mesh.device_type) if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.accelerator.current_device_index())
+    value = value.to(on_mesh, copy=True)
+    for dim in dims:
+        dist.all_reduce(value, op=op, group=mesh.get_group(dim))
+    value = value.to(shard_total.device)
+    return value if op != dist.ReduceOp.SUM or norm_type == 0 else value ** (1.0 / norm_type)
 
 
 def clip_grads_with_norm_(
@@ -119,9 +177,12 @@ def clip_grads_with_norm_(
 def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None) -> None:
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
+    if is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()  # (replicated: no communication)
     clip_coef = max_norm / (total_norm + 1e-6)
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
-    for (device, dtype), group in _group_by_device_and_dtype(grads).items():
+    # A DTensor grad is scaled by its local shard (a Partial one by its addends: the same).
+    for (device, dtype), group in _group_by_device_and_dtype([local(g) for g in grads]).items():
         # Complex grads are scaled by torch: its complex multiply spreads a non-finite component
         # to the other one, which a scale of the real view would not.
         views = None if dtype.is_complex else _kernel_ready(group)
