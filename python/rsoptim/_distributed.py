@@ -77,19 +77,20 @@ def check_grad(p: torch.Tensor, grad: torch.Tensor, index: int) -> None:
 
 
 def shard_index(t: torch.Tensor) -> int:
-    """Which shard of its DTensor this rank holds: 0 for a plain tensor, else 1 + the rank's
-    coordinate over the mesh dims that shard it (ranks that hold replicas of one shard share it)."""
+    """Which shard of its DTensor this rank holds: 0 for a plain tensor or a replicated one, else
+    1 + the rank's coordinate over the mesh dims that shard it (ranks that hold replicas of one
+    shard share it)."""
     if not is_dtensor(t):
         return 0
     mesh = t._spec.mesh
     coordinate = mesh.get_coordinate()
     if coordinate is None:
         return 0
-    index = 0
+    index, sharded = 0, False
     for dim, placement in enumerate(t.placements):
         if placement.is_shard():
-            index = index * mesh.size(dim) + coordinate[dim]
-    return index + 1
+            index, sharded = index * mesh.size(dim) + coordinate[dim], True
+    return index + 1 if sharded else 0
 
 
 def param_version(p: torch.Tensor) -> Any:

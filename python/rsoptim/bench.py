@@ -859,7 +859,17 @@ def format_torch_times(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--distributed" in argv:  # FSDP2 DTensors on spawned ranks: its own options (--distributed --help)
+        from rsoptim import bench_distributed
+
+        return bench_distributed.main([a for a in argv if a != "--distributed"])
     parser = argparse.ArgumentParser(prog="python -m rsoptim.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="benchmark on FSDP2 DTensors, 2 spawned ranks x 1 thread (gloo); see --distributed --help for its options",
+    )
     parser.add_argument("--workloads", default=",".join(DEFAULT_PLAN), help="comma-separated: " + ", ".join(WORKLOADS))
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: the issue's table)")
     parser.add_argument(
