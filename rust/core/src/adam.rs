@@ -1,6 +1,6 @@
 //! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`), in torch's order of operations.
 
-use crate::block::{blocks, scratch, state_block, state_unblock, ParamOut, Rounding};
+use crate::block::{blocks, load_grad_block, scratch, state_block, state_unblock, GradFactor, ParamOut, Rounding};
 use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -23,6 +23,9 @@ pub struct AdamHyper {
     /// torch keeps a Tensor `lr` as a float32 0-dim tensor: `lr / bias_correction1` and
     /// `1 - lr * weight_decay` are then computed in float32, not in Python floats.
     pub lr_in_f32: bool,
+    /// What `clip_grad_norm_` would have multiplied the grads by (1: nothing clipped): the step
+    /// uses the clipped grads and leaves the grads as they are.
+    pub grad_scale: f64,
 }
 
 impl Default for AdamHyper {
@@ -37,6 +40,7 @@ impl Default for AdamHyper {
             maximize: false,
             decoupled_weight_decay: false,
             lr_in_f32: false,
+            grad_scale: 1.0,
         }
     }
 }
@@ -61,7 +65,7 @@ pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element
 /// Python float passed to a tensor op.
 #[derive(Clone, Copy, Debug)]
 struct AdamScalars<T> {
-    grad_sign: T,
+    grad: GradFactor<T>,
     param_scale: T,
     weight_decay: T,
     lerp_weight: T,
@@ -84,7 +88,7 @@ impl<T: Real> AdamScalars<T> {
             (h.lr / bias_correction1, 1.0 - h.lr * h.weight_decay)
         };
         Self {
-            grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
+            grad: GradFactor::new(h.maximize, h.grad_scale),
             param_scale: T::round_from(if decoupled { decay_scale } else { 1.0 }),
             weight_decay: T::round_from(h.weight_decay),
             lerp_weight: T::round_from(1.0 - h.beta1),
@@ -158,7 +162,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
         for i in 0..n {
             // Decoupled decay first (`param.mul_`); with none the scale is 1, which is exact.
             let p = param[i].load() * k.param_scale;
-            let mut g = grad[i].load() * k.grad_sign;
+            let mut g = grad[i].load() * k.grad.in_place();
             if L2 {
                 g = torch_add(g, p, k.weight_decay);
             }
@@ -190,7 +194,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
         let (mut p, mut g, mut m, mut v, mut x) = (scratch(), scratch(), scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            P::load_block(isa, &grad[start..end], &mut g[..len]);
+            load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad.scale);
             let mut vmax = max_exp_avg_sq.as_deref_mut().map(|vmax| &mut vmax[start..end]);
             let block = AdamJob::<P::Math, P::Math> {
                 param: ParamOut::new(param.block(isa, start, end, &mut p[..len]), None, None),
@@ -198,7 +202,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
                 exp_avg: state_block(isa, &mut exp_avg[start..end], &mut m[..len]),
                 exp_avg_sq: state_block(isa, &mut exp_avg_sq[start..end], &mut v[..len]),
                 max_exp_avg_sq: vmax.as_deref_mut().map(|vmax| state_block(isa, vmax, &mut x[..len])),
-                k,
+                k: AdamScalars { grad: k.grad.for_block(), ..k },
             };
             AdamKernel::<P::Math, P::Math, AMSGRAD, L2>(block).update_in_place();
             param.unblock(isa, start, end, &p[..len]);

@@ -5,12 +5,59 @@
 //! each value rounded once. The block conversions can then use the ISA's conversion
 //! instructions (F16C, AVX-512), which a per-element loop cannot reach on stable Rust.
 
-use crate::element::{stochastic_key, Element};
+use crate::element::{stochastic_key, Element, Real};
+use num_traits::{One, Zero};
 use crate::simd::Isa;
 
 /// Elements per block: 5 streams of 256 float32 (5 KiB) stay in L1 between the conversions and
 /// the loop.
 pub const BLOCK: usize = 256;
+
+/// What a step multiplies each grad by: the factor `clip_grad_norm_` would have scaled it by
+/// (`grad_scale`, 1 when nothing is clipped), and -1 with `maximize`. A step with a scale gives
+/// the params `clip_grad_norm_` then a step would, without writing the grads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradFactor<T> {
+    sign: T,
+    pub scale: T,
+}
+
+impl<T: Real> GradFactor<T> {
+    pub fn new(maximize: bool, scale: f64) -> Self {
+        Self { sign: T::round_from(if maximize { -1.0 } else { 1.0 }), scale: T::round_from(scale) }
+    }
+
+    /// The one factor for a grad read from its own buffer in the maths type: `(g * scale) *
+    /// sign` is `g * (scale * sign)` exactly, as the sign is +-1.
+    #[inline(always)]
+    pub fn in_place(self) -> T {
+        self.sign * self.scale
+    }
+
+    /// The factor for a block that `load_grad_block` has scaled already: the sign alone.
+    pub fn for_block(self) -> Self {
+        Self { sign: self.sign, scale: T::one() }
+    }
+}
+
+/// `dst = src` in the maths type, each value multiplied by `scale` and rounded once to the
+/// grad's own type, as `clip_grad_norm_` leaves it in the grad (no rounding for float32/64).
+#[inline(always)]
+pub(crate) fn load_grad_block<P: Element, I: Isa>(isa: I, src: &[P], dst: &mut [P::Math], scale: P::Math) {
+    P::load_block(isa, src, dst);
+    if scale == P::Math::one() {
+        return;
+    }
+    for x in dst.iter_mut() {
+        *x = *x * scale;
+    }
+    if !P::IS_MATH {
+        let mut rounded = [P::store(P::Math::zero()); BLOCK];
+        let rounded = &mut rounded[..dst.len()];
+        P::store_block(isa, dst, rounded);
+        P::load_block(isa, rounded, dst);
+    }
+}
 
 /// How a step writes the new values of a low-precision param.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

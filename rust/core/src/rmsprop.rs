@@ -1,6 +1,6 @@
 //! RMSprop, plain and centered, with momentum (`torch.optim.RMSprop`).
 
-use crate::block::{blocks, scratch, state_block, state_unblock, ParamOut, Rounding};
+use crate::block::{blocks, load_grad_block, scratch, state_block, state_unblock, GradFactor, ParamOut, Rounding};
 use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -17,11 +17,23 @@ pub struct RmspropHyper {
     pub momentum: f64,
     pub centered: bool,
     pub maximize: bool,
+    /// What `clip_grad_norm_` would have multiplied the grads by (1: nothing clipped): the step
+    /// uses the clipped grads and leaves the grads as they are.
+    pub grad_scale: f64,
 }
 
 impl Default for RmspropHyper {
     fn default() -> Self {
-        Self { lr: 1e-2, alpha: 0.99, eps: 1e-8, weight_decay: 0.0, momentum: 0.0, centered: false, maximize: false }
+        Self {
+            lr: 1e-2,
+            alpha: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            centered: false,
+            maximize: false,
+            grad_scale: 1.0,
+        }
     }
 }
 
@@ -42,7 +54,7 @@ pub struct RmspropTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Elem
 
 #[derive(Clone, Copy, Debug)]
 struct RmspropScalars<T> {
-    grad_sign: T,
+    grad: GradFactor<T>,
     weight_decay: T,
     alpha: T,
     one_minus_alpha: T,
@@ -54,7 +66,7 @@ struct RmspropScalars<T> {
 impl<T: Real> RmspropScalars<T> {
     fn new(h: &RmspropHyper) -> Self {
         Self {
-            grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
+            grad: GradFactor::new(h.maximize, h.grad_scale),
             weight_decay: T::round_from(h.weight_decay),
             alpha: T::round_from(h.alpha),
             one_minus_alpha: T::round_from(1.0 - h.alpha),
@@ -138,7 +150,7 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
         let one = <P::Math as num_traits::One>::one();
         for i in 0..n {
             let p = param[i].load();
-            let mut g = grad[i].load() * k.grad_sign;
+            let mut g = grad[i].load() * k.grad.in_place();
             if L2 {
                 g = torch_add(g, p, k.weight_decay);
             }
@@ -175,7 +187,7 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
         let (mut p, mut g, mut sq, mut b, mut a) = (scratch(), scratch(), scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            P::load_block(isa, &grad[start..end], &mut g[..len]);
+            load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad.scale);
             let mut buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
             let mut avg = grad_avg.as_deref_mut().map(|avg| &mut avg[start..end]);
             let block = RmspropJob::<P::Math, P::Math> {
@@ -184,7 +196,7 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
                 square_avg: state_block(isa, &mut square_avg[start..end], &mut sq[..len]),
                 momentum_buffer: buf.as_deref_mut().map(|buf| state_block(isa, buf, &mut b[..len])),
                 grad_avg: avg.as_deref_mut().map(|avg| state_block(isa, avg, &mut a[..len])),
-                k,
+                k: RmspropScalars { grad: k.grad.for_block(), ..k },
             };
             RmspropKernel::<P::Math, P::Math, CENTERED, MOMENTUM, L2>(block).update_in_place();
             param.unblock(isa, start, end, &p[..len]);

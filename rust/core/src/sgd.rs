@@ -1,6 +1,6 @@
 //! SGD with momentum, dampening and Nesterov (`torch.optim.SGD`).
 
-use crate::block::{blocks, scratch, state_block, state_unblock, ParamOut, Rounding};
+use crate::block::{blocks, load_grad_block, scratch, state_block, state_unblock, GradFactor, ParamOut, Rounding};
 use crate::element::{torch_add, Element, Real};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
@@ -15,11 +15,22 @@ pub struct SgdHyper {
     pub weight_decay: f64,
     pub nesterov: bool,
     pub maximize: bool,
+    /// What `clip_grad_norm_` would have multiplied the grads by (1: nothing clipped): the step
+    /// uses the clipped grads and leaves the grads as they are.
+    pub grad_scale: f64,
 }
 
 impl Default for SgdHyper {
     fn default() -> Self {
-        Self { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
+        Self {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            maximize: false,
+            grad_scale: 1.0,
+        }
     }
 }
 
@@ -41,7 +52,7 @@ pub struct SgdTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element>
 
 #[derive(Clone, Copy, Debug)]
 struct SgdScalars<T> {
-    grad_sign: T,
+    grad: GradFactor<T>,
     weight_decay: T,
     momentum: T,
     one_minus_dampening: T,
@@ -51,7 +62,7 @@ struct SgdScalars<T> {
 impl<T: Real> SgdScalars<T> {
     fn new(h: &SgdHyper) -> Self {
         Self {
-            grad_sign: T::round_from(if h.maximize { -1.0 } else { 1.0 }),
+            grad: GradFactor::new(h.maximize, h.grad_scale),
             weight_decay: T::round_from(h.weight_decay),
             momentum: T::round_from(h.momentum),
             one_minus_dampening: T::round_from(1.0 - h.dampening),
@@ -138,7 +149,7 @@ impl<
         };
         for i in 0..n {
             let p = param[i].load();
-            let mut g = grad[i].load() * k.grad_sign;
+            let mut g = grad[i].load() * k.grad.in_place();
             if L2 {
                 g = torch_add(g, p, k.weight_decay);
             }
@@ -159,7 +170,7 @@ impl<
         let (mut p, mut g, mut b) = (scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            P::load_block(isa, &grad[start..end], &mut g[..len]);
+            load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad.scale);
             let mut buf = momentum_buffer.as_deref_mut().map(|buf| &mut buf[start..end]);
             let block = SgdJob::<P::Math, P::Math> {
                 param: ParamOut::new(param.block(isa, start, end, &mut p[..len]), None, None),
@@ -171,7 +182,7 @@ impl<
                     None => None,
                 },
                 first,
-                k,
+                k: SgdScalars { grad: k.grad.for_block(), ..k },
             };
             SgdKernel::<P::Math, P::Math, MOMENTUM, FIRST, NESTEROV, L2>(block).update_in_place();
             param.unblock(isa, start, end, &p[..len]);

@@ -29,8 +29,8 @@ use rsoptim_core::element::{
 };
 use rsoptim_core::simd::{dispatch, Isa, Kernel};
 use rsoptim_core::{
-    adam_step, rmsprop_step, round_into, sgd_step, AdamHyper, AdamTensor, Element, Error, Executor, RmspropHyper,
-    RmspropTensor, RoundTensor, Rounding, SgdHyper, SgdTensor, SimdLevel, StepCount,
+    adam_step, rmsprop_step, round_into, scale_in_place, sgd_step, AdamHyper, AdamTensor, Element, Error, Executor,
+    RmspropHyper, RmspropTensor, RoundTensor, Rounding, SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -696,6 +696,15 @@ enum Opt {
 }
 
 impl Opt {
+    /// The same optimizer with its grads scaled by `grad_scale` (clipping folded into the step).
+    fn with_grad_scale(&self, grad_scale: f64) -> Opt {
+        match self {
+            Opt::Adam(h) => Opt::Adam(AdamHyper { grad_scale, ..h.clone() }),
+            Opt::Sgd(h) => Opt::Sgd(SgdHyper { grad_scale, ..h.clone() }),
+            Opt::Rmsprop(h) => Opt::Rmsprop(RmspropHyper { grad_scale, ..h.clone() }),
+        }
+    }
+
     /// Whether the maths of a step depends on the step count (Adam's bias corrections).
     fn counts_in_maths(&self) -> bool {
         matches!(self, Opt::Adam(_))
@@ -917,6 +926,50 @@ fn a_step_with_a_master_copy_is_the_float32_step_on_the_master() {
         check_master::<f16, f32>(&opt, &format!("f16/f32 {what}"));
         // A float32 param with a master copy takes the block path: the param is the master.
         check_master::<f32, f32>(&opt, &format!("f32/f32 {what}"));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Clipping folded into the step.
+// ------------------------------------------------------------------------------------------
+
+/// Three steps with a grad scale on every executor (plain, with master copies, stochastically
+/// rounded): each leaves the params, state and master copies bit for bit as `scale_in_place`
+/// on the grads (clip_grad_norm_'s scale) and then a step without one, and the grads untouched.
+fn check_grad_scale<P: Element<Math = f32>, S: Element<Math = f32>>(opt: &Opt, what: &str) {
+    let rounding = Rounding::Stochastic { seed: 7, stream: 3 };
+    for (e, exec) in executors().iter().enumerate() {
+        for (master, rounding) in [(false, Rounding::Nearest), (true, Rounding::Nearest), (true, rounding)] {
+            let mut fused = init::<P, S>(opt, 11, master);
+            let mut clipped = fused.clone();
+            for (s, scale) in [0.37, 1.0, 3.0e-3].into_iter().enumerate() {
+                let what = format!("{what}, executor {e}, master {master}, {rounding:?}, step {s}, scale {scale}");
+                // The unscaled grads (last step scaled `clipped`'s in place).
+                let grads: Vec<Vec<P>> = fused.iter().map(|t| t.grad.clone()).collect();
+                for (t, g) in clipped.iter_mut().zip(&grads) {
+                    t.grad = g.clone();
+                }
+                scale_in_place(clipped.iter_mut().map(|t| &mut t.grad[..]).collect(), scale as f32, exec);
+                step(opt, &mut clipped, exec, rounding).unwrap();
+                step(&opt.with_grad_scale(scale), &mut fused, exec, rounding).unwrap();
+                assert_same_bufs(&fused, &clipped, &what);
+                for (i, (t, g)) in fused.iter().zip(&grads).enumerate() {
+                    assert_same(&load(&t.grad), &load(g), &format!("{what}: tensor {i} grad written"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_step_with_a_grad_scale_is_the_scale_then_the_step() {
+    for opt in optimizers() {
+        let what = format!("{opt:?}");
+        check_grad_scale::<f32, f32>(&opt, &format!("f32/f32 {what}"));
+        check_grad_scale::<bf16, bf16>(&opt, &format!("bf16/bf16 {what}"));
+        check_grad_scale::<bf16, f32>(&opt, &format!("bf16/f32 {what}"));
+        check_grad_scale::<f16, f16>(&opt, &format!("f16/f16 {what}"));
+        check_grad_scale::<f16, f32>(&opt, &format!("f16/f32 {what}"));
     }
 }
 

@@ -34,9 +34,9 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rsoptim_core::raw::{check_buffers, Buffer};
-use rsoptim_core::{Rounding, 
+use rsoptim_core::{
     adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norm, tensor_norms, AdamHyper, AdamTensor, Error,
-    Executor, NormType, Real, RmspropHyper, RmspropTensor, SgdHyper, SgdTensor, SimdLevel, StepCount, CHUNK,
+    Executor, NormType, Real, RmspropHyper, RmspropTensor, Rounding, SgdHyper, SgdTensor, SimdLevel, StepCount, CHUNK,
 };
 
 /// Kernel (scalar path, one thread) vs reference, in ulps. See the module docs: exactly 0.
@@ -176,7 +176,12 @@ fn compare<T: Ref>(what: &str, got: &[T], want: &[T], max_ulps: u64) -> Result<(
     Ok(())
 }
 
-fn compare_opt<T: Ref>(what: &str, got: &Option<Vec<T>>, want: &Option<Vec<T>>, max_ulps: u64) -> Result<(), TestCaseError> {
+fn compare_opt<T: Ref>(
+    what: &str,
+    got: &Option<Vec<T>>,
+    want: &Option<Vec<T>>,
+    max_ulps: u64,
+) -> Result<(), TestCaseError> {
     match (got, want) {
         (Some(g), Some(w)) => compare(what, g, w, max_ulps),
         (None, None) => Ok(()),
@@ -379,7 +384,12 @@ fn adam_reference<T: Ref>(s: &mut AdamState<T>, grad: &[T], h: &AdamHyper) {
     }
 }
 
-fn adam_kernel<T: Ref>(states: &mut [AdamState<T>], grads: &[Vec<T>], h: &AdamHyper, exec: &Executor) -> Result<(), Error> {
+fn adam_kernel<T: Ref>(
+    states: &mut [AdamState<T>],
+    grads: &[Vec<T>],
+    h: &AdamHyper,
+    exec: &Executor,
+) -> Result<(), Error> {
     let tensors: Vec<AdamTensor<'_, T>> = states
         .iter_mut()
         .zip(grads)
@@ -397,7 +407,12 @@ fn adam_kernel<T: Ref>(states: &mut [AdamState<T>], grads: &[Vec<T>], h: &AdamHy
     adam_step(tensors, h, exec)
 }
 
-fn adam_setup<T: Ref>(sizes: &[usize], steps: usize, amsgrad: bool, seed: u64) -> (Vec<AdamState<T>>, Vec<Vec<Vec<T>>>) {
+fn adam_setup<T: Ref>(
+    sizes: &[usize],
+    steps: usize,
+    amsgrad: bool,
+    seed: u64,
+) -> (Vec<AdamState<T>>, Vec<Vec<Vec<T>>>) {
     let mut rng = Rng(seed);
     let states = sizes
         .iter()
@@ -413,7 +428,12 @@ fn adam_setup<T: Ref>(sizes: &[usize], steps: usize, amsgrad: bool, seed: u64) -
     (states, grads)
 }
 
-fn compare_adam<T: Ref>(what: &str, got: &[AdamState<T>], want: &[AdamState<T>], max_ulps: u64) -> Result<(), TestCaseError> {
+fn compare_adam<T: Ref>(
+    what: &str,
+    got: &[AdamState<T>],
+    want: &[AdamState<T>],
+    max_ulps: u64,
+) -> Result<(), TestCaseError> {
     for (t, (g, w)) in got.iter().zip(want).enumerate() {
         compare(&format!("{what} tensor {t} param"), &g.p, &w.p, max_ulps)?;
         compare(&format!("{what} tensor {t} exp_avg"), &g.m, &w.m, max_ulps)?;
@@ -493,7 +513,12 @@ fn sgd_reference<T: Ref>(s: &mut SgdState<T>, grad: &[T], h: &SgdHyper) {
     s.buf_is_new = false;
 }
 
-fn sgd_kernel<T: Ref>(states: &mut [SgdState<T>], grads: &[Vec<T>], h: &SgdHyper, exec: &Executor) -> Result<(), Error> {
+fn sgd_kernel<T: Ref>(
+    states: &mut [SgdState<T>],
+    grads: &[Vec<T>],
+    h: &SgdHyper,
+    exec: &Executor,
+) -> Result<(), Error> {
     let tensors: Vec<SgdTensor<'_, T>> = states
         .iter_mut()
         .zip(grads)
@@ -530,7 +555,12 @@ fn sgd_setup<T: Ref>(sizes: &[usize], steps: usize, momentum: bool, seed: u64) -
     (states, grads)
 }
 
-fn compare_sgd<T: Ref>(what: &str, got: &[SgdState<T>], want: &[SgdState<T>], max_ulps: u64) -> Result<(), TestCaseError> {
+fn compare_sgd<T: Ref>(
+    what: &str,
+    got: &[SgdState<T>],
+    want: &[SgdState<T>],
+    max_ulps: u64,
+) -> Result<(), TestCaseError> {
     for (t, (g, w)) in got.iter().zip(want).enumerate() {
         compare(&format!("{what} tensor {t} param"), &g.p, &w.p, max_ulps)?;
         compare_opt(&format!("{what} tensor {t} momentum_buffer"), &g.buf, &w.buf, max_ulps)?;
@@ -845,7 +875,7 @@ prop_compose! {
         decoupled_weight_decay in any::<bool>(),
         lr_in_f32 in any::<bool>(),
     ) -> AdamHyper {
-        AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 }
+        AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32, grad_scale: 1.0 }
     }
 }
 
@@ -864,7 +894,7 @@ prop_compose! {
         } else {
             (momentum, dampening)
         };
-        SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize }
+        SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale: 1.0 }
     }
 }
 
@@ -879,7 +909,7 @@ prop_compose! {
         centered in any::<bool>(),
         maximize in any::<bool>(),
     ) -> RmspropHyper {
-        RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize }
+        RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale: 1.0 }
     }
 }
 
@@ -968,6 +998,7 @@ fn adam_every_flag_combination() {
                             maximize,
                             decoupled_weight_decay,
                             lr_in_f32: false,
+                            grad_scale: 1.0,
                         };
                         seed += 1;
                         run_case(check_adam::<f32>(&GRID_SIZES, 2, &h, seed), &format!("{h:?}"));
@@ -990,7 +1021,15 @@ fn sgd_every_flag_combination() {
                 }
                 for maximize in [false, true] {
                     for weight_decay in [0.0, 0.1] {
-                        let h = SgdHyper { lr: 0.1, momentum, dampening, weight_decay, nesterov, maximize };
+                        let h = SgdHyper {
+                            lr: 0.1,
+                            momentum,
+                            dampening,
+                            weight_decay,
+                            nesterov,
+                            maximize,
+                            grad_scale: 1.0,
+                        };
                         seed += 1;
                         run_case(check_sgd::<f32>(&GRID_SIZES, 3, &h, seed), &format!("{h:?}"));
                         run_case(check_sgd::<f64>(&GRID_SIZES, 3, &h, seed), &format!("{h:?}"));
@@ -1009,7 +1048,16 @@ fn rmsprop_every_flag_combination() {
             for maximize in [false, true] {
                 for weight_decay in [0.0, 0.1] {
                     for alpha in [0.99, 0.25] {
-                        let h = RmspropHyper { lr: 0.01, alpha, eps: 1e-8, weight_decay, momentum, centered, maximize };
+                        let h = RmspropHyper {
+                            lr: 0.01,
+                            alpha,
+                            eps: 1e-8,
+                            weight_decay,
+                            momentum,
+                            centered,
+                            maximize,
+                            grad_scale: 1.0,
+                        };
                         seed += 1;
                         run_case(check_rmsprop::<f32>(&GRID_SIZES, 2, &h, seed), &format!("{h:?}"));
                         run_case(check_rmsprop::<f64>(&GRID_SIZES, 2, &h, seed), &format!("{h:?}"));
@@ -1030,7 +1078,8 @@ fn reference_sanity_adam_first_step_moves_by_lr() {
     // First step, no decay: m = (1-b1) g, v = (1-b2) g^2, so the update is
     // lr * g / (|g| + eps*sqrt(1-b2)/... ) ~= lr * sign(g).
     let h = AdamHyper { lr: 0.01, ..AdamHyper::default() };
-    let mut s = AdamState { p: vec![1.0f64, 1.0, 1.0], m: vec![0.0; 3], v: vec![0.0; 3], vmax: None, step: Step::F32(0.0) };
+    let mut s =
+        AdamState { p: vec![1.0f64, 1.0, 1.0], m: vec![0.0; 3], v: vec![0.0; 3], vmax: None, step: Step::F32(0.0) };
     adam_reference(&mut s, &[0.5, -2.0, 0.0], &h);
     assert!((s.p[0] - 0.99).abs() < 1e-9, "{:?}", s.p);
     assert!((s.p[1] - 1.01).abs() < 1e-9, "{:?}", s.p);
@@ -1105,7 +1154,13 @@ fn adam_bias_correction_uses_each_tensors_own_step() {
     let h = AdamHyper { lr: 0.1, ..AdamHyper::default() };
     let data = vec![0.3f32, -1.5, 2.0, 1e-3, 0.0, 7.0, -0.25, 4.0, 1.0];
     let grad = vec![0.1f32, 0.2, -0.3, 5.0, -1e-4, 0.0, 1.0, -2.0, 0.5];
-    let make = |step| AdamState { p: data.clone(), m: grad.clone(), v: data.iter().map(|x| x * x).collect(), vmax: None, step };
+    let make = |step| AdamState {
+        p: data.clone(),
+        m: grad.clone(),
+        v: data.iter().map(|x| x * x).collect(),
+        vmax: None,
+        step,
+    };
     let init = vec![make(Step::F32(0.0)), make(Step::F64(9.0)), make(Step::F32(0.0))];
     for (name, exec) in executors() {
         let mut got = init.clone();
@@ -1115,7 +1170,10 @@ fn adam_bias_correction_uses_each_tensors_own_step() {
         for (t, s) in init.iter().enumerate() {
             let mut want = s.clone();
             adam_reference(&mut want, &grad, &h);
-            run_case(compare_adam(&format!("{name} tensor {t}"), &got[t..=t], &[want], REFERENCE_ULPS), "bias correction");
+            run_case(
+                compare_adam(&format!("{name} tensor {t}"), &got[t..=t], &[want], REFERENCE_ULPS),
+                "bias correction",
+            );
         }
     }
 }
@@ -1134,11 +1192,23 @@ fn amsgrad_max_propagates_nan_and_keeps_it() {
         let mut vmax = vec![0.5f32; n];
         vmax[3] = f32::NAN;
         vmax[n - 1] = f32::NAN;
-        let mut states = vec![AdamState { p: vec![1.0f32; n], m: vec![0.0; n], v: vec![0.0; n], vmax: Some(vmax), step: Step::F32(0.0) }];
+        let mut states = vec![AdamState {
+            p: vec![1.0f32; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            vmax: Some(vmax),
+            step: Step::F32(0.0),
+        }];
         let mut grad = vec![0.25f32; n];
         grad[10] = f32::NAN;
         adam_kernel(&mut states, &[grad.clone()], &h, exec).unwrap();
-        let mut want = vec![AdamState { p: vec![1.0f32; n], m: vec![0.0; n], v: vec![0.0; n], vmax: Some(vec![0.5f32; n]), step: Step::F32(0.0) }];
+        let mut want = vec![AdamState {
+            p: vec![1.0f32; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            vmax: Some(vec![0.5f32; n]),
+            step: Step::F32(0.0),
+        }];
         {
             let w = want[0].vmax.as_mut().unwrap();
             w[3] = f32::NAN;
@@ -1194,7 +1264,12 @@ fn norms_everywhere(data: &[f32], norm: NormType) -> (f64, f64) {
     let base = (tensor_norm(data, norm, baseline()), tensor_norm(&wide, norm, baseline()));
     for (name, exec) in executors() {
         let got = (tensor_norms(&[data], norm, exec)[0], tensor_norms(&[&wide[..]], norm, exec)[0]);
-        assert_eq!((got.0.to_bits(), got.1.to_bits()), (base.0.to_bits(), base.1.to_bits()), "{name} {norm:?} n={}", data.len());
+        assert_eq!(
+            (got.0.to_bits(), got.1.to_bits()),
+            (base.0.to_bits(), base.1.to_bits()),
+            "{name} {norm:?} n={}",
+            data.len()
+        );
     }
     base
 }
@@ -1281,7 +1356,11 @@ fn norms_are_identical_for_1_2_3_threads_on_tensors_of_many_chunks() {
         let base32 = tensor_norms(&[&big[..], &small[..], &big[..CHUNK * 2 + 3]], norm, baseline());
         let base64 = tensor_norms(&[&other[..]], norm, baseline());
         for (name, exec) in executors() {
-            assert_eq!(bits_of(&tensor_norms(&[&big[..], &small[..], &big[..CHUNK * 2 + 3]], norm, exec)), bits_of(&base32), "{name} {norm:?}");
+            assert_eq!(
+                bits_of(&tensor_norms(&[&big[..], &small[..], &big[..CHUNK * 2 + 3]], norm, exec)),
+                bits_of(&base32),
+                "{name} {norm:?}"
+            );
             assert_eq!(bits_of(&tensor_norms(&[&other[..]], norm, exec)), bits_of(&base64), "{name} {norm:?}");
             assert_eq!(tensor_norm(&big, norm, exec).to_bits(), base32[0].to_bits(), "{name} {norm:?}");
         }
@@ -1292,7 +1371,11 @@ fn norms_are_identical_for_1_2_3_threads_on_tensors_of_many_chunks() {
             NormType::P(p) => p,
         };
         let want = norm_reference(&big, p);
-        assert!(close(base32[0], want, if p.is_infinite() { 0.0 } else { NORM_RTOL }), "{norm:?}: {} vs {want}", base32[0]);
+        assert!(
+            close(base32[0], want, if p.is_infinite() { 0.0 } else { NORM_RTOL }),
+            "{norm:?}: {} vs {want}",
+            base32[0]
+        );
     }
 }
 
@@ -1526,16 +1609,29 @@ fn check_buffers_rejects_a_buffer_inside_another() {
     // A long read-only buffer, a short read-only one starting later, then a written one inside
     // the long one but past the short one: the sweep must remember the furthest end, not the
     // last start.
-    assert!(!verdict_in_every_rotation(&[f32_buf(a, 1000, false), f32_buf(a + 4, 1, false), f32_buf(a + 400, 1, true)]));
+    assert!(!verdict_in_every_rotation(&[
+        f32_buf(a, 1000, false),
+        f32_buf(a + 4, 1, false),
+        f32_buf(a + 400, 1, true)
+    ]));
     // The same with the long one written and the later ones read-only.
-    assert!(!verdict_in_every_rotation(&[f32_buf(a, 1000, true), f32_buf(a + 4000, 1, false), f32_buf(a + 400, 1, false)]));
+    assert!(!verdict_in_every_rotation(&[
+        f32_buf(a, 1000, true),
+        f32_buf(a + 4000, 1, false),
+        f32_buf(a + 400, 1, false)
+    ]));
 }
 
 #[test]
 fn check_buffers_accepts_adjacent_and_read_only_overlaps() {
     let a = 0x3000;
     // Back to back, each ending where the next begins.
-    assert!(verdict_in_every_rotation(&[f32_buf(a, 4, true), f32_buf(a + 16, 4, true), f64_buf(a + 32, 2, true), f32_buf(a + 48, 1, false)]));
+    assert!(verdict_in_every_rotation(&[
+        f32_buf(a, 4, true),
+        f32_buf(a + 16, 4, true),
+        f64_buf(a + 32, 2, true),
+        f32_buf(a + 48, 1, false)
+    ]));
     // Many read-only views of one bucket (grads), params elsewhere.
     assert!(verdict_in_every_rotation(&[
         f32_buf(a, 100, false),
@@ -1546,7 +1642,12 @@ fn check_buffers_accepts_adjacent_and_read_only_overlaps() {
         f32_buf(a + 416, 4, true),
     ]));
     // Empty buffers alias nothing, wherever they point, null included.
-    assert!(verdict_in_every_rotation(&[f32_buf(a, 4, true), f32_buf(a, 0, true), f32_buf(0, 0, true), f32_buf(a + 4, 0, true)]));
+    assert!(verdict_in_every_rotation(&[
+        f32_buf(a, 4, true),
+        f32_buf(a, 0, true),
+        f32_buf(0, 0, true),
+        f32_buf(a + 4, 0, true)
+    ]));
     assert!(check_buffers(&[]).is_ok());
 }
 
@@ -1576,7 +1677,11 @@ fn check_buffers_model(buffers: &[Buffer]) -> bool {
     let live: Vec<&Buffer> = buffers.iter().filter(|b| b.len > 0).collect();
     for b in &live {
         let bytes = b.len as u128 * b.elem_size as u128;
-        if b.addr == 0 || b.addr % b.align != 0 || bytes > isize::MAX as u128 || b.addr as u128 + bytes > usize::MAX as u128 {
+        if b.addr == 0
+            || b.addr % b.align != 0
+            || bytes > isize::MAX as u128
+            || b.addr as u128 + bytes > usize::MAX as u128
+        {
             return false;
         }
     }

@@ -19,13 +19,13 @@ use pyo3::prelude::*;
 use rsoptim_core::alloc_count::{counters, CountingAllocator};
 use rsoptim_core::inflight::reserve;
 use rsoptim_core::raw::Buffer;
+use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::table::{words, Column, Dtype, Table};
 #[cfg(unix)]
 use rsoptim_core::torch_abi::Expected;
-use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::{
-    AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, RoundTensor, Rounding, SgdHyper,
-    SgdTensor, SimdLevel,
+    AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, RoundTensor,
+    Rounding, SgdHyper, SgdTensor, SimdLevel,
 };
 
 #[global_allocator]
@@ -172,7 +172,8 @@ fn tensor_addresses<'py>(
         let guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
         let Some(abi) = guard.as_ref() else { return Ok(None) };
         let (impls, numels, shape_of) = (words("impls", impls), words("numels", numels), words("shape_of", shape_of));
-        let (impls, numels, shape_of) = (impls.map_err(core_error)?, numels.map_err(core_error)?, shape_of.map_err(core_error)?);
+        let (impls, numels, shape_of) =
+            (impls.map_err(core_error)?, numels.map_err(core_error)?, shape_of.map_err(core_error)?);
         if numels.len() != impls.len() || shape_of.len() != impls.len() || dtypes.len() != impls.len() {
             return Err(value_error("tensor_addresses needs one numel, dtype and shape_of per tensor"));
         }
@@ -278,7 +279,11 @@ macro_rules! with_element_type {
 /// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
 /// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
 /// and releases the buffers as it unwinds.
-fn detached<R: Send>(py: Python<'_>, buffers: &[Buffer], work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
+fn detached<R: Send>(
+    py: Python<'_>,
+    buffers: &[Buffer],
+    work: impl FnOnce() -> Result<R, Error> + Send,
+) -> PyResult<R> {
     let outcome = py.detach(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _claim = reserve(buffers);
@@ -314,7 +319,8 @@ struct ParamExtensionColumns<M> {
 
 impl ParamExtensions<'_> {
     fn columns<M>(&self, table: &mut Table) -> PyResult<ParamExtensionColumns<M>> {
-        let master = self.master_params.map(|a| table.column::<M>("master_param", a, true)).transpose().map_err(core_error)?;
+        let master =
+            self.master_params.map(|a| table.column::<M>("master_param", a, true)).transpose().map_err(core_error)?;
         let rounding = match (self.stochastic_rounding_seed, self.streams) {
             (None, None) => vec![Rounding::Nearest; table.len()],
             (Some(seed), Some(streams)) => {
@@ -333,7 +339,7 @@ impl ParamExtensions<'_> {
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false,
-    state_dtype=None, master_params=None, stochastic_rounding_seed=None, streams=None
+    state_dtype=None, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -360,8 +366,20 @@ fn adam_step(
     master_params: Option<&[u8]>,
     stochastic_rounding_seed: Option<u64>,
     streams: Option<&[u8]>,
+    grad_scale: f64,
 ) -> PyResult<()> {
-    let hyper = AdamHyper { lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32 };
+    let hyper = AdamHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize,
+        decoupled_weight_decay,
+        lr_in_f32,
+        grad_scale,
+    };
     let bufs = AdamBuffers { params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
     let step_dtype = parse_dtype(step_dtype)?;
@@ -390,7 +408,8 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
     let exp_avg = table.column::<S>("exp_avg", b.exp_avgs, true).map_err(core_error)?;
     let exp_avg_sq = table.column::<S>("exp_avg_sq", b.exp_avg_sqs, true).map_err(core_error)?;
-    let max_sq = b.max_exp_avg_sqs.map(|a| table.column::<S>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
+    let max_sq =
+        b.max_exp_avg_sqs.map(|a| table.column::<S>("max_exp_avg_sq", a, true)).transpose().map_err(core_error)?;
     let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
     let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
@@ -421,7 +440,8 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyo3(signature = (
     dtype, numels, params, grads, momentum_buffers, momentum_buffers_are_new, *,
     lr, momentum, dampening, weight_decay, nesterov, maximize, state_dtype=None,
-    master_params=None, stochastic_rounding_seed=None, streams=None, step_dtype=None, steps=None
+    master_params=None, stochastic_rounding_seed=None, streams=None, step_dtype=None, steps=None,
+    grad_scale=1.0
 ))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
@@ -444,8 +464,9 @@ fn sgd_step(
     streams: Option<&[u8]>,
     step_dtype: Option<&str>,
     steps: Option<&[u8]>,
+    grad_scale: f64,
 ) -> PyResult<()> {
-    let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize };
+    let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale };
     let bufs = SgdBuffers { params, grads, momentum_buffers, are_new: momentum_buffers_are_new };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
     let steps = match (step_dtype, steps) {
@@ -474,7 +495,8 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
     let mut table = Table::new(numels).map_err(core_error)?;
     let param = table.column::<P>("param", b.params, true).map_err(core_error)?;
     let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
-    let buf = b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let buf =
+        b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
     let are_new = b.are_new;
     table.check_count("momentum_buffers_are_new", are_new.len()).map_err(core_error)?;
     let step = steps.map(|(dtype, addrs)| table.steps(dtype, addrs)).transpose().map_err(core_error)?;
@@ -506,7 +528,7 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
     lr, alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None,
-    master_params=None, stochastic_rounding_seed=None, streams=None
+    master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rmsprop_step(
@@ -531,8 +553,9 @@ fn rmsprop_step(
     master_params: Option<&[u8]>,
     stochastic_rounding_seed: Option<u64>,
     streams: Option<&[u8]>,
+    grad_scale: f64,
 ) -> PyResult<()> {
-    let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize };
+    let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale };
     let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
     let step_dtype = parse_dtype(step_dtype)?;
@@ -560,7 +583,8 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
     let param = table.column::<P>("param", b.params, true).map_err(core_error)?;
     let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
     let square_avg = table.column::<S>("square_avg", b.square_avgs, true).map_err(core_error)?;
-    let buf = b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
+    let buf =
+        b.momentum_buffers.map(|a| table.column::<S>("momentum_buffer", a, true)).transpose().map_err(core_error)?;
     let grad_avg = b.grad_avgs.map(|a| table.column::<S>("grad_avg", a, true)).transpose().map_err(core_error)?;
     let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
     let ext = ext.columns::<P::Math>(&mut table)?;
@@ -689,7 +713,11 @@ fn stream_probe(py: Python<'_>, dtype: &str, numels: &[u8], read: &[u8], written
 fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Vec<Vec<u8>>) -> PyResult<()> {
     let mut table = Table::new(numels).map_err(core_error)?;
     let read_col = table.column::<T>("read", read, false).map_err(core_error)?;
-    let cols = written.iter().map(|w| table.column::<T>("written", w, true)).collect::<Result<Vec<_>, _>>().map_err(core_error)?;
+    let cols = written
+        .iter()
+        .map(|w| table.column::<T>("written", w, true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(core_error)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
     macro_rules! run_with {
@@ -698,7 +726,12 @@ fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Ve
                 let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
                     // SAFETY: `check` passed and the call holds its reservation; each buffer is
                     // sliced once, with its column's type.
-                    .map(|i| unsafe { StreamTensor { read: table.read(read_col, i), written: std::array::from_fn(|k| table.written(cols[k], i)) } })
+                    .map(|i| unsafe {
+                        StreamTensor {
+                            read: table.read(read_col, i),
+                            written: std::array::from_fn(|k| table.written(cols[k], i)),
+                        }
+                    })
                     .collect();
                 rsoptim_core::roofline::stream(tensors, &exec)
             })
