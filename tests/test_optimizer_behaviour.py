@@ -148,6 +148,9 @@ EXTENSIONS = {
     "master_weights": False,
     "stochastic_rounding": False,
     "stochastic_rounding_seed": None,
+    "max_grad_norm": None,
+    "norm_type": 2.0,
+    "error_if_nonfinite": False,
 }
 
 

@@ -75,6 +75,22 @@ def check_extensions(options: Any) -> None:
             raise ValueError(f"Invalid stochastic_rounding_seed: {seed!r} (an int in [0, 2**64))")
 
 
+def check_clipping(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> dict[str, Any]:
+    """Validates the clipping options (see ``KernelOptimizer.max_grad_norm``); returns them with
+    ``norm_type`` as a float."""
+    if max_grad_norm is not None:
+        valid = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+        if not valid or not 0 < max_grad_norm < float("inf"):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (None, or a finite number > 0)")
+    try:
+        norm = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid norm_type: {norm_type!r} (a float, or 'inf')") from None
+    if not isinstance(error_if_nonfinite, bool):
+        raise TypeError(f"error_if_nonfinite must be a bool, not {type(error_if_nonfinite).__name__}")
+    return {"max_grad_norm": max_grad_norm, "norm_type": norm, "error_if_nonfinite": error_if_nonfinite}
+
+
 def _refresh_master(param: torch.Tensor, master: torch.Tensor) -> None:
     """Copies into ``master`` the elements of ``param`` that are not a rounding of it (the
     param was written outside the optimizer: its value wins, as torch.optim steps whatever the
@@ -128,6 +144,8 @@ class KernelCall:
     # What keeps alive, while the kernel runs, memory whose address the call uses and that
     # nothing else may hold (another thread may drop a grad or load a new state dict meanwhile).
     held: list[Any] = field(default_factory=list)
+    # What the grads are multiplied by: clipping folded into the step (1: none).
+    grad_scale: float = 1.0
     # The local shards of DTensor params (a write bumps the version of each, and of its DTensor).
     local_params: list[torch.Tensor] = field(default_factory=list)
 
@@ -137,6 +155,7 @@ class KernelCall:
             "master_params": self.columns.get("master_param"),
             "stochastic_rounding_seed": self.rounding_seed,
             "streams": self.streams,
+            "grad_scale": self.grad_scale,
         }
 
 
@@ -155,6 +174,82 @@ class KernelOptimizer:
 
     param_groups: list[dict[str, Any]]
     state: Any
+
+    def _init_clipping(self, max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> None:
+        """Records the clipping options (call after ``torch.optim``'s constructor)."""
+        self.__dict__["_rsoptim_clipping"] = check_clipping(max_grad_norm, norm_type, error_if_nonfinite)
+
+    def _clipping(self) -> dict[str, Any]:
+        return self.__dict__.setdefault("_rsoptim_clipping", check_clipping(None, 2.0, False))
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Clipping folded into the step (rsoptim's extension, None: off, as torch.optim): each
+        ``step()`` takes the total ``norm_type`` norm of the grads of all params (as
+        ``clip_grad_norm_(model.parameters(), max_grad_norm, norm_type, error_if_nonfinite)``
+        would, across ranks for DTensor grads) and steps with the grads multiplied by
+        ``min(max_grad_norm / (total + 1e-6), 1)``, leaving the grads as they are. The total is
+        kept in :attr:`last_grad_norm`."""
+        return self._clipping()["max_grad_norm"]
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        options = self._clipping()
+        self.__dict__["_rsoptim_clipping"] = check_clipping(value, options["norm_type"], options["error_if_nonfinite"])
+
+    @property
+    def norm_type(self) -> float:
+        """The norm ``max_grad_norm`` clips by (2.0; ``inf`` for the largest absolute value)."""
+        return self._clipping()["norm_type"]
+
+    @norm_type.setter
+    def norm_type(self, value: float | str) -> None:
+        options = self._clipping()
+        self.__dict__["_rsoptim_clipping"] = check_clipping(options["max_grad_norm"], value, options["error_if_nonfinite"])
+
+    @property
+    def error_if_nonfinite(self) -> bool:
+        """Whether a step whose total grad norm is NaN or infinite raises (before anything is
+        stepped), as ``clip_grad_norm_(..., error_if_nonfinite=True)`` does."""
+        return self._clipping()["error_if_nonfinite"]
+
+    @error_if_nonfinite.setter
+    def error_if_nonfinite(self, value: bool) -> None:
+        options = self._clipping()
+        self.__dict__["_rsoptim_clipping"] = check_clipping(options["max_grad_norm"], options["norm_type"], value)
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The total grad norm the last step clipped by (a tensor, as ``clip_grad_norm_``
+        returns it; a replicated DTensor for DTensor grads), or None."""
+        return self.__dict__.get("_rsoptim_last_grad_norm")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state["_rsoptim_clipping"] = self._clipping()
+        return state
+
+    def _grad_scale(self) -> float:
+        """This step's clip factor (1.0 without ``max_grad_norm``), from the grads of every
+        group; raises for a non-finite total with ``error_if_nonfinite``."""
+        options = self._clipping()
+        if options["max_grad_norm"] is None:
+            return 1.0
+        from .clip import clip_coefficient, get_total_norm
+
+        seen: set[int] = set()
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    grads.append(p.grad)
+        if not grads:
+            self.__dict__["_rsoptim_last_grad_norm"] = None
+            return 1.0
+        total = get_total_norm(grads, options["norm_type"], options["error_if_nonfinite"])
+        self.__dict__["_rsoptim_last_grad_norm"] = total
+        return float(clip_coefficient(float(options["max_grad_norm"]), total).item())
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -186,12 +281,26 @@ class KernelOptimizer:
         """Steps ``params`` with torch's own functional implementation."""
         raise NotImplementedError
 
-    def _step_with_torch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _step_with_torch(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0) -> None:
         """Steps ``params`` with torch's implementation. Half-precision params that keep float32
         state (``state_dtype``) or a master copy, or that are rounded stochastically, are stepped
         as float32 copies (torch's ops refuse mixed dtypes; a master copy is stepped itself), each
         param then written once as the kernels write it (``round_params``). A param listed twice
-        is stepped twice, one occurrence after the other, as torch steps it."""
+        is stepped twice, one occurrence after the other, as torch steps it. With a
+        ``grad_scale`` (clipping), torch steps scaled copies of the grads, as ``clip_grad_norm_``
+        would have left them (each product rounded once), and the grads are put back."""
+        if grad_scale == 1.0:
+            return self._step_with_torch_unscaled(group, params)
+        originals = {id(p): (p, p.grad) for p in params}
+        try:
+            for p, grad in originals.values():
+                p.grad = grad * grad_scale
+            self._step_with_torch_unscaled(group, params)
+        finally:
+            for p, grad in originals.values():
+                p.grad = grad
+
+    def _step_with_torch_unscaled(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         copied = [self._steps_as_float32(p, group) for p in params]
         own = [p for p, c in zip(params, copied) if not c]
         if own:
@@ -422,9 +531,11 @@ class KernelOptimizer:
             work.append((index, group, calls, params))
         for index in [i for i in plans if i >= len(self.param_groups)]:
             del plans[index]  # the group is gone: let its tensors go
+        grad_scale = self._grad_scale()
         for index, group, calls, params in work:
             if calls is not None:
                 for call in calls:
+                    call.grad_scale = grad_scale
                     try:
                         self._kernel_call(group, call)
                     except _rsoptim.BufferOverlapError:
@@ -432,7 +543,7 @@ class KernelOptimizer:
                         # was written): torch steps these params, and the plan is rebuilt.
                         plans.pop(index, None)
                         with torch.no_grad():
-                            self._step_with_torch(group, call.params)
+                            self._step_with_torch(group, call.params, grad_scale)
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
@@ -442,7 +553,7 @@ class KernelOptimizer:
                 # differentiable=True: torch's implementation steps the group with autograd on, as
                 # torch.optim does (see _step_group).
                 with torch.set_grad_enabled(bool(group.get("differentiable"))):
-                    plans[index] = self._step_group(group, params)  # type: ignore[assignment]
+                    plans[index] = self._step_group(group, params, grad_scale)  # type: ignore[assignment]
                 if plans[index] is None:
                     del plans[index]
         if any(g.get("master_weights") for g in self.param_groups):
@@ -591,8 +702,9 @@ class KernelOptimizer:
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
         """Undoes state this step created for ``params`` that torch would create otherwise."""
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Plan | None:
-        """Steps one group in full generality; returns a plan for the next steps if it can."""
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0) -> _Plan | None:
+        """Steps one group in full generality, its grads multiplied by ``grad_scale``; returns a
+        plan for the next steps if it can."""
         keys = self._state_keys(group)
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
         kernel_ok = self._group_runs_on_kernel(group) and not group.get("differentiable")
@@ -628,6 +740,7 @@ class KernelOptimizer:
                 dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
             )
             call.new_buffers = self._new_buffer_flags(bucket)
+            call.grad_scale = grad_scale
             call.rounding_seed = self._rounding_seed(bucket[0], group)
             if call.rounding_seed is not None:
                 call.streams = pack(self._streams(group, bucket))
@@ -652,7 +765,7 @@ class KernelOptimizer:
         if others:
             # A buffer made for the kernel to fill (SGD's first momentum) is torch's to make.
             self._forget_new_state(others)
-            self._step_with_torch(group, others)
+            self._step_with_torch(group, others, grad_scale)
             return None
         return _Plan.build(self, group, calls, stepped)
 

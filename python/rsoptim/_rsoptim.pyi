@@ -36,6 +36,7 @@ def adam_step(
     master_params: bytes | None = None,
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
+    grad_scale: float = 1.0,
 ) -> None: ...
 def sgd_step(
     dtype: str,
@@ -57,6 +58,7 @@ def sgd_step(
     streams: bytes | None = None,
     step_dtype: str | None = None,
     steps: bytes | None = None,
+    grad_scale: float = 1.0,
 ) -> None: ...
 def rmsprop_step(
     dtype: str,
@@ -80,6 +82,7 @@ def rmsprop_step(
     master_params: bytes | None = None,
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
+    grad_scale: float = 1.0,
 ) -> None: ...
 def round_params(
     dtype: str,

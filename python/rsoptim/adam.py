@@ -9,7 +9,7 @@ from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the modu
 from torch.optim.optimizer import ParamsT, _device_dtype_check_for_fused, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, extension_options, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_clipping, extension_options, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -135,8 +135,12 @@ class Adam(_AdamKernels, torch.optim.Adam):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
+        check_clipping(max_grad_norm, norm_type, error_if_nonfinite)
         super().__init__(
             params,
             lr=lr,
@@ -152,6 +156,7 @@ class Adam(_AdamKernels, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._init_extensions(**extensions)
+        self._init_clipping(max_grad_norm, norm_type, error_if_nonfinite)
 
 
 class AdamW(_AdamKernels, torch.optim.AdamW):
@@ -178,8 +183,12 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
+        check_clipping(max_grad_norm, norm_type, error_if_nonfinite)
         super().__init__(
             params,
             lr=lr,
@@ -194,3 +203,4 @@ class AdamW(_AdamKernels, torch.optim.AdamW):
             fused=fused,
         )
         self._init_extensions(**extensions)
+        self._init_clipping(max_grad_norm, norm_type, error_if_nonfinite)

@@ -174,13 +174,18 @@ def clip_grads_with_norm_(
     _scale_grads(grads, float(max_norm), total_norm, foreach)
 
 
+def clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    """``min(max_norm / (total_norm + 1e-6), 1)``: what clipping multiplies the grads by, in the
+    total's dtype (a tensor, so that no value is read back before it is used)."""
+    if is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()  # (replicated: no communication)
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
 def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None) -> None:
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
-    if is_dtensor(total_norm):
-        total_norm = total_norm.full_tensor()  # (replicated: no communication)
-    clip_coef = max_norm / (total_norm + 1e-6)
-    clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+    clip_coef_clamped = clip_coefficient(max_norm, total_norm)
     # A DTensor grad is scaled by its local shard (a Partial one by its addends: the same).
     for (device, dtype), group in _group_by_device_and_dtype([local(g) for g in grads]).items():
         # Complex grads are scaled by torch: its complex multiply spreads a non-finite component

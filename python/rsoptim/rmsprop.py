@@ -9,7 +9,7 @@ from torch.optim.rmsprop import rmsprop as _torch_rmsprop  # torch.optim deletes
 from torch.optim.optimizer import ParamsT, _get_scalar_dtype
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, extension_options, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_clipping, extension_options, scalar
 
 __all__ = ["RMSprop"]
 
@@ -43,8 +43,12 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
+        check_clipping(max_grad_norm, norm_type, error_if_nonfinite)
         super().__init__(
             params,
             lr=lr,
@@ -59,6 +63,7 @@ class RMSprop(KernelOptimizer, torch.optim.RMSprop):
             differentiable=differentiable,
         )
         self._init_extensions(**extensions)
+        self._init_clipping(max_grad_norm, norm_type, error_if_nonfinite)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys = ("square_avg",)

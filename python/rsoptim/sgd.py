@@ -9,7 +9,7 @@ from torch.optim.sgd import sgd as _torch_sgd  # torch.optim deletes the module 
 from torch.optim.optimizer import ParamsT, _device_dtype_check_for_fused
 
 from . import _rsoptim
-from ._optimizer import KernelCall, KernelOptimizer, extension_options, scalar
+from ._optimizer import KernelCall, KernelOptimizer, check_clipping, extension_options, scalar
 
 __all__ = ["SGD"]
 
@@ -43,8 +43,12 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         stochastic_rounding_seed: int | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         extensions = extension_options(state_dtype, master_weights, stochastic_rounding, stochastic_rounding_seed)
+        check_clipping(max_grad_norm, norm_type, error_if_nonfinite)
         super().__init__(
             params,
             lr=lr,
@@ -58,6 +62,7 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             fused=fused,
         )
         self._init_extensions(**extensions)
+        self._init_clipping(max_grad_norm, norm_type, error_if_nonfinite)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -95,14 +100,14 @@ class SGD(KernelOptimizer, torch.optim.SGD):
                 self.state[p].pop("momentum_buffer", None)
                 self._new_buffers.discard(p)
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> Any:
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0) -> Any:
         if group["fused"] and params and getattr(self, "_need_device_dtype_check_for_fused", True):
             # As torch's _init_group: once, on the first param with a grad.
             _device_dtype_check_for_fused(params[0])
             self._need_device_dtype_check_for_fused = False
         self._new_buffers: set[torch.Tensor] = set()
         try:
-            return super()._step_group(group, params)
+            return super()._step_group(group, params, grad_scale)
         except BaseException:
             self._forget_new_state(list(self._new_buffers))
             raise
