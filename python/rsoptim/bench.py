@@ -268,6 +268,39 @@ CLIPS_BELOW = 0.99
 NO_CLIP_MAX_NORM = 1e9
 
 
+def _clip_then_step(clip, cls, max_norm: float, **kwargs) -> Callable[[list[torch.Tensor]], Callable[[], object]]:
+    """``clip(params, max_norm)`` then a step of ``cls``: a user's loop with clipping; the call
+    returns the total norm (for the row's check)."""
+
+    def build(params: list[torch.Tensor]) -> Callable[[], object]:
+        step = cls(params, **kwargs).step
+
+        def run() -> object:
+            total = clip(params, max_norm)
+            step()
+            return total
+
+        return run
+
+    return build
+
+
+def _clipping_step(cls, max_norm: float, **kwargs) -> Callable[[list[torch.Tensor]], Callable[[], object]]:
+    """A step of ``cls`` with ``max_grad_norm`` (clipping folded into the step); the call returns
+    the total norm it clipped by."""
+
+    def build(params: list[torch.Tensor]) -> Callable[[], object]:
+        optimizer = cls(params, max_grad_norm=max_norm, **kwargs)
+
+        def run() -> object:
+            optimizer.step()
+            return optimizer.last_grad_norm
+
+        return run
+
+    return build
+
+
 def _torch_variants(cls, fused: bool, **kwargs) -> dict[str, Callable]:
     variants = {
         "torch for-loop": _optimizer_step(cls, foreach=False, **kwargs),
@@ -368,6 +401,28 @@ def cases(deepspeed_adam: type | None = None) -> list[Case]:
             },
             9,
             4,
+        ),
+        Case(
+            # A step with clipping that clips, as a user's loop has it: rsoptim's Adam with
+            # max_grad_norm (the norm pass, then the step with the clip factor folded in; the
+            # grads are not written) against clip_grad_norm_ (foreach) then each torch Adam, and
+            # rsoptim's clip_grad_norm_ then its Adam.
+            "Adam max_grad_norm (clips)",
+            {
+                "rsoptim": _clipping_step(rsoptim.Adam, CLIP_MAX_NORM, **adam),
+                "rsoptim clip_grad_norm_ + step": _clip_then_step(rsoptim.clip_grad_norm_, rsoptim.Adam, CLIP_MAX_NORM, **adam),
+                # (Each torch column: torch's clip_grad_norm_, then that implementation's step.)
+                **{
+                    name: _clip_then_step(clip_torch, torch.optim.Adam, CLIP_MAX_NORM, **variant, **adam)
+                    for name, variant in (("torch for-loop", {"foreach": False}), ("torch foreach", {"foreach": True}), ("torch fused", {"fused": True}))
+                },
+            },
+            8,  # Adam's 7, and the norm pass's read of the grads
+            # No roofline: the grads are read twice (norm, then step), which the probe's streams
+            # do not model.
+            None,
+            prepare=restore_grads,
+            check=clips_check(CLIP_MAX_NORM),
         ),
         Case(
             "clip_grad_norm_ (no clip)",
@@ -839,6 +894,12 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             "clip_grad_norm_ (clips): the same over-norm grads are copied back, untimed, before every timed call of every "
             f"implementation (max_norm {CLIP_MAX_NORM:g}; each call checked to scale the grads by a factor < {CLIPS_BELOW:g})."
+        )
+    if any(r.case == "Adam max_grad_norm (clips)" for r in rows):
+        lines.append(
+            f"Adam max_grad_norm (clips): rsoptim.Adam(max_grad_norm={CLIP_MAX_NORM:g}) against torch's clip_grad_norm_ then each "
+            "torch Adam (grads copied back untimed before every call, as above); the medians below also give rsoptim's "
+            "clip_grad_norm_ then its step."
         )
     if any(r.case == "AdamW fp32 state" for r in rows):
         lines.append(
