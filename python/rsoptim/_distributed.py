@@ -107,3 +107,23 @@ def replicated_like(total: torch.Tensor, tensors: list[torch.Tensor]) -> torch.T
         return total
     mesh = first._spec.mesh
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def agreed_seed(seed: int, tensors: list[torch.Tensor]) -> int:
+    """``seed`` where no tensor is a DTensor; else the seed of the first rank of the first
+    DTensor's mesh, the same on every rank of the mesh (a collective over it), so that ranks
+    seeded apart (``seed + rank``) still round the replicas of one shard alike. Called where a
+    group that rounds stochastically gets its default seed, which every rank does together."""
+    first = next((t for t in tensors if is_dtensor(t)), None)
+    if first is None:
+        return seed
+    import torch.distributed as dist
+
+    mesh = first._spec.mesh
+    if mesh.get_coordinate() is None:
+        return seed
+    device = torch.device("cpu") if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.accelerator.current_device_index())
+    value = torch.tensor([seed - 2**63], dtype=torch.int64, device=device)  # a u64 in an i64
+    for dim in range(mesh.ndim):  # from coordinate 0 along each dim: every rank ends with (0, 0, ...)'s
+        dist.broadcast(value, group=mesh.get_group(dim), group_src=0)
+    return int(value.item()) + 2**63

@@ -29,7 +29,7 @@ from torch.autograd.graph import increment_version
 
 from ._columns import pack
 from . import _rsoptim
-from ._distributed import any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
+from ._distributed import agreed_seed, any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ._layout import HALF_DTYPES, KERNEL_DTYPES, BufferTable, is_step_count, runs_on_kernel, same_kind, step_dtype_name
@@ -498,7 +498,7 @@ class KernelOptimizer:
                 "(torch's implementation steps such groups, with autograd through the step)"
             )
         if group.get("stochastic_rounding") and group.get("stochastic_rounding_seed") is None:
-            group["stochastic_rounding_seed"] = torch.initial_seed()
+            group["stochastic_rounding_seed"] = agreed_seed(torch.initial_seed(), group["params"])
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs a single optimization step.
@@ -602,7 +602,8 @@ class KernelOptimizer:
         if options["stochastic_rounding_seed"] is not None and not options["stochastic_rounding"]:
             raise ValueError("stochastic_rounding_seed is given but stochastic_rounding is off")
         if options["stochastic_rounding"] and options["stochastic_rounding_seed"] is None:
-            options["stochastic_rounding_seed"] = torch.initial_seed()
+            params = [p for group in self.param_groups for p in group["params"]]
+            options["stochastic_rounding_seed"] = agreed_seed(torch.initial_seed(), params)
         for key, value in options.items():
             if value != EXTENSION_DEFAULTS[key]:
                 self.defaults[key] = value

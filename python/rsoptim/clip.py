@@ -112,7 +112,18 @@ def get_total_norm(
             norms += [n.full_tensor().to(first_device).reshape(1) for n in _local_norms(group, norm_type, foreach, dtensors=True)]
         else:
             mesh, dims = key
-            shard_total = torch.linalg.vector_norm(_local_norms([local(t) for t in group], norm_type, foreach), norm_type)
+            shards = [local(t) for t in group]
+            if abs(norm_type) == float("inf"):
+                # An empty shard (FSDP2 gives some ranks none of a small param) has nothing to
+                # compare, not torch's error for the inf-norm of nothing: the max's identity, 0
+                # (the min's, inf).
+                nonempty = [t for t in shards if t.numel()]
+                identity = torch.full((), 0.0 if norm_type > 0 else float("inf"), dtype=shards[0].abs().dtype)
+                shards = nonempty
+            if shards:
+                shard_total = torch.linalg.vector_norm(_local_norms(shards, norm_type, foreach), norm_type)
+            else:
+                shard_total = identity
             norms.append(_reduce_over_mesh(shard_total, norm_type, mesh, dims).to(first_device).reshape(1))
     total_norm = torch.linalg.vector_norm(torch.cat(norms), norm_type)
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
@@ -156,10 +167,18 @@ def _reduce_over_mesh(shard_total: torch.Tensor, norm_type: float, mesh, dims: t
     else:
         value, op = shard_total**norm_type, dist.ReduceOp.SUM
     on_mesh = torch.device(mesh.device_type) if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.accelerator.current_device_index())
-    value = value.to(on_mesh, copy=True)
+    if op == dist.ReduceOp.SUM:
+        value = value.to(on_mesh, copy=True)  # (a NaN spreads through a sum)
+    else:
+        # A max or min may drop a NaN from another rank (gloo's does): a flag travels beside
+        # the value, 1 for NaN (-1 for the min), in the same all-reduce.
+        flag = value.isnan().to(value.dtype) * (1 if op == dist.ReduceOp.MAX else -1)
+        value = torch.stack([value, flag]).to(on_mesh)
     for dim in dims:
         dist.all_reduce(value, op=op, group=mesh.get_group(dim))
     value = value.to(shard_total.device)
+    if op != dist.ReduceOp.SUM:
+        value = torch.where(value[1] != 0, torch.nan, value[0])
     return value if op != dist.ReduceOp.SUM or norm_type == 0 else value ** (1.0 / norm_type)
 
 
