@@ -99,7 +99,8 @@ def get_total_norm(
     for t in tensors:
         if not is_dtensor(t):
             plain.append(t)
-        elif any(placement.is_partial() for placement in t.placements):
+        elif norm_type == 0 or any(placement.is_partial() for placement in t.placements):
+            # (The 0-"norm" counts nonzero norms, which do not add up over shards.)
             sharded.setdefault(("partial",), []).append(t)
         else:
             # Shards of one mesh, by the mesh dims they are split over: one reduction each.
@@ -108,7 +109,7 @@ def get_total_norm(
     norms = [_local_norms(plain, norm_type, foreach).to(first_device)] if plain else []
     for key, group in sharded.items():
         if key == ("partial",):
-            # Addends of the grads: torch's DTensor ops reduce them (as its clip_grad_norm_ does).
+            # Addends of the grads, or the 0-"norm": torch's DTensor ops (as its clip_grad_norm_).
             norms += [n.full_tensor().to(first_device).reshape(1) for n in _local_norms(group, norm_type, foreach, dtensors=True)]
         else:
             mesh, dims = key
