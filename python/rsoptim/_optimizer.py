@@ -303,6 +303,13 @@ class KernelOptimizer:
     def _step_with_torch_unscaled(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         copied = [self._steps_as_float32(p, group) for p in params]
         own = [p for p, c in zip(params, copied) if not c]
+        if own and group.get("fused"):
+            # torch 2.13's fused CPU kernels pair the elements of a param with the wrong grad
+            # and state elements unless all are contiguous: such params take its for-loop.
+            strided = [p for p in own if p.device.type == "cpu" and not self._contiguous_buffers(p)]
+            if strided:
+                self._torch_step({**group, "fused": False}, strided)
+                own = [p for p in own if not any(p is q for q in strided)]
         if own:
             self._torch_step(group, own)
         pending = [p for p, c in zip(params, copied) if c]
@@ -315,6 +322,11 @@ class KernelOptimizer:
             with _FLOAT32_COPIES_LOCK:
                 self._step_float32_copies(group, batch)
             pending = repeats
+
+    def _contiguous_buffers(self, p: torch.Tensor) -> bool:
+        """Whether ``p``, its grad and its state tensors are all contiguous."""
+        tensors = [p, p.grad, *(v for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor))]
+        return all(t is None or t.is_contiguous() for t in tensors)
 
     def _step_float32_copies(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """``_step_with_torch`` for distinct half-precision params stepped as float32 copies."""
