@@ -290,3 +290,83 @@ def test_a_share_of_the_roofline_above_105_percent_is_flagged(roofline_seconds, 
     assert out["roofline_share"] == (None if roofline_seconds is None else pytest.approx(roofline_seconds))
     if error:
         assert "measurement error" in bench.roofline_error_note(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-loop mode: an untimed forward/backward before every timed step; the end-to-end row.
+
+
+@pytest.mark.parametrize("workload", list(bench.TRAINING_LOOP_WORK))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_training_loop_work_leaves_new_finite_grads_of_every_param(workload, dtype):
+    params = bench.make_params(bench.WORKLOADS[workload](), dtype=dtype)
+    before = [p.grad for p in params]
+    bench.TRAINING_LOOP_WORK[workload](params)()
+    for p, old in zip(params, before):
+        assert p.grad is not None and p.grad is not old  # set to None, then made by the backward
+        assert p.grad.shape == p.shape and p.grad.dtype == dtype
+        assert bool(torch.isfinite(p.grad).all())
+    assert any(bool(p.grad.ne(0).any()) for p in params)
+
+
+def test_a_training_loop_row_runs_the_work_before_every_call(monkeypatch):
+    calls: list[str] = []
+    real = bench.TRAINING_LOOP_WORK["seed-mlp"]
+
+    def counting(params):
+        work = real(params)
+        return lambda: calls.append("work") or work()
+
+    monkeypatch.setitem(bench.TRAINING_LOOP_WORK, "seed-mlp", counting)
+    case = bench.Case("SGD", {"rsoptim": bench._optimizer_step(rsoptim.SGD, lr=0.01), "torch fused": bench._optimizer_step(torch.optim.SGD, lr=0.01, fused=True)}, 3, 1)
+    row = bench.run_row(case, "seed-mlp", 1, repeats=1, warmup=0, training_loop=True)
+    assert row.training_loop and row.label == "SGD (training loop)"
+    assert set(row.seconds) == {"rsoptim", "torch fused"} and row.roofline_seconds > 0
+    # First steps, batch sizes, one sample: each implementation and the probe at least once.
+    assert len(calls) >= 2 * 3 + 2
+    assert "SGD (training loop)" in bench.format_table([row])
+
+
+def test_a_clipping_row_clips_in_training_loop_mode():
+    # The grads are new after each backward: the clipping rows copy their over-norm grads into them.
+    case = clip_case("Adam max_grad_norm (clips)")
+    row = bench.run_row(case, "seed-mlp", 1, repeats=1, warmup=0, training_loop=True)
+    assert {"rsoptim", "rsoptim clip_grad_norm_ + step", "torch fused"} <= set(row.seconds)
+
+
+def test_the_end_to_end_row_times_each_training_loop():
+    result = bench.end_to_end(threads=1, repeats=1, warmup=1)
+    assert {"rsoptim", "rsoptim max_grad_norm", "torch fused", "torch foreach", "torch for-loop"} <= set(result.seconds)
+    assert all(s > 0 for s in result.seconds.values())
+    assert result.ratios["torch fused"] == pytest.approx(result.seconds["torch fused"] / result.seconds["rsoptim"])
+    assert "scikit-learn digits" in result.data or "random data" in result.data
+    table = bench.format_end_to_end([result])
+    assert "rsoptim.Adam(max_grad_norm=1)" in table and "it/s" in table
+
+
+def test_the_training_loop_iteration_clips_and_steps():
+    # rsoptim with max_grad_norm ends where rsoptim's clip_grad_norm_ then step does (bit for bit).
+    x, y, _ = bench.digits_data()
+    batches = list(torch.arange(len(x)).split(bench.E2E_BATCH))[:3]
+    finals = {}
+    for label in ("rsoptim", "rsoptim max_grad_norm"):
+        make_optimizer, clip = bench.end_to_end_impls()[label]
+        model = bench.digits_model()
+        optimizer = make_optimizer(list(model.parameters()))
+        run = bench.training_iteration(model, optimizer, clip, (x, y), batches)
+        for _ in range(4):  # wraps around the batches
+            run()
+        finals[label] = [p.detach().clone() for p in model.parameters()]
+    assert finals["rsoptim"][0].ne(bench.digits_model()[0].weight).any()
+    for a, b in zip(finals["rsoptim"], finals["rsoptim max_grad_norm"]):
+        assert torch.equal(a, b)
+
+
+def test_bench_cli_training_loop_json():
+    out = run_bench([*TINY, "--cases", "Adam", "--json", "--no-deepspeed", "--quick", "--training-loop", "--threads", "1"])
+    result = json.loads(out.stdout)
+    assert [(r["case"], r["workload"], r["training_loop"]) for r in result["rows"]] == [("Adam", "seed-mlp", False), ("Adam", "seed-mlp", True)]
+    (e2e,) = result["end_to_end"]
+    assert e2e["threads"] == 1
+    assert set(e2e["iterations_per_second"]) == {"rsoptim", "rsoptim max_grad_norm", "torch fused", "torch foreach", "torch for-loop"}
+    assert e2e["ratios"]["torch fused"] > 0

@@ -218,14 +218,14 @@ def _clip_step(fn, max_norm: float, **kwargs) -> Callable[[list[torch.Tensor]], 
 
 
 def restore_grads(params: list[torch.Tensor]) -> Callable[[], object]:
-    """Saves the grads of ``params`` as they are now; the function returned copies them back."""
-    grads = [p.grad for p in params]
-    saved = [g.clone() for g in grads]
+    """Saves the grads of ``params`` as they are now; the function returned copies them back
+    (into each param's grad as it is then: in training-loop mode a backward has made new ones)."""
+    saved = [p.grad.clone() for p in params]
 
     def restore() -> None:
         with torch.no_grad():
-            for g, s in zip(grads, saved):
-                g.copy_(s)
+            for p, s in zip(params, saved):
+                p.grad.copy_(s)
 
     restore.saved = saved  # type: ignore[attr-defined]
     return restore
@@ -464,6 +464,211 @@ DEFAULT_PLAN: dict[str, list[str]] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# Training-loop mode: each timed step right after a forward/backward, as in a training loop.
+#
+# Back to back, a small step finds its buffers in cache and the threads as the previous step left
+# them. In a training loop it follows a forward/backward: torch's OpenMP threads have just run
+# matmuls (and are still spinning), the grads were just written by the backward (new tensors, as
+# zero_grad's default set_to_none leaves them), and the optimizer state was evicted by the
+# activations. `--training-loop` runs the same untimed forward/backward on the row's params
+# before every timed step of every implementation (so each starts from the same state), and
+# times the step alone.
+
+#: The batch of the untimed forward/backward.
+TRAINING_LOOP_BATCH = 64
+
+
+def mlp_forward_backward(params: list[torch.Tensor]) -> Callable[[], object]:
+    """seed-mlp's forward/backward: its params are an MLP (Linear 784-128, ReLU, Linear 128-10);
+    cross-entropy on a fixed batch, grads set to None before each backward (zero_grad's
+    default), so the backward leaves new grads."""
+    w1, b1, w2, b2 = params
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(TRAINING_LOOP_BATCH, w1.shape[1], generator=gen).to(w1.dtype)
+    y = torch.randint(0, w2.shape[0], (TRAINING_LOOP_BATCH,), generator=gen)
+    functional = torch.nn.functional
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        hidden = functional.linear(x, w1, b1).relu()
+        functional.cross_entropy(functional.linear(hidden, w2, b2), y).backward()
+
+    return run
+
+
+def stacked_forward_backward(params: list[torch.Tensor]) -> Callable[[], object]:
+    """400x1000's forward/backward: the tensors stacked into one (400, 1000) weight, a batch of
+    64 through it and tanh, backward (one matmul each way over the params' memory; the grads,
+    new each time, land in one buffer, each param's a slice of it, as a bucketed backward leaves
+    them)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(TRAINING_LOOP_BATCH, len(params), generator=gen).to(params[0].dtype)
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        (torch.tanh(x @ torch.stack(params)).square().sum() / TRAINING_LOOP_BATCH).backward()
+
+    return run
+
+
+#: The small workloads' untimed forward/backward in training-loop mode.
+TRAINING_LOOP_WORK: dict[str, Callable[[list[torch.Tensor]], Callable[[], object]]] = {
+    "seed-mlp": mlp_forward_backward,
+    "400x1000": stacked_forward_backward,
+}
+
+
+def _then(first: Callable[[], object], second: Callable[[], object]) -> Callable[[], object]:
+    def run() -> None:
+        first()
+        second()
+
+    return run
+
+
+# End to end: the seed's training loop (examples/train_digits.py), iterations per second.
+
+#: The seed loop's clip_grad_norm_ max_norm and batch size.
+E2E_MAX_NORM = 1.0
+E2E_BATCH = 64
+
+
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, str]:
+    """scikit-learn's digits (1,797 images of 8x8, scaled to [0, 1]) as examples/train_digits.py
+    loads them, or random data of the same shape where scikit-learn is not installed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.rand(1797, 64, generator=gen), torch.randint(0, 10, (1797,), generator=gen)
+        return x, y, "random data of the digits' shape (scikit-learn is not installed)"
+    digits = load_digits()
+    return torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target, dtype=torch.long), "scikit-learn digits"
+
+
+def digits_model() -> torch.nn.Module:
+    """examples/train_digits.py's MLP, with its initial weights (seed 0; torch's global RNG is left
+    as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def end_to_end_impls(deepspeed_adam: type | None = None) -> dict[str, tuple[Callable[[list[torch.Tensor]], torch.optim.Optimizer], Callable | None]]:
+    """Each column of the end-to-end row: (optimizer from params, clip function or None)."""
+    adam = ADAM_HYPERPARAMETERS
+    clip_torch = torch.nn.utils.clip_grad_norm_
+    impls: dict[str, tuple[Callable[[list[torch.Tensor]], torch.optim.Optimizer], Callable | None]] = {
+        "rsoptim": (lambda ps: rsoptim.Adam(ps, **adam), rsoptim.clip_grad_norm_),
+        "rsoptim max_grad_norm": (lambda ps: rsoptim.Adam(ps, max_grad_norm=E2E_MAX_NORM, **adam), None),
+        "torch fused": (lambda ps: torch.optim.Adam(ps, fused=True, **adam), clip_torch),
+        "torch foreach": (lambda ps: torch.optim.Adam(ps, foreach=True, **adam), clip_torch),
+        "torch for-loop": (lambda ps: torch.optim.Adam(ps, foreach=False, **adam), clip_torch),
+    }
+    if deepspeed_adam is not None:
+
+        def deepspeed(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
+            with stdout_to_stderr():
+                return deepspeed_adam(ps, adamw_mode=False, fp32_optimizer_states=False, **adam)
+
+        impls[DEEPSPEED] = (deepspeed, clip_torch)
+    return impls
+
+
+def training_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: Callable | None, data, batches) -> Callable[[], object]:
+    """One iteration of the seed's loop per call: zero_grad, forward, cross-entropy, backward,
+    clip_grad_norm_ (unless the optimizer clips inside its step), step; the batches in turn."""
+    x, y = data
+    loss_fn = torch.nn.CrossEntropyLoss()
+    turn = iter(())
+
+    def run() -> object:
+        nonlocal turn
+        idx = next(turn, None)
+        if idx is None:
+            turn = iter(batches)
+            idx = next(turn)
+        optimizer.zero_grad()
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        if clip is not None:
+            clip(model.parameters(), max_norm=E2E_MAX_NORM)
+        optimizer.step()
+        return loss
+
+    return run
+
+
+@dataclass
+class EndToEnd:
+    threads: int
+    data: str
+    #: Median seconds per iteration, by column.
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def iterations_per_second(self) -> dict[str, float]:
+        return {label: 1 / s for label, s in self.seconds.items()}
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Each other column's time per iteration over rsoptim's (its iterations/s under rsoptim's)."""
+        return {label: s / self.seconds["rsoptim"] for label, s in self.seconds.items() if label != "rsoptim"}
+
+
+def end_to_end(threads: int, repeats: int, deepspeed_adam: type | None = None, warmup: int = 20) -> EndToEnd:
+    """The seed's training loop with each optimizer, from the same initial weights and batch
+    order, timed interleaved in samples of iterations (medians of seconds per iteration)."""
+    import copy
+
+    torch.set_num_threads(threads)
+    rsoptim.set_num_threads(threads)
+    x, y, source = digits_data()
+    batches = list(torch.randperm(len(x), generator=torch.Generator().manual_seed(1)).split(E2E_BATCH))
+    initial = digits_model()
+    fns: dict[str, Callable[[], object]] = {}
+    notes: list[str] = []
+    for label, (make_optimizer, clip) in end_to_end_impls(deepspeed_adam).items():
+        model = copy.deepcopy(initial)
+        try:
+            fns[label] = training_iteration(model, make_optimizer(list(model.parameters())), clip, (x, y), batches)
+            fns[label]()  # the first step creates the state
+        except Exception as e:
+            if label not in OPTIONAL_IMPLS:
+                raise
+            notes.append(f"{label} left out of the end-to-end row: {_one_line(e)}")
+            fns.pop(label, None)
+    seconds = time_interleaved(fns, repeats, warmup, target_s=0.05)
+    return EndToEnd(threads=threads, data=source, seconds=seconds, notes=notes)
+
+
+def format_end_to_end(results: list[EndToEnd]) -> str:
+    lines = [
+        "End to end: the seed's training loop (examples/train_digits.py: MLP 64-128-10, batch "
+        f"{E2E_BATCH}; zero_grad, forward, cross-entropy, backward, clip_grad_norm_(max_norm={E2E_MAX_NORM:g}), Adam step), "
+        f"on {results[0].data}:"
+    ]
+    lines.append(f"  {'thr':>3} {'optimizer (clipping)':<44} {'it/s':>9} {'ms/it':>8} {'rsoptim x':>10}")
+    described = {
+        "rsoptim": "rsoptim.Adam (rsoptim.clip_grad_norm_)",
+        "rsoptim max_grad_norm": "rsoptim.Adam(max_grad_norm=1) (in the step)",
+        "torch fused": "torch Adam fused (torch clip_grad_norm_)",
+        "torch foreach": "torch Adam foreach (torch clip_grad_norm_)",
+        "torch for-loop": "torch Adam for-loop (torch clip_grad_norm_)",
+        DEEPSPEED: f"{DEEPSPEED} (torch clip_grad_norm_)",
+    }
+    for r in results:
+        for label, s in r.seconds.items():
+            ratio = f"{r.ratios[label]:>9.2f}x" if label in r.ratios else f"{'':>10}"
+            lines.append(f"  {r.threads:>3} {described.get(label, label):<44} {1 / s:>9.0f} {1e3 * s:>8.3f} {ratio}")
+    lines.append("  rsoptim x: the column's time per iteration over rsoptim's (rsoptim.Adam with rsoptim.clip_grad_norm_).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Timing.
 
 
@@ -595,6 +800,14 @@ class Row:
     ratios: dict[str, float] = field(default_factory=dict)
     #: Columns left out of this row, and why (one line each).
     notes: list[str] = field(default_factory=list)
+    #: Training-loop mode: every timed step (and roofline probe) followed an untimed
+    #: forward/backward on the row's params (see TRAINING_LOOP_WORK).
+    training_loop: bool = False
+
+    @property
+    def label(self) -> str:
+        """The case as the table names the row."""
+        return f"{self.case} (training loop)" if self.training_loop else self.case
 
     def gbps(self, label: str) -> float:
         return self.bytes_per_step / self.seconds[label] / 1e9
@@ -684,7 +897,12 @@ def build_steps(
     return fns, notes
 
 
-def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, dtype: torch.dtype = torch.float32) -> Row:
+def run_row(
+    case: Case, workload: str, threads: int, repeats: int, warmup: int, dtype: torch.dtype = torch.float32, training_loop: bool = False
+) -> Row:
+    """One row. ``training_loop``: the workload's forward/backward (``TRAINING_LOOP_WORK``) runs,
+    untimed, before every call of every implementation and of the roofline probe (then the
+    case's own preparation, if any)."""
     # One thread count for every implementation: torch's intra-op pool, rsoptim's, and
     # DeepSpeed's OpenMP regions (they run on torch's libgomp, which torch.set_num_threads sets).
     torch.set_num_threads(threads)
@@ -693,6 +911,9 @@ def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, 
     params = make_params(shapes, dtype=dtype)
     # Built before any implementation runs, from the grads as make_params leaves them.
     prepare = case.prepare(params) if case.prepare is not None else None
+    forward_backward = TRAINING_LOOP_WORK[workload](params) if training_loop else None
+    if forward_backward is not None:
+        prepare = forward_backward if prepare is None else _then(forward_backward, prepare)
     fns, notes = build_steps(case, params, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)
     impls = list(fns)
     itemsize = params[0].element_size()
@@ -700,12 +921,15 @@ def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, 
     if case.roofline_written is not None:
         fns["roofline"] = roofline_probe(params, bytes_per_element, case.bytes_written_per_element(itemsize))
     elements = sum(p.numel() for p in params)
+    prepares = {label: prepare for label in impls} if prepare is not None else {}
+    if forward_backward is not None and "roofline" in fns:
+        prepares["roofline"] = forward_backward  # the probe, too, right after the forward/backward
     seconds = time_interleaved(
         fns,
         repeats,
         warmup,
         target_s=0.02,
-        prepare={label: prepare for label in impls} if prepare is not None else None,
+        prepare=prepares or None,
         check={label: case.check for label in impls} if case.check is not None else None,
     )
     roofline = seconds.pop("roofline", None)
@@ -720,6 +944,7 @@ def run_row(case: Case, workload: str, threads: int, repeats: int, warmup: int, 
         seconds=seconds,
         roofline_seconds=roofline,
         notes=notes,
+        training_loop=training_loop,
     )
     row.ratios = {label: s / seconds["rsoptim"] for label, s in seconds.items() if label != "rsoptim"}
     if row.measurement_error:
@@ -870,11 +1095,12 @@ def format_table(rows: list[Row]) -> str:
     if any(DEEPSPEED in r.ratios for r in rows):
         others.append(DEEPSPEED)
     short = {DEEPSPEED: "DeepSpeed"}
-    head = f"{'case':<27} {'workload':<11} {'thr':>3} {'rsoptim ms':>10} {'GB/s':>6} {'%roof':>6} "
+    width = max([27, *(len(r.label) for r in rows)])
+    head = f"{'case':<{width}} {'workload':<11} {'thr':>3} {'rsoptim ms':>10} {'GB/s':>6} {'%roof':>6} "
     head += "".join(f" {'x ' + short.get(label, label.replace('torch ', '')):>11}" for label in others)
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r.case:<27} {r.workload:<11} {r.threads:>3} {1e3 * r.seconds['rsoptim']:>10.3f} {r.gbps('rsoptim'):>6.1f} {roofline_cell(r)}"
+        line = f"{r.label:<{width}} {r.workload:<11} {r.threads:>3} {1e3 * r.seconds['rsoptim']:>10.3f} {r.gbps('rsoptim'):>6.1f} {roofline_cell(r)}"
         for label in others:
             line += f" {r.ratios[label]:>10.2f}x" if label in r.ratios else f" {'-':>11}"
         lines.append(line)
@@ -906,6 +1132,12 @@ def format_table(rows: list[Row]) -> str:
             "AdamW fp32 state: rsoptim.AdamW(state_dtype=torch.float32) and DeepSpeedCPUAdam(adamw_mode=True, "
             "fp32_optimizer_states=True): half params, float32 moments."
         )
+    if any(r.training_loop for r in rows):
+        lines.append(
+            "(training loop): before every timed step of every implementation (and every roofline probe), the same untimed "
+            f"forward/backward on the row's params, batch {TRAINING_LOOP_BATCH} (seed-mlp: its MLP 784-128-10 with "
+            "cross-entropy; 400x1000: the tensors stacked into a 400x1000 weight, a matmul and tanh), grads set to None first."
+        )
     return "\n".join(lines)
 
 
@@ -915,7 +1147,7 @@ def format_torch_times(rows: list[Row]) -> str:
         parts = [f"{label} {1e3 * s:.3f} ({r.gbps(label):.1f})" for label, s in r.seconds.items()]
         if r.roofline_seconds:
             parts.append(f"roofline {1e3 * r.roofline_seconds:.3f} ({r.bytes_per_step / r.roofline_seconds / 1e9:.1f})")
-        lines.append(f"  {r.case} / {r.workload} / {r.threads} thr ({r.bytes_per_step / r.elements:g} B/element): " + ", ".join(parts))
+        lines.append(f"  {r.label} / {r.workload} / {r.threads} thr ({r.bytes_per_step / r.elements:g} B/element): " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -955,6 +1187,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the params' (and grads' and state's) dtype; half types are stepped with torch's fused-kernel numerics "
         "(note: torch 2.13's fused SGD does not update half-precision params, so its times are not a comparison)",
     )
+    parser.add_argument(
+        "--training-loop",
+        action="store_true",
+        help="also time the small workloads' rows (" + ", ".join(TRAINING_LOOP_WORK) + ") with an untimed forward/backward "
+        "before every step, as in a training loop, and add the end-to-end row: the seed's digits training loop in iterations/s",
+    )
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
 
@@ -986,9 +1224,14 @@ def main(argv: list[str] | None = None) -> int:
                 thread_counts = [max_threads]
             named_plan += [(name, w, t) for t in thread_counts]
     used_threads = sorted({t for _, _, t in named_plan})
+    # --training-loop: each small workload's row again in training-loop mode, and the end-to-end
+    # row at each thread count.
+    loop_plan = [(name, w, t) for name, w, t in named_plan if w in TRAINING_LOOP_WORK] if args.training_loop else []
+    e2e_threads = (used_threads or [max_threads]) if args.training_loop else []
+    used_threads = sorted({*used_threads, *e2e_threads})
     machine = machine_info(used_threads)
     sweep_sizes = [n for n in PLOT_SIZES if n <= args.plot_max_elements]
-    progress = Progress(len(named_plan) + (2 * len(sweep_sizes) if args.plot else 0), enabled=True)
+    progress = Progress(len(named_plan) + len(loop_plan) + len(e2e_threads) + (2 * len(sweep_sizes) if args.plot else 0), enabled=True)
     print(
         f"rsoptim {machine['rsoptim']} vs torch {machine['torch']} | {machine['cpu']} | "
         f"{machine['cores']} cores | threads {machine['threads']} | SIMD {machine['simd']}",
@@ -997,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.no_deepspeed:
         deepspeed = DeepSpeedColumn(note=f"{DEEPSPEED} column left out: --no-deepspeed")
-    elif args.plot or any(name in DEEPSPEED_CASES for name, _, _ in named_plan):
+    elif args.plot or args.training_loop or any(name in DEEPSPEED_CASES for name, _, _ in named_plan):
         deepspeed = load_deepspeed(progress)
     else:
         deepspeed = DeepSpeedColumn()  # no row would have the column
@@ -1011,6 +1254,17 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(f"{name} / {workload} / {threads} threads")
         rows.append(run_row(all_cases[name], workload, threads, args.repeats, args.warmup, dtype))
         for note in rows[-1].notes:
+            progress.note(note)
+    for name, workload, threads in loop_plan:
+        progress.update(f"{name} / {workload} / {threads} threads (training loop)")
+        rows.append(run_row(all_cases[name], workload, threads, args.repeats, args.warmup, dtype, training_loop=True))
+        for note in rows[-1].notes:
+            progress.note(note)
+    e2e = []
+    for threads in e2e_threads:
+        progress.update(f"end to end: the digits training loop / {threads} threads")
+        e2e.append(end_to_end(threads, max(args.repeats, 5), deepspeed.optimizer))
+        for note in e2e[-1].notes:
             progress.note(note)
 
     memory = None
@@ -1029,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.note(note)
         plot(points, args.plot, machine, max_threads)
     progress.close()
-    notes = ([deepspeed.note] if deepspeed.note else []) + [n for r in rows for n in r.notes] + sweep_notes
+    notes = ([deepspeed.note] if deepspeed.note else []) + [n for r in rows for n in r.notes] + [n for r in e2e for n in r.notes] + sweep_notes
 
     if args.json:
         out = {
@@ -1040,6 +1294,10 @@ def main(argv: list[str] | None = None) -> int:
             "size_sweep": points,
             "notes": notes,
         }
+        if e2e:
+            out["end_to_end"] = [
+                {**asdict(r), "iterations_per_second": r.iterations_per_second, "ratios": r.ratios} for r in e2e
+            ]
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
@@ -1054,6 +1312,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Note: {note}")
     print()
     print(format_torch_times(rows))
+    if e2e:
+        print()
+        print(format_end_to_end(e2e))
     if memory is not None:
         print("\nMemory allocated by one steady-state Adam step on gpt2-small:")
         for label, m in memory.items():
