@@ -621,7 +621,8 @@ class EndToEnd:
 
 def end_to_end(threads: int, repeats: int, deepspeed_adam: type | None = None, warmup: int = 20) -> EndToEnd:
     """The seed's training loop with each optimizer, from the same initial weights and batch
-    order, timed interleaved in samples of iterations (medians of seconds per iteration)."""
+    order, timed interleaved in short samples of consecutive iterations
+    (``TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats`` each; medians of seconds per iteration)."""
     import copy
 
     torch.set_num_threads(threads)
@@ -641,7 +642,7 @@ def end_to_end(threads: int, repeats: int, deepspeed_adam: type | None = None, w
                 raise
             notes.append(f"{label} left out of the end-to-end row: {_one_line(e)}")
             fns.pop(label, None)
-    seconds = time_interleaved(fns, repeats, warmup, target_s=0.05)
+    seconds = time_interleaved(fns, TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats, warmup, target_s=TRAINING_LOOP_TARGET_S)
     return EndToEnd(threads=threads, data=source, seconds=seconds, notes=notes)
 
 
@@ -665,6 +666,10 @@ def format_end_to_end(results: list[EndToEnd]) -> str:
             ratio = f"{r.ratios[label]:>9.2f}x" if label in r.ratios else f"{'':>10}"
             lines.append(f"  {r.threads:>3} {described.get(label, label):<44} {1 / s:>9.0f} {1e3 * s:>8.3f} {ratio}")
     lines.append("  rsoptim x: the column's time per iteration over rsoptim's (rsoptim.Adam with rsoptim.clip_grad_norm_).")
+    lines.append(
+        f"  Samples of ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms of consecutive iterations, interleaved "
+        f"({TRAINING_LOOP_SAMPLES_PER_REPEAT} x --repeats samples each, at least 5 repeats), medians; it/s = 1 / median."
+    )
     return "\n".join(lines)
 
 
@@ -747,6 +752,15 @@ def time_interleaved(
             n = batches[label]
             samples[label].append(timed_calls(fn, n, prepare.get(label), check.get(label)) / n)
     return {label: statistics.median(s) for label, s in samples.items()}
+
+
+#: Training-loop rows and the end-to-end row: samples of about this many seconds of timed calls
+#: (each call after its untimed forward/backward), this many samples per --repeats. A sample is
+#: consecutive iterations of one implementation, as in its own training loop (call-by-call
+#: turns would leave each step's state evicted by the other implementations' steps); many short
+#: samples, interleaved, keep a busy machine's slow stretches from landing on one column.
+TRAINING_LOOP_TARGET_S = 0.01
+TRAINING_LOOP_SAMPLES_PER_REPEAT = 3
 
 
 # The binding's stream_probe takes 1 to 4 written buffers per read buffer.
@@ -922,16 +936,15 @@ def run_row(
         fns["roofline"] = roofline_probe(params, bytes_per_element, case.bytes_written_per_element(itemsize))
     elements = sum(p.numel() for p in params)
     prepares = {label: prepare for label in impls} if prepare is not None else {}
-    if forward_backward is not None and "roofline" in fns:
-        prepares["roofline"] = forward_backward  # the probe, too, right after the forward/backward
-    seconds = time_interleaved(
-        fns,
-        repeats,
-        warmup,
-        target_s=0.02,
-        prepare=prepares or None,
-        check={label: case.check for label in impls} if case.check is not None else None,
-    )
+    checks = {label: case.check for label in impls} if case.check is not None else None
+    if forward_backward is not None:
+        if "roofline" in fns:
+            prepares["roofline"] = forward_backward  # the probe, too, right after the forward/backward
+        seconds = time_interleaved(
+            fns, TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats, warmup, target_s=TRAINING_LOOP_TARGET_S, prepare=prepares, check=checks
+        )
+    else:
+        seconds = time_interleaved(fns, repeats, warmup, target_s=0.02, prepare=prepares or None, check=checks)
     roofline = seconds.pop("roofline", None)
     row = Row(
         case=case.name,
@@ -1136,7 +1149,9 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             "(training loop): before every timed step of every implementation (and every roofline probe), the same untimed "
             f"forward/backward on the row's params, batch {TRAINING_LOOP_BATCH} (seed-mlp: its MLP 784-128-10 with "
-            "cross-entropy; 400x1000: the tensors stacked into a 400x1000 weight, a matmul and tanh), grads set to None first."
+            "cross-entropy; 400x1000: the tensors stacked into a 400x1000 weight, a matmul and tanh), grads set to None first; "
+            f"samples of ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms of consecutive (forward/backward, step) iterations of one implementation, "
+            f"interleaved, {TRAINING_LOOP_SAMPLES_PER_REPEAT} x --repeats samples each, medians."
         )
     return "\n".join(lines)
 
