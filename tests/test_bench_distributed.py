@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from rsoptim import bench, bench_distributed
@@ -54,9 +53,10 @@ def test_a_workload_without_blocks_is_one_unit():
 # The CLI: 2 spawned ranks, the tiny GPT-2-shaped workload, every row.
 
 
-def test_distributed_bench_cli_json():
+def _run_bench(*args: str) -> subprocess.CompletedProcess:
+    """``python -m rsoptim.bench --distributed ARGS`` on 2 ranks, bounded in time; must succeed."""
     out = subprocess.run(
-        [sys.executable, "-m", "rsoptim.bench", "--distributed", "--quick", "--workload", "gpt2-tiny", "--repeats", "1", "--warmup", "0", "--json"],
+        [sys.executable, "-m", "rsoptim.bench", "--distributed", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -64,6 +64,11 @@ def test_distributed_bench_cli_json():
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def test_distributed_bench_cli_json():
+    out = _run_bench("--quick", "--workload", "gpt2-tiny", "--repeats", "1", "--warmup", "0", "--json")
     result = json.loads(out.stdout)
     assert result["workload"] == "gpt2-tiny"
     assert result["machine"]["world_size"] == 2 and result["machine"]["threads_per_rank"] == 1
@@ -89,29 +94,7 @@ def test_distributed_bench_cli_json():
 
 
 def test_distributed_bench_cli_table():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rsoptim.bench",
-            "--distributed",
-            "--workload",
-            "gpt2-tiny",
-            "--cases",
-            "AdamW,clip_grad_norm_ (no clip)",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--no-roofline",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_env(),
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
+    out = _run_bench("--workload", "gpt2-tiny", "--cases", "AdamW,clip_grad_norm_ (no clip)", "--repeats", "1", "--warmup", "0", "--no-roofline")
     assert "x fastest" in out.stdout and "DT ovh" in out.stdout
     assert [line.split()[0] for line in out.stdout.splitlines() if line.startswith(("AdamW ", "clip_grad_norm_ "))] == ["AdamW", "clip_grad_norm_"]
     assert "clip_grad_norm_ (no clip)" in out.stdout

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import resource
 import socket
@@ -197,9 +196,20 @@ def dist_no_clip_check(max_norm: float) -> Callable[[object], None]:
     return lambda total_norm: inner(_as_float(total_norm))
 
 
+def clip_impls(max_norm: float) -> dict[str, Callable[[list[torch.Tensor]], Callable[[], object]]]:
+    clip_torch = torch.nn.utils.clip_grad_norm_
+    return {
+        RSOPTIM: bench._clip_step(rsoptim.clip_grad_norm_, max_norm),
+        "torch foreach": bench._clip_step(clip_torch, max_norm, foreach=True),
+        "torch for-loop": bench._clip_step(clip_torch, max_norm, foreach=False),
+        # The local shards' grads alone: no all-reduce (the norm is the shard's, so the factor
+        # differs, but the bytes are the same): the DTensor overhead includes the all-reduce.
+        PLAIN: bench._clip_step(rsoptim.clip_grad_norm_, max_norm),
+    }
+
+
 def cases() -> list[DistCase]:
     step = bench._optimizer_step
-    clip_torch = torch.nn.utils.clip_grad_norm_
     adam, adamw = bench.ADAM_HYPERPARAMETERS, bench.ADAMW_HYPERPARAMETERS
     sgd = {"lr": 0.01, "momentum": 0.9}
 
@@ -225,15 +235,7 @@ def cases() -> list[DistCase]:
         DistCase("RMSprop", optimizer_impls(rsoptim.RMSprop, torch.optim.RMSprop, False), 5, 2),
         DistCase(
             "clip_grad_norm_ (clips)",
-            {
-                RSOPTIM: bench._clip_step(rsoptim.clip_grad_norm_, bench.CLIP_MAX_NORM),
-                "torch foreach": bench._clip_step(clip_torch, bench.CLIP_MAX_NORM, foreach=True),
-                "torch for-loop": bench._clip_step(clip_torch, bench.CLIP_MAX_NORM, foreach=False),
-                # The local shards' grads alone: no all-reduce (the norm is the shard's, so the
-                # factor differs, but the bytes are the same): the DTensor overhead includes the
-                # all-reduce of the norm.
-                PLAIN: bench._clip_step(rsoptim.clip_grad_norm_, bench.CLIP_MAX_NORM),
-            },
+            clip_impls(bench.CLIP_MAX_NORM),
             3,
             None,
             prepare=bench.restore_grads,
@@ -242,12 +244,7 @@ def cases() -> list[DistCase]:
         DistCase(
             # Not in the default plan (--cases): with nothing to clip, rsoptim skips the scale pass.
             "clip_grad_norm_ (no clip)",
-            {
-                RSOPTIM: bench._clip_step(rsoptim.clip_grad_norm_, bench.NO_CLIP_MAX_NORM),
-                "torch foreach": bench._clip_step(clip_torch, bench.NO_CLIP_MAX_NORM, foreach=True),
-                "torch for-loop": bench._clip_step(clip_torch, bench.NO_CLIP_MAX_NORM, foreach=False),
-                PLAIN: bench._clip_step(rsoptim.clip_grad_norm_, bench.NO_CLIP_MAX_NORM),
-            },
+            clip_impls(bench.NO_CLIP_MAX_NORM),
             1,
             None,
             check=dist_no_clip_check(bench.NO_CLIP_MAX_NORM),
@@ -323,13 +320,15 @@ def run_case(case: DistCase, config: Config, mesh, rank: int) -> dict[str, objec
     workload = WORKLOADS[config.workload]
     params = sharded_params(workload, mesh, seed=config.seed + 1000 * rank)
     plain = local_params(params)
-    prepare = None
+    prepare: Callable[[], None] | None = None
     if case.prepare is not None:
         restore = case.prepare(params)  # restores the plain shards' grads too (the same memory)
 
-        def prepare() -> None:
+        def restore_then_meet() -> None:
             restore()
             _barrier()  # every rank starts the timed call at once, whatever its restore took
+
+        prepare = restore_then_meet
 
     fns: dict[str, Callable[[], object]] = {}
     notes = [f"{label} left out: {why}" for label, why in case.missing.items()]
