@@ -278,6 +278,11 @@ def fsdp_parity(name: str, kwargs: dict, *, groups=None, placement_fn=None, afte
             history.append([local(p) for p in model.parameters()])
         plist = list(model.parameters())
         runs[lib] = (history, [layout(p) for p in plist], snapshot_state(opt, plist))
+    compare_runs(runs, what)
+
+
+def compare_runs(runs: dict, what: str) -> None:
+    """rsoptim's run against torch's: (local shards after each step, layouts, state) alike."""
     (th, tl, ts), (rh, rl, rs) = runs["torch"], runs["rsoptim"]
     assert rl == tl, f"rank {rank()}: {what}: params' layouts {rl} != torch's {tl}"
     for step, (t, r) in enumerate(zip(th, rh)):
@@ -441,12 +446,7 @@ def dtensor_parity(name: str, kwargs: dict, spec_fn, steps: int = 3, grad_placem
             opt.step()
             history.append([local(p) for p in params])
         runs[lib] = (history, [layout(p) for p in params], snapshot_state(opt, params))
-    (th, tl, ts), (rh, rl, rs) = runs["torch"], runs["rsoptim"]
-    assert rl == tl, f"rank {rank()}: {what}: params' layouts changed: {rl} != torch's {tl}"
-    for step, (t, r) in enumerate(zip(th, rh)):
-        for i, (a, e) in enumerate(zip(r, t)):
-            close(a, e, f"{what}: param {i} (local shard) after step {step + 1}")
-    compare_state(rs, ts, what)
+    compare_runs(runs, what)
 
 
 @case("dtensor", "placements-all-optimizers")

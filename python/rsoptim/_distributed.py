@@ -109,6 +109,13 @@ def replicated_like(total: torch.Tensor, tensors: list[torch.Tensor]) -> torch.T
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
+def mesh_device(mesh: Any) -> torch.device:
+    """Where the mesh's collectives take tensors: the CPU, or this rank's accelerator."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
+
+
 def agreed_seed(seed: int, tensors: list[torch.Tensor]) -> int:
     """``seed`` where no tensor is a DTensor; else the seed of the first rank of the first
     DTensor's mesh, the same on every rank of the mesh (a collective over it), so that ranks
@@ -122,8 +129,7 @@ def agreed_seed(seed: int, tensors: list[torch.Tensor]) -> int:
     mesh = first._spec.mesh
     if mesh.get_coordinate() is None:
         return seed
-    device = torch.device("cpu") if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.accelerator.current_device_index())
-    value = torch.tensor([seed - 2**63], dtype=torch.int64, device=device)  # a u64 in an i64
+    value = torch.tensor([seed - 2**63], dtype=torch.int64, device=mesh_device(mesh))  # a u64 in an i64
     for dim in range(mesh.ndim):  # from coordinate 0 along each dim: every rank ends with (0, 0, ...)'s
         dist.broadcast(value, group=mesh.get_group(dim), group_src=0)
     return int(value.item()) + 2**63

@@ -197,8 +197,10 @@ class KernelOptimizer:
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float | None) -> None:
-        options = self._clipping()
-        self.__dict__["_rsoptim_clipping"] = check_clipping(value, options["norm_type"], options["error_if_nonfinite"])
+        self._set_clipping(max_grad_norm=value)
+
+    def _set_clipping(self, **change: Any) -> None:
+        self.__dict__["_rsoptim_clipping"] = check_clipping(**{**self._clipping(), **change})
 
     @property
     def norm_type(self) -> float:
@@ -207,8 +209,7 @@ class KernelOptimizer:
 
     @norm_type.setter
     def norm_type(self, value: float | str) -> None:
-        options = self._clipping()
-        self.__dict__["_rsoptim_clipping"] = check_clipping(options["max_grad_norm"], value, options["error_if_nonfinite"])
+        self._set_clipping(norm_type=value)
 
     @property
     def error_if_nonfinite(self) -> bool:
@@ -218,8 +219,7 @@ class KernelOptimizer:
 
     @error_if_nonfinite.setter
     def error_if_nonfinite(self, value: bool) -> None:
-        options = self._clipping()
-        self.__dict__["_rsoptim_clipping"] = check_clipping(options["max_grad_norm"], options["norm_type"], value)
+        self._set_clipping(error_if_nonfinite=value)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -689,11 +689,16 @@ class KernelOptimizer:
         grad = p.grad
         if not self._param_runs_on_kernel(p, group, grad):
             return None
-        distributed = is_dtensor(p)
+        if is_dtensor(p):
 
-        def shard(t: Any) -> Any:
-            # The local shard of a state tensor laid out like a DTensor param (None: not one).
-            return t._local_tensor if same_layout(t, p) else None
+            def view(t: Any) -> Any:
+                # The local shard of a state tensor laid out like the param (None: not one).
+                return t._local_tensor if same_layout(t, p) else None
+
+        else:
+
+            def view(t: Any) -> Any:
+                return t
 
         target = local(p)
         buffers: dict[str, Any] = {"param": target, "grad": local(grad)}
@@ -701,12 +706,11 @@ class KernelOptimizer:
         if keys or master or counts_steps:
             state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
-                buffers[key] = shard(state.get(key)) if distributed else state.get(key)
+                buffers[key] = view(state.get(key))
                 if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], target, state_dtype)):
                     return None
             if master:
-                copy = self._master_copy(p, group, state)
-                buffers["master_param"] = shard(copy) if distributed else copy
+                buffers["master_param"] = view(self._master_copy(p, group, state))
                 if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], target, torch.float32)):
                     return None
             if counts_steps:
@@ -899,10 +903,9 @@ class _Plan:
     # The params with master copies: one written since the optimizer wrote it (their versions
     # differ) takes the general path, which copies it into its master.
     master_params: list[torch.Tensor] = field(default_factory=list)
-    # A group of DTensor params: the kernels take the local shards of the params, grads and
-    # state tensors (not the step counts, plain tensors), each DTensor on the mesh and in the
-    # placements recorded in `layouts` (in the order grads, then state tensors).
-    distributed: bool = False
+    # A group of DTensor params (none for plain ones): the kernels take the local shards of the
+    # params, grads and state tensors (not the step counts, plain tensors), each DTensor on the
+    # mesh and in the placements recorded here (in the order grads, then state tensors).
     layouts: list[tuple[Any, Any]] = field(default_factory=list)
     step_slots: list[bool] = field(default_factory=list)
 
@@ -926,9 +929,8 @@ class _Plan:
         if any(p.dtype not in _DTYPE_CODES for p in with_grad):
             return None  # complex params take the general path every step
         param_keys = [opt._param_keys(p, group) for p in with_grad]
-        distributed = any_dtensor(with_grad)
         layouts: list[tuple[Any, Any]] = []
-        if distributed:
+        if any_dtensor(with_grad):
             # Every param a DTensor (stepped by its local shard, so its grad and state tensors
             # are laid out like it), the step counts plain tensors, as torch.optim makes them.
             if not all(map(is_dtensor, with_grad)):
@@ -989,7 +991,6 @@ class _Plan:
             param_addrs=addrs[: 8 * count],
             state_addrs=addrs[16 * count :],
             grads_of_call=grads_of_call,
-            distributed=distributed,
             layouts=layouts,
             step_slots=[k == "step" for keys in param_keys for k in keys],
         )
@@ -1035,7 +1036,7 @@ class _Plan:
             written = opt.__dict__.get("_rsoptim_master_versions", {})
             if list(map(param_version, self.master_params)) != [written.get(id(p)) for p in self.master_params]:
                 return None
-        if self.distributed:
+        if self.layouts:
             try:
                 dtensors = [*grads, *compress(tensors, map(operator.not_, self.step_slots))]
                 if list(map(_get_mesh_and_placements, dtensors)) != self.layouts:

@@ -23,7 +23,7 @@ import torch
 from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
-from ._distributed import is_dtensor, local, replicated_like
+from ._distributed import is_dtensor, local, mesh_device, replicated_like
 from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
@@ -69,7 +69,7 @@ def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     return torch.tensor(norms, dtype=views[0].dtype)
 
 
-def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.device, foreach: bool | None, stack: bool = True) -> torch.Tensor:
+def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.device, foreach: bool | None) -> torch.Tensor:
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
     if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
@@ -78,7 +78,7 @@ def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.de
         raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
     else:
         norms = [torch.linalg.vector_norm(g, norm_type) for g in tensors]
-    return torch.stack(norms) if stack else norms
+    return torch.stack(norms)
 
 
 def _as_list(tensors: Tensors) -> list[torch.Tensor]:
@@ -110,22 +110,20 @@ def get_total_norm(
     for key, group in sharded.items():
         if key == ("partial",):
             # Addends of the grads, or the 0-"norm": torch's DTensor ops (as its clip_grad_norm_).
-            norms += [n.full_tensor().to(first_device).reshape(1) for n in _local_norms(group, norm_type, foreach, dtensors=True)]
-        else:
-            mesh, dims = key
-            shards = [local(t) for t in group]
-            if abs(norm_type) == float("inf"):
-                # An empty shard (FSDP2 gives some ranks none of a small param) has nothing to
-                # compare, not torch's error for the inf-norm of nothing: the max's identity, 0
-                # (the min's, inf).
-                nonempty = [t for t in shards if t.numel()]
-                identity = torch.full((), 0.0 if norm_type > 0 else float("inf"), dtype=shards[0].abs().dtype)
-                shards = nonempty
-            if shards:
-                shard_total = torch.linalg.vector_norm(_local_norms(shards, norm_type, foreach), norm_type)
-            else:
-                shard_total = identity
-            norms.append(_reduce_over_mesh(shard_total, norm_type, mesh, dims).to(first_device).reshape(1))
+            for (device, _), same in _group_by_device_and_dtype(group).items():
+                norms.append(_torch_norms(same, norm_type, device, foreach).full_tensor().to(first_device))
+            continue
+        mesh, dims = key
+        shards = [local(t) for t in group]
+        if abs(norm_type) == float("inf"):
+            # An empty shard (FSDP2 gives some ranks none of a small param) has nothing to
+            # compare, not torch's error for the inf-norm of nothing.
+            shards = [t for t in shards if t.numel()]
+        if shards:
+            shard_total = torch.linalg.vector_norm(_local_norms(shards, norm_type, foreach), norm_type)
+        else:  # the identity of the max (0), or of the min (inf)
+            shard_total = torch.tensor(0.0 if norm_type > 0 else float("inf"), dtype=group[0].dtype.to_real())
+        norms.append(_reduce_over_mesh(shard_total, norm_type, mesh, dims).to(first_device).reshape(1))
     total_norm = torch.linalg.vector_norm(torch.cat(norms), norm_type)
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
@@ -137,11 +135,8 @@ def get_total_norm(
     return replicated_like(total_norm, tensors)
 
 
-def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None, dtensors: bool = False) -> torch.Tensor | list[torch.Tensor]:
-    """The norm of each tensor (by the kernels where they can), in one tensor; for DTensors, a
-    DTensor norm per tensor (torch's)."""
-    if dtensors:
-        return [n for (device, _), group in _group_by_device_and_dtype(tensors).items() for n in _torch_norms(group, norm_type, device, foreach, stack=False)]
+def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
+    """The norm of each tensor (by the kernels where they can), in one tensor."""
     first_device = tensors[0].device
     norms = []
     for (device, _), group in _group_by_device_and_dtype(tensors).items():
@@ -154,20 +149,17 @@ def _local_norms(tensors: list[torch.Tensor], norm_type: float, foreach: bool | 
 
 def _reduce_over_mesh(shard_total: torch.Tensor, norm_type: float, mesh, dims: tuple[int, ...]) -> torch.Tensor:
     """The norm of every rank's shards along ``dims`` of ``mesh``, from this rank's norm of its
-    own: the sum of p-th powers (the max for inf, the min for -inf, the sum for 0), one
-    all-reduce per mesh dim, on the mesh's device (a CPU-offloaded grad's norm travels by NCCL
-    on a CUDA mesh)."""
+    own: the sum of p-th powers (the max for inf, the min for -inf), one all-reduce per mesh
+    dim, on the mesh's device (a CPU-offloaded grad's norm travels by NCCL on a CUDA mesh)."""
     import torch.distributed as dist
 
     if norm_type == float("inf"):
         value, op = shard_total, dist.ReduceOp.MAX
     elif norm_type == -float("inf"):
         value, op = shard_total, dist.ReduceOp.MIN
-    elif norm_type == 0:
-        value, op = shard_total, dist.ReduceOp.SUM
     else:
         value, op = shard_total**norm_type, dist.ReduceOp.SUM
-    on_mesh = torch.device(mesh.device_type) if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.accelerator.current_device_index())
+    on_mesh = mesh_device(mesh)
     if op == dist.ReduceOp.SUM:
         value = value.to(on_mesh, copy=True)  # (a NaN spreads through a sum)
     else:
@@ -179,8 +171,8 @@ def _reduce_over_mesh(shard_total: torch.Tensor, norm_type: float, mesh, dims: t
         dist.all_reduce(value, op=op, group=mesh.get_group(dim))
     value = value.to(shard_total.device)
     if op != dist.ReduceOp.SUM:
-        value = torch.where(value[1] != 0, torch.nan, value[0])
-    return value if op != dist.ReduceOp.SUM or norm_type == 0 else value ** (1.0 / norm_type)
+        return torch.where(value[1] != 0, torch.nan, value[0])
+    return value ** (1.0 / norm_type)
 
 
 def clip_grads_with_norm_(

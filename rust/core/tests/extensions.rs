@@ -52,45 +52,36 @@ trait Half: Element<Math = f32> {
     fn stochastic_bits(x: f32, random: u32) -> u16;
 }
 
-impl Half for f16 {
-    const NAME: &'static str = "float16";
-    const MANT: i32 = 10;
-    const EMIN: i32 = -14;
-    const EMAX: i32 = 15;
-    const SENTINEL: u16 = 0x7d5a;
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-    fn of_bits(bits: u16) -> Self {
-        f16::from_bits(bits)
-    }
-    fn nearest_bits(x: f32) -> u16 {
-        f32_to_f16_bits(x)
-    }
-    fn stochastic_bits(x: f32, random: u32) -> u16 {
-        f32_to_f16_bits_stochastic(x, random)
-    }
+/// `Half` for a type: its name, format constants, sentinel and the scalar roundings under test.
+macro_rules! impl_half {
+    ($t:ty, $name:literal, mant: $mant:literal, emin: $emin:literal, emax: $emax:literal, sentinel: $sentinel:literal,
+     nearest: $nearest:path, stochastic: $stochastic:path) => {
+        impl Half for $t {
+            const NAME: &'static str = $name;
+            const MANT: i32 = $mant;
+            const EMIN: i32 = $emin;
+            const EMAX: i32 = $emax;
+            const SENTINEL: u16 = $sentinel;
+            fn bits(self) -> u16 {
+                self.to_bits()
+            }
+            fn of_bits(bits: u16) -> Self {
+                <$t>::from_bits(bits)
+            }
+            fn nearest_bits(x: f32) -> u16 {
+                $nearest(x)
+            }
+            fn stochastic_bits(x: f32, random: u32) -> u16 {
+                $stochastic(x, random)
+            }
+        }
+    };
 }
 
-impl Half for bf16 {
-    const NAME: &'static str = "bfloat16";
-    const MANT: i32 = 7;
-    const EMIN: i32 = -126;
-    const EMAX: i32 = 127;
-    const SENTINEL: u16 = 0x7f9a;
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-    fn of_bits(bits: u16) -> Self {
-        bf16::from_bits(bits)
-    }
-    fn nearest_bits(x: f32) -> u16 {
-        f32_to_bf16_bits(x)
-    }
-    fn stochastic_bits(x: f32, random: u32) -> u16 {
-        f32_to_bf16_bits_stochastic(x, random)
-    }
-}
+impl_half!(f16, "float16", mant: 10, emin: -14, emax: 15, sentinel: 0x7d5a,
+    nearest: f32_to_f16_bits, stochastic: f32_to_f16_bits_stochastic);
+impl_half!(bf16, "bfloat16", mant: 7, emin: -126, emax: 127, sentinel: 0x7f9a,
+    nearest: f32_to_bf16_bits, stochastic: f32_to_bf16_bits_stochastic);
 
 /// A float32 sentinel no float16/bfloat16 load writes (their low 13 bits are zero).
 const SENTINEL32: u32 = 0x7fba_dbad;
