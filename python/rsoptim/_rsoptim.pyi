@@ -9,6 +9,7 @@ Calls from different threads that share memory (a write on either side) run one 
 """
 
 CHUNK: int
+QUANT_BLOCK: int
 
 class BufferOverlapError(ValueError): ...
 
@@ -33,6 +34,31 @@ def adam_step(
     decoupled_weight_decay: bool,
     lr_in_f32: bool = False,
     state_dtype: str | None = None,
+    master_params: bytes | None = None,
+    stochastic_rounding_seed: int | None = None,
+    streams: bytes | None = None,
+    grad_scale: float = 1.0,
+) -> None: ...
+def adam8bit_step(
+    dtype: str,
+    step_dtype: str,
+    numels: bytes,
+    params: bytes,
+    grads: bytes,
+    exp_avg_codes: bytes,
+    exp_avg_sq_codes: bytes,
+    exp_avg_scales: bytes,
+    exp_avg_sq_scales: bytes,
+    steps: bytes,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    lr_in_f32: bool = False,
     master_params: bytes | None = None,
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,

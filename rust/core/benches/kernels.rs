@@ -17,6 +17,10 @@
 //! bytes/elem), with float32 state (22), with a float32 master copy (30: the master is read and
 //! written besides the param), and with stochastic rounding (14).
 //!
+//! 8-bit states (`adam8bit_f32`): AdamW with float32 params and block-wise 8-bit moments (16
+//! bytes/elem: p, g read; p written; a byte of each moment read and written; the block scales
+//! are 0.03 more).
+//!
 //! Runs on one thread by default, so the paths compare like for like; set
 //! `RSOPTIM_BENCH_THREADS=n` for a pool of `n`. Samples are few and short so the whole run stays
 //! within a few minutes on a small machine: `cargo bench -p rsoptim-core`, or pick a group,
@@ -29,7 +33,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Cr
 use criterion::measurement::WallTime;
 use half::{bf16, f16};
 use rsoptim_core::{
-    adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Element, Executor,
+    adam8bit_step, quant_blocks, Adam8bitTensor, adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Element, Executor,
     NormType, RmspropHyper, RmspropTensor, Rounding, SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
 
@@ -100,6 +104,39 @@ fn bench_adam(c: &mut Criterion, name: &str, hyper: AdamHyper, bytes_per_elem: u
                         rounding: Rounding::Nearest,
                     };
                     adam_step(vec![t], black_box(&hyper), exec).unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn adam8bit(c: &mut Criterion) {
+    let hyper = AdamHyper { weight_decay: 1e-2, decoupled_weight_decay: true, ..AdamHyper::default() };
+    let execs = executors();
+    let mut group = new_group(c, "adam8bit_f32");
+    for (n, label) in SIZES {
+        group.throughput(Throughput::Bytes(n as u64 * 16));
+        let mut p = data(n, 1);
+        let g = data(n, 2);
+        let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
+        let (mut m_scales, mut v_scales) = (vec![0.0f32; quant_blocks(n)], vec![0.0f32; quant_blocks(n)]);
+        let mut step = 0.0f32;
+        for (path, exec) in &execs {
+            group.bench_function(BenchmarkId::new(path.as_str(), label), |b| {
+                b.iter(|| {
+                    let t = Adam8bitTensor {
+                        param: black_box(&mut p[..]),
+                        grad: black_box(&g[..]),
+                        exp_avg_codes: black_box(&mut m[..]),
+                        exp_avg_sq_codes: black_box(&mut v[..]),
+                        exp_avg_scales: black_box(&mut m_scales[..]),
+                        exp_avg_sq_scales: black_box(&mut v_scales[..]),
+                        step: StepCount::F32(&mut step),
+                        master_param: None,
+                        rounding: Rounding::Nearest,
+                    };
+                    adam8bit_step(vec![t], black_box(&hyper), exec).unwrap();
                 })
             });
         }
@@ -274,6 +311,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = adam, adam_half, sgd, rmsprop, norms
+    targets = adam, adam8bit, adam_half, sgd, rmsprop, norms
 }
 criterion_main!(benches);

@@ -6,7 +6,6 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use num_traits::Float;
 
 /// The hyperparameters of one param group, as torch's Python floats.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,7 +63,7 @@ pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element
 /// The constants of one tensor's update, rounded from `f64` to the maths type as torch rounds a
 /// Python float passed to a tensor op.
 #[derive(Clone, Copy, Debug)]
-struct AdamScalars<T> {
+pub(crate) struct AdamScalars<T> {
     grad: GradFactor<T>,
     param_scale: T,
     weight_decay: T,
@@ -77,7 +76,7 @@ struct AdamScalars<T> {
 }
 
 impl<T: Real> AdamScalars<T> {
-    fn new(h: &AdamHyper, step: f64) -> Self {
+    pub(crate) fn new(h: &AdamHyper, step: f64) -> Self {
         let bias_correction1 = 1.0 - h.beta1.powf(step);
         let bias_correction2 = 1.0 - h.beta2.powf(step);
         let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
@@ -99,15 +98,50 @@ impl<T: Real> AdamScalars<T> {
             neg_step_size: T::round_from(-step_size),
         }
     }
+
+    /// The first half of one element's update: the param after decoupled decay, and the new
+    /// moments from the grad (multiplied by the grad factor, plus L2 decay with `L2`).
+    #[inline(always)]
+    pub(crate) fn moments<const L2: bool>(&self, p: T, g: T, m: T, v: T) -> (T, T, T) {
+        // Decoupled decay first (`param.mul_`); with none the scale is 1, which is exact.
+        let p = p * self.param_scale;
+        let mut g = g * self.grad.in_place();
+        if L2 {
+            g = torch_add(g, p, self.weight_decay);
+        }
+        let m = lerp(m, g, self.lerp_weight);
+        // `exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)`
+        let v = torch_addcmul(v * self.beta2, g, g, self.one_minus_beta2);
+        (p, m, v)
+    }
+
+    /// The second half: the new param from the new first moment and the second moment the
+    /// denominator uses (the running maximum with amsgrad).
+    #[inline(always)]
+    pub(crate) fn param_update(&self, p: T, m: T, second_moment: T) -> T {
+        // eps is added after the sqrt and the bias correction, as torch does.
+        let denom = second_moment.sqrt() / self.bias_correction2_sqrt + self.eps;
+        torch_addcdiv(p, m, denom, self.neg_step_size)
+    }
+
+    /// What the grads are multiplied by as `load_grad_block` loads them.
+    pub(crate) fn grad_scale(&self) -> T {
+        self.grad.scale
+    }
+
+    /// The scalars for a block of grads that `load_grad_block` has scaled already.
+    pub(crate) fn for_block(self) -> Self {
+        Self { grad: self.grad.for_block(), ..self }
+    }
 }
 
-struct AdamJob<'a, P: Element, S: Element<Math = P::Math>> {
-    param: ParamOut<'a, P>,
-    grad: &'a [P],
-    exp_avg: &'a mut [S],
-    exp_avg_sq: &'a mut [S],
-    max_exp_avg_sq: Option<&'a mut [S]>,
-    k: AdamScalars<P::Math>,
+pub(crate) struct AdamJob<'a, P: Element, S: Element<Math = P::Math>> {
+    pub param: ParamOut<'a, P>,
+    pub grad: &'a [P],
+    pub exp_avg: &'a mut [S],
+    pub exp_avg_sq: &'a mut [S],
+    pub max_exp_avg_sq: Option<&'a mut [S]>,
+    pub k: AdamScalars<P::Math>,
 }
 
 impl<P: Element, S: Element<Math = P::Math>> Splittable for AdamJob<'_, P, S> {
@@ -130,7 +164,9 @@ impl<P: Element, S: Element<Math = P::Math>> Splittable for AdamJob<'_, P, S> {
 }
 
 /// The update loop, specialised on the flags that change its shape.
-struct AdamKernel<'a, P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool>(AdamJob<'a, P, S>);
+pub(crate) struct AdamKernel<'a, P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool>(
+    pub AdamJob<'a, P, S>,
+);
 
 impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool> Kernel
     for AdamKernel<'_, P, S, AMSGRAD, L2>
@@ -150,7 +186,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
 impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool> AdamKernel<'_, P, S, AMSGRAD, L2> {
     /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
     #[inline(always)]
-    fn update_in_place(self) {
+    pub(crate) fn update_in_place(self) {
         let AdamJob { param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, k } = self.0;
         let param = param.param;
         let n = param.len();
@@ -160,17 +196,9 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             _ => &mut [],
         };
         for i in 0..n {
-            // Decoupled decay first (`param.mul_`); with none the scale is 1, which is exact.
-            let p = param[i].load() * k.param_scale;
-            let mut g = grad[i].load() * k.grad.in_place();
-            if L2 {
-                g = torch_add(g, p, k.weight_decay);
-            }
+            let (p, m_new, v_new) = k.moments::<L2>(param[i].load(), grad[i].load(), m[i].load(), v[i].load());
             // The state is stored rounded to `S`; this step goes on with the unrounded values.
-            let m_new = lerp(m[i].load(), g, k.lerp_weight);
             m[i] = S::store(m_new);
-            // `exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)`
-            let v_new = torch_addcmul(v[i].load() * k.beta2, g, g, k.one_minus_beta2);
             v[i] = S::store(v_new);
             let second_moment = if AMSGRAD {
                 let x = vmax[i].load().max_propagate_nan(v_new);
@@ -179,10 +207,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             } else {
                 v_new
             };
-            // eps is added after the sqrt and the bias correction, as torch does.
-            let denom = second_moment.sqrt() / k.bias_correction2_sqrt + k.eps;
-            let p = torch_addcdiv(p, m_new, denom, k.neg_step_size);
-            param[i] = P::store(p);
+            param[i] = P::store(k.param_update(p, m_new, second_moment));
         }
     }
 
@@ -194,7 +219,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
         let (mut p, mut g, mut m, mut v, mut x) = (scratch(), scratch(), scratch(), scratch(), scratch());
         for (start, end) in blocks(param.len()) {
             let len = end - start;
-            load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad.scale);
+            load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad_scale());
             let mut vmax = max_exp_avg_sq.as_deref_mut().map(|vmax| &mut vmax[start..end]);
             let block = AdamJob::<P::Math, P::Math> {
                 param: ParamOut::new(param.block(isa, start, end, &mut p[..len]), None, None),
@@ -202,7 +227,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
                 exp_avg: state_block(isa, &mut exp_avg[start..end], &mut m[..len]),
                 exp_avg_sq: state_block(isa, &mut exp_avg_sq[start..end], &mut v[..len]),
                 max_exp_avg_sq: vmax.as_deref_mut().map(|vmax| state_block(isa, vmax, &mut x[..len])),
-                k: AdamScalars { grad: k.grad.for_block(), ..k },
+                k: k.for_block(),
             };
             AdamKernel::<P::Math, P::Math, AMSGRAD, L2>(block).update_in_place();
             param.unblock(isa, start, end, &p[..len]);

@@ -7,6 +7,7 @@
 //! This crate knows nothing of Python.
 
 pub mod adam;
+pub mod adam8bit;
 pub mod alloc_count;
 pub mod block;
 pub mod element;
@@ -27,6 +28,7 @@ pub mod table;
 pub mod torch_abi;
 
 pub use adam::{adam_step, AdamHyper, AdamTensor};
+pub use adam8bit::{adam8bit_step, quant_blocks, Adam8bitTensor, QUANT_BLOCK};
 pub use block::{round_into, RoundTensor, Rounding};
 pub use element::{Element, Real};
 pub use error::Error;

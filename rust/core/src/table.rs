@@ -112,12 +112,24 @@ impl Table {
 
     /// A buffer of each tensor's element count at each address of `addrs`.
     pub fn column<T>(&mut self, role: &'static str, addrs: &[u8], written: bool) -> Result<Column<T>, Error> {
+        self.column_of_lengths(role, addrs, written, |numel| numel)
+    }
+
+    /// A buffer of `length(numel)` elements for each tensor, at each address of `addrs` (one
+    /// scale per block of a tensor, say).
+    pub fn column_of_lengths<T>(
+        &mut self,
+        role: &'static str,
+        addrs: &[u8],
+        written: bool,
+        length: impl Fn(usize) -> usize,
+    ) -> Result<Column<T>, Error> {
         let addrs = words(role, addrs)?;
         self.check_count(role, addrs.len())?;
         self.checked = false;
         let start = self.buffers.len();
-        for (i, (&addr, &len)) in addrs.iter().zip(&self.numels).enumerate() {
-            self.buffers.push(Buffer::of::<T>(role, i, addr, len, written));
+        for (i, (&addr, &numel)) in addrs.iter().zip(&self.numels).enumerate() {
+            self.buffers.push(Buffer::of::<T>(role, i, addr, length(numel), written));
         }
         Ok(Column { start, _type: PhantomData })
     }

@@ -24,7 +24,7 @@ use rsoptim_core::table::{words, Column, Dtype, Table};
 #[cfg(unix)]
 use rsoptim_core::torch_abi::Expected;
 use rsoptim_core::{
-    AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, RoundTensor,
+    quant_blocks, Adam8bitTensor, AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, RoundTensor,
     Rounding, SgdHyper, SgdTensor, SimdLevel,
 };
 
@@ -435,6 +435,118 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     })
 }
 
+/// One Adam/AdamW step with block-wise 8-bit states over a param group (see
+/// `rsoptim_core::adam8bit_step`): for each tensor, two columns of byte codes (one per element)
+/// and two of float32 scales (one per `QUANT_BLOCK` elements).
+#[pyfunction]
+#[pyo3(signature = (
+    dtype, step_dtype, numels, params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
+    exp_avg_sq_scales, steps, *, lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay,
+    lr_in_f32=false, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0
+))]
+#[allow(clippy::too_many_arguments)]
+fn adam8bit_step(
+    py: Python<'_>,
+    dtype: &str,
+    step_dtype: &str,
+    numels: &[u8],
+    params: &[u8],
+    grads: &[u8],
+    exp_avg_codes: &[u8],
+    exp_avg_sq_codes: &[u8],
+    exp_avg_scales: &[u8],
+    exp_avg_sq_scales: &[u8],
+    steps: &[u8],
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    lr_in_f32: bool,
+    master_params: Option<&[u8]>,
+    stochastic_rounding_seed: Option<u64>,
+    streams: Option<&[u8]>,
+    grad_scale: f64,
+) -> PyResult<()> {
+    let hyper = AdamHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        amsgrad: false,
+        maximize,
+        decoupled_weight_decay,
+        lr_in_f32,
+        grad_scale,
+    };
+    let bufs = Adam8bitBuffers { params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales, steps };
+    let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
+    let step_dtype = parse_dtype(step_dtype)?;
+    match parse_dtype(dtype)? {
+        Dtype::F32 => adam8bit_typed::<f32>(py, numels, bufs, ext, step_dtype, hyper),
+        Dtype::BF16 => adam8bit_typed::<half::bf16>(py, numels, bufs, ext, step_dtype, hyper),
+        Dtype::F16 => adam8bit_typed::<half::f16>(py, numels, bufs, ext, step_dtype, hyper),
+        Dtype::F64 => Err(value_error("8-bit states are for float32, bfloat16 and float16 params, not float64")),
+    }
+}
+
+struct Adam8bitBuffers<'a> {
+    params: &'a [u8],
+    grads: &'a [u8],
+    exp_avg_codes: &'a [u8],
+    exp_avg_sq_codes: &'a [u8],
+    exp_avg_scales: &'a [u8],
+    exp_avg_sq_scales: &'a [u8],
+    steps: &'a [u8],
+}
+
+fn adam8bit_typed<P: Element<Math = f32>>(
+    py: Python<'_>,
+    numels: &[u8],
+    b: Adam8bitBuffers<'_>,
+    ext: ParamExtensions<'_>,
+    step_dtype: Dtype,
+    hyper: AdamHyper,
+) -> PyResult<()> {
+    let mut table = Table::new(numels).map_err(core_error)?;
+    let param = table.column::<P>("param", b.params, true).map_err(core_error)?;
+    let grad = table.column::<P>("grad", b.grads, false).map_err(core_error)?;
+    let m_codes = table.column::<u8>("exp_avg codes", b.exp_avg_codes, true).map_err(core_error)?;
+    let v_codes = table.column::<u8>("exp_avg_sq codes", b.exp_avg_sq_codes, true).map_err(core_error)?;
+    let m_scales =
+        table.column_of_lengths::<f32>("exp_avg scales", b.exp_avg_scales, true, quant_blocks).map_err(core_error)?;
+    let v_scales = table
+        .column_of_lengths::<f32>("exp_avg_sq scales", b.exp_avg_sq_scales, true, quant_blocks)
+        .map_err(core_error)?;
+    let step = table.steps(step_dtype, b.steps).map_err(core_error)?;
+    let ext = ext.columns::<f32>(&mut table)?;
+    table.check().map_err(core_error)?;
+    let exec = executor()?;
+    detached(py, table.buffers(), || {
+        // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
+        // with the type its column was made with.
+        let tensors: Vec<Adam8bitTensor<'_, P>> = (0..table.len())
+            .map(|i| unsafe {
+                Adam8bitTensor {
+                    param: table.written(param, i),
+                    grad: table.read(grad, i),
+                    exp_avg_codes: table.written(m_codes, i),
+                    exp_avg_sq_codes: table.written(v_codes, i),
+                    exp_avg_scales: table.written(m_scales, i),
+                    exp_avg_sq_scales: table.written(v_scales, i),
+                    step: table.step(step, i),
+                    master_param: ext.master.map(|c| table.written(c, i)),
+                    rounding: ext.rounding[i],
+                }
+            })
+            .collect();
+        rsoptim_core::adam8bit_step(tensors, &hyper, &exec)
+    })
+}
+
 /// One SGD step over a param group (see `rsoptim_core::sgd_step`).
 #[pyfunction]
 #[pyo3(signature = (
@@ -749,6 +861,7 @@ fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Ve
 #[pymodule]
 fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adam8bit_step, m)?)?;
     m.add_function(wrap_pyfunction!(sgd_step, m)?)?;
     m.add_function(wrap_pyfunction!(rmsprop_step, m)?)?;
     m.add_function(wrap_pyfunction!(round_params, m)?)?;
@@ -767,6 +880,7 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream_probe, m)?)?;
     m.add_function(wrap_pyfunction!(allocation_counters, m)?)?;
     m.add("CHUNK", rsoptim_core::CHUNK)?;
+    m.add("QUANT_BLOCK", rsoptim_core::QUANT_BLOCK)?;
     m.add("BufferOverlapError", m.py().get_type::<BufferOverlapError>())?;
     Ok(())
 }
