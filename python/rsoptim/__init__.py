@@ -24,6 +24,8 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "Adam8bit",
+    "AdamW8bit",
     "RMSprop",
     "clip_grad_norm_",
     "get_total_norm",
@@ -37,7 +39,17 @@ __all__ = [
     "__version__",
 ]
 
-_TORCH_NAMES = {"SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"}
+_TORCH_NAMES = {
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adam8bit",
+    "AdamW8bit",
+    "RMSprop",
+    "clip_grad_norm_",
+    "get_total_norm",
+    "clip_grads_with_norm_",
+}
 
 # A forked child has none of the parent's pool threads: give it a pool of its own.
 if hasattr(os, "register_at_fork"):
@@ -50,6 +62,7 @@ except ImportError:  # rsoptim.functional works on NumPy alone
 
 if _torch is not None:
     from .adam import Adam, AdamW
+    from .adam8bit import Adam8bit, AdamW8bit
     from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
     from .rmsprop import RMSprop
     from .sgd import SGD

@@ -1,0 +1,788 @@
+"""Adam and AdamW with block-wise 8-bit moments (bitsandbytes' ``Adam8bit``/``AdamW8bit``).
+
+Each param of at least ``min_8bit_size`` elements keeps its two moments as one byte per element
+plus a float32 scale per block of :data:`QUANT_BLOCK` elements (about 2.03 bytes per element
+instead of torch.optim.Adam's 8 for float32 params), under bitsandbytes' state keys:
+
+- ``state1``/``state2``: uint8 codes (the param's shape) of ``exp_avg / absmax1`` and
+  ``exp_avg_sq / absmax2``, per block (see :func:`encode_signed`, :func:`encode_unsigned`);
+- ``absmax1``/``absmax2``: float32, one per block: the largest ``|exp_avg|`` and ``exp_avg_sq``;
+- ``qmap1``/``qmap2``: float32 (256,): the value of each code for ``absmax == 1``, so that a
+  reader that decodes as ``qmap[code] * absmax`` (bitsandbytes) reads the state; one pair of
+  tensors shared by every param of a device;
+- ``step``: torch.optim.Adam's step count.
+
+Each step decodes a block's moments, runs exactly torch.optim.Adam's for-loop update on them in
+float32 (bfloat16/float16 params: on a float32 copy, the param rounded once when written), then
+encodes them against the block's new absmax. Smaller params, and float64 ones, keep
+torch.optim.Adam's state (float32 for bfloat16/float16 params) under the keys ``state1``,
+``state2`` and ``step``, and are stepped as ``rsoptim.Adam(state_dtype=torch.float32)`` steps
+them.
+
+CPU params are stepped by the Rust kernels; everything else (other devices, Tensor betas, a
+param listed twice) by :func:`reference_step`, the same arithmetic in torch ops (it runs on any
+device; on CPU it gives the kernels' numbers where torch's float32 ``sqrt`` is correctly
+rounded, which it is not on every machine).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+from torch.autograd.graph import increment_version
+from torch.optim.adam import adam as _torch_adam  # torch.optim deletes the module name
+from torch.optim.optimizer import ParamsT, _get_scalar_dtype, _to_scalar
+
+from . import _rsoptim
+from ._columns import pack
+from ._distributed import is_dtensor
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, is_step_count, step_dtype_name
+from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar
+from ._threads import follow_torch
+
+__all__ = [
+    "Adam8bit",
+    "AdamW8bit",
+    "QUANT_BLOCK",
+    "encode_signed",
+    "decode_signed",
+    "encode_unsigned",
+    "decode_unsigned",
+    "reference_step",
+]
+
+#: Elements per quantization block, counted from each tensor's first element (flattened).
+QUANT_BLOCK = 256
+
+#: Param dtypes whose large params get 8-bit state (float64 params keep float64 state).
+EIGHT_BIT_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
+
+_SPARSE_MESSAGE = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+# ------------------------------------------------------------------------------------------
+# The codes: 8-bit floats with 3 mantissa bits, cut from float32 bit patterns, so that encoding
+# is integer arithmetic (the Rust kernels do the same on the same bits).
+# ------------------------------------------------------------------------------------------
+
+_ONE_BITS = 0x3F800000  # 1.0f: larger magnitudes (and inf, NaN) encode as 1.0
+_HALF_CODE_STEP = 0x80000  # half of the 2^20 a code step spans in the bit pattern: round to nearest
+_SIGNED_OFFSET = 889  # (889 + q) << 20 are the bits of magnitude code q; q = 127 is 1.0
+_UNSIGNED_OFFSET = 761  # (761 + c) << 20 are the bits of code c; c = 255 is 1.0
+
+
+def _code_steps(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sign of each float32 in ``y`` and its magnitude's bit pattern rounded to whole code
+    steps (exponent and top 3 mantissa bits), magnitudes above 1.0 clamped to 1.0."""
+    bits = y.contiguous().view(torch.int32)
+    magnitude = (bits & 0x7FFFFFFF).clamp_(max=_ONE_BITS)
+    return bits < 0, (magnitude + _HALF_CODE_STEP) >> 20
+
+
+def encode_signed(y: torch.Tensor) -> torch.Tensor:
+    """The uint8 codes of float32 values ``y`` in [-1, 1] (first moments over their absmax).
+
+    Magnitude code ``q`` in 0..127 (0: zero), sign-folded so that the codes are monotone:
+    0 is -1.0, 127 is -0.0, 128 is +0.0, 255 is 1.0."""
+    negative, steps = _code_steps(y)
+    q = (steps - _SIGNED_OFFSET).clamp_(min=0)
+    return (q ^ torch.where(negative, 0x7F, 0x80)).to(torch.uint8)
+
+
+def decode_signed(codes: torch.Tensor) -> torch.Tensor:
+    """The float32 values of :func:`encode_signed`'s codes (for ``absmax == 1``)."""
+    c = codes.to(torch.int32)
+    negative = c < 128
+    q = c ^ torch.where(negative, 0x7F, 0x80).to(torch.int32)
+    magnitude = torch.where(q == 0, 0, (q + _SIGNED_OFFSET) << 20).to(torch.int32).view(torch.float32)
+    return torch.where(negative, -magnitude, magnitude)
+
+
+def encode_unsigned(y: torch.Tensor) -> torch.Tensor:
+    """The uint8 codes of float32 values ``y`` in [0, 1] (second moments over their absmax):
+    0 is 0.0, 255 is 1.0 (the sign is dropped: second moments are never negative)."""
+    _, steps = _code_steps(y)
+    return (steps - _UNSIGNED_OFFSET).clamp_(min=0).to(torch.uint8)
+
+
+def decode_unsigned(codes: torch.Tensor) -> torch.Tensor:
+    """The float32 values of :func:`encode_unsigned`'s codes (for ``absmax == 1``)."""
+    c = codes.to(torch.int32)
+    return torch.where(c == 0, 0, (c + _UNSIGNED_OFFSET) << 20).to(torch.int32).view(torch.float32)
+
+
+_ALL_CODES = torch.arange(256, dtype=torch.int32)
+#: Every code's value for absmax 1: what state['qmap1'] / state['qmap2'] hold.
+QMAP_SIGNED = decode_signed(_ALL_CODES)
+QMAP_UNSIGNED = decode_unsigned(_ALL_CODES)
+
+
+def _blocks(flat: torch.Tensor, fill: float) -> torch.Tensor:
+    """A flat tensor as rows of QUANT_BLOCK elements, the last one padded with ``fill``."""
+    pad = -flat.numel() % QUANT_BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_full((pad,), fill)])
+    return flat.view(-1, QUANT_BLOCK)
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """``qmap[code] * absmax`` of each element's block (float32 products), in ``codes``' shape."""
+    values = qmap.to(codes.device)[codes.reshape(-1).long()]
+    return (_blocks(values, 0.0) * absmax.reshape(-1, 1)).reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (uint8, ``x``'s shape) and per-block absmax (float32) of float32 moments ``x``:
+    absmax is the block's largest ``|x|`` (NaN if the block holds one), and each element is
+    encoded as ``x * (1 / absmax)`` (0 where absmax is not > 0: zero, NaN)."""
+    flat = x.reshape(-1)
+    absmax = _blocks(flat.abs() if signed else flat, -math.inf).amax(dim=1)  # amax keeps NaN
+    inverse = torch.where(absmax > 0, absmax.reciprocal(), 0.0)
+    scaled = (_blocks(flat, 0.0) * inverse.view(-1, 1)).reshape(-1)[: flat.numel()]
+    codes = encode_signed(scaled) if signed else encode_unsigned(scaled)
+    return codes.view(x.shape), absmax
+
+
+# ------------------------------------------------------------------------------------------
+# The step in torch ops: the reference the kernels match bit for bit, and the path for params
+# the kernels do not take (other devices, strided layouts, Tensor betas).
+# ------------------------------------------------------------------------------------------
+
+
+def is_8bit_state(state: dict[str, Any]) -> bool:
+    """Whether a param's state holds 8-bit codes (else float32/float64 moments)."""
+    state1 = state.get("state1")
+    return isinstance(state1, torch.Tensor) and state1.dtype == torch.uint8
+
+
+def reference_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, Any],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """One Adam/AdamW step of one param, in place, with torch's own for-loop (``foreach=False``).
+
+    ``param`` and ``grad`` are float32 (a float32 copy of a bfloat16/float16 param and its grad)
+    or float64. ``state`` is the param's: 8-bit moments are decoded, updated in float32 and
+    encoded again against their blocks' new absmax; float32/float64 moments are updated in
+    place. ``state['step']`` is incremented."""
+    eight_bit = is_8bit_state(state)
+    if eight_bit:
+        exp_avg = dequantize(state["state1"], state["absmax1"], QMAP_SIGNED)
+        exp_avg_sq = dequantize(state["state2"], state["absmax2"], QMAP_UNSIGNED)
+    else:
+        exp_avg, exp_avg_sq = state["state1"], state["state2"]
+    _torch_adam(
+        [param],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [],
+        [state["step"]],
+        foreach=False,
+        capturable=False,
+        differentiable=False,
+        fused=False,
+        grad_scale=None,
+        found_inf=None,
+        has_complex=False,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )
+    if eight_bit:
+        for codes_key, absmax_key, moment, signed in (
+            ("state1", "absmax1", exp_avg, True),
+            ("state2", "absmax2", exp_avg_sq, False),
+        ):
+            codes, absmax = quantize(moment, signed)
+            state[codes_key].copy_(codes)
+            state[absmax_key].copy_(absmax)
+
+
+# ------------------------------------------------------------------------------------------
+# The optimizers
+# ------------------------------------------------------------------------------------------
+
+#: The group options beyond torch.optim.Adam's, and the values torch's implementation flags
+#: must keep (other values pick torch implementations that have no 8-bit counterpart).
+_GROUP_DEFAULTS: dict[str, Any] = {"min_8bit_size": 4096}
+_IMPLEMENTATION_DEFAULTS: dict[str, Any] = {
+    "foreach": None,
+    "fused": None,
+    "capturable": False,
+    "differentiable": False,
+}
+
+_STATE_INIT_LOCK = threading.RLock()
+
+
+def _check_adam_arguments(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """torch.optim.Adam's constructor checks, with its messages."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    both_floats = isinstance(betas[0], float) and isinstance(betas[1], float)
+    both_tensors = isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor)
+    if not (both_floats or both_tensors):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+def _check_group_options(group: dict[str, Any], name: str) -> None:
+    """Refuses the options 8-bit state cannot honour (a group's, or a constructor's)."""
+    if group.get("amsgrad"):
+        raise ValueError(f"amsgrad=True is not supported by {name} (use rsoptim.Adam for AMSGrad)")
+    for key, default in _IMPLEMENTATION_DEFAULTS.items():
+        value = group.get(key, default)
+        # foreach=False / fused=False ask for the for-loop, which is what runs here.
+        if value != default and not (default is None and value is False):
+            raise ValueError(f"{key}={value!r} is not supported by {name} (only {key}={default!r})")
+    if group.get("state_dtype") is not None:
+        raise ValueError(f"state_dtype is not an option of {name} (its state is 8-bit, or float32 for small params)")
+    size = group.get("min_8bit_size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (an int >= 0)")
+
+
+def _check_param(p: torch.Tensor, name: str) -> None:
+    if p.dtype not in (*EIGHT_BIT_DTYPES, torch.float64):
+        raise ValueError(f"{name} steps float32, bfloat16, float16 and float64 params, not {p.dtype}")
+    if is_dtensor(p):
+        raise ValueError(f"{name} does not support DTensor params")
+
+
+class _KernelTensors:
+    """The buffers one param hands a kernel call, by role, and the strided tensors that were
+    replaced by contiguous copies (the written ones are copied back after the call)."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor]):
+        self.buffers = buffers
+        self.copied: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, role: str, t: Any, dtype: torch.dtype, shape: Any, *, written: bool, may_copy: bool) -> bool:
+        """Adds ``t`` if it is a CPU tensor of ``dtype`` and ``shape`` (False if not, or if it
+        needs a copy that ``may_copy`` forbids)."""
+        if not (
+            isinstance(t, torch.Tensor)
+            and t.device.type == "cpu"
+            and t.dtype == dtype
+            and t.shape == torch.Size(shape)
+            and t.layout == torch.strided
+        ):
+            return False
+        if t.is_contiguous() and not t.is_neg() and not t.is_conj():
+            self.buffers[role] = t
+            return True
+        if not may_copy or (written and (t.is_neg() or t.is_conj())):
+            return False
+        copy = t.resolve_neg().resolve_conj().contiguous()
+        self.buffers[role] = copy
+        if written:
+            self.copied.append((t, copy))
+        return True
+
+    def write_back(self) -> None:
+        for original, copy in self.copied:
+            original.copy_(copy)
+
+
+class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
+    """``torch.optim.Adam`` with block-wise 8-bit moments (bitsandbytes' ``Adam8bit``).
+
+    Same arguments, defaults and errors as ``torch.optim.Adam``, except: ``amsgrad=True`` is
+    refused (8-bit state keeps no running maximum), and ``foreach``, ``fused``, ``capturable``
+    and ``differentiable`` are accepted only at their defaults (``foreach=False`` and
+    ``fused=False`` too). Params of at least ``min_8bit_size`` elements (float32, bfloat16,
+    float16) keep 8-bit moments; smaller ones, and float64 ones, keep torch.optim.Adam's state
+    (float32 for half-precision params) under bitsandbytes' keys ``state1``/``state2``.
+    ``master_weights``, ``stochastic_rounding`` (bfloat16/float16 params) and ``max_grad_norm``
+    are rsoptim.Adam's extensions. See the module's docstring for the state's format.
+    """
+
+    _decoupled_default = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        min_8bit_size: int = 4096,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> None:
+        _check_adam_arguments(lr, betas, eps, weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(map(_to_scalar, betas)),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "min_8bit_size": min_8bit_size,
+        }
+        _check_group_options(defaults, type(self).__name__)
+        extensions = extension_options(None, master_weights, stochastic_rounding, stochastic_rounding_seed)
+        check_clipping(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, defaults)
+        self._init_extensions(**extensions)
+        self._init_clipping(max_grad_norm, norm_type, error_if_nonfinite)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in {**_IMPLEMENTATION_DEFAULTS, **_GROUP_DEFAULTS}.items():
+                group.setdefault(key, self.defaults.get(key, value))
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", self._decoupled_default)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group_options(group, type(self).__name__)
+            for p in group["params"]:
+                _check_param(p, type(self).__name__)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The code tables of ``device``: one pair of tensors shared by all its params' state."""
+        tables = self.__dict__.setdefault("_rsoptim_qmaps", {})
+        if device not in tables:
+            tables[device] = (QMAP_SIGNED.to(device, copy=True), QMAP_UNSIGNED.to(device, copy=True))
+        return tables[device]
+
+    def _gets_8bit_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return p.dtype in EIGHT_BIT_DTYPES and p.numel() >= group["min_8bit_size"]
+
+    def _moments_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of a small param's moments: float32 for half-precision params."""
+        return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        if self._gets_8bit_state(p, group):
+            blocks = -(-p.numel() // QUANT_BLOCK)
+            # Contiguous whatever the param's layout: blocks are runs of the flattened tensor.
+            for key in ("state1", "state2"):
+                state[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+            for key in ("absmax1", "absmax2"):
+                state[key] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            state["qmap1"], state["qmap2"] = self._qmaps(p.device)
+        else:
+            dtype = self._moments_dtype(p)
+            for key in ("state1", "state2"):
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    # -- step -------------------------------------------------------------------------------
+
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return bool(group.get("decoupled_weight_decay", self._decoupled_default))
+
+    def _group_runs_on_kernel(self, group: dict[str, Any]) -> bool:
+        # Tensor betas make torch compute the bias corrections as tensors; a Tensor lr of
+        # another dtype than float32/float64 rounds through it: torch's ops step those groups.
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
+            return False
+        return not any(isinstance(b, torch.Tensor) for b in group["betas"])
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the
+                loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        follow_torch()
+        name = type(self).__name__
+        # Everything is checked before anything is stepped.
+        work = []
+        for group in self.param_groups:
+            _check_group_options(group, name)  # a group may have been edited
+            self._complete_extensions(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                _check_param(p, name)
+                self._check_extensions_apply(p, group)
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(_SPARSE_MESSAGE)
+                if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+                    raise ValueError(
+                        f"{name}: a grad must match its param's dtype, shape and device: grad "
+                        f"{grad.dtype} {tuple(grad.shape)} on {grad.device} for a param "
+                        f"{p.dtype} {tuple(p.shape)} on {p.device}"
+                    )
+            work.append((group, params))
+        grad_scale = self._grad_scale()
+        with torch.no_grad():
+            for group, params in work:
+                if params:
+                    self._step_params(group, params, grad_scale)
+        if any(g.get("master_weights") for g in self.param_groups):
+            self._record_master_versions()
+        return loss
+
+    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float) -> None:
+        """Steps one group's params with grads: one kernel call per kind of state, dtype and
+        step dtype, then the rest with torch's ops, in the group's order."""
+        kernel_ok = self._group_runs_on_kernel(group)
+        # A param listed twice is stepped twice, one step after the other; params that share
+        # memory are not copied (their copies would hide the overlap from the kernel's check).
+        repeated = {i for i, count in Counter(map(id, params)).items() if count > 1}
+        storages = [p.untyped_storage().data_ptr() for p in params]
+        shared = {s for s, count in Counter(storages).items() if count > 1}
+        calls: dict[tuple[bool, str, str], list[tuple[torch.Tensor, _KernelTensors]]] = {}
+        others = []
+        for p, storage in zip(params, storages):
+            with _STATE_INIT_LOCK:  # no thread stepping this optimizer sees a state half made
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, group, state)
+            tensors = None
+            if kernel_ok and id(p) not in repeated:
+                tensors = self._kernel_tensors(p, group, state, may_copy=storage not in shared)
+            if tensors is None:
+                others.append(p)
+            else:
+                key = (is_8bit_state(state), KERNEL_DTYPES[p.dtype], step_dtype_name(tensors.buffers["step"]))
+                calls.setdefault(key, []).append((p, tensors))
+        for (eight_bit, dtype, step_dtype), entries in calls.items():
+            try:
+                self._run_kernel(group, eight_bit, dtype, step_dtype, entries, grad_scale)
+            except _rsoptim.BufferOverlapError:
+                # Params that share memory (overlapping views): torch's ops step them one after
+                # another, as torch.optim would. The kernel wrote nothing.
+                others.extend(p for p, _ in entries)
+                continue
+            for _, tensors in entries:
+                tensors.write_back()
+            increment_version([p for p, _ in entries])  # as torch's in-place ops do
+        if others:
+            position = {id(p): i for i, p in reversed(list(enumerate(params)))}
+            others.sort(key=lambda p: position[id(p)])
+            self._reference_params(group, others, grad_scale)
+
+    def _kernel_tensors(
+        self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], *, may_copy: bool
+    ) -> _KernelTensors | None:
+        """The tensors a kernel steps ``p`` with, or None where torch's ops must step it. All
+        must be CPU tensors of the dtypes and sizes the kernels expect; strided ones are passed
+        as contiguous copies (written back after the call where the kernel writes them; with
+        ``may_copy`` False, params that share memory with others, torch's ops step them)."""
+        eight_bit = is_8bit_state(state)
+        if eight_bit and not hasattr(_rsoptim, "adam8bit_step"):
+            return None
+        if p.dtype not in KERNEL_DTYPES or not is_step_count(state.get("step")):
+            return None
+        n = p.numel()
+        if eight_bit:
+            blocks = -(-n // QUANT_BLOCK)
+            wanted = {"state1": torch.uint8, "state2": torch.uint8, "absmax1": torch.float32, "absmax2": torch.float32}
+        else:
+            wanted = {"state1": self._moments_dtype(p), "state2": self._moments_dtype(p)}
+        if self._uses_master(p, group):
+            self._master_copy(p, group, state)  # made, or refreshed from a param written since
+            wanted["master_param"] = torch.float32
+        tensors = _KernelTensors({"step": state["step"]})
+        # The grad is only read: a strided or lazily negated one is passed as a dense copy.
+        if not tensors.add("grad", p.grad, p.dtype, p.shape, written=False, may_copy=True):
+            return None
+        if not tensors.add("param", p, p.dtype, p.shape, written=True, may_copy=may_copy):
+            return None
+        for key, dtype in wanted.items():
+            shape = (blocks,) if key.startswith("absmax") else p.shape
+            if not tensors.add(key, state.get(key), dtype, shape, written=True, may_copy=may_copy):
+                return None
+        return tensors
+
+    def _run_kernel(
+        self,
+        group: dict[str, Any],
+        eight_bit: bool,
+        dtype: str,
+        step_dtype: str,
+        entries: list[tuple[torch.Tensor, _KernelTensors]],
+        grad_scale: float,
+    ) -> None:
+        """One Rust call over ``entries`` (params of one dtype and kind of state). ``entries``
+        holds every tensor whose address the call takes until it returns."""
+        params = [p for p, _ in entries]
+
+        def column(key: str) -> bytes:
+            return pack(tensors.buffers[key].data_ptr() for _, tensors in entries)
+
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        seed = self._rounding_seed(params[0], group)
+        options = {
+            "lr": scalar(lr),
+            "beta1": scalar(beta1),
+            "beta2": scalar(beta2),
+            "eps": scalar(group["eps"]),
+            "weight_decay": scalar(group["weight_decay"]),
+            "maximize": bool(group["maximize"]),
+            "decoupled_weight_decay": self._decoupled(group),
+            "master_params": column("master_param") if self._uses_master(params[0], group) else None,
+            "stochastic_rounding_seed": seed,
+            "streams": pack(self._streams(group, params)) if seed is not None else None,
+            "grad_scale": grad_scale,
+        }
+        # torch's for-loop divides a float32 Tensor lr by the bias correction in float32.
+        lr_is_f32_tensor = isinstance(lr, torch.Tensor) and lr.dtype == torch.float32
+        numels = pack(p.numel() for p in params)
+        steps = column("step")
+        if eight_bit:
+            # The 8-bit step is torch's for-loop on float32 values for every param dtype.
+            _rsoptim.adam8bit_step(
+                dtype, step_dtype, numels, column("param"), column("grad"), column("state1"), column("state2"),
+                column("absmax1"), column("absmax2"), steps, lr_in_f32=lr_is_f32_tensor, **options,
+            )  # fmt: skip
+        else:
+            # Small params: rsoptim.Adam(state_dtype=torch.float32)'s step (for half-precision
+            # params, the numerics of torch's fused kernel, which reads a Tensor lr as a double).
+            _rsoptim.adam_step(
+                dtype, step_dtype, numels, column("param"), column("grad"), column("state1"), column("state2"),
+                None, steps, amsgrad=False, lr_in_f32=lr_is_f32_tensor and dtype in ("float32", "float64"),
+                state_dtype="float32" if dtype in ("bfloat16", "float16") else None, **options,
+            )  # fmt: skip
+
+    def _reference_params(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float) -> None:
+        """Steps ``params`` one after another with :func:`reference_step` (torch's ops).
+        Half-precision params are stepped as float32 copies (their master copies, if any), then
+        written as the kernels write them (to nearest, or stochastically with the same bits)."""
+        beta1, beta2 = group["betas"]
+        options = {
+            "lr": group["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "maximize": group["maximize"],
+            "decoupled_weight_decay": self._decoupled(group),
+        }
+        for p in params:
+            state = self.state[p]
+            # Clipping: the grad as clip_grad_norm_ would have left it (each product rounded once).
+            grad = p.grad if grad_scale == 1.0 else p.grad * grad_scale
+            if p.dtype in HALF_DTYPES:
+                master = self._master_copy(p, group, state)
+                value = master if master is not None else p.detach().float()
+                reference_step(value, grad.float(), state, **options)
+                self._write_params(group, [p], [value])
+            else:
+                reference_step(p, grad, state, **options)
+
+    # -- state dicts ------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict of this optimizer, of rsoptim.Adam/torch.optim.Adam (its moments
+        quantized as a step would store them) or of bitsandbytes (decoded with its ``qmap``s and
+        encoded with ours). torch's implementation flags (``foreach``, ``fused``,
+        ``capturable``) and rsoptim.Adam's ``state_dtype`` are dropped; ``amsgrad=True`` and
+        ``differentiable=True`` raise ValueError, before anything changes."""
+        name = type(self).__name__
+        for saved_group in state_dict["param_groups"]:
+            if saved_group.get("differentiable"):
+                raise ValueError(f"{name} cannot load a state dict with differentiable=True")
+            check_extensions(saved_group)
+            _check_group_options({**saved_group, **_IMPLEMENTATION_DEFAULTS, "state_dtype": None}, name)
+        for saved in state_dict["state"].values():
+            if saved and not ("exp_avg" in saved or isinstance(saved.get("state1"), torch.Tensor)):
+                raise ValueError(
+                    f"{name} cannot load a param state with keys {sorted(saved)}: neither "
+                    "torch.optim.Adam's (exp_avg, exp_avg_sq) nor its own (state1, state2)"
+                )
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        # New master copies: each is checked against its param at the next step.
+        self.__dict__.pop("_rsoptim_master_versions", None)
+        for group in self.param_groups:
+            group.pop("state_dtype", None)
+            group.update(_IMPLEMENTATION_DEFAULTS)
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, self.defaults.get(key, value))
+            self._complete_extensions(group)
+        # torch cast every floating state tensor to its param's dtype (and the codes with them):
+        # each param's state is rebuilt from the saved tensors themselves.
+        saved_ids = iter([i for g in state_dict["param_groups"] for i in g["params"]])
+        for group in self.param_groups:
+            for p in group["params"]:
+                saved = state_dict["state"].get(next(saved_ids))
+                if saved:
+                    self.state[p] = self._state_from_saved(p, group, saved, self.state[p])
+
+    def _state_from_saved(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any], loaded: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A param's state from its saved state (``loaded``: torch's cast of it, whose entries
+        this optimizer does not know are kept)."""
+        device = p.device
+        replaced = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+        state = {k: v for k, v in loaded.items() if k not in replaced}
+        step = saved.get("step", 0)  # (bitsandbytes counts steps in a Python int)
+        if isinstance(step, torch.Tensor):
+            state["step"] = step.clone()
+        else:
+            state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+        if "exp_avg" in saved:  # torch.optim.Adam's layout
+            eight_bit = self._gets_8bit_state(p, group)
+            self._set_moments(p, state, saved["exp_avg"], saved["exp_avg_sq"], eight_bit=eight_bit)
+        elif saved["state1"].dtype == torch.uint8:
+            qmap1, qmap2 = self._qmaps(device)
+            if _same_table(saved.get("qmap1"), qmap1) and _same_table(saved.get("qmap2"), qmap2):
+                # Our codes: kept as they are (a resumed run is bitwise an uninterrupted one).
+                for key in ("state1", "state2"):
+                    state[key] = saved[key].to(device, copy=True)
+                for key in ("absmax1", "absmax2"):
+                    state[key] = saved[key].to(device=device, dtype=torch.float32, copy=True)
+                state["qmap1"], state["qmap2"] = qmap1, qmap2
+            else:  # another code table (bitsandbytes'): decoded with it, encoded with ours
+                m, v = (
+                    dequantize(saved[codes].to(device), saved[absmax].to(device).float(), saved[qmap].float())
+                    for codes, absmax, qmap in (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2"))
+                )
+                self._set_moments(p, state, m, v, eight_bit=True)
+        else:  # float32 (float64) moments of a small param
+            self._set_moments(p, state, saved["state1"], saved["state2"], eight_bit=False)
+        master = saved.get("master_param")
+        if isinstance(master, torch.Tensor) and master.dtype == torch.float32 and master.shape == p.shape:
+            state["master_param"] = master.to(device, copy=True)
+        # (Otherwise the next step makes a master copy from the param, where it uses one.)
+        return state
+
+    def _set_moments(
+        self, p: torch.Tensor, state: dict[str, Any], m: torch.Tensor, v: torch.Tensor, *, eight_bit: bool
+    ) -> None:
+        """Stores moments ``m``, ``v`` in ``state``, as 8-bit codes or as plain moments."""
+        if eight_bit:
+            for key, moment, signed in (("1", m, True), ("2", v, False)):
+                moment = moment.to(device=p.device, dtype=torch.float32).reshape(p.shape)
+                state["state" + key], state["absmax" + key] = quantize(moment, signed)
+            state["qmap1"], state["qmap2"] = self._qmaps(p.device)
+        else:
+            dtype = self._moments_dtype(p)
+            state["state1"] = m.to(device=p.device, dtype=dtype, copy=True)
+            state["state2"] = v.to(device=p.device, dtype=dtype, copy=True)
+            for key in ("absmax1", "absmax2", "qmap1", "qmap2"):
+                state.pop(key, None)
+
+
+def _same_table(saved: Any, table: torch.Tensor) -> bool:
+    return (
+        isinstance(saved, torch.Tensor)
+        and saved.dtype == table.dtype
+        and saved.shape == table.shape
+        and torch.equal(saved.to(table.device), table)
+    )
+
+
+class AdamW8bit(Adam8bit):
+    """``torch.optim.AdamW`` (decoupled weight decay) with block-wise 8-bit moments
+    (bitsandbytes' ``AdamW8bit``). See :class:`Adam8bit`."""
+
+    _decoupled_default = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        min_8bit_size: int = 4096,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            min_8bit_size=min_8bit_size,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
+            max_grad_norm=max_grad_norm,
+            norm_type=norm_type,
+            error_if_nonfinite=error_if_nonfinite,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # as torch.optim.AdamW
