@@ -638,6 +638,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         ``capturable``) and rsoptim.Adam's ``state_dtype`` are dropped; ``amsgrad=True`` and
         ``differentiable=True`` raise ValueError, before anything changes."""
         name = type(self).__name__
+        state_dict = _unnested(state_dict)
         for saved_group in state_dict["param_groups"]:
             if saved_group.get("differentiable"):
                 raise ValueError(f"{name} cannot load a state dict with differentiable=True")
@@ -721,6 +722,22 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             state["state2"] = v.to(device=p.device, dtype=dtype, copy=True)
             for key in ("absmax1", "absmax2", "qmap1", "qmap2"):
                 state.pop(key, None)
+
+
+#: Where bitsandbytes (>= 0.49.2) nests the tensors of a param's state that it does not cast.
+_BITSANDBYTES_NESTED_KEY = "__bnb_optimizer_quant_state__"
+
+
+def _unnested(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each param state's bitsandbytes-nested entries moved up beside
+    ``step`` (a shallow copy where there are any; the caller's dict is left as it is)."""
+    if not any(_BITSANDBYTES_NESTED_KEY in saved for saved in state_dict["state"].values()):
+        return state_dict
+    state = {}
+    for index, saved in state_dict["state"].items():
+        nested = saved.get(_BITSANDBYTES_NESTED_KEY, {})
+        state[index] = {**{k: v for k, v in saved.items() if k != _BITSANDBYTES_NESTED_KEY}, **nested}
+    return {**state_dict, "state": state}
 
 
 def _same_table(saved: Any, table: torch.Tensor) -> bool:
