@@ -144,38 +144,53 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
     fn run<I: Isa>(self, isa: I) {
         let Adam8bitJob { mut param, grad, m_codes, v_codes, m_scales, v_scales, k } = self.0;
         let (mut p, mut g, mut m, mut v) = (scratch(), scratch(), scratch(), scratch());
-        let block_k = k.for_block();
         for (b, start) in (0..param.len()).step_by(QUANT_BLOCK).enumerate() {
             let end = (start + QUANT_BLOCK).min(param.len());
             let len = end - start;
-            let (m, v, g) = (&mut m[..len], &mut v[..len], &mut g[..len]);
+            let (m, v) = (&mut m[..len], &mut v[..len]);
             let (m_codes, v_codes) = (&mut m_codes[start..end], &mut v_codes[start..end]);
-            let (m_scale, v_scale) = (m_scales[b], v_scales[b]);
-            load_grad_block(isa, &grad[start..end], g, k.grad_scale());
+            // float32 grads are read where they are, the grad factor applied as they are read;
+            // half-precision ones are scaled and rounded a block at a time, as clipping leaves them.
+            let (grads, k) = match P::as_math(&grad[start..end]) {
+                Some(grads) => (grads, k),
+                None => {
+                    load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad_scale());
+                    (&g[..len], k.for_block())
+                }
+            };
             let params = param.block(isa, start, end, &mut p[..len]);
-            // The moments are decoded as they are read, and kept unrounded for the encoding.
+            let (m_scale, v_scale) = (m_scales[b], v_scales[b]);
+            // The moments are decoded as they are read, and kept unrounded for the encoding; the
+            // largest magnitudes are taken on the way, on the bit patterns (see `largest`).
+            let (mut m_largest, mut v_largest) = (0, 0);
             for i in 0..len {
                 let m_old = codes::decode_signed(m_codes[i]) * m_scale;
                 let v_old = codes::decode_unsigned(v_codes[i]) * v_scale;
-                let (p_new, m_new, v_new) = block_k.moments::<L2>(params[i], g[i], m_old, v_old);
-                params[i] = block_k.param_update(p_new, m_new, v_new);
+                let (p_new, m_new, v_new) = k.moments::<L2>(params[i], grads[i], m_old, v_old);
+                params[i] = k.param_update(p_new, m_new, v_new);
                 (m[i], v[i]) = (m_new, v_new);
+                m_largest = m_largest.max(magnitude_bits(m_new));
+                v_largest = v_largest.max(magnitude_bits(v_new));
             }
             param.unblock(isa, start, end, &p[..len]);
-            m_scales[b] = encode_block(m, m_codes, codes::encode_signed);
-            v_scales[b] = encode_block(v, v_codes, codes::encode_unsigned);
+            m_scales[b] = encode_block(m, f32::from_bits(m_largest), m_codes, codes::encode_signed);
+            v_scales[b] = encode_block(v, f32::from_bits(v_largest), v_codes, codes::encode_unsigned);
         }
     }
 }
 
-/// Encodes `values` relative to their largest magnitude and returns it (the block's scale). The
-/// largest magnitude is taken on the bit patterns, where it is an integer maximum (magnitudes
-/// sort as their bits do) and a NaN, whose bits are above infinity's, wins as `torch.max`'s
-/// would. A block of zeros has scale 0 and decodes to zeros; a non-finite scale makes the whole
-/// block decode to non-finite values (a NaN or infinity spreads to its block).
+/// The bits of `|x|`. Magnitudes sort as these do, so the largest magnitude of a block is an
+/// integer maximum, and a NaN, whose bits are above infinity's, wins as it does in `torch.max`.
 #[inline(always)]
-fn encode_block(values: &[f32], codes: &mut [u8], encode: impl Fn(f32) -> u8) -> f32 {
-    let scale = f32::from_bits(values.iter().fold(0, |acc, x| acc.max(x.to_bits() & 0x7FFF_FFFF)));
+fn magnitude_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7FFF_FFFF
+}
+
+/// Encodes `values` relative to `scale`, their largest magnitude, and returns it (the block's
+/// scale). A block of zeros has scale 0 and decodes to zeros; a non-finite scale makes the
+/// whole block decode to non-finite values (a NaN or infinity spreads to its block).
+#[inline(always)]
+fn encode_block(values: &[f32], scale: f32, codes: &mut [u8], encode: impl Fn(f32) -> u8) -> f32 {
     let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     for (c, &x) in codes.iter_mut().zip(values) {
         *c = encode(x * inverse);

@@ -68,6 +68,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// The buffer itself in the maths type, where `Self` is that type (`IS_MATH`); else None.
     fn as_math_mut(buffer: &mut [Self]) -> Option<&mut [Self::Math]>;
 
+    /// `as_math_mut` for a buffer that is only read.
+    #[inline(always)]
+    fn as_math(_buffer: &[Self]) -> Option<&[Self::Math]> {
+        None
+    }
+
     /// `dst[i] = src[i].load()` (block conversions may use the ISA's instructions).
     #[inline(always)]
     fn load_block<I: Isa>(_isa: I, src: &[Self], dst: &mut [Self::Math]) {
@@ -106,6 +112,10 @@ impl<T: Real> Element for T {
     }
     #[inline(always)]
     fn as_math_mut(buffer: &mut [T]) -> Option<&mut [T]> {
+        Some(buffer)
+    }
+    #[inline(always)]
+    fn as_math(buffer: &[T]) -> Option<&[T]> {
         Some(buffer)
     }
 }
