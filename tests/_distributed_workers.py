@@ -1191,6 +1191,93 @@ def _sr_hsdp(ctx):
 # -------------------------------------------------------------------------------------------
 
 
+# -------------------------------------------------------------------------------------------
+# topic "eightbit": Adam8bit/AdamW8bit on FSDP2 shards (blocks run over each local shard)
+# -------------------------------------------------------------------------------------------
+
+EIGHT_BIT = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0)  # every param of Net gets 8-bit state
+
+
+@case("eightbit", "fsdp-shards-step-as-plain-params")
+def _eightbit_shards(ctx):
+    """FSDP2 Net with AdamW8bit: each rank's local shards step exactly as plain params holding
+    the same values and grads step with AdamW8bit on one process (params, codes and scales, bit
+    for bit), and the state is sharded with the param (codes laid out like it, scales a 1-D
+    DTensor sharded over the same mesh dims)."""
+    import rsoptim
+
+    model = fsdp_net()
+    opt = rsoptim.AdamW8bit(model.parameters(), **EIGHT_BIT)
+    plist = list(model.parameters())
+    shards = [nn.Parameter(local(p).detach().clone()) for p in plist]
+    plain = rsoptim.AdamW8bit(shards, **EIGHT_BIT)
+    history = []
+    for step in range(FSDP_STEPS):
+        opt.zero_grad()
+        backward(model, step)
+        for shard, p in zip(shards, plist):
+            shard.grad = local(p.grad).detach().clone()
+        opt.step()
+        plain.step()
+        history.append(([local(p).clone() for p in plist], [s.detach().clone() for s in shards]))
+    for step, (sharded, one_process) in enumerate(history):
+        for i, (a, e) in enumerate(zip(sharded, one_process)):
+            close(a, e, f"AdamW8bit: param {i} (local shard) after step {step + 1}", exact=True)
+    for i, (p, shard) in enumerate(zip(plist, shards)):
+        state, expected = opt.state[p], plain.state[shard]
+        for key in ("state1", "state2"):
+            assert isinstance(state[key], DTensor) and state[key].placements == p.placements, f"param {i} {key}: {layout(state[key])}"
+            close(local(state[key]), expected[key], f"param {i} {key}", exact=True)
+        for key in ("absmax1", "absmax2"):
+            scales = state[key]
+            assert isinstance(scales, DTensor) and all(pl.is_shard(0) or not pp.is_shard() for pl, pp in zip(scales.placements, p.placements))
+            blocks = expected[key].numel()
+            close(local(scales)[:blocks], expected[key], f"param {i} {key}", exact=True)
+            assert not bool(local(scales)[blocks:].any()), f"param {i} {key}: padding written"
+
+
+@case("eightbit", "dcp-resume")
+def _eightbit_resume(ctx):
+    """AdamW8bit on FSDP2 (float32; bfloat16 with master copies and stochastic rounding): a run
+    resumed from a mid-run DCP checkpoint is the uninterrupted run, bit for bit."""
+    configs = {
+        "float32": (torch.float32, EIGHT_BIT),
+        "bf16-master-stochastic": (torch.bfloat16, dict(EIGHT_BIT, master_weights=True, stochastic_rounding=True, stochastic_rounding_seed=3)),
+    }
+    results = []
+    for label, (dtype, kwargs) in configs.items():
+        ckpt = str(Path(ctx["out_dir"]) / f"ckpt-8bit-{label}")
+        params, state = _ckpt_run("rsoptim", "AdamW8bit", kwargs, save=ckpt, dtype=dtype)
+        resumed, resumed_state = _ckpt_run("rsoptim", "AdamW8bit", kwargs, load=ckpt, dtype=dtype)
+        results.append((label, params, state, resumed, resumed_state))
+    for label, params, state, resumed, resumed_state in results:
+        for i, (a, e) in enumerate(zip(resumed, params)):
+            close(a, e, f"{label}: param {i}, resumed vs uninterrupted", exact=True)
+        compare_state(resumed_state, state, f"{label}: state, resumed vs uninterrupted", exact=True)
+
+
+@case("eightbit", "partial-grad-raises")
+def _eightbit_partial(ctx):
+    """A Partial grad is refused before anything is stepped, as rsoptim.Adam refuses it."""
+    import rsoptim
+
+    model = fsdp_net()
+    opt = rsoptim.AdamW8bit(model.parameters(), **EIGHT_BIT)
+    backward(model, 0)
+    p = next(model.parameters())
+    before = [local(q).clone() for q in model.parameters()]
+    p.grad = DTensor.from_local(local(p.grad), p.device_mesh, [Partial()], run_check=False, shape=p.shape, stride=p.stride())
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert "Partial" in str(e), str(e)
+    else:
+        raise AssertionError("a Partial grad was stepped")
+    for a, e in zip([local(q) for q in model.parameters()], before):
+        close(a, e, "params after the refused step", exact=True)
+    assert not opt.state, "state made by a refused step"
+
+
 BARRIER_TIMEOUT = 20.0  # seconds
 
 

@@ -126,7 +126,7 @@ def _address_in_use(report: dict) -> bool:
 
 # The runs: topics that share one are run one after the other by the same two ranks (a run
 # costs a few seconds of start-up on slow CPUs).
-RUNS = (("fsdp",), ("dtensor", "errors", "ddp"), ("clip",), ("checkpoint",), ("bf16",))
+RUNS = (("fsdp",), ("dtensor", "errors", "ddp"), ("clip",), ("checkpoint", "eightbit"), ("bf16",))
 _REPORTS: dict[tuple[str, ...], dict] = {}
 
 
@@ -212,6 +212,11 @@ def test_dcp_checkpoints_resume_and_interchange(run_topic, name):
     loads into torch.optim; torch.optim's loads into rsoptim; get/set_optimizer_state_dict give
     torch's layout."""
     _check(run_topic("checkpoint"), "checkpoint", name)
+
+
+@pytest.mark.parametrize("name", _cases("eightbit"))
+def test_adam8bit_on_fsdp2_shards(run_topic, name):
+    _check(run_topic("eightbit"), "eightbit", name)
 
 
 @pytest.mark.parametrize("name", _cases("ddp"))

@@ -39,7 +39,7 @@ from torch.optim.optimizer import ParamsT, _get_scalar_dtype, _to_scalar
 
 from . import _rsoptim
 from ._columns import pack
-from ._distributed import is_dtensor
+from ._distributed import check_grad, is_dtensor, local, same_layout
 from ._layout import HALF_DTYPES, KERNEL_DTYPES, is_step_count, step_dtype_name
 from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar
 from ._threads import follow_torch
@@ -275,8 +275,85 @@ def _check_group_options(group: dict[str, Any], name: str) -> None:
 def _check_param(p: torch.Tensor, name: str) -> None:
     if p.dtype not in (*EIGHT_BIT_DTYPES, torch.float64):
         raise ValueError(f"{name} steps float32, bfloat16, float16 and float64 params, not {p.dtype}")
-    if is_dtensor(p):
-        raise ValueError(f"{name} does not support DTensor params")
+
+
+def _scales_layout(p: torch.Tensor) -> tuple[int, int, list[Any]]:
+    """How a DTensor param's block scales are laid out: (blocks of this rank's shard, scales per
+    shard, placements). Blocks run over each local shard, so each shard has its own scales: a
+    1-D DTensor sharded like the param over the same mesh dims, every shard padded to as many
+    scales as the largest shard needs (under torch.chunk's split, the first one), so that the
+    DTensor splits evenly and each rank's scales are the leading ones of its shard."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    largest = list(p.shape)
+    placements: list[Any] = []
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            largest[placement.dim] = -(-largest[placement.dim] // mesh.size(dim))
+            placements.append(Shard(0))
+        else:
+            placements.append(Replicate())
+    per_shard = -(-math.prod(largest) // QUANT_BLOCK)
+    return -(-local(p).numel() // QUANT_BLOCK), per_shard, placements
+
+
+def _zero_scales(p: torch.Tensor) -> torch.Tensor:
+    """Zero block scales for ``p``: float32, one per block (a DTensor for a DTensor param, see
+    ``_scales_layout``)."""
+    if not is_dtensor(p):
+        return torch.zeros(-(-p.numel() // QUANT_BLOCK), dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import DTensor
+
+    _, per_shard, placements = _scales_layout(p)
+    mesh = p.device_mesh
+    shards = math.prod(mesh.size(dim) for dim, pl in enumerate(p.placements) if pl.is_shard())
+    scales = torch.zeros(per_shard, dtype=torch.float32, device=local(p).device)
+    return DTensor.from_local(scales, mesh, placements, run_check=False, shape=(per_shard * shards,), stride=(1,))
+
+
+def _local_state(p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The tensors of ``p``'s state that this rank steps: for a DTensor param, the local shards
+    of its codes, moments and master copy (each laid out like the param) and the leading scales
+    of its scales' shard; None if any is not laid out so (a state dict loaded from another mesh).
+    For a plain param, the state itself."""
+    if not is_dtensor(p):
+        return state
+    blocks, per_shard, placements = _scales_layout(p)
+    out = {"step": state.get("step")}
+    for key, value in state.items():
+        if key in ("step", "qmap1", "qmap2"):
+            out[key] = value
+        elif key in ("absmax1", "absmax2"):
+            if not (is_dtensor(value) and tuple(value.placements) == tuple(placements) and local(value).numel() == per_shard):
+                return None
+            out[key] = local(value)[:blocks]
+        elif same_layout(value, p):
+            out[key] = local(value)
+        else:
+            return None
+    return out
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s grad as its step reads it: the grad itself, or for a DTensor param the local shard
+    of its grad laid out like the param (redistributed where it is not, as torch's DTensor ops
+    would; ``check_grad`` has refused Partial grads and other meshes)."""
+    grad = p.grad
+    if not is_dtensor(p):
+        return grad
+    if not same_layout(grad, p):
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    return local(grad)
+
+
+def _like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a local shard's values) laid out like ``p`` (for ``_write_params``)."""
+    if not is_dtensor(p):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 class _KernelTensors:
@@ -413,13 +490,14 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
         if self._gets_8bit_state(p, group):
-            blocks = -(-p.numel() // QUANT_BLOCK)
-            # Contiguous whatever the param's layout: blocks are runs of the flattened tensor.
             for key in ("state1", "state2"):
-                state[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                if is_dtensor(p):  # sharded like the param
+                    state[key] = torch.zeros_like(p, dtype=torch.uint8)
+                else:  # contiguous whatever the param's layout: blocks are runs of the flattened tensor
+                    state[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
             for key in ("absmax1", "absmax2"):
-                state[key] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-            state["qmap1"], state["qmap2"] = self._qmaps(p.device)
+                state[key] = _zero_scales(p)
+            state["qmap1"], state["qmap2"] = self._qmaps(local(p).device)
         else:
             dtype = self._moments_dtype(p)
             for key in ("state1", "state2"):
@@ -457,12 +535,15 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             _check_group_options(group, name)  # a group may have been edited
             self._complete_extensions(group)
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
                 _check_param(p, name)
                 self._check_extensions_apply(p, group)
                 grad = p.grad
                 if grad.is_sparse:
                     raise RuntimeError(_SPARSE_MESSAGE)
+                check_grad(p, grad, index)  # a DTensor param's grad: a DTensor on its mesh, not Partial
                 if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
                     raise ValueError(
                         f"{name}: a grad must match its param's dtype, shape and device: grad "
@@ -474,32 +555,35 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         with torch.no_grad():
             for group, params in work:
                 if params:
-                    self._step_params(group, params, grad_scale)
+                    self._step_params(group, params, [_local_grad(p) for p in params], grad_scale)
         if any(g.get("master_weights") for g in self.param_groups):
             self._record_master_versions()
         return loss
 
-    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float) -> None:
-        """Steps one group's params with grads: one kernel call per kind of state, dtype and
-        step dtype, then the rest with torch's ops, in the group's order."""
+    def _step_params(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float
+    ) -> None:
+        """Steps one group's params with grads (``grads``: each one's, the local shard for a
+        DTensor): one kernel call per kind of state, dtype and step dtype, then the rest with
+        torch's ops, in the group's order. A DTensor param is stepped by its local shard."""
         kernel_ok = self._group_runs_on_kernel(group)
         # A param listed twice is stepped twice, one step after the other; params that share
         # memory are not copied (their copies would hide the overlap from the kernel's check).
         repeated = {i for i, count in Counter(map(id, params)).items() if count > 1}
-        storages = [p.untyped_storage().data_ptr() for p in params]
+        storages = [local(p).untyped_storage().data_ptr() for p in params]
         shared = {s for s, count in Counter(storages).items() if count > 1}
         calls: dict[tuple[bool, str, str], list[tuple[torch.Tensor, _KernelTensors]]] = {}
         others = []
-        for p, storage in zip(params, storages):
+        for p, grad, storage in zip(params, grads, storages):
             with _STATE_INIT_LOCK:  # no thread stepping this optimizer sees a state half made
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
             tensors = None
             if kernel_ok and id(p) not in repeated:
-                tensors = self._kernel_tensors(p, group, state, may_copy=storage not in shared)
+                tensors = self._kernel_tensors(p, grad, group, state, may_copy=storage not in shared)
             if tensors is None:
-                others.append(p)
+                others.append((p, grad))
             else:
                 key = (is_8bit_state(state), KERNEL_DTYPES[p.dtype], step_dtype_name(tensors.buffers["step"]))
                 calls.setdefault(key, []).append((p, tensors))
@@ -509,46 +593,54 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             except _rsoptim.BufferOverlapError:
                 # Params that share memory (overlapping views): torch's ops step them one after
                 # another, as torch.optim would. The kernel wrote nothing.
-                others.extend(p for p, _ in entries)
+                others.extend((p, tensors.buffers["grad"]) for p, tensors in entries)
                 continue
             for _, tensors in entries:
                 tensors.write_back()
-            increment_version([p for p, _ in entries])  # as torch's in-place ops do
+            stepped = [p for p, _ in entries]
+            increment_version(stepped)  # as torch's in-place ops do
+            if any(map(is_dtensor, stepped)):
+                increment_version([local(p) for p in stepped])
         if others:
             position = {id(p): i for i, p in reversed(list(enumerate(params)))}
-            others.sort(key=lambda p: position[id(p)])
+            others.sort(key=lambda entry: position[id(entry[0])])
             self._reference_params(group, others, grad_scale)
 
     def _kernel_tensors(
-        self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], *, may_copy: bool
+        self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any], *, may_copy: bool
     ) -> _KernelTensors | None:
-        """The tensors a kernel steps ``p`` with, or None where torch's ops must step it. All
-        must be CPU tensors of the dtypes and sizes the kernels expect; strided ones are passed
-        as contiguous copies (written back after the call where the kernel writes them; with
-        ``may_copy`` False, params that share memory with others, torch's ops step them)."""
+        """The tensors a kernel steps ``p`` with (its local shard, for a DTensor), or None where
+        torch's ops must step it. All must be CPU tensors of the dtypes and sizes the kernels
+        expect; strided ones are passed as contiguous copies (written back after the call where
+        the kernel writes them; with ``may_copy`` False, params that share memory with others,
+        torch's ops step them)."""
         eight_bit = is_8bit_state(state)
         if eight_bit and not hasattr(_rsoptim, "adam8bit_step"):
             return None
         if p.dtype not in KERNEL_DTYPES or not is_step_count(state.get("step")):
             return None
-        n = p.numel()
+        if self._uses_master(p, group):
+            self._master_copy(p, group, state)  # made, or refreshed from a param written since
+        shard = _local_state(p, state)
+        param = local(p)
+        if shard is None or param.numel() == 0:  # (an empty shard has no address to hand over)
+            return None
         if eight_bit:
-            blocks = -(-n // QUANT_BLOCK)
+            blocks = -(-param.numel() // QUANT_BLOCK)
             wanted = {"state1": torch.uint8, "state2": torch.uint8, "absmax1": torch.float32, "absmax2": torch.float32}
         else:
             wanted = {"state1": self._moments_dtype(p), "state2": self._moments_dtype(p)}
         if self._uses_master(p, group):
-            self._master_copy(p, group, state)  # made, or refreshed from a param written since
             wanted["master_param"] = torch.float32
-        tensors = _KernelTensors({"step": state["step"]})
+        tensors = _KernelTensors({"step": shard["step"]})
         # The grad is only read: a strided or lazily negated one is passed as a dense copy.
-        if not tensors.add("grad", p.grad, p.dtype, p.shape, written=False, may_copy=True):
+        if not tensors.add("grad", grad, p.dtype, param.shape, written=False, may_copy=True):
             return None
-        if not tensors.add("param", p, p.dtype, p.shape, written=True, may_copy=may_copy):
+        if not tensors.add("param", param, p.dtype, param.shape, written=True, may_copy=may_copy):
             return None
         for key, dtype in wanted.items():
-            shape = (blocks,) if key.startswith("absmax") else p.shape
-            if not tensors.add(key, state.get(key), dtype, shape, written=True, may_copy=may_copy):
+            shape = (blocks,) if key.startswith("absmax") else param.shape
+            if not tensors.add(key, shard.get(key), dtype, shape, written=True, may_copy=may_copy):
                 return None
         return tensors
 
@@ -586,7 +678,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         }
         # torch's for-loop divides a float32 Tensor lr by the bias correction in float32.
         lr_is_f32_tensor = isinstance(lr, torch.Tensor) and lr.dtype == torch.float32
-        numels = pack(p.numel() for p in params)
+        # The sizes of the buffers whose addresses are handed over (a DTensor's local shard).
+        numels = pack(tensors.buffers["param"].numel() for _, tensors in entries)
         steps = column("step")
         if eight_bit:
             # The 8-bit step is torch's for-loop on float32 values for every param dtype.
@@ -603,10 +696,13 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 state_dtype="float32" if dtype in ("bfloat16", "float16") else None, **options,
             )  # fmt: skip
 
-    def _reference_params(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float) -> None:
-        """Steps ``params`` one after another with :func:`reference_step` (torch's ops).
-        Half-precision params are stepped as float32 copies (their master copies, if any), then
-        written as the kernels write them (to nearest, or stochastically with the same bits)."""
+    def _reference_params(
+        self, group: dict[str, Any], entries: list[tuple[torch.Tensor, torch.Tensor]], grad_scale: float
+    ) -> None:
+        """Steps each (param, grad) of ``entries`` one after another with :func:`reference_step`
+        (torch's ops; a DTensor param by its local shard and its state's). Half-precision params
+        are stepped as float32 copies (their master copies, if any), then written as the kernels
+        write them (to nearest, or stochastically with the same bits)."""
         beta1, beta2 = group["betas"]
         options = {
             "lr": group["lr"],
@@ -617,17 +713,25 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             "maximize": group["maximize"],
             "decoupled_weight_decay": self._decoupled(group),
         }
-        for p in params:
+        for p, grad in entries:
             state = self.state[p]
+            master = self._master_copy(p, group, state) if p.dtype in HALF_DTYPES else None
+            shard = _local_state(p, state)
+            if shard is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the state of a DTensor param of shape {tuple(p.shape)} is not laid out "
+                    f"like it (placements {tuple(p.placements)} on {p.device_mesh}): was it loaded from another mesh?"
+                )
             # Clipping: the grad as clip_grad_norm_ would have left it (each product rounded once).
-            grad = p.grad if grad_scale == 1.0 else p.grad * grad_scale
+            grad = grad if grad_scale == 1.0 else grad * grad_scale
             if p.dtype in HALF_DTYPES:
-                master = self._master_copy(p, group, state)
-                value = master if master is not None else p.detach().float()
-                reference_step(value, grad.float(), state, **options)
-                self._write_params(group, [p], [value])
+                value = local(master) if master is not None else local(p).detach().float()
+                reference_step(value, grad.float(), shard, **options)
+                self._write_params(group, [p], [master if master is not None else _like(p, value)])
             else:
-                reference_step(p, grad, state, **options)
+                reference_step(local(p), grad, shard, **options)
+                if is_dtensor(p):
+                    increment_version(p)
 
     # -- state dicts ------------------------------------------------------------------------
 
