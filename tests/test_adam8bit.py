@@ -533,6 +533,30 @@ def test_refused_params_and_grads_before_anything_is_stepped():
         rsoptim.Adam8bit([a]).load_state_dict(amsgrad_state)
 
 
+@pytest.mark.parametrize("target", ["param", "grad", "step", "state1", "state2", "absmax1", "absmax2", "small state1"])
+def test_memory_shrunk_under_a_tensor_is_refused_before_anything_is_stepped(target):
+    """A storage resized in place (``untyped_storage().resize_()``) can be smaller than its
+    tensor: handing it to the kernels would write out of bounds. It raises, before any group is
+    stepped, whichever tensor it is."""
+    first = torch.nn.Parameter(torch.ones(5000))  # another group, stepped before in group order
+    big, small = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(10))
+    opt = rsoptim.AdamW8bit([{"params": [first]}, {"params": [big, small]}])
+    for p in (first, big, small):
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    state = opt.state[small] if target.startswith("small") else opt.state[big]
+    victim = {"param": big, "grad": big.grad}.get(target, state.get(target.split()[-1]))
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if k != target}) for p in (first, small)]
+    victim.untyped_storage().resize_(0 if target == "step" else 16)
+    with pytest.raises(RuntimeError, match="reaches past the end of its storage"):
+        opt.step()
+    for p, (value, saved) in zip((first, small), before):
+        assert torch.equal(p.detach(), value)
+        for key, v in saved.items():
+            if opt.state[p][key] is not victim:
+                assert torch.equal(opt.state[p][key], v), key
+
+
 def test_torch_optimizer_behaviours():
     params = make_params(torch.float32, (5000, 10))
     unused = torch.nn.Parameter(torch.zeros(4))

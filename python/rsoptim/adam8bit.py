@@ -40,7 +40,7 @@ from torch.optim.optimizer import ParamsT, _get_scalar_dtype, _to_scalar
 from . import _rsoptim
 from ._columns import pack
 from ._distributed import check_grad, is_dtensor, local, same_layout
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, is_step_count, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, check_storage, is_step_count, step_dtype_name
 from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar
 from ._threads import follow_torch
 
@@ -375,6 +375,7 @@ class _KernelTensors:
             and t.layout == torch.strided
         ):
             return False
+        check_storage(t, role)
         if t.is_contiguous() and not t.is_neg() and not t.is_conj():
             self.buffers[role] = t
             return True
@@ -544,6 +545,11 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError(_SPARSE_MESSAGE)
                 check_grad(p, grad, index)  # a DTensor param's grad: a DTensor on its mesh, not Partial
+                # Memory handed to the kernels must hold every element (a storage resized in place
+                # may not): refused before anything is stepped.
+                for role, t in (("a param", p), ("a grad", grad), *self.state.get(p, {}).items()):
+                    if isinstance(t, torch.Tensor) and local(t).device.type == "cpu":
+                        check_storage(local(t), role if role in ("a param", "a grad") else f"state[{role!r}]")
                 if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
                     raise ValueError(
                         f"{name}: a grad must match its param's dtype, shape and device: grad "
