@@ -33,7 +33,7 @@ pub fn quant_blocks(numel: usize) -> usize {
 ///
 /// - First moment, signed: 127 magnitudes from 2^-16 * 1.25 to 1.0 (4.7 decades, 8 per
 ///   binade) and zero, each with a sign: code 0 is -1.0, 127 is -0.0, 128 is +0.0, 255 is +1.0.
-/// - Second moment, unsigned: 255 values from 2^-32 * 1.25 to 1.0 (9.6 decades) and zero.
+/// - Second moment, unsigned: 255 values from 2^-32 * 1.25 to 1.0 (9.5 decades) and zero.
 ///
 /// Magnitudes below the smallest code's lower half-unit become zero. Decoding is exact.
 pub mod codes {
