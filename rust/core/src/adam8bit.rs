@@ -36,6 +36,11 @@ pub fn quant_blocks(numel: usize) -> usize {
 /// - Second moment, unsigned: 255 values from 2^-32 * 1.25 to 1.0 (9.5 decades) and zero.
 ///
 /// Magnitudes below the smallest code's lower half-unit become zero. Decoding is exact.
+///
+/// The second moment gets twice the first's range in binades because it is a square: an element
+/// whose grads are too small for its block's second-moment codes has a first moment too small
+/// for the first-moment codes too. With a narrower second-moment range, a grad that stops would
+/// leave a first moment over a zero second moment: an update of `lr * m / eps`.
 pub mod codes {
     /// `1.0f32.to_bits() >> 20`: the rounded 12-bit (exponent, 3 mantissa bits) key of 1.0.
     const ONE_KEY: u32 = 0x3F80_0000 >> 20;
