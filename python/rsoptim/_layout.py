@@ -29,11 +29,18 @@ KERNEL_DTYPES = {
 HALF_DTYPES = frozenset((torch.bfloat16, torch.float16))
 
 
+#: The tensor types whose sizes and strides the kernels trust: a subclass may override them
+#: (``shape``, ``stride``, ``data_ptr``) with values its memory does not have.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def runs_on_kernel(t: torch.Tensor) -> bool:
-    """Whether a tensor is of a kind the Rust kernels walk: a strided CPU float32/float64 (or
-    complex) tensor whose values are its memory (no lazy conjugate or negative bit)."""
+    """Whether a tensor is of a kind the Rust kernels walk: a plain (not subclassed) strided CPU
+    float32/float64 (or complex) tensor whose values are its memory (no lazy conjugate or
+    negative bit). Anything else is torch's to step: its ops read the real sizes."""
     return (
-        t.device.type == "cpu"
+        type(t) in PLAIN_TENSOR_TYPES
+        and t.device.type == "cpu"
         and t.dtype in KERNEL_DTYPES
         and t.layout == torch.strided
         and not t.is_conj()

@@ -91,6 +91,28 @@ def check_clipping(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) 
     return {"max_grad_norm": max_grad_norm, "norm_type": norm, "error_if_nonfinite": error_if_nonfinite}
 
 
+def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's options as values of built-in types (and plain tensors), read once: reading a
+    subclass's value (a float subclass's ``__float__``, a Tensor subclass's ``item()``) may run
+    arbitrary code, and none may run once addresses have been handed over (it could free them).
+    ``step`` takes this copy before anything is checked or packed."""
+    return {key: value if key == "params" else _plain(value) for key, value in group.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map(_plain, value)) if type(value) in (tuple, list) else tuple(map(_plain, value))
+    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+        return value.detach().as_subclass(torch.Tensor)
+    return value
+
+
 def _refresh_master(param: torch.Tensor, master: torch.Tensor) -> None:
     """Copies into ``master`` the elements of ``param`` that are not a rounding of it (the
     param was written outside the optimizer: its value wins, as torch.optim steps whatever the
@@ -527,6 +549,8 @@ class KernelOptimizer:
             with torch.enable_grad():
                 loss = closure()
         follow_torch()
+        # Read before anything is checked or packed (see plain_hyperparameters).
+        hypers = [plain_hyperparameters(group) for group in self.param_groups]
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
@@ -552,7 +576,7 @@ class KernelOptimizer:
                 for call in calls:
                     call.grad_scale = grad_scale
                     try:
-                        self._kernel_call(group, call)
+                        self._kernel_call(hypers[index], call)
                     except _rsoptim.BufferOverlapError:
                         # A grad now shares memory with a param or state (refused before anything
                         # was written): torch steps these params, and the plan is rebuilt.
@@ -568,7 +592,7 @@ class KernelOptimizer:
                 # differentiable=True: torch's implementation steps the group with autograd on, as
                 # torch.optim does (see _step_group).
                 with torch.set_grad_enabled(bool(group.get("differentiable"))):
-                    plans[index] = self._step_group(group, params, grad_scale)  # type: ignore[assignment]
+                    plans[index] = self._step_group(group, params, grad_scale, hypers[index])  # type: ignore[assignment]
                 if plans[index] is None:
                     del plans[index]
         if any(g.get("master_weights") for g in self.param_groups):
@@ -722,9 +746,13 @@ class KernelOptimizer:
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
         """Undoes state this step created for ``params`` that torch would create otherwise."""
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0) -> _Plan | None:
+    def _step_group(
+        self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0, hyper: dict[str, Any] | None = None
+    ) -> _Plan | None:
         """Steps one group in full generality, its grads multiplied by ``grad_scale``; returns a
-        plan for the next steps if it can."""
+        plan for the next steps if it can. The kernels take the hyperparameters from ``hyper``
+        (``plain_hyperparameters(group)``, read before anything was packed)."""
+        hyper = hyper if hyper is not None else plain_hyperparameters(group)
         keys = self._state_keys(group)
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
         kernel_ok = self._group_runs_on_kernel(group) and not group.get("differentiable")
@@ -766,7 +794,7 @@ class KernelOptimizer:
                 call.streams = pack(self._streams(group, bucket))
             call.held = [table, steps]
             try:
-                self._kernel_call(group, call)
+                self._kernel_call(hyper, call)
             except _rsoptim.BufferOverlapError:
                 # Params that share memory (one param twice, overlapping views): torch steps them
                 # one after another, and so does its implementation here. Nothing was written.

@@ -100,14 +100,16 @@ class SGD(KernelOptimizer, torch.optim.SGD):
                 self.state[p].pop("momentum_buffer", None)
                 self._new_buffers.discard(p)
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0) -> Any:
+    def _step_group(
+        self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0, hyper: dict[str, Any] | None = None
+    ) -> Any:
         if group["fused"] and params and getattr(self, "_need_device_dtype_check_for_fused", True):
             # As torch's _init_group: once, on the first param with a grad.
             _device_dtype_check_for_fused(params[0])
             self._need_device_dtype_check_for_fused = False
         self._new_buffers: set[torch.Tensor] = set()
         try:
-            return super()._step_group(group, params, grad_scale)
+            return super()._step_group(group, params, grad_scale, hyper)
         except BaseException:
             self._forget_new_state(list(self._new_buffers))
             raise
