@@ -126,7 +126,8 @@ def expected_codes(y: np.ndarray, table: np.ndarray, signed: bool) -> np.ndarray
     value, ties away from zero; magnitudes above 1 clamp to 1; magnitudes below 1.1875 times the
     binade of the smallest nonzero code (2^-16 signed, 2^-32 unsigned) flush to zero (the
     rounding is done on the bit pattern, as if a code 1.125 * 2^-16 existed below the smallest,
-    1.25 * 2^-16), and zeros keep the value's sign (signed codes)."""
+    1.25 * 2^-16), and zeros keep the value's sign (signed codes); positive values never encode
+    as zero (unsigned codes: they take the smallest)."""
     y64 = y.astype(np.float64)
     distance = np.abs(table.astype(np.float64)[None, :] - y64[:, None])
     nearest = distance == distance.min(axis=1, keepdims=True)
@@ -136,7 +137,8 @@ def expected_codes(y: np.ndarray, table: np.ndarray, signed: bool) -> np.ndarray
     if signed:
         codes = np.where((codes == 127) | (codes == 128), np.where(np.signbit(y), 127, 128), codes)
     flush = np.abs(y64) < 1.1875 * 2.0 ** (-16 if signed else -32)
-    zero = np.where(np.signbit(y), 127, 128) if signed else 0
+    # (Positive second moments never flush: they take the smallest code.)
+    zero = np.where(np.signbit(y), 127, 128) if signed else np.where(y64 > 0, 1, 0)
     return np.where(flush, zero, codes)
 
 

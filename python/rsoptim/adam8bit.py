@@ -40,7 +40,7 @@ from torch.optim.optimizer import ParamsT, _get_scalar_dtype, _to_scalar
 from . import _rsoptim
 from ._columns import pack
 from ._distributed import check_grad, is_dtensor, local, same_layout
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, check_storage, is_step_count, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, check_storage, is_step_count, step_dtype_name
 from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar
 from ._threads import follow_torch
 
@@ -103,9 +103,12 @@ def decode_signed(codes: torch.Tensor) -> torch.Tensor:
 
 def encode_unsigned(y: torch.Tensor) -> torch.Tensor:
     """The uint8 codes of float32 values ``y`` in [0, 1] (second moments over their absmax):
-    0 is 0.0, 255 is 1.0 (the sign is dropped: second moments are never negative)."""
+    0 is 0.0, 255 is 1.0 (the sign is dropped: second moments are never negative). A positive
+    value never encodes as zero (it takes code 1): a zero second moment under a non-zero first
+    moment would make an update of ``lr * m / eps``."""
     _, steps = _code_steps(y)
-    return (steps - _UNSIGNED_OFFSET).clamp_(min=0).to(torch.uint8)
+    codes = (steps - _UNSIGNED_OFFSET).clamp_(min=0)
+    return torch.maximum(codes, (y > 0).to(codes.dtype)).to(torch.uint8)
 
 
 def decode_unsigned(codes: torch.Tensor) -> torch.Tensor:
@@ -120,18 +123,21 @@ QMAP_SIGNED = decode_signed(_ALL_CODES)
 QMAP_UNSIGNED = decode_unsigned(_ALL_CODES)
 
 
-def _blocks(flat: torch.Tensor, fill: float) -> torch.Tensor:
-    """A flat tensor as rows of QUANT_BLOCK elements, the last one padded with ``fill``."""
-    pad = -flat.numel() % QUANT_BLOCK
+def _blocks(flat: torch.Tensor, fill: float, block: int = QUANT_BLOCK) -> torch.Tensor:
+    """A flat tensor as rows of ``block`` elements, the last one padded with ``fill``."""
+    pad = -flat.numel() % block
     if pad:
         flat = torch.cat([flat, flat.new_full((pad,), fill)])
-    return flat.view(-1, QUANT_BLOCK)
+    return flat.view(-1, block)
 
 
-def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """``qmap[code] * absmax`` of each element's block (float32 products), in ``codes``' shape."""
-    values = qmap.to(codes.device)[codes.reshape(-1).long()]
-    return (_blocks(values, 0.0) * absmax.reshape(-1, 1)).reshape(-1)[: codes.numel()].view(codes.shape)
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block: int = QUANT_BLOCK) -> torch.Tensor:
+    """``qmap[code] * absmax`` of each element's block of ``block`` elements (float32
+    products), in ``codes``' shape."""
+    values = _blocks(qmap.to(codes.device)[codes.reshape(-1).long()], 0.0, block)
+    # Zero stays zero whatever the scale (an infinite one: an element whose square overflowed).
+    scaled = torch.where(values == 0, values, values * absmax.reshape(-1, 1))
+    return scaled.reshape(-1)[: codes.numel()].view(codes.shape)
 
 
 def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,6 +341,14 @@ def _local_state(p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any] | Non
     return out
 
 
+def _written_storages(p: torch.Tensor, state: dict[str, Any]) -> set[int]:
+    """The storages a step of ``p`` writes (its local shard's and its state tensors', but the
+    code tables, which steps only read): params whose written storages another param's step
+    also writes are not stepped on copies, which would hide the overlap from the kernels."""
+    tensors = [p, *(v for k, v in state.items() if k not in ("qmap1", "qmap2") and isinstance(v, torch.Tensor))]
+    return {local(t).untyped_storage().data_ptr() for t in tensors} - {0}
+
+
 def _local_grad(p: torch.Tensor) -> torch.Tensor:
     """``p``'s grad as its step reads it: the grad itself, or for a DTensor param the local shard
     of its grad laid out like the param (redistributed where it is not, as torch's DTensor ops
@@ -366,14 +380,14 @@ class _KernelTensors:
 
     def add(self, role: str, t: Any, dtype: torch.dtype, shape: Any, *, written: bool, may_copy: bool) -> bool:
         """Adds ``t`` if it is a CPU tensor of ``dtype`` and ``shape`` (False if not, or if it
-        needs a copy that ``may_copy`` forbids)."""
-        if not (
-            isinstance(t, torch.Tensor)
-            and t.device.type == "cpu"
-            and t.dtype == dtype
-            and t.shape == torch.Size(shape)
-            and t.layout == torch.strided
-        ):
+        needs a copy that ``may_copy`` forbids). What is held is a detached alias of ``t``: its
+        sizes and storage stay those checked here whatever code runs later (``p.data = ...``).
+        Only plain tensors are handed to the kernels: a subclass may report sizes its memory
+        does not have (torch's ops, which read the real ones, step it)."""
+        if type(t) not in PLAIN_TENSOR_TYPES:
+            return False
+        t = t.detach()
+        if not (t.device.type == "cpu" and t.dtype == dtype and t.shape == torch.Size(shape) and t.layout == torch.strided):
             return False
         check_storage(t, role)
         if t.is_contiguous() and not t.is_neg() and not t.is_conj():
@@ -489,20 +503,23 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+        # Made aside and added in one update: another thread checking this optimizer's state
+        # sees none of it or all of it.
+        fresh: dict[str, Any] = {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
         if self._gets_8bit_state(p, group):
             for key in ("state1", "state2"):
                 if is_dtensor(p):  # sharded like the param
-                    state[key] = torch.zeros_like(p, dtype=torch.uint8)
+                    fresh[key] = torch.zeros_like(p, dtype=torch.uint8)
                 else:  # contiguous whatever the param's layout: blocks are runs of the flattened tensor
-                    state[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    fresh[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
             for key in ("absmax1", "absmax2"):
-                state[key] = _zero_scales(p)
-            state["qmap1"], state["qmap2"] = self._qmaps(local(p).device)
+                fresh[key] = _zero_scales(p)
+            fresh["qmap1"], fresh["qmap2"] = self._qmaps(local(p).device)
         else:
             dtype = self._moments_dtype(p)
             for key in ("state1", "state2"):
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                fresh[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state.update(fresh)
 
     # -- step -------------------------------------------------------------------------------
 
@@ -530,44 +547,107 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 loss = closure()
         follow_torch()
         name = type(self).__name__
+        # The hyperparameters are read first: reading one may run code (a float subclass, a
+        # Tensor lr), and nothing may run between the checks below and the kernels.
+        hypers = [self._kernel_hyperparameters(group) for group in self.param_groups]
         # Everything is checked before anything is stepped.
         work = []
-        for group in self.param_groups:
+        for group, hyper in zip(self.param_groups, hypers):
             _check_group_options(group, name)  # a group may have been edited
             self._complete_extensions(group)
             params = [p for p in group["params"] if p.grad is not None]
             for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                _check_param(p, name)
-                self._check_extensions_apply(p, group)
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(_SPARSE_MESSAGE)
-                check_grad(p, grad, index)  # a DTensor param's grad: a DTensor on its mesh, not Partial
-                # Memory handed to the kernels must hold every element (a storage resized in place
-                # may not): refused before anything is stepped.
-                for role, t in (("a param", p), ("a grad", grad), *self.state.get(p, {}).items()):
-                    if isinstance(t, torch.Tensor) and local(t).device.type == "cpu":
-                        check_storage(local(t), role if role in ("a param", "a grad") else f"state[{role!r}]")
-                if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
-                    raise ValueError(
-                        f"{name}: a grad must match its param's dtype, shape and device: grad "
-                        f"{grad.dtype} {tuple(grad.shape)} on {grad.device} for a param "
-                        f"{p.dtype} {tuple(p.shape)} on {p.device}"
-                    )
-            work.append((group, params))
+                if p.grad is not None:
+                    self._check_param_and_state(p, index, group, name)
+            work.append((group, params, hyper))
         grad_scale = self._grad_scale()
         with torch.no_grad():
-            for group, params in work:
+            for group, params, hyper in work:
                 if params:
-                    self._step_params(group, params, [_local_grad(p) for p in params], grad_scale)
+                    self._step_params(group, params, [_local_grad(p) for p in params], grad_scale, hyper)
         if any(g.get("master_weights") for g in self.param_groups):
             self._record_master_versions()
         return loss
 
+    def _kernel_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters as the kernels take them (plain floats and bools)."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        return {
+            "lr": scalar(lr),
+            "beta1": scalar(beta1),
+            "beta2": scalar(beta2),
+            "eps": scalar(group["eps"]),
+            "weight_decay": scalar(group["weight_decay"]),
+            "maximize": bool(group["maximize"]),
+            "decoupled_weight_decay": self._decoupled(group),
+            # torch's for-loop divides a float32 Tensor lr by the bias correction in float32.
+            "lr_is_f32_tensor": isinstance(lr, torch.Tensor) and lr.dtype == torch.float32,
+        }
+
+    def _check_param_and_state(self, p: torch.Tensor, index: int, group: dict[str, Any], name: str) -> None:
+        """Refuses, before anything is stepped, what no step of ``p`` may take: torch's errors
+        (sparse, inference or internally overlapping params), grads unlike their params, memory
+        a storage resized in place no longer holds, and 8-bit state of another layout."""
+        _check_param(p, name)
+        self._check_extensions_apply(p, group)
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(_SPARSE_MESSAGE)
+        check_grad(p, grad, index)  # a DTensor param's grad: a DTensor on its mesh, not Partial
+        if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+            raise ValueError(
+                f"{name}: a grad must match its param's dtype, shape and device: grad "
+                f"{grad.dtype} {tuple(grad.shape)} on {grad.device} for a param "
+                f"{p.dtype} {tuple(p.shape)} on {p.device}"
+            )
+        param = local(p)
+        if param.is_inference():
+            raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed.")
+        if param.numel() > 1 and torch._debug_has_internal_overlap(param) == 1:
+            raise RuntimeError(
+                "unsupported operation: some elements of the input tensor and the written-to tensor refer to a "
+                "single memory location. Please clone() the tensor before performing the operation."
+            )
+        state = self.state.get(p, {})
+        for role, t in (("a param", p), ("a grad", grad), *state.items()):
+            if isinstance(t, torch.Tensor) and local(t).device.type == "cpu":
+                check_storage(local(t), role if role in ("a param", "a grad") else f"state[{role!r}]")
+        if is_8bit_state(state):
+            self._check_8bit_state(p, state, name)
+
+    def _check_8bit_state(self, p: torch.Tensor, state: dict[str, Any], name: str) -> None:
+        """8-bit state must be laid out for ``p``: uint8 codes of its (local) shape, one float32
+        scale per block, for a float32/bfloat16/float16 param."""
+        if p.dtype not in EIGHT_BIT_DTYPES:
+            raise ValueError(f"{name}: a {p.dtype} param cannot keep 8-bit state (float32, bfloat16, float16 params can)")
+        shard = _local_state(p, state)
+        if shard is None:
+            return  # a DTensor state of another layout: the step says so
+        param = local(p)
+        blocks = -(-param.numel() // QUANT_BLOCK)
+        for key, dtype, shape in (
+            ("state1", torch.uint8, param.shape),
+            ("state2", torch.uint8, param.shape),
+            ("absmax1", torch.float32, (blocks,)),
+            ("absmax2", torch.float32, (blocks,)),
+        ):
+            t = shard.get(key)
+            if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == torch.Size(shape)):
+                found = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                # (A RuntimeError, as torch's ops raise for state of the wrong size.)
+                raise RuntimeError(
+                    f"{name}: state[{key!r}] of a param of shape {tuple(param.shape)} must be {dtype} of shape "
+                    f"{tuple(shape)}, not {found}: the size of the state must match the size of its param"
+                )
+
     def _step_params(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        grad_scale: float,
+        hyper: dict[str, Any],
     ) -> None:
         """Steps one group's params with grads (``grads``: each one's, the local shard for a
         DTensor): one kernel call per kind of state, dtype and step dtype, then the rest with
@@ -576,18 +656,21 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # A param listed twice is stepped twice, one step after the other; params that share
         # memory are not copied (their copies would hide the overlap from the kernel's check).
         repeated = {i for i, count in Counter(map(id, params)).items() if count > 1}
-        storages = [local(p).untyped_storage().data_ptr() for p in params]
-        shared = {s for s, count in Counter(storages).items() if count > 1}
-        calls: dict[tuple[bool, str, str], list[tuple[torch.Tensor, _KernelTensors]]] = {}
-        others = []
-        for p, grad, storage in zip(params, grads, storages):
+        for p in params:
             with _STATE_INIT_LOCK:  # no thread stepping this optimizer sees a state half made
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
+        storages = [_written_storages(p, self.state[p]) for p in params]
+        counts = Counter(s for distinct in storages for s in distinct)
+        calls: dict[tuple[bool, str, str], list[tuple[torch.Tensor, _KernelTensors]]] = {}
+        others = []
+        for p, grad, written in zip(params, grads, storages):
+            state = self.state[p]
             tensors = None
             if kernel_ok and id(p) not in repeated:
-                tensors = self._kernel_tensors(p, grad, group, state, may_copy=storage not in shared)
+                may_copy = all(counts[s] == 1 for s in written)
+                tensors = self._kernel_tensors(p, grad, group, state, may_copy=may_copy)
             if tensors is None:
                 others.append((p, grad))
             else:
@@ -595,7 +678,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 calls.setdefault(key, []).append((p, tensors))
         for (eight_bit, dtype, step_dtype), entries in calls.items():
             try:
-                self._run_kernel(group, eight_bit, dtype, step_dtype, entries, grad_scale)
+                self._run_kernel(group, eight_bit, dtype, step_dtype, entries, grad_scale, hyper)
             except _rsoptim.BufferOverlapError:
                 # Params that share memory (overlapping views): torch's ops step them one after
                 # another, as torch.optim would. The kernel wrote nothing.
@@ -658,32 +741,26 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         step_dtype: str,
         entries: list[tuple[torch.Tensor, _KernelTensors]],
         grad_scale: float,
+        hyper: dict[str, Any],
     ) -> None:
         """One Rust call over ``entries`` (params of one dtype and kind of state). ``entries``
-        holds every tensor whose address the call takes until it returns."""
+        holds every tensor whose address the call takes until it returns; ``hyper`` is the
+        group's hyperparameters as ``_kernel_hyperparameters`` read them."""
         params = [p for p, _ in entries]
 
         def column(key: str) -> bytes:
             return pack(tensors.buffers[key].data_ptr() for _, tensors in entries)
 
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
         seed = self._rounding_seed(params[0], group)
+        hyper = dict(hyper)  # (read by step() before anything was checked: no user code runs now)
+        lr_is_f32_tensor = hyper.pop("lr_is_f32_tensor")
         options = {
-            "lr": scalar(lr),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "eps": scalar(group["eps"]),
-            "weight_decay": scalar(group["weight_decay"]),
-            "maximize": bool(group["maximize"]),
-            "decoupled_weight_decay": self._decoupled(group),
+            **hyper,
             "master_params": column("master_param") if self._uses_master(params[0], group) else None,
             "stochastic_rounding_seed": seed,
             "streams": pack(self._streams(group, params)) if seed is not None else None,
             "grad_scale": grad_scale,
         }
-        # torch's for-loop divides a float32 Tensor lr by the bias correction in float32.
-        lr_is_f32_tensor = isinstance(lr, torch.Tensor) and lr.dtype == torch.float32
         # The sizes of the buffers whose addresses are handed over (a DTensor's local shard).
         numels = pack(tensors.buffers["param"].numel() for _, tensors in entries)
         steps = column("step")
@@ -754,12 +831,13 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 raise ValueError(f"{name} cannot load a state dict with differentiable=True")
             check_extensions(saved_group)
             _check_group_options({**saved_group, **_IMPLEMENTATION_DEFAULTS, "state_dtype": None}, name)
-        for saved in state_dict["state"].values():
-            if saved and not ("exp_avg" in saved or isinstance(saved.get("state1"), torch.Tensor)):
-                raise ValueError(
-                    f"{name} cannot load a param state with keys {sorted(saved)}: neither "
-                    "torch.optim.Adam's (exp_avg, exp_avg_sq) nor its own (state1, state2)"
-                )
+        # Every param's saved state is checked before torch's load replaces anything.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, saved_id in zip(params, saved_ids):
+            saved = state_dict["state"].get(saved_id)
+            if saved:
+                _check_saved_state(p, saved, name)
         torch.optim.Optimizer.load_state_dict(self, state_dict)
         # New master copies: each is checked against its param at the next step.
         self.__dict__.pop("_rsoptim_master_versions", None)
@@ -796,19 +874,24 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             self._set_moments(p, state, saved["exp_avg"], saved["exp_avg_sq"], eight_bit=eight_bit)
         elif saved["state1"].dtype == torch.uint8:
             qmap1, qmap2 = self._qmaps(device)
-            if _same_table(saved.get("qmap1"), qmap1) and _same_table(saved.get("qmap2"), qmap2):
+            ours = _same_table(saved.get("qmap1"), qmap1) and _same_table(saved.get("qmap2"), qmap2)
+            block = _saved_block(local(p).numel() if is_dtensor(p) else p.numel(), saved)
+            if ours and block == QUANT_BLOCK and self._gets_8bit_state(p, group):
                 # Our codes: kept as they are (a resumed run is bitwise an uninterrupted one).
                 for key in ("state1", "state2"):
                     state[key] = saved[key].to(device, copy=True)
                 for key in ("absmax1", "absmax2"):
                     state[key] = saved[key].to(device=device, dtype=torch.float32, copy=True)
                 state["qmap1"], state["qmap2"] = qmap1, qmap2
-            else:  # another code table (bitsandbytes'): decoded with it, encoded with ours
+            else:
+                # Another code table or block size (bitsandbytes'), or a param that keeps plain
+                # moments now (a float64 one, or one below min_8bit_size): decoded with its own
+                # table and blocks, then stored as this param keeps its state.
                 m, v = (
-                    dequantize(saved[codes].to(device), saved[absmax].to(device).float(), saved[qmap].float())
+                    dequantize(saved[codes].to(device), saved[absmax].to(device).float(), saved[qmap].float(), block)
                     for codes, absmax, qmap in (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2"))
                 )
-                self._set_moments(p, state, m, v, eight_bit=True)
+                self._set_moments(p, state, m, v, eight_bit=self._gets_8bit_state(p, group))
         else:  # float32 (float64) moments of a small param
             self._set_moments(p, state, saved["state1"], saved["state2"], eight_bit=False)
         master = saved.get("master_param")
@@ -848,6 +931,55 @@ def _unnested(state_dict: dict[str, Any]) -> dict[str, Any]:
         nested = saved.get(_BITSANDBYTES_NESTED_KEY, {})
         state[index] = {**{k: v for k, v in saved.items() if k != _BITSANDBYTES_NESTED_KEY}, **nested}
     return {**state_dict, "state": state}
+
+
+def _saved_block(numel: int, saved: dict[str, Any]) -> int:
+    """The block size of saved 8-bit state, read off its number of scales: 256, or 2048
+    (bitsandbytes before 0.44)."""
+    scales = saved["absmax1"].numel()
+    for block in (QUANT_BLOCK, 2048):
+        if scales == -(-numel // block) and saved["absmax2"].numel() == scales:
+            return block
+    raise ValueError(
+        f"8-bit state of a param of {numel} elements has {scales} and {saved['absmax2'].numel()} scales: "
+        f"neither one per {QUANT_BLOCK} elements nor one per 2048 (bitsandbytes before 0.44)"
+    )
+
+
+def _check_saved_state(p: torch.Tensor, saved: dict[str, Any], name: str) -> None:
+    """Refuses a param's saved state that cannot be loaded for ``p``, before anything is loaded."""
+    numel = local(p).numel() if is_dtensor(p) else p.numel()
+
+    def count(t: Any) -> int:
+        return local(t).numel() if is_dtensor(t) else t.numel()
+
+    if "exp_avg" in saved:
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = saved.get(key)
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and count(t) == numel):
+                raise ValueError(f"{name}: saved state[{key!r}] is not a floating tensor of the param's {numel} elements")
+        return
+    state1, state2 = saved.get("state1"), saved.get("state2")
+    if not (isinstance(state1, torch.Tensor) and isinstance(state2, torch.Tensor)):
+        raise ValueError(
+            f"{name} cannot load a param state with keys {sorted(saved)}: neither torch.optim.Adam's "
+            "(exp_avg, exp_avg_sq) nor its own (state1, state2)"
+        )
+    if count(state1) != numel or count(state2) != numel:
+        raise ValueError(f"{name}: saved state1/state2 have {count(state1)}/{count(state2)} elements, the param {numel}")
+    if state1.is_floating_point() and state2.is_floating_point():
+        return  # plain moments (a small param's)
+    if not (state1.dtype == torch.uint8 and state2.dtype == torch.uint8):
+        raise ValueError(f"{name}: saved 8-bit codes must be uint8, not {state1.dtype}/{state2.dtype}")
+    for key in ("qmap1", "qmap2", "absmax1", "absmax2"):
+        t = saved.get(key)
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            raise ValueError(f"{name}: saved 8-bit state has no floating {key!r} tensor")
+    for key in ("qmap1", "qmap2"):
+        if saved[key].numel() != 256:
+            raise ValueError(f"{name}: saved {key!r} has {saved[key].numel()} entries, not one per code (256)")
+    if not is_dtensor(p):
+        _saved_block(numel, saved)
 
 
 def _same_table(saved: Any, table: torch.Tensor) -> bool:

@@ -35,7 +35,8 @@ pub fn quant_blocks(numel: usize) -> usize {
 ///   binade) and zero, each with a sign: code 0 is -1.0, 127 is -0.0, 128 is +0.0, 255 is +1.0.
 /// - Second moment, unsigned: 255 values from 2^-32 * 1.25 to 1.0 (9.5 decades) and zero.
 ///
-/// Magnitudes below the smallest code's lower half-unit become zero. Decoding is exact.
+/// Magnitudes below the smallest code's lower half-unit become zero, except positive second
+/// moments, which take the smallest code. Decoding is exact.
 ///
 /// The second moment gets twice the first's range in binades because it is a square: an element
 /// whose grads are too small for its block's second-moment codes has a first moment too small
@@ -79,9 +80,13 @@ pub mod codes {
         f32::from_bits(bits | negative << 31)
     }
 
+    /// As the other codes, except that a positive value never encodes as zero: it takes the
+    /// smallest code instead. A second moment decoded as zero under a non-zero first moment
+    /// would make an update of `lr * m / eps` (a grad spike in a block pushes its neighbours'
+    /// second moments below the smallest code, and their first moments decay faster).
     #[inline(always)]
     pub fn encode_unsigned(y: f32) -> u8 {
-        key(y).saturating_sub(UNSIGNED_KEY_BIAS) as u8
+        key(y).saturating_sub(UNSIGNED_KEY_BIAS).max((y > 0.0) as u32) as u8
     }
 
     #[inline(always)]
@@ -169,8 +174,8 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
             // largest magnitudes are taken on the way, on the bit patterns (see `largest`).
             let (mut m_largest, mut v_largest) = (0, 0);
             for i in 0..len {
-                let m_old = codes::decode_signed(m_codes[i]) * m_scale;
-                let v_old = codes::decode_unsigned(v_codes[i]) * v_scale;
+                let m_old = scaled(codes::decode_signed(m_codes[i]), m_scale);
+                let v_old = scaled(codes::decode_unsigned(v_codes[i]), v_scale);
                 let (p_new, m_new, v_new) = k.moments::<L2>(params[i], grads[i], m_old, v_old);
                 params[i] = k.param_update(p_new, m_new, v_new);
                 (m[i], v[i]) = (m_new, v_new);
@@ -181,6 +186,17 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
             m_scales[b] = encode_block(m, f32::from_bits(m_largest), m_codes, codes::encode_signed);
             v_scales[b] = encode_block(v, f32::from_bits(v_largest), v_codes, codes::encode_unsigned);
         }
+    }
+}
+
+/// A decoded value times its block's scale; zero stays zero whatever the scale (an infinite
+/// scale, from one element whose square overflowed, leaves the block's zeros zero, not NaN).
+#[inline(always)]
+fn scaled(decoded: f32, scale: f32) -> f32 {
+    if decoded == 0.0 {
+        decoded
+    } else {
+        decoded * scale
     }
 }
 

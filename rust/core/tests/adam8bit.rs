@@ -25,7 +25,17 @@ fn nearest_code(y: f32, decode: fn(u8) -> f32) -> u8 {
     let a = (y as f64).abs().min(1.0);
     let smallest = (0..=255u8).map(|c| decode(c) as f64).filter(|&v| v > 0.0).fold(f64::INFINITY, f64::min);
     let next = (0..=255u8).map(|c| decode(c) as f64).filter(|&v| v > smallest).fold(f64::INFINITY, f64::min);
-    let target = if a < smallest - (next - smallest) / 2.0 { 0.0 } else { a };
+    // Positive second moments (unsigned codes) never become zero.
+    let unsigned = decode(0) == 0.0;
+    let target = if a < smallest - (next - smallest) / 2.0 {
+        if unsigned && y > 0.0 {
+            smallest
+        } else {
+            0.0
+        }
+    } else {
+        a
+    };
     let negative = y.is_sign_negative();
     let mut best: Option<(f64, f64, u8)> = None;
     for c in 0..=255u8 {
@@ -114,15 +124,28 @@ impl State {
     }
 
     fn decoded(&self) -> (Vec<f32>, Vec<f32>) {
-        let m =
-            self.m_codes.iter().enumerate().map(|(i, &c)| decode_signed(c) * self.m_scales[i / QUANT_BLOCK]).collect();
+        let m = self
+            .m_codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| times(decode_signed(c), self.m_scales[i / QUANT_BLOCK]))
+            .collect();
         let v = self
             .v_codes
             .iter()
             .enumerate()
-            .map(|(i, &c)| decode_unsigned(c) * self.v_scales[i / QUANT_BLOCK])
+            .map(|(i, &c)| times(decode_unsigned(c), self.v_scales[i / QUANT_BLOCK]))
             .collect();
         (m, v)
+    }
+}
+
+/// A decoded value times its scale, zero staying zero whatever the scale.
+fn times(decoded: f32, scale: f32) -> f32 {
+    if decoded == 0.0 {
+        decoded
+    } else {
+        decoded * scale
     }
 }
 
