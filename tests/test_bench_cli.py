@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -95,21 +96,43 @@ def test_the_fp32_state_case_moves_22_bytes_per_bfloat16_element():
 
 
 @pytest.mark.parametrize(
-    ("bytes_moved", "bytes_written", "layout"),
+    ("bytes_moved", "bytes_written", "layouts"),
     [
-        (28, 12, (4, 3)),  # float32 Adam: exactly its streams
-        (14, 6, (2, 3)),  # bfloat16 Adam
-        (20, 8, (4, 2)),  # float32 SGD momentum / RMSprop
-        (22, 10, (22 / 9, 4)),  # bfloat16 params, float32 moments: same bytes, at most 4 written buffers
+        (28, 12, [(4, 3)]),  # float32 Adam: exactly its streams
+        (14, 6, [(2, 3)]),  # bfloat16 Adam
+        (20, 8, [(4, 2)]),  # float32 SGD momentum / RMSprop
+        (22, 10, [(22 / 9, 4)]),  # bfloat16 params, float32 moments: same bytes, at most 4 written buffers
+        # 8-bit Adam, float32 params (16 B and two moments' scales, 0.0625 B): between 1 and 2 written
+        # buffers per read one; both calls, moving together the same bytes with the same written.
+        (16.0625, 6.03125, [(1.96875, 1), (2.03125, 2)]),
+        (10.0625, 4.03125, [(1.96875, 2), (0.03125, 3)]),  # bfloat16 params: 2 written per read one, and the scales
     ],
 )
-def test_the_roofline_probe_moves_the_same_bytes(bytes_moved, bytes_written, layout):
-    buffer_bytes, written = bench.probe_layout(bytes_moved, bytes_written)
-    assert (buffer_bytes, written) == pytest.approx(layout)
-    assert buffer_bytes * (1 + 2 * written) == pytest.approx(bytes_moved)
-    assert written <= bench.STREAM_PROBE_MAX_WRITTEN
+def test_the_roofline_probe_moves_the_same_bytes(bytes_moved, bytes_written, layouts):
+    got = bench.probe_layouts(bytes_moved, bytes_written)
+    assert got == [pytest.approx(layout) for layout in layouts]
+    assert sum(b * (1 + 2 * w) for b, w in got) == pytest.approx(bytes_moved)
+    if len(got) > 1 or bytes_written / (bytes_moved - 2 * bytes_written) == got[0][1]:
+        assert sum(b * w for b, w in got) == pytest.approx(bytes_written)  # the same split, where a call can make it
+    assert all(1 <= w <= bench.STREAM_PROBE_MAX_WRITTEN for _, w in got)
     params = bench.make_params([(1000,), (7,)], dtype=torch.bfloat16)
-    bench.roofline_probe(params, bytes_moved, bytes_written)()  # runs (no timing is asserted)
+    bench.roofline_probe(params, bytes_moved, bytes_written)()  # runs (no timing is asserted); per element, as bench_distributed calls it
+    bench.roofline_probe(params, [1000 * bytes_moved, 7 * bytes_moved], [1000 * bytes_written, 7 * bytes_written])()  # per tensor
+
+
+def test_the_roofline_probe_buffers_move_each_tensors_bytes():
+    params = bench.make_params([(8192,), (768,)])
+    case = next(c for c in bench.cases() if c.name == "AdamW8bit")
+    traffic = case.traffic(params)
+    assert traffic == [(8192 * 16 + 2 * 2 * 4 * 32, 8192 * 6 + 2 * 4 * 32), (768 * 28, 768 * 12)]  # 8-bit; float32 moments
+    probe = bench.roofline_probe(params, [m for m, _ in traffic], [w for _, w in traffic])
+    moved = {w: sum(4 * t.numel() for buffers in calls for t in buffers) for w, calls in probe.buffers.items()}
+    written = {w: sum(4 * t.numel() for buffers in calls for t in buffers[1:]) for w, calls in probe.buffers.items()}
+    assert sorted(moved) == [1, 2, 3]  # the 8-bit tensor's two calls, the small tensor's Adam streams
+    total_moved = sum(moved[w] + written[w] for w in moved)  # written buffers are read and written
+    assert total_moved == pytest.approx(sum(m for m, _ in traffic), abs=4 * 8)  # within a float per buffer
+    assert sum(written.values()) == pytest.approx(sum(w for _, w in traffic), abs=4 * 8)
+    probe()
 
 
 def test_the_plot_has_a_bfloat16_curve(tmp_path):
@@ -370,3 +393,161 @@ def test_bench_cli_training_loop_json():
     assert e2e["threads"] == 1
     assert set(e2e["iterations_per_second"]) == {"rsoptim", "rsoptim max_grad_norm", "torch fused", "torch foreach", "torch for-loop"}
     assert e2e["ratios"]["torch fused"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The 8-bit rows: rsoptim.Adam8bit/AdamW8bit against torch, rsoptim with float32 state and, where
+# it is installed, bitsandbytes (optional, as DeepSpeed's column).
+
+EIGHT_BIT_ROWS = ["--cases", "Adam8bit,AdamW8bit", "--threads", "1"]
+TORCH_COLUMNS = {"torch fused", "torch foreach", "torch for-loop"}
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.fixture(scope="module")
+def bitsandbytes_optim():
+    if not bitsandbytes_installed():
+        pytest.skip("bitsandbytes is not installed (scripts/bench.sh installs it)")
+    column = bench.load_bitsandbytes()
+    if column.optim is None:
+        pytest.skip(column.note)
+    return column.optim
+
+
+def seed_mlp_bytes(itemsize: int, state: str) -> int:
+    """Bytes a step of seed-mlp moves (784x128 weight: 8-bit state; the rest float32 moments)."""
+    shapes = bench.WORKLOADS["seed-mlp"]()
+    numels = [math.prod(shape) for shape in shapes]
+    if state == "param":
+        return sum(numels) * 7 * itemsize
+    if state == "float32":
+        return sum(numels) * (3 * itemsize + 4 * 4)
+    big = [n for n in numels if n >= 4096]
+    assert big == [128 * 784]
+    blocks = [-(-n // 256) for n in big]
+    return sum(big) * (3 * itemsize + 4) + 2 * 2 * 4 * sum(blocks) + sum(n for n in numels if n < 4096) * (3 * itemsize + 4 * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_8bit_rows_count_each_columns_bytes_and_state(dtype):
+    itemsize = 4 if dtype == torch.float32 else 2
+    # (No bitsandbytes column here: it moves rsoptim's bytes, see below.)
+    for case in [c for c in bench.cases() if c.name in ("Adam8bit", "AdamW8bit")]:
+        # As the JSON output has it.
+        row = json.loads(json.dumps(bench.row_json(bench.run_row(case, "seed-mlp", 1, repeats=1, warmup=0, dtype=dtype))))
+        assert set(row["seconds"]) == {"rsoptim", *TORCH_COLUMNS, "rsoptim fp32 state"}
+        assert row["bytes_per_step"] == seed_mlp_bytes(itemsize, "8bit")  # 16.06 (float32) / 10.06 (bf16) B per 8-bit element
+        assert row["column_bytes"] == {**{label: seed_mlp_bytes(itemsize, "param") for label in TORCH_COLUMNS}, "rsoptim fp32 state": seed_mlp_bytes(itemsize, "float32")}
+        for label, bytes_per_step in row["column_bytes"].items():
+            assert row["gbps"][label] == pytest.approx(bytes_per_step / row["seconds"][label] / 1e9)
+        assert row["roofline_seconds"] > 0
+        memory = row["state_memory"]
+        # 2 code bytes, 2 scales per 256 elements (0.03), the code tables (2 KiB, shared: 0.02 here) and a step count.
+        assert memory["rsoptim"]["bytes_per_param_8bit_size"] == pytest.approx(2 + 8 / 256 + (2 * 1024 + 4) / (128 * 784))
+        assert memory["rsoptim"]["bytes_per_param_8bit_size"] <= 2.1
+        for label in TORCH_COLUMNS:
+            assert memory[label]["bytes_per_param"] == pytest.approx(2 * itemsize, abs=1e-3)  # moments in the param's dtype
+        assert memory["rsoptim fp32 state"]["bytes_per_param"] == pytest.approx(8, abs=1e-3)
+
+
+def run_main(args: list[str], capfd) -> str:
+    """The CLI in this process (importing bitsandbytes takes seconds; here it is imported once):
+    its stdout."""
+    assert bench.main(args) == 0
+    return capfd.readouterr().out
+
+
+def test_without_bitsandbytes_the_8bit_rows_run_and_say_why_the_column_is_missing(monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails as if it were not installed
+    out = run_main([*TINY, *EIGHT_BIT_ROWS], capfd)
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith(("Adam8bit ", "AdamW8bit "))] == ["Adam8bit", "AdamW8bit"]
+    assert "x rs fp32" in out and "x bnb" not in out
+    assert [line for line in lines if "bitsandbytes" in line and line.startswith("Note:")] == [
+        "Note: bitsandbytes column left out: bitsandbytes is not installed (scripts/bench.sh installs it)"
+    ]
+    state = lines[next(i for i, line in enumerate(lines) if line.startswith("Optimizer state, bytes per param element")) :]
+    assert [line.split()[:3] for line in state[2:4]] == [["Adam8bit", "seed-mlp", "float32"], ["AdamW8bit", "seed-mlp", "float32"]]
+    assert "bitsandbytes" not in state[1] and "rs fp32" in state[1]
+
+
+def test_the_bitsandbytes_column_is_in_the_8bit_rows(bitsandbytes_optim, capfd):
+    result = json.loads(run_main([*TINY, *EIGHT_BIT_ROWS, "--json"], capfd))
+    assert result["machine"]["bitsandbytes"]
+    for row in result["rows"]:
+        assert "bitsandbytes" in row["seconds"] and "bitsandbytes" not in row["column_bytes"]  # rsoptim's bytes
+        memory = row["state_memory"]["bitsandbytes"]
+        assert memory["bytes_per_param_8bit_size"] == pytest.approx(2 + 8 / 256 + 2 * 1024 / (128 * 784))  # its step count: an int
+    assert not any("bitsandbytes" in n for n in result["notes"])
+    table = run_main([*TINY, *EIGHT_BIT_ROWS, "--repeats", "1"], capfd)
+    assert "x bnb" in table and ", bitsandbytes " in table.splitlines()[0]
+
+
+@pytest.mark.parametrize("case_name", ["Adam8bit", "AdamW8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_column_of_the_8bit_rows_steps_the_same_update(bitsandbytes_optim, case_name, dtype):
+    """Same hyperparameters, the same update up to the 8-bit moments' rounding: each column's
+    change of the params against rsoptim's float32-state one, over a few steps."""
+    case = next(c for c in bench.cases(None, bitsandbytes_optim) if c.name == case_name)
+    shapes = [(64, 80), (5,)]  # 8-bit state, float32 moments
+    deltas = {}
+    for label in case.impls:
+        params = bench.make_params(shapes, dtype=dtype)
+        before = [p.detach().float().clone() for p in params]
+        step = case.impls[label](params)
+        for _ in range(4):
+            step()
+        bench.check_state_dtypes(label, step, case.column(label).state_dtype)
+        deltas[label] = [p.detach().float() - b for p, b in zip(params, before)]
+    reference = deltas["rsoptim fp32 state"]
+    for label, delta in deltas.items():
+        for ours, theirs in zip(delta, reference):
+            # 8-bit moments: a few % of the update (bitsandbytes' dynamic map ~5%, rsoptim's ~2%).
+            assert float((ours - theirs).norm() / theirs.norm()) < 0.1, label
+
+
+def test_bitsandbytes_adam8bit_decays_weights_decoupled(bitsandbytes_optim):
+    """Why bitsandbytes is a column of the Adam8bit row only without weight decay."""
+    assert bench.ADAM_HYPERPARAMETERS["weight_decay"] == 0
+    deltas = {}
+    for label, cls in (("bnb", bitsandbytes_optim.Adam8bit), ("Adam8bit", rsoptim.Adam8bit), ("AdamW8bit", rsoptim.AdamW8bit)):
+        params = bench.make_params([(64, 80)])
+        before = params[0].detach().clone()
+        optimizer = cls(params, lr=1e-2, weight_decay=10.0)
+        for _ in range(3):
+            optimizer.step()
+        deltas[label] = params[0].detach() - before
+    def distance(a, b):
+        return float((deltas[a] - deltas[b]).norm() / deltas[b].norm())
+
+    assert distance("bnb", "AdamW8bit") < 0.1 < distance("bnb", "Adam8bit")
+
+
+def test_state_memory_counts_a_shared_tensor_once():
+    params = bench.make_params([(64, 80), (64, 80), (5,)])
+    step = bench._optimizer_step(rsoptim.Adam8bit)(params)
+    step()
+    memory = bench.state_memory(step, params)
+    codes_and_scales = 2 * (64 * 80) + 2 * 4 * 20  # two moments: 1 byte per element, a float32 per 256
+    step_count = 4
+    tables = 2 * 256 * 4  # qmap1, qmap2: one pair for every param
+    assert memory["bytes"] == 2 * (codes_and_scales + step_count) + tables + (2 * 5 * 4 + step_count)
+    assert memory["bytes_per_param_8bit_size"] == pytest.approx((2 * (codes_and_scales + step_count) + tables) / (2 * 64 * 80))
+    assert bench.state_memory(bench._clip_step(rsoptim.clip_grad_norm_, 1.0)(params), params) is None  # no optimizer
+
+
+def test_a_slow_column_is_sampled_fewer_times_without_warm_up():
+    calls = {"fast": 0, "slow": 0}
+    fns = {label: (lambda label=label: calls.__setitem__(label, calls[label] + 1)) for label in calls}
+    bench.time_interleaved(fns, repeats=5, warmup=2, target_s=0.0, limits={"slow": 2})
+    assert calls == {"fast": 2 + 1 + 5, "slow": 1 + 2}  # warm-up, sizing call, samples
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_8bit_rows_are_in_the_default_plan(dtype):
+    cases = {c.name: c for c in bench.cases()}
+    for name in ("Adam8bit", "AdamW8bit"):
+        assert name in bench.DEFAULT_PLAN["gpt2-small"] and not cases[name].half_only

@@ -15,6 +15,14 @@ measured fraction of what this machine's memory system delivers.
 Where ``deepspeed`` is installed and its CPU Adam op builds (a C++ extension compiled with ninja on
 first use), the Adam and AdamW rows get a DeepSpeedCPUAdam column, stepped on the same tensors with
 the same hyperparameters and threads; otherwise one line says why the column is left out.
+
+The Adam8bit and AdamW8bit rows step rsoptim's block-wise 8-bit optimizers (one byte per element
+per moment and a float32 scale per 256 elements, for tensors of at least 4096 elements; float32
+moments below) against torch's Adam/AdamW (state in the param's dtype), rsoptim's Adam/AdamW with
+float32 state, and, where ``bitsandbytes`` is installed and its CPU 8-bit step runs, its
+Adam8bit/AdamW8bit (a column like DeepSpeed's: optional, one line says why it is left out). Their
+bytes are counted tensor by tensor, and each row reports the optimizer state each column keeps, in
+bytes per param element.
 """
 
 from __future__ import annotations
@@ -29,14 +37,15 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import torch
 
 import rsoptim
 from rsoptim import _rsoptim
 from rsoptim._columns import pack
+from rsoptim.adam8bit import QUANT_BLOCK
 
 # ---------------------------------------------------------------------------------------------
 # Workloads: named lists of parameter shapes.
@@ -154,6 +163,59 @@ def load_deepspeed(progress: Progress | None = None) -> DeepSpeedColumn:
 
 
 # ---------------------------------------------------------------------------------------------
+# bitsandbytes' 8-bit Adam: a column of the 8-bit rows where bitsandbytes is installed and its CPU
+# 8-bit step runs here (0.50.2 has one: its dequantize/quantize in C, the update in torch ops).
+
+BITSANDBYTES = "bitsandbytes"
+#: The cases with a bitsandbytes column: the 8-bit rows. bitsandbytes' Adam8bit decays weights
+#: decoupled (as AdamW8bit), which is Adam's update only without weight decay: the Adam8bit row's
+#: hyperparameters have none (checked in ``cases``).
+BITSANDBYTES_CASES = ("Adam8bit", "AdamW8bit")
+#: The 8-bit rows' column of rsoptim's Adam/AdamW with float32 moments.
+RSOPTIM_FP32_STATE = "rsoptim fp32 state"
+#: Tensors of at least this many elements get 8-bit moments (rsoptim's and bitsandbytes' default
+#: min_8bit_size, passed to both explicitly); smaller ones keep float32 moments.
+MIN_8BIT_SIZE = 4096
+
+
+@dataclass
+class BitsAndBytesColumn:
+    #: ``bitsandbytes.optim`` once an 8-bit step has run on a CPU tensor, else None.
+    optim: Any = None
+    version: str | None = None
+    #: Why the column is left out (one line), when it is.
+    note: str | None = None
+
+
+def load_bitsandbytes() -> BitsAndBytesColumn:
+    """Imports bitsandbytes and runs one AdamW8bit step on a CPU tensor of 8-bit size (versions
+    without a CPU 8-bit path fail there). Never raises: whatever goes wrong becomes the column's
+    one-line note."""
+    what = f"{BITSANDBYTES} column left out"
+    try:
+        with stdout_to_stderr():  # it may print about the libraries it finds at import
+            import bitsandbytes
+    except ModuleNotFoundError as e:
+        if e.name != "bitsandbytes":
+            return BitsAndBytesColumn(note=f"{what}: import bitsandbytes failed: {_one_line(e)}")
+        return BitsAndBytesColumn(note=f"{what}: bitsandbytes is not installed (scripts/bench.sh installs it)")
+    except Exception as e:
+        return BitsAndBytesColumn(note=f"{what}: import bitsandbytes failed: {_one_line(e)}")
+    version = getattr(bitsandbytes, "__version__", None)
+    try:
+        with stdout_to_stderr():
+            param = torch.zeros(MIN_8BIT_SIZE, requires_grad=True)
+            param.grad = torch.ones(MIN_8BIT_SIZE)
+            optimizer = bitsandbytes.optim.AdamW8bit([param], min_8bit_size=MIN_8BIT_SIZE)
+            optimizer.step()
+        if optimizer.state[param]["state1"].dtype != torch.uint8:
+            raise RuntimeError(f"its state is {optimizer.state[param]['state1'].dtype}, not 8-bit")
+    except Exception as e:
+        return BitsAndBytesColumn(version=version, note=f"{what}: bitsandbytes {version}'s 8-bit step failed on a CPU tensor: {_one_line(e)}")
+    return BitsAndBytesColumn(optim=bitsandbytes.optim, version=version)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cases: what one row runs.
 
 
@@ -179,13 +241,54 @@ class Case:
     prepare: Callable[[list[torch.Tensor]], Callable[[], object]] | None = None
     #: Called (untimed) with each call's result; raises if the call did not run the case's work.
     check: Callable[[object], None] | None = None
+    #: State buffers kept as 8-bit codes (one byte per element) and a float32 scale per
+    #: QUANT_BLOCK elements, in tensors of at least MIN_8BIT_SIZE elements; smaller tensors keep
+    #: them in float32. Each code and scale is read and written once per step.
+    byte_state_buffers: int = 0
+    #: The columns that move other bytes than rsoptim's (another kind of state), by label: the
+    #: fields above that differ for them (their GB/s, and the state dtypes they are checked for).
+    column_traffic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def bytes_per_element(self, itemsize: int) -> int:
+        """Bytes a step moves per element (cases whose bytes do not depend on the tensor's size)."""
+        assert not self.byte_state_buffers, "8-bit state: count the bytes tensor by tensor (tensor_bytes)"
         return self.elements_moved * itemsize + 2 * 4 * (self.float32_state_buffers + self.master_copy)
 
     def bytes_written_per_element(self, itemsize: int) -> int:
-        assert self.roofline_written is not None
+        assert self.roofline_written is not None and not self.byte_state_buffers
         return self.roofline_written * itemsize + 4 * (self.float32_state_buffers + self.master_copy)
+
+    def tensor_bytes(self, numel: int, itemsize: int) -> tuple[int, int | None]:
+        """(Bytes moved, bytes written) by a step of one tensor of ``numel`` elements (written:
+        None where the case has no roofline). A tensor with 8-bit state moves its codes, one byte
+        per element each way, and its scales, 4 bytes per block each way (16 bytes per 256
+        elements for two moments: 0.06 bytes per element)."""
+        float32_buffers = self.float32_state_buffers + self.master_copy
+        code_buffers = blocks = 0
+        if self.byte_state_buffers and numel >= MIN_8BIT_SIZE:
+            code_buffers, blocks = self.byte_state_buffers, -(-numel // QUANT_BLOCK)
+        else:
+            float32_buffers += self.byte_state_buffers
+        moved = numel * (self.elements_moved * itemsize + 2 * 4 * float32_buffers + 2 * code_buffers) + 2 * 4 * code_buffers * blocks
+        if self.roofline_written is None:
+            return moved, None
+        written = numel * (self.roofline_written * itemsize + 4 * float32_buffers + code_buffers) + 4 * code_buffers * blocks
+        return moved, written
+
+    def traffic(self, params: list[torch.Tensor]) -> list[tuple[int, int | None]]:
+        """``tensor_bytes`` of each param."""
+        return [self.tensor_bytes(p.numel(), p.element_size()) for p in params]
+
+    def column(self, label: str) -> Case:
+        """The case as one column moves its bytes (rsoptim's, unless ``column_traffic`` differs)."""
+        overrides = self.column_traffic.get(label)
+        return replace(self, column_traffic={}, **overrides) if overrides else self
+
+    def state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s param-sized state buffers (codes: uint8)."""
+        if self.byte_state_buffers:
+            return torch.uint8 if p.numel() >= MIN_8BIT_SIZE else torch.float32
+        return torch.float32 if self.float32_state_buffers else p.dtype
 
 
 # The same hyperparameters for every implementation of a row (torch's defaults, spelled out so
@@ -311,9 +414,10 @@ def _torch_variants(cls, fused: bool, **kwargs) -> dict[str, Callable]:
     return variants
 
 
-def cases(deepspeed_adam: type | None = None) -> list[Case]:
+def cases(deepspeed_adam: type | None = None, bitsandbytes_optim: Any = None) -> list[Case]:
     """Every case; ``deepspeed_adam`` (DeepSpeedCPUAdam, once its op has built) adds its column to
-    the Adam and AdamW rows."""
+    the Adam and AdamW rows, ``bitsandbytes_optim`` (``bitsandbytes.optim``, once its CPU 8-bit
+    step has run) its column to the 8-bit rows."""
     clip_torch = torch.nn.utils.clip_grad_norm_
 
     def deepspeed(case: str, adamw_mode: bool, fp32_optimizer_states: bool, hyperparameters: dict[str, object]) -> dict[str, Callable]:
@@ -322,7 +426,21 @@ def cases(deepspeed_adam: type | None = None) -> list[Case]:
             return {}
         return {DEEPSPEED: _deepspeed_step(deepspeed_adam, adamw_mode, fp32_optimizer_states, **hyperparameters)}
 
+    def bitsandbytes(case: str, name: str, hyperparameters: dict[str, object]) -> dict[str, Callable]:
+        assert case in BITSANDBYTES_CASES
+        if bitsandbytes_optim is None:
+            return {}
+        return {BITSANDBYTES: _optimizer_step(getattr(bitsandbytes_optim, name), min_8bit_size=MIN_8BIT_SIZE, **hyperparameters)}
+
     adam, adamw = ADAM_HYPERPARAMETERS, ADAMW_HYPERPARAMETERS
+    # bitsandbytes' Adam8bit decays weights decoupled: it steps Adam's update only without decay.
+    assert adam["weight_decay"] == 0, "the Adam8bit row's bitsandbytes column would step another update"
+    # The 8-bit rows' other columns and the bytes they move: torch's state in the param's dtype
+    # (Adam's 7 buffers), rsoptim's fp32-state column float32 moments.
+    in_param_dtype = {"elements_moved": 7, "roofline_written": 3, "byte_state_buffers": 0}
+    in_float32 = {"float32_state_buffers": 2, "byte_state_buffers": 0}
+    eight_bit_traffic = {label: in_param_dtype for label in ("torch fused", "torch foreach", "torch for-loop")}
+    eight_bit_traffic[RSOPTIM_FP32_STATE] = in_float32
     return [
         Case(
             "Adam",
@@ -377,6 +495,36 @@ def cases(deepspeed_adam: type | None = None) -> list[Case]:
             7,
             3,
             half_only=True,
+        ),
+        Case(
+            # Block-wise 8-bit moments (tensors of >= MIN_8BIT_SIZE elements): param read and
+            # written, grad read, each moment's codes read and written and its scales (16 bytes
+            # for float32 params, 10 for bfloat16, and 0.06 for the scales). The torch columns keep
+            # state in the param's dtype (the comparison the issue asks for is torch fused).
+            "Adam8bit",
+            {
+                "rsoptim": _optimizer_step(rsoptim.Adam8bit, min_8bit_size=MIN_8BIT_SIZE, **adam),
+                **_torch_variants(torch.optim.Adam, True, **adam),
+                RSOPTIM_FP32_STATE: _optimizer_step(rsoptim.Adam, state_dtype=torch.float32, **adam),
+                **bitsandbytes("Adam8bit", "Adam8bit", adam),
+            },
+            3,  # grad read, param read and written
+            1,
+            byte_state_buffers=2,
+            column_traffic=eight_bit_traffic,
+        ),
+        Case(
+            "AdamW8bit",
+            {
+                "rsoptim": _optimizer_step(rsoptim.AdamW8bit, min_8bit_size=MIN_8BIT_SIZE, **adamw),
+                **_torch_variants(torch.optim.AdamW, True, **adamw),
+                RSOPTIM_FP32_STATE: _optimizer_step(rsoptim.AdamW, state_dtype=torch.float32, **adamw),
+                **bitsandbytes("AdamW8bit", "AdamW8bit", adamw),
+            },
+            3,
+            1,
+            byte_state_buffers=2,
+            column_traffic=eight_bit_traffic,
         ),
         Case(
             "SGD momentum",
@@ -738,20 +886,31 @@ def time_interleaved(
     target_s: float,
     prepare: dict[str, Callable[[], object]] | None = None,
     check: dict[str, Callable[[object], None]] | None = None,
+    limits: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn (A B C A B C ...). ``prepare`` and
-    ``check`` (by label) run untimed before and after every call, warm-up calls included."""
-    prepare, check = prepare or {}, check or {}
+    ``check`` (by label) run untimed before and after every call, warm-up calls included.
+    ``limits`` (by label): at most that many samples, in the first rounds, and no warm-up calls
+    (a slow column; the call that sizes its samples warms it)."""
+    prepare, check, limits = prepare or {}, check or {}, limits or {}
     for _ in range(warmup):
         for label, fn in fns.items():
-            timed_calls(fn, 1, prepare.get(label), check.get(label))
+            if label not in limits:
+                timed_calls(fn, 1, prepare.get(label), check.get(label))
     batches = {label: _batch_size(fn, target_s, prepare.get(label), check.get(label)) for label, fn in fns.items()}
     samples: dict[str, list[float]] = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
+            if len(samples[label]) >= limits.get(label, repeats):
+                continue
             n = batches[label]
             samples[label].append(timed_calls(fn, n, prepare.get(label), check.get(label)) / n)
     return {label: statistics.median(s) for label, s in samples.items()}
+
+
+#: Columns timed with fewer samples (at most this many, no warm-up calls): bitsandbytes' CPU step
+#: takes seconds on gpt2-small (its update in torch ops between a dequantize and a quantize in C).
+SAMPLE_LIMITS = {BITSANDBYTES: 3}
 
 
 #: Training-loop rows and the end-to-end row: samples of about this many seconds of timed calls
@@ -767,36 +926,63 @@ TRAINING_LOOP_SAMPLES_PER_REPEAT = 3
 STREAM_PROBE_MAX_WRITTEN = 4
 
 
-def probe_layout(bytes_moved: int, bytes_written: int) -> tuple[float, int]:
+def probe_layouts(bytes_moved: float, bytes_written: float) -> list[tuple[float, int]]:
     """The roofline probe for a step that moves ``bytes_moved`` bytes per param element, of which
-    ``bytes_written`` are written: (bytes per param element in each float32 probe buffer, written
-    buffers). The probe moves the same bytes in the same read/write split where the split is one
-    the probe can make (28 B float32 and 14 B half Adam: 3 written buffers); otherwise (22 B for
-    half params with float32 state: 12 read, 10 written) it moves the same bytes with the nearest
-    split it can make, at most 4 written buffers (4/9 of the bytes written instead of 10/22)."""
+    ``bytes_written`` are written: a list of (bytes per param element in each float32 probe
+    buffer, written buffers), one probe call per entry. A call with ``w`` written buffers moves
+    ``1 + 2 * w`` buffers' bytes, ``w`` of them written. Where the step's split of reads and
+    writes is one call's (28 B float32 and 14 B half Adam: 3 written buffers), that call; where it
+    lies between two calls' (8-bit Adam: 16.06 B with 6.03 written, between 1 and 2 written
+    buffers per read one), both, their read-only buffers splitting the step's read-only bytes so
+    that together they move the same bytes with the same bytes written; beyond what a call can
+    make (22 B for half params with float32 state: 12 read, 10 written, 5 written buffers per read
+    one) the nearest, with the same bytes (at most 4 written buffers: 4/9 of the bytes written
+    instead of 10/22)."""
     read_only = bytes_moved - 2 * bytes_written  # bytes read and not written back
     if read_only <= 0:
         raise ValueError(f"the probe needs a read-only stream: {bytes_moved} bytes moved, {bytes_written} written")
-    written = max(1, min(STREAM_PROBE_MAX_WRITTEN, round(bytes_written / read_only)))
-    return bytes_moved / (1 + 2 * written), written
+    ratio = bytes_written / read_only
+    if ratio <= 1 or ratio >= STREAM_PROBE_MAX_WRITTEN or ratio == int(ratio):
+        written = max(1, min(STREAM_PROBE_MAX_WRITTEN, round(ratio)))
+        return [(bytes_moved / (1 + 2 * written), written)]
+    low = int(ratio)
+    # Read-only bytes x_low + x_high = read_only, written x_low * low + x_high * (low + 1) = bytes_written.
+    high_bytes = bytes_written - read_only * low
+    return [(read_only - high_bytes, low), (high_bytes, low + 1)]
 
 
-def roofline_probe(params: list[torch.Tensor], bytes_moved: int, bytes_written: int) -> Callable[[], object]:
+def roofline_probe(
+    params: list[torch.Tensor], bytes_moved: float | Sequence[float], bytes_written: float | Sequence[float]
+) -> Callable[[], object]:
     """A streaming loop over float32 buffers sized from ``params``: one buffer read, and some
     read and written, per element (see ``rsoptim_core::roofline``), moving ``bytes_moved`` bytes
-    per param element (``probe_layout``). The probe moves bytes; their type does not matter."""
-    buffer_bytes, written = probe_layout(bytes_moved, bytes_written)
-    buffers = [torch.empty(math.ceil(p.numel() * buffer_bytes / 4)) for p in params]
-    read = [torch.zeros_like(b) for b in buffers]
-    outs = [[torch.zeros_like(b) for b in buffers] for _ in range(written)]
-    numels = pack(b.numel() for b in buffers)
-    read_addrs = pack(t.data_ptr() for t in read)
-    out_addrs = [pack(t.data_ptr() for t in col) for col in outs]
+    per param element, ``bytes_written`` of them written, or, given sequences, ``bytes_moved[i]``
+    bytes for param ``i`` (``bytes_written[i]`` written): ``probe_layouts`` of each param's bytes
+    per element, one probe call per number of written buffers, over every param that has buffers
+    in it. The probe moves bytes; their type does not matter."""
+    if not isinstance(bytes_moved, Sequence):  # per element, the same for every param
+        bytes_moved = [bytes_moved * p.numel() for p in params]
+        bytes_written = [bytes_written * p.numel() for p in params]  # type: ignore[operator]
+    calls: dict[int, list[list[torch.Tensor]]] = {}  # written buffers -> per tensor [read, *written]
+    for p, moved, written in zip(params, bytes_moved, bytes_written):
+        n = p.numel()
+        if n == 0:
+            continue
+        for buffer_bytes, w in probe_layouts(moved / n, written / n):
+            numel = max(1, round(n * buffer_bytes / 4))
+            calls.setdefault(w, []).append([torch.zeros(numel) for _ in range(1 + w)])
+    packed = []
+    for w, tensors in sorted(calls.items()):
+        numels = pack(t[0].numel() for t in tensors)
+        read_addrs = pack(t[0].data_ptr() for t in tensors)
+        out_addrs = [pack(t[1 + k].data_ptr() for t in tensors) for k in range(w)]
+        packed.append((numels, read_addrs, out_addrs))
 
     def run() -> None:
-        _rsoptim.stream_probe("float32", numels, read_addrs, out_addrs)
+        for numels, read_addrs, out_addrs in packed:
+            _rsoptim.stream_probe("float32", numels, read_addrs, out_addrs)
 
-    run.buffers = (read, outs)  # type: ignore[attr-defined]  # keep the buffers alive
+    run.buffers = calls  # type: ignore[attr-defined]  # keep the buffers alive
     return run
 
 
@@ -817,6 +1003,12 @@ class Row:
     #: Training-loop mode: every timed step (and roofline probe) followed an untimed
     #: forward/backward on the row's params (see TRAINING_LOOP_WORK).
     training_loop: bool = False
+    #: Bytes per step of the columns that move other bytes than rsoptim's (``bytes_per_step``):
+    #: the 8-bit rows' columns with float32 state or state in the param's dtype.
+    column_bytes: dict[str, int] = field(default_factory=dict)
+    #: The optimizer state each column keeps after its first step (``state_memory``), by label;
+    #: None where the row's implementations keep none (clip_grad_norm_).
+    state_memory: dict[str, dict[str, float | int | None]] | None = None
 
     @property
     def label(self) -> str:
@@ -824,7 +1016,7 @@ class Row:
         return f"{self.case} (training loop)" if self.training_loop else self.case
 
     def gbps(self, label: str) -> float:
-        return self.bytes_per_step / self.seconds[label] / 1e9
+        return self.column_bytes.get(label, self.bytes_per_step) / self.seconds[label] / 1e9
 
     @property
     def roofline_share(self) -> float | None:
@@ -870,21 +1062,60 @@ def row_json(row: Row) -> dict[str, object]:
 
 
 # Implementations whose failure on a row leaves their column out with a note instead of stopping
-# the run (DeepSpeed's op refuses some dtypes on some CPUs, e.g. bfloat16 without AVX-512).
-OPTIONAL_IMPLS = {DEEPSPEED}
+# the run (DeepSpeed's op refuses some dtypes on some CPUs, e.g. bfloat16 without AVX-512;
+# bitsandbytes' CPU path may refuse a dtype).
+OPTIONAL_IMPLS = {DEEPSPEED, BITSANDBYTES}
 
 
-def check_state_dtypes(label: str, step: Callable[[], object], expected: torch.dtype) -> None:
-    """The bytes a row counts assume every param-sized state buffer has the case's state dtype:
-    check it, after the first step has created the state."""
+def _optimizer_of(step: Callable[[], object]) -> torch.optim.Optimizer | None:
     optimizer = getattr(step, "__self__", None)
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def check_state_dtypes(label: str, step: Callable[[], object], expected: torch.dtype | Callable[[torch.Tensor], torch.dtype]) -> None:
+    """The bytes a row counts assume every param-sized state buffer has the case's state dtype
+    (``expected``, or ``expected(param)``: the 8-bit rows' codes are uint8 in large tensors,
+    their small tensors' moments float32): check it, after the first step has created the state."""
+    optimizer = _optimizer_of(step)
+    if optimizer is None:
         return  # clip_grad_norm_ keeps no state
     for p, state in optimizer.state.items():
         for key, value in state.items():
-            wanted = torch.float32 if key == "master_param" else expected
+            wanted = torch.float32 if key == "master_param" else expected if isinstance(expected, torch.dtype) else expected(p)
             if key != "step" and isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dtype != wanted:
                 raise RuntimeError(f"{label} keeps {key} in {value.dtype}, not {wanted}: its bytes per step would differ from the row's")
+
+
+def state_memory(step: Callable[[], object], params: list[torch.Tensor]) -> dict[str, float | int | None] | None:
+    """The optimizer state a step function's optimizer keeps for ``params`` (None: no optimizer):
+    the bytes of every tensor in its ``state``, each storage counted once (the 8-bit optimizers'
+    code tables, ``qmap1``/``qmap2``, are shared by their params; a view counts its whole
+    storage), per param element, over all params and over those of at least MIN_8BIT_SIZE
+    elements (the tensors that get 8-bit state; a shared tensor counts with the first param that
+    holds it). A step count kept as a Python int (bitsandbytes) is no tensor and counts 0 bytes."""
+    optimizer = _optimizer_of(step)
+    if optimizer is None:
+        return None
+    seen: set[tuple[int, str]] = set()
+    total = large = 0
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if not isinstance(value, torch.Tensor):
+                continue
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), str(value.device))
+            if storage.nbytes() == 0 or key in seen:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+            large += storage.nbytes() if p.numel() >= MIN_8BIT_SIZE else 0
+    elements = sum(p.numel() for p in params)
+    large_elements = sum(p.numel() for p in params if p.numel() >= MIN_8BIT_SIZE)
+    return {
+        "bytes": total,
+        "bytes_per_param": total / elements if elements else None,
+        "bytes_per_param_8bit_size": large / large_elements if large_elements else None,
+    }
 
 
 def build_steps(
@@ -893,7 +1124,6 @@ def build_steps(
     """Each implementation's step function on ``params``, each stepped once (after ``prepare()``,
     the case's untimed preparation built on ``params``, and checked by ``case.check``), and a note
     for each optional implementation left out (``where`` names the row in it)."""
-    state_dtype = torch.float32 if case.float32_state_buffers else params[0].dtype
     fns: dict[str, Callable[[], object]] = {}
     notes = []
     for label, build in case.impls.items():
@@ -901,7 +1131,7 @@ def build_steps(
             fn = build(params)
             # The first step creates the state (and shows a dtype the implementation refuses).
             timed_calls(fn, 1, prepare, case.check)
-            check_state_dtypes(label, fn, state_dtype)
+            check_state_dtypes(label, fn, case.column(label).state_dtype)
         except Exception as e:
             if label not in OPTIONAL_IMPLS:
                 raise
@@ -930,21 +1160,29 @@ def run_row(
         prepare = forward_backward if prepare is None else _then(forward_backward, prepare)
     fns, notes = build_steps(case, params, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)
     impls = list(fns)
-    itemsize = params[0].element_size()
-    bytes_per_element = case.bytes_per_element(itemsize)
+    memory = {label: state_memory(fn, params) for label, fn in fns.items()}
+    traffic = case.traffic(params)
     if case.roofline_written is not None:
-        fns["roofline"] = roofline_probe(params, bytes_per_element, case.bytes_written_per_element(itemsize))
+        fns["roofline"] = roofline_probe(params, [moved for moved, _ in traffic], [written for _, written in traffic])  # type: ignore[misc]
     elements = sum(p.numel() for p in params)
+    bytes_per_step = sum(moved for moved, _ in traffic)
+    column_bytes = {label: sum(moved for moved, _ in case.column(label).traffic(params)) for label in impls if label in case.column_traffic}
     prepares = {label: prepare for label in impls} if prepare is not None else {}
     checks = {label: case.check for label in impls} if case.check is not None else None
     if forward_backward is not None:
         if "roofline" in fns:
             prepares["roofline"] = forward_backward  # the probe, too, right after the forward/backward
         seconds = time_interleaved(
-            fns, TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats, warmup, target_s=TRAINING_LOOP_TARGET_S, prepare=prepares, check=checks
+            fns,
+            TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats,
+            warmup,
+            target_s=TRAINING_LOOP_TARGET_S,
+            prepare=prepares,
+            check=checks,
+            limits=SAMPLE_LIMITS,
         )
     else:
-        seconds = time_interleaved(fns, repeats, warmup, target_s=0.02, prepare=prepares or None, check=checks)
+        seconds = time_interleaved(fns, repeats, warmup, target_s=0.02, prepare=prepares or None, check=checks, limits=SAMPLE_LIMITS)
     roofline = seconds.pop("roofline", None)
     row = Row(
         case=case.name,
@@ -953,11 +1191,13 @@ def run_row(
         threads=threads,
         tensors=len(params),
         elements=elements,
-        bytes_per_step=elements * bytes_per_element,
+        bytes_per_step=bytes_per_step,
         seconds=seconds,
         roofline_seconds=roofline,
         notes=notes,
         training_loop=training_loop,
+        column_bytes=column_bytes,
+        state_memory=memory if any(m is not None for m in memory.values()) else None,
     )
     row.ratios = {label: s / seconds["rsoptim"] for label, s in seconds.items() if label != "rsoptim"}
     if row.measurement_error:
@@ -1023,12 +1263,11 @@ def size_sweep(
             notes += left_out
             for label in [k for k in impls if k not in fns]:
                 del impls[label]  # left out for the rest of this dtype: one note, not one per size
-            itemsize = params[0].element_size()
-            fns["roofline"] = roofline_probe(params, case.bytes_per_element(itemsize), case.bytes_written_per_element(itemsize))
+            ((bytes_moved, bytes_written),) = case.traffic(params)
+            fns["roofline"] = roofline_probe(params, [bytes_moved], [bytes_written])  # type: ignore[list-item]
             seconds = time_interleaved(fns, repeats, 1, target_s=0.01)
-            bytes_moved = n * case.bytes_per_element(itemsize)
             gbps = {label: bytes_moved / s / 1e9 for label, s in seconds.items()}
-            points.append({"dtype": dtype_name, "elements": n, "bytes_per_element": case.bytes_per_element(itemsize), **gbps})
+            points.append({"dtype": dtype_name, "elements": n, "bytes_per_element": case.bytes_per_element(params[0].element_size()), **gbps})
             del fns, params
     return points, notes
 
@@ -1103,14 +1342,16 @@ def machine_info(threads: list[int]) -> dict[str, object]:
     }
 
 
+#: Column names in the table's header.
+SHORT_LABELS = {DEEPSPEED: "DeepSpeed", RSOPTIM_FP32_STATE: "rs fp32", BITSANDBYTES: "bnb"}
+
+
 def format_table(rows: list[Row]) -> str:
     others = ["torch fused", "torch foreach", "torch for-loop"]
-    if any(DEEPSPEED in r.ratios for r in rows):
-        others.append(DEEPSPEED)
-    short = {DEEPSPEED: "DeepSpeed"}
+    others += [label for label in (DEEPSPEED, RSOPTIM_FP32_STATE, BITSANDBYTES) if any(label in r.ratios for r in rows)]
     width = max([27, *(len(r.label) for r in rows)])
     head = f"{'case':<{width}} {'workload':<11} {'thr':>3} {'rsoptim ms':>10} {'GB/s':>6} {'%roof':>6} "
-    head += "".join(f" {'x ' + short.get(label, label.replace('torch ', '')):>11}" for label in others)
+    head += "".join(f" {'x ' + SHORT_LABELS.get(label, label.replace('torch ', '')):>11}" for label in others)
     lines = [head, "-" * len(head)]
     for r in rows:
         line = f"{r.label:<{width}} {r.workload:<11} {r.threads:>3} {1e3 * r.seconds['rsoptim']:>10.3f} {r.gbps('rsoptim'):>6.1f} {roofline_cell(r)}"
@@ -1119,8 +1360,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(line)
     lines.append("")
     lines.append(
-        "x fused / x foreach / x for-loop"
-        + (" / x DeepSpeed" if DEEPSPEED in others else "")
+        " / ".join("x " + SHORT_LABELS.get(label, label.replace("torch ", "")) for label in others)
         + ": the other implementation's time over rsoptim's (higher is better for rsoptim)."
     )
     lines.append("%roof: rsoptim's speed as a share of the roofline probe's (same bytes, tensors and threads).")
@@ -1145,6 +1385,18 @@ def format_table(rows: list[Row]) -> str:
             "AdamW fp32 state: rsoptim.AdamW(state_dtype=torch.float32) and DeepSpeedCPUAdam(adamw_mode=True, "
             "fp32_optimizer_states=True): half params, float32 moments."
         )
+    if any(r.case in BITSANDBYTES_CASES for r in rows):
+        lines.append(
+            f"8-bit rows: rsoptim.Adam8bit/AdamW8bit (8-bit moments in tensors of >= {MIN_8BIT_SIZE} elements, float32 "
+            "below; GB/s and %roof on their bytes, counted tensor by tensor) against torch's Adam/AdamW (state in the param's dtype), "
+            "rsoptim.Adam/AdamW(state_dtype=torch.float32) (x rs fp32)"
+            + (
+                f" and bitsandbytes' CPU Adam8bit/AdamW8bit (x bnb; at most {SAMPLE_LIMITS[BITSANDBYTES]} samples, no warm-up calls)"
+                if BITSANDBYTES in others
+                else ""
+            )
+            + ", same hyperparameters; the state each keeps is listed below the table."
+        )
     if any(r.training_loop for r in rows):
         lines.append(
             "(training loop): before every timed step of every implementation (and every roofline probe), the same untimed "
@@ -1153,6 +1405,32 @@ def format_table(rows: list[Row]) -> str:
             f"samples of ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms of consecutive (forward/backward, step) iterations of one implementation, "
             f"interleaved, {TRAINING_LOOP_SAMPLES_PER_REPEAT} x --repeats samples each, medians."
         )
+    return "\n".join(lines)
+
+
+def format_state_memory(rows: list[Row]) -> str:
+    """The optimizer state of each column of the 8-bit rows, in bytes per param element."""
+    rows = [r for r in rows if r.case in BITSANDBYTES_CASES and r.state_memory]
+    if not rows:
+        return ""
+    measured = {label for r in rows for label in r.state_memory or {}}
+    labels = [label for label in ("rsoptim", "torch fused", "torch foreach", "torch for-loop", RSOPTIM_FP32_STATE, BITSANDBYTES) if label in measured]
+    lines = [
+        f"Optimizer state, bytes per param element: all params / params of >= {MIN_8BIT_SIZE} elements (every tensor in "
+        "optimizer.state after the first step, a tensor shared by params counted once):"
+    ]
+    width = max(len(r.label) for r in rows)
+    lines.append(f"  {'case':<{width}} {'workload':<11} {'dtype':<9}" + "".join(f" {SHORT_LABELS.get(label, label):>15}" for label in labels))
+    for r in rows:
+        cells = []
+        for label in labels:
+            m = (r.state_memory or {}).get(label)
+            if m is None or m["bytes_per_param"] is None:
+                cells.append(f" {'-':>15}")
+                continue
+            large = m["bytes_per_param_8bit_size"]
+            cells.append(f" {m['bytes_per_param']:>7.3f} / " + (f"{large:<5.3f}" if large is not None else f"{'-':<5}"))
+        lines.append(f"  {r.label:<{width}} {r.workload:<11} {r.dtype:<9}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -1195,6 +1473,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the allocation measurement")
     parser.add_argument("--no-deepspeed", action="store_true", help=f"leave out the {DEEPSPEED} column (deepspeed is not imported)")
+    parser.add_argument(
+        "--no-bitsandbytes", action="store_true", help=f"leave out the {BITSANDBYTES} column of the 8-bit rows (bitsandbytes is not imported)"
+    )
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -1262,7 +1543,16 @@ def main(argv: list[str] | None = None) -> int:
     if deepspeed.note:
         progress.note(deepspeed.note)
     machine["deepspeed"] = deepspeed.version if deepspeed.optimizer is not None else None
-    all_cases = {c.name: c for c in cases(deepspeed.optimizer)}
+    if args.no_bitsandbytes:
+        bnb = BitsAndBytesColumn(note=f"{BITSANDBYTES} column left out: --no-bitsandbytes")
+    elif any(name in BITSANDBYTES_CASES for name, _, _ in named_plan):
+        bnb = load_bitsandbytes()
+    else:
+        bnb = BitsAndBytesColumn()  # no row would have the column
+    if bnb.note:
+        progress.note(bnb.note)
+    machine["bitsandbytes"] = bnb.version if bnb.optim is not None else None
+    all_cases = {c.name: c for c in cases(deepspeed.optimizer, bnb.optim)}
 
     rows = []
     for name, workload, threads in named_plan:
@@ -1298,7 +1588,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.note(note)
         plot(points, args.plot, machine, max_threads)
     progress.close()
-    notes = ([deepspeed.note] if deepspeed.note else []) + [n for r in rows for n in r.notes] + [n for r in e2e for n in r.notes] + sweep_notes
+    notes = [c.note for c in (deepspeed, bnb) if c.note] + [n for r in rows for n in r.notes] + [n for r in e2e for n in r.notes] + sweep_notes
 
     if args.json:
         out = {
@@ -1316,15 +1606,20 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(out, sys.stdout, indent=2)
         print()
         return 0
-    deepspeed_version = f", deepspeed {deepspeed.version}" if deepspeed.optimizer is not None else ""
+    versions = f", deepspeed {deepspeed.version}" if deepspeed.optimizer is not None else ""
+    versions += f", bitsandbytes {bnb.version}" if bnb.optim is not None else ""
     print(
-        f"rsoptim {machine['rsoptim']} vs torch {machine['torch']}{deepspeed_version} on {machine['cpu']} "
+        f"rsoptim {machine['rsoptim']} vs torch {machine['torch']}{versions} on {machine['cpu']} "
         f"({machine['cores']} cores), threads {machine['threads']}, SIMD path {machine['simd']}, "
         f"parallel regions on {machine['backend']}, Python {machine['python']}, params {args.dtype}\n"
     )
     print(format_table(rows))
     for note in notes:
         print(f"Note: {note}")
+    state_table = format_state_memory(rows)
+    if state_table:
+        print()
+        print(state_table)
     print()
     print(format_torch_times(rows))
     if e2e:
