@@ -875,7 +875,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         elif saved["state1"].dtype == torch.uint8:
             qmap1, qmap2 = self._qmaps(device)
             ours = _same_table(saved.get("qmap1"), qmap1) and _same_table(saved.get("qmap2"), qmap2)
-            block = _saved_block(local(p).numel() if is_dtensor(p) else p.numel(), saved)
+            # (A DTensor's state is this optimizer's own: blocks of 256 over each local shard.)
+            block = QUANT_BLOCK if is_dtensor(p) else _saved_block(p.numel(), saved)
             if ours and block == QUANT_BLOCK and self._gets_8bit_state(p, group):
                 # Our codes: kept as they are (a resumed run is bitwise an uninterrupted one).
                 for key in ("state1", "state2"):
