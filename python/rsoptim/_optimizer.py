@@ -95,20 +95,29 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     """A group's options as values of built-in types (and plain tensors), read once: reading a
     subclass's value (a float subclass's ``__float__``, a Tensor subclass's ``item()``) may run
     arbitrary code, and none may run once addresses have been handed over (it could free them).
-    ``step`` takes this copy before anything is checked or packed."""
-    return {key: value if key == "params" else _plain(value) for key, value in group.items()}
+    ``step`` takes this before anything is checked or packed: the group itself where every
+    option is plain already (the usual case, no copy per step), else a copy."""
+    plain = {key: value if key == "params" else _plain(value) for key, value in group.items()}
+    return group if all(plain[key] is value for key, value in group.items()) else plain
+
+
+#: Option types that run no user code when read.
+_PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.Tensor)
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
+    """``value`` itself if it is of a plain type, else its value as one."""
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, (tuple, list)):
-        return type(value)(map(_plain, value)) if type(value) in (tuple, list) else tuple(map(_plain, value))
-    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+        items = [_plain(v) for v in value]
+        if type(value) in (tuple, list) and all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(items) if type(value) in (tuple, list) else tuple(items)
+    for plain_type in (bool, int, float):  # (bool before int: bool is an int)
+        if isinstance(value, plain_type):
+            return plain_type(value)
+    if isinstance(value, torch.Tensor):
         return value.detach().as_subclass(torch.Tensor)
     return value
 

@@ -383,13 +383,13 @@ class _KernelTensors:
         needs a copy that ``may_copy`` forbids). What is held is a detached alias of ``t``: its
         sizes and storage stay those checked here whatever code runs later (``p.data = ...``).
         Only plain tensors are handed to the kernels: a subclass may report sizes its memory
-        does not have (torch's ops, which read the real ones, step it)."""
+        does not have (torch's ops, which read the real ones, step it). That its memory holds
+        every element, ``step`` checked (``_check_param_and_state``) before anything ran."""
         if type(t) not in PLAIN_TENSOR_TYPES:
             return False
         t = t.detach()
         if not (t.device.type == "cpu" and t.dtype == dtype and t.shape == torch.Size(shape) and t.layout == torch.strided):
             return False
-        check_storage(t, role)
         if t.is_contiguous() and not t.is_neg() and not t.is_conj():
             self.buffers[role] = t
             return True
@@ -949,15 +949,12 @@ def _saved_block(numel: int, saved: dict[str, Any]) -> int:
 
 def _check_saved_state(p: torch.Tensor, saved: dict[str, Any], name: str) -> None:
     """Refuses a param's saved state that cannot be loaded for ``p``, before anything is loaded."""
-    numel = local(p).numel() if is_dtensor(p) else p.numel()
-
-    def count(t: Any) -> int:
-        return local(t).numel() if is_dtensor(t) else t.numel()
+    numel = local(p).numel()  # (a DTensor's state is checked shard by shard)
 
     if "exp_avg" in saved:
         for key in ("exp_avg", "exp_avg_sq"):
             t = saved.get(key)
-            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and count(t) == numel):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and local(t).numel() == numel):
                 raise ValueError(f"{name}: saved state[{key!r}] is not a floating tensor of the param's {numel} elements")
         return
     state1, state2 = saved.get("state1"), saved.get("state2")
@@ -966,8 +963,9 @@ def _check_saved_state(p: torch.Tensor, saved: dict[str, Any], name: str) -> Non
             f"{name} cannot load a param state with keys {sorted(saved)}: neither torch.optim.Adam's "
             "(exp_avg, exp_avg_sq) nor its own (state1, state2)"
         )
-    if count(state1) != numel or count(state2) != numel:
-        raise ValueError(f"{name}: saved state1/state2 have {count(state1)}/{count(state2)} elements, the param {numel}")
+    counts = local(state1).numel(), local(state2).numel()
+    if counts != (numel, numel):
+        raise ValueError(f"{name}: saved state1/state2 have {counts[0]}/{counts[1]} elements, the param {numel}")
     if state1.is_floating_point() and state2.is_floating_point():
         return  # plain moments (a small param's)
     if not (state1.dtype == torch.uint8 and state2.dtype == torch.uint8):
