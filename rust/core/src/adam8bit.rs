@@ -6,9 +6,10 @@
 //! over the memory, 16 bytes per float32 element instead of Adam's 28.
 //!
 //! The codes are small floats read straight off float32 bit patterns (see [`codes`]), so that
-//! encoding and decoding are a few integer operations that vectorise on every SIMD path with
-//! exactly the same results (bitsandbytes' decimal "dynamic" map needs a search per value, which
-//! costs more than the whole memory-bound step on a CPU).
+//! encoding and decoding are a few integer operations per 8 values (AVX2 intrinsics on x86-64,
+//! the per-element functions elsewhere), with exactly the same results on every SIMD path
+//! (bitsandbytes' decimal "dynamic" map needs a search per value, which costs more than the
+//! whole memory-bound step on a CPU).
 
 use crate::adam::{AdamHyper, AdamScalars};
 use crate::block::{load_grad_block, scratch, ParamOut, Rounding, BLOCK};
@@ -26,75 +27,7 @@ pub fn quant_blocks(numel: usize) -> usize {
     numel.div_ceil(QUANT_BLOCK)
 }
 
-/// The 8-bit codes. A value is encoded relative to its block's scale (`y = x / scale`, so
-/// `|y| <= 1`): the code keeps its float32 exponent and the top 3 bits of its mantissa, rounded
-/// to nearest (ties away from zero) by adding half a unit before truncating, so that code order
-/// is value order and 1.0 has a code of its own.
-///
-/// - First moment, signed: 127 magnitudes from 2^-16 * 1.25 to 1.0 (4.7 decades, 8 per
-///   binade) and zero, each with a sign: code 0 is -1.0, 127 is -0.0, 128 is +0.0, 255 is +1.0.
-/// - Second moment, unsigned: 255 values from 2^-32 * 1.25 to 1.0 (9.5 decades) and zero.
-///
-/// Magnitudes below the smallest code's lower half-unit become zero, except positive second
-/// moments, which take the smallest code. Decoding is exact.
-///
-/// The second moment gets twice the first's range in binades because it is a square: an element
-/// whose grads are too small for its block's second-moment codes has a first moment too small
-/// for the first-moment codes too. With a narrower second-moment range, a grad that stops would
-/// leave a first moment over a zero second moment: an update of `lr * m / eps`.
-pub mod codes {
-    /// `1.0f32.to_bits() >> 20`: the rounded 12-bit (exponent, 3 mantissa bits) key of 1.0.
-    const ONE_KEY: u32 = 0x3F80_0000 >> 20;
-    /// Keys above `ONE_KEY - 127` are signed magnitudes 1..=127; those above `ONE_KEY - 255`
-    /// unsigned codes 1..=255.
-    const SIGNED_KEY_BIAS: u32 = ONE_KEY - 127;
-    const UNSIGNED_KEY_BIAS: u32 = ONE_KEY - 255;
-
-    /// The rounded key of `|y|`, `|y|` clamped to 1.0 (NaN too: its bits are above 1.0's).
-    #[inline(always)]
-    fn key(y: f32) -> u32 {
-        let magnitude = (y.to_bits() & 0x7FFF_FFFF).min(0x3F80_0000);
-        (magnitude + (1 << 19)) >> 20
-    }
-
-    /// The XOR that maps a signed magnitude to its code and back: the sign bit set for
-    /// positive values, all other bits flipped for negative ones (so codes sort by value).
-    #[inline(always)]
-    fn sign_flip(negative: u32) -> u32 {
-        0x80 ^ (negative * 0xFF)
-    }
-
-    #[inline(always)]
-    pub fn encode_signed(y: f32) -> u8 {
-        let negative = y.to_bits() >> 31;
-        let magnitude = key(y).saturating_sub(SIGNED_KEY_BIAS);
-        (magnitude ^ sign_flip(negative)) as u8
-    }
-
-    #[inline(always)]
-    pub fn decode_signed(code: u8) -> f32 {
-        let code = code as u32;
-        let negative = (code < 128) as u32;
-        let magnitude = code ^ sign_flip(negative);
-        let bits = if magnitude == 0 { 0 } else { (magnitude + SIGNED_KEY_BIAS) << 20 };
-        f32::from_bits(bits | negative << 31)
-    }
-
-    /// As the other codes, except that a positive value never encodes as zero: it takes the
-    /// smallest code instead. A second moment decoded as zero under a non-zero first moment
-    /// would make an update of `lr * m / eps` (a grad spike in a block pushes its neighbours'
-    /// second moments below the smallest code, and their first moments decay faster).
-    #[inline(always)]
-    pub fn encode_unsigned(y: f32) -> u8 {
-        key(y).saturating_sub(UNSIGNED_KEY_BIAS).max((y > 0.0) as u32) as u8
-    }
-
-    #[inline(always)]
-    pub fn decode_unsigned(code: u8) -> f32 {
-        let code = code as u32;
-        f32::from_bits(if code == 0 { 0 } else { (code + UNSIGNED_KEY_BIAS) << 20 })
-    }
-}
+pub mod codes;
 
 /// One param's buffers: the param and grad, each moment's codes (one per element) and scales
 /// (one per [`QUANT_BLOCK`] elements, [`quant_blocks`] of them), the step count, and as for
@@ -169,35 +102,46 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
                 }
             };
             let params = param.block(isa, start, end, &mut p[..len]);
-            let (m_scale, v_scale) = (m_scales[b], v_scales[b]);
-            // The moments are decoded as they are read, and kept unrounded for the encoding; the
-            // largest magnitudes are taken on the way, on the bit patterns (see `largest`).
-            let (mut m_largest, mut v_largest) = (0, 0);
-            for i in 0..len {
-                let m_old = scaled(codes::decode_signed(m_codes[i]), m_scale);
-                let v_old = scaled(codes::decode_unsigned(v_codes[i]), v_scale);
-                let (p_new, m_new, v_new) = k.moments::<L2>(params[i], grads[i], m_old, v_old);
-                params[i] = k.param_update(p_new, m_new, v_new);
-                (m[i], v[i]) = (m_new, v_new);
-                m_largest = m_largest.max(magnitude_bits(m_new));
-                v_largest = v_largest.max(magnitude_bits(v_new));
-            }
+            codes::decode_signed_block(isa, m_codes, m_scales[b], m);
+            codes::decode_unsigned_block(isa, v_codes, v_scales[b], v);
+            // A whole block (all but a tensor's last) is updated by a loop of known length,
+            // which LLVM vectorises without a scalar tail.
+            let (m_largest, v_largest) = if len == QUANT_BLOCK {
+                update_block::<L2>(&k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v)
+            } else {
+                update_block::<L2>(&k, params, grads, m, v)
+            };
             param.unblock(isa, start, end, &p[..len]);
-            m_scales[b] = encode_block(m, f32::from_bits(m_largest), m_codes, codes::encode_signed);
-            v_scales[b] = encode_block(v, f32::from_bits(v_largest), v_codes, codes::encode_unsigned);
+            // The largest magnitudes are the new scales.
+            let (m_scale, v_scale) = (f32::from_bits(m_largest), f32::from_bits(v_largest));
+            codes::encode_signed_block(isa, m, inverse(m_scale), m_codes);
+            codes::encode_unsigned_block(isa, v, inverse(v_scale), v_codes);
+            (m_scales[b], v_scales[b]) = (m_scale, v_scale);
         }
     }
 }
 
-/// A decoded value times its block's scale; zero stays zero whatever the scale (an infinite
-/// scale, from one element whose square overflowed, leaves the block's zeros zero, not NaN).
+/// Adam's float32 update of one block in place, the moments decoded into `m` and `v`, in
+/// torch's order of operations. Returns the bits of the largest new magnitudes (see `largest`).
 #[inline(always)]
-fn scaled(decoded: f32, scale: f32) -> f32 {
-    if decoded == 0.0 {
-        decoded
-    } else {
-        decoded * scale
+fn update_block<const L2: bool>(
+    k: &AdamScalars<f32>,
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> (u32, u32) {
+    let n = params.len();
+    let (grads, m, v) = (&grads[..n], &mut m[..n], &mut v[..n]);
+    let (mut m_largest, mut v_largest) = (0, 0);
+    for i in 0..n {
+        let (p_new, m_new, v_new) = k.moments::<L2>(params[i], grads[i], m[i], v[i]);
+        params[i] = k.param_update(p_new, m_new, v_new);
+        (m[i], v[i]) = (m_new, v_new);
+        m_largest = m_largest.max(magnitude_bits(m_new));
+        v_largest = v_largest.max(magnitude_bits(v_new));
     }
+    (m_largest, v_largest)
 }
 
 /// The bits of `|x|`. Magnitudes sort as these do, so the largest magnitude of a block is an
@@ -207,16 +151,16 @@ fn magnitude_bits(x: f32) -> u32 {
     x.to_bits() & 0x7FFF_FFFF
 }
 
-/// Encodes `values` relative to `scale`, their largest magnitude, and returns it (the block's
-/// scale). A block of zeros has scale 0 and decodes to zeros; a non-finite scale makes the
-/// whole block decode to non-finite values (a NaN or infinity spreads to its block).
+/// What a block's values are multiplied by to be encoded: `1 / scale`. A block of zeros has
+/// scale 0 and decodes to zeros; a non-finite scale makes the whole block decode to non-finite
+/// values (a NaN or infinity spreads to its block).
 #[inline(always)]
-fn encode_block(values: &[f32], scale: f32, codes: &mut [u8], encode: impl Fn(f32) -> u8) -> f32 {
-    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    for (c, &x) in codes.iter_mut().zip(values) {
-        *c = encode(x * inverse);
+fn inverse(scale: f32) -> f32 {
+    if scale > 0.0 {
+        1.0 / scale
+    } else {
+        0.0
     }
-    scale
 }
 
 fn check<P: Element<Math = f32>>(tensors: &[Adam8bitTensor<'_, P>], h: &AdamHyper) -> Result<(), Error> {
@@ -268,28 +212,4 @@ pub fn adam8bit_step<P: Element<Math = f32>>(
         true => dispatch(simd, Adam8bitKernel::<P, true>(job)),
     });
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::codes::*;
-
-    #[test]
-    fn every_code_decodes_to_a_value_that_encodes_back_to_it() {
-        for c in 0..=255u8 {
-            let y = decode_signed(c);
-            assert_eq!(encode_signed(y), c, "signed {c}: {y}");
-            let y = decode_unsigned(c);
-            assert_eq!(encode_unsigned(y), c, "unsigned {c}: {y}");
-        }
-    }
-
-    #[test]
-    fn codes_sort_as_their_values() {
-        for c in 0..255u8 {
-            assert!(decode_signed(c) <= decode_signed(c + 1));
-            assert!(decode_unsigned(c) < decode_unsigned(c + 1));
-        }
-        assert_eq!((decode_signed(0), decode_signed(255), decode_unsigned(255)), (-1.0, 1.0, 1.0));
-    }
 }

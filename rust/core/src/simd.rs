@@ -150,6 +150,14 @@ pub trait Kernel {
 /// intrinsics. Only the block conversions between float16 and float32 differ between ISAs: the
 /// other loops are vectorised by LLVM from the same source.
 pub trait Isa: Copy {
+    /// The AVX2 token where this ISA includes AVX2 (the AVX-512 one does), for the few loops
+    /// written with AVX2 intrinsics.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn avx2(self) -> Option<Avx2> {
+        None
+    }
+
     /// `dst[i] = src[i]` exactly, float16 to float32.
     #[inline(always)]
     fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
@@ -204,6 +212,11 @@ const ROUND_NEAREST_EVEN_NO_EXC: i32 = ROUND_NEAREST_EVEN | std::arch::x86_64::_
 #[cfg(target_arch = "x86_64")]
 impl Isa for Avx2 {
     #[inline(always)]
+    fn avx2(self) -> Option<Avx2> {
+        Some(self)
+    }
+
+    #[inline(always)]
     fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
         use std::arch::x86_64::*;
         let n = src.len().min(dst.len());
@@ -239,6 +252,11 @@ impl Isa for Avx2 {
 
 #[cfg(target_arch = "x86_64")]
 impl Isa for Avx512 {
+    #[inline(always)]
+    fn avx2(self) -> Option<Avx2> {
+        Some(Avx2(())) // AVX-512 as checked here includes AVX2 (`is_available`)
+    }
+
     #[inline(always)]
     fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
         use std::arch::x86_64::*;
