@@ -75,10 +75,14 @@ def fits_storage(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` lies inside its storage. A storage resized in place
     (``untyped_storage().resize_()``) can be smaller than its tensors: torch's own ops then read
     and write out of bounds; rsoptim refuses to hand such memory to the kernels."""
-    if t.numel() == 0:
+    numel = t.numel()
+    if numel == 0:
         return True
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+    if t.is_contiguous():  # (the common case, without a loop over the dims)
+        end = t.storage_offset() + numel
+    else:
+        end = t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return end * t.element_size() <= t.untyped_storage().nbytes()
 
 
 def check_storage(t: torch.Tensor, role: str) -> None:

@@ -40,7 +40,15 @@ from torch.optim.optimizer import ParamsT, _get_scalar_dtype, _to_scalar
 from . import _rsoptim
 from ._columns import pack
 from ._distributed import check_grad, is_dtensor, local, same_layout
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, check_storage, is_step_count, step_dtype_name
+from ._layout import (
+    HALF_DTYPES,
+    KERNEL_DTYPES,
+    PLAIN_TENSOR_TYPES,
+    check_storage,
+    fits_storage,
+    is_step_count,
+    step_dtype_name,
+)
 from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar
 from ._threads import follow_torch
 
@@ -388,7 +396,7 @@ class _KernelTensors:
         if type(t) not in PLAIN_TENSOR_TYPES:
             return False
         t = t.detach()
-        if not (t.device.type == "cpu" and t.dtype == dtype and t.shape == torch.Size(shape) and t.layout == torch.strided):
+        if not (t.is_cpu and t.dtype == dtype and t.shape == shape and t.layout == torch.strided):
             return False
         if t.is_contiguous() and not t.is_neg() and not t.is_conj():
             self.buffers[role] = t
@@ -611,8 +619,11 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             )
         state = self.state.get(p, {})
         for role, t in (("a param", p), ("a grad", grad), *state.items()):
-            if isinstance(t, torch.Tensor) and local(t).device.type == "cpu":
-                check_storage(local(t), role if role in ("a param", "a grad") else f"state[{role!r}]")
+            # (The code tables are read by no step.)
+            if isinstance(t, torch.Tensor) and role not in ("qmap1", "qmap2"):
+                t = local(t)
+                if t.is_cpu and not fits_storage(t):
+                    check_storage(t, role if role in ("a param", "a grad") else f"state[{role!r}]")
         if is_8bit_state(state):
             self._check_8bit_state(p, state, name)
 
@@ -633,7 +644,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             ("absmax2", torch.float32, (blocks,)),
         ):
             t = shard.get(key)
-            if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == torch.Size(shape)):
+            if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape):
                 found = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 # (A RuntimeError, as torch's ops raise for state of the wrong size.)
                 raise RuntimeError(
