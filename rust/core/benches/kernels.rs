@@ -17,9 +17,9 @@
 //! bytes/elem), with float32 state (22), with a float32 master copy (30: the master is read and
 //! written besides the param), and with stochastic rounding (14).
 //!
-//! 8-bit states (`adam8bit_f32`): AdamW with float32 params and block-wise 8-bit moments (16
-//! bytes/elem: p, g read; p written; a byte of each moment read and written; the block scales
-//! are 0.03 more).
+//! 8-bit states (`adam8bit_f32`, `adam8bit_bf16`): AdamW with float32 (bfloat16) params and
+//! block-wise 8-bit moments (16 (10) bytes/elem: p, g read; p written; a byte of each moment read
+//! and written; the block scales are 0.03 more).
 //!
 //! Runs on one thread by default, so the paths compare like for like; set
 //! `RSOPTIM_BENCH_THREADS=n` for a pool of `n`. Samples are few and short so the whole run stays
@@ -112,13 +112,18 @@ fn bench_adam(c: &mut Criterion, name: &str, hyper: AdamHyper, bytes_per_elem: u
 }
 
 fn adam8bit(c: &mut Criterion) {
+    bench_adam8bit::<f32>(c, "adam8bit_f32", 16);
+    bench_adam8bit::<bf16>(c, "adam8bit_bf16", 10);
+}
+
+fn bench_adam8bit<P: Element<Math = f32>>(c: &mut Criterion, name: &str, bytes_per_elem: u64) {
     let hyper = AdamHyper { weight_decay: 1e-2, decoupled_weight_decay: true, ..AdamHyper::default() };
     let execs = executors();
-    let mut group = new_group(c, "adam8bit_f32");
+    let mut group = new_group(c, name);
     for (n, label) in SIZES {
-        group.throughput(Throughput::Bytes(n as u64 * 16));
-        let mut p = data(n, 1);
-        let g = data(n, 2);
+        group.throughput(Throughput::Bytes(n as u64 * bytes_per_elem));
+        let mut p: Vec<P> = data(n, 1).into_iter().map(P::store).collect();
+        let g: Vec<P> = data(n, 2).into_iter().map(P::store).collect();
         let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
         let (mut m_scales, mut v_scales) = (vec![0.0f32; quant_blocks(n)], vec![0.0f32; quant_blocks(n)]);
         let mut step = 0.0f32;
