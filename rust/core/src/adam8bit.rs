@@ -78,9 +78,12 @@ impl<P: Element<Math = f32>> Splittable for Adam8bitJob<'_, P> {
     }
 }
 
-struct Adam8bitKernel<'a, P: Element<Math = f32>, const L2: bool>(Adam8bitJob<'a, P>);
+/// The kernel, specialised on L2 decay and on a bias correction of 1 (see `param_update_with`).
+struct Adam8bitKernel<'a, P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool>(Adam8bitJob<'a, P>);
 
-impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2> {
+impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
+    for Adam8bitKernel<'_, P, L2, UNIT_CORRECTION>
+{
     type Output = ();
 
     #[inline(always)]
@@ -107,9 +110,9 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
             // A whole block (all but a tensor's last) is updated by a loop of known length,
             // which LLVM vectorises without a scalar tail.
             let (m_largest, v_largest) = if len == QUANT_BLOCK {
-                update_block::<L2>(&k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v)
+                update_block::<L2, UNIT_CORRECTION>(&k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v)
             } else {
-                update_block::<L2>(&k, params, grads, m, v)
+                update_block::<L2, UNIT_CORRECTION>(&k, params, grads, m, v)
             };
             param.unblock(isa, start, end, &p[..len]);
             // The largest magnitudes are the new scales.
@@ -124,7 +127,7 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
 /// Adam's float32 update of one block in place, the moments decoded into `m` and `v`, in
 /// torch's order of operations. Returns the bits of the largest new magnitudes (see `largest`).
 #[inline(always)]
-fn update_block<const L2: bool>(
+fn update_block<const L2: bool, const UNIT_CORRECTION: bool>(
     k: &AdamScalars<f32>,
     params: &mut [f32],
     grads: &[f32],
@@ -136,7 +139,7 @@ fn update_block<const L2: bool>(
     let (mut m_largest, mut v_largest) = (0, 0);
     for i in 0..n {
         let (p_new, m_new, v_new) = k.moments::<L2>(params[i], grads[i], m[i], v[i]);
-        params[i] = k.param_update(p_new, m_new, v_new);
+        params[i] = k.param_update_with::<UNIT_CORRECTION>(p_new, m_new, v_new);
         (m[i], v[i]) = (m_new, v_new);
         m_largest = m_largest.max(magnitude_bits(m_new));
         v_largest = v_largest.max(magnitude_bits(v_new));
@@ -207,9 +210,11 @@ pub fn adam8bit_step<P: Element<Math = f32>>(
         .collect();
     let l2 = hyper.weight_decay != 0.0 && !hyper.decoupled_weight_decay;
     let simd = exec.simd();
-    exec.for_each_piece(jobs, |job| match l2 {
-        false => dispatch(simd, Adam8bitKernel::<P, false>(job)),
-        true => dispatch(simd, Adam8bitKernel::<P, true>(job)),
+    exec.for_each_piece(jobs, |job| match (l2, job.k.bias_correction2_is_one()) {
+        (false, false) => dispatch(simd, Adam8bitKernel::<P, false, false>(job)),
+        (false, true) => dispatch(simd, Adam8bitKernel::<P, false, true>(job)),
+        (true, false) => dispatch(simd, Adam8bitKernel::<P, true, false>(job)),
+        (true, true) => dispatch(simd, Adam8bitKernel::<P, true, true>(job)),
     });
     Ok(())
 }

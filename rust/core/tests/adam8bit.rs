@@ -219,9 +219,22 @@ fn hypers() -> Vec<AdamHyper> {
     ]
 }
 
-/// Runs `steps` steps of the kernel and of the reference on the same inputs and compares every
+/// Runs 4 steps of the kernel and of the reference on the same inputs and compares every
 /// buffer bit for bit (NaN equal to NaN).
 fn check_against_reference<P: Element<Math = f32> + PartialEq + std::fmt::Debug>(
+    n: usize,
+    h: &AdamHyper,
+    exec: &Executor,
+    with_master: bool,
+    rounding: Rounding,
+    non_finite: bool,
+) {
+    check_from_step::<P>(0.0, n, h, exec, with_master, rounding, non_finite);
+}
+
+/// As `check_against_reference`, the step counts starting at `first_step`.
+fn check_from_step<P: Element<Math = f32> + PartialEq + std::fmt::Debug>(
+    first_step: f32,
     n: usize,
     h: &AdamHyper,
     exec: &Executor,
@@ -235,6 +248,7 @@ fn check_against_reference<P: Element<Math = f32> + PartialEq + std::fmt::Debug>
     let mut master_kernel: Option<Vec<f32>> = with_master.then(|| load(&start));
     let mut master_ref = master_kernel.clone();
     let (mut s_kernel, mut s_ref) = (State::zeros(n), State::zeros(n));
+    (s_kernel.step, s_ref.step) = (first_step, first_step);
     for step in 0..4u64 {
         let grad: Vec<P> = to(&values(1000 * step + n as u64, n, non_finite && step == 2));
         let tensor = Adam8bitTensor {
@@ -284,6 +298,30 @@ fn half_params_master_copies_and_stochastic_rounding_compose_with_8bit_states() 
             check_against_reference::<f16>(n, &h, &exec, false, Rounding::Nearest, false);
             check_against_reference::<bf16>(n, &h, &exec, true, stochastic, false);
             check_against_reference::<f16>(n, &h, &exec, true, Rounding::Nearest, false);
+        }
+    }
+}
+
+#[test]
+fn late_steps_whose_bias_correction_is_one_take_the_same_bits() {
+    // The kernel leaves out the division by the second moment's bias correction once it has
+    // rounded to 1 (the reference, the float32 step, divides): beta2 = 0.999 from about step
+    // 17,000 on, 0.9 from 160; and just before, where it still divides.
+    let late = [(0.999, 20_000.0), (0.999, 16_000.0), (0.9, 300.0), (0.9, 150.0)];
+    for exec in executors() {
+        for (beta2, first_step) in late {
+            for h in [
+                AdamHyper { beta2, ..AdamHyper::default() },
+                AdamHyper { beta2, weight_decay: 0.1, ..AdamHyper::default() },
+                AdamHyper { beta2, weight_decay: 0.1, decoupled_weight_decay: true, ..AdamHyper::default() },
+            ] {
+                for n in [1, 256, 3000] {
+                    check_from_step::<f32>(first_step, n, &h, &exec, false, Rounding::Nearest, false);
+                }
+            }
+            let h = AdamHyper { beta2, ..AdamHyper::default() };
+            check_from_step::<bf16>(first_step, 700, &h, &exec, true, Rounding::Nearest, false);
+            check_from_step::<f32>(first_step, 2000, &h, &exec, false, Rounding::Nearest, true);
         }
     }
 }
