@@ -237,6 +237,26 @@ def test_kernel_is_the_reference(dtype, cls):
         assert_states_equal(kernel_opt, params, reference_opt, twins)
 
 
+@pytest.mark.parametrize("beta2, first_step", [(0.999, 20_000), (0.999, 16_000), (0.95, 400)])
+def test_late_steps_are_the_reference(beta2, first_step):
+    """Late in training the second moment's bias correction rounds to 1, and the kernel leaves
+    out its division: still torch's for-loop bit for bit (and just before, where it divides)."""
+    params = make_params(torch.float32, SIZES)
+    twins = clones(params)
+    kernel_opt = rsoptim.AdamW8bit(params, lr=1e-2, betas=(0.9, beta2), min_8bit_size=0)
+    reference_opt = rsoptim.AdamW8bit(twins, lr=1e-2, betas=(0.9, beta2), min_8bit_size=0)
+    for step in range(3):
+        set_grads([params, twins], seed=step)
+        kernel_opt.step()
+        with reference_path():
+            reference_opt.step()
+        if step == 0:  # move both to the late step count
+            for opt in (kernel_opt, reference_opt):
+                for state in opt.state.values():
+                    state["step"].fill_(first_step)
+    assert_states_equal(kernel_opt, params, reference_opt, twins)
+
+
 def test_small_params_keep_torch_adams_state():
     """Params under min_8bit_size (and float64 ones) keep torch.optim.Adam's float32 state
     under bitsandbytes' keys; float32/float64 ones are torch.optim.Adam's numbers."""
