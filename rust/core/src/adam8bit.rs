@@ -28,6 +28,7 @@ pub fn quant_blocks(numel: usize) -> usize {
 }
 
 pub mod codes;
+use codes::{Signed, Unsigned};
 
 /// One param's buffers: the param and grad, each moment's codes (one per element) and scales
 /// (one per [`QUANT_BLOCK`] elements, [`quant_blocks`] of them), the step count, and as for
@@ -105,8 +106,8 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
                 }
             };
             let params = param.block(isa, start, end, &mut p[..len]);
-            codes::decode_signed_block(isa, m_codes, m_scales[b], m);
-            codes::decode_unsigned_block(isa, v_codes, v_scales[b], v);
+            codes::decode_block::<Signed, I>(isa, m_codes, m_scales[b], m);
+            codes::decode_block::<Unsigned, I>(isa, v_codes, v_scales[b], v);
             // A whole block (all but a tensor's last) is updated by a loop of known length,
             // which LLVM vectorises without a scalar tail.
             let (m_largest, v_largest) = if len == QUANT_BLOCK {
@@ -117,8 +118,8 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
             param.unblock(isa, start, end, &p[..len]);
             // The largest magnitudes are the new scales.
             let (m_scale, v_scale) = (f32::from_bits(m_largest), f32::from_bits(v_largest));
-            codes::encode_signed_block(isa, m, inverse(m_scale), m_codes);
-            codes::encode_unsigned_block(isa, v, inverse(v_scale), v_codes);
+            codes::encode_block::<Signed, I>(isa, m, inverse(m_scale), m_codes);
+            codes::encode_block::<Unsigned, I>(isa, v, inverse(v_scale), v_codes);
             (m_scales[b], v_scales[b]) = (m_scale, v_scale);
         }
     }

@@ -86,63 +86,97 @@ pub(crate) fn scaled(decoded: f32, scale: f32) -> f32 {
 // compute-bound no longer on AVX2. The results are those of the per-element functions, bit for
 // bit, for every input (tested below).
 
-/// `out[i] = scaled(decode_signed(codes[i]), scale)`.
+/// One kind of code, per element and (on x86-64) 8 values at a time in AVX2.
+pub(crate) trait Codes {
+    fn decode(code: u8) -> f32;
+    fn encode(y: f32) -> u8;
+    /// `decode(codes[i]) * scale` over the longest prefix of whole vectors; returns its length.
+    #[cfg(target_arch = "x86_64")]
+    fn decode_avx2(avx2: Avx2, codes: &[u8], scale: f32, out: &mut [f32]) -> usize;
+    /// `encode(values[i] * inverse)` over the longest prefix of whole vectors; returns its length.
+    #[cfg(target_arch = "x86_64")]
+    fn encode_avx2(avx2: Avx2, values: &[f32], inverse: f32, codes: &mut [u8]) -> usize;
+}
+
+/// The first moment's codes.
+pub(crate) struct Signed;
+/// The second moment's codes.
+pub(crate) struct Unsigned;
+
+impl Codes for Signed {
+    #[inline(always)]
+    fn decode(code: u8) -> f32 {
+        decode_signed(code)
+    }
+    #[inline(always)]
+    fn encode(y: f32) -> u8 {
+        encode_signed(y)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn decode_avx2(avx2: Avx2, codes: &[u8], scale: f32, out: &mut [f32]) -> usize {
+        avx2::decode_signed(avx2, codes, scale, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn encode_avx2(avx2: Avx2, values: &[f32], inverse: f32, codes: &mut [u8]) -> usize {
+        avx2::encode_signed(avx2, values, inverse, codes)
+    }
+}
+
+impl Codes for Unsigned {
+    #[inline(always)]
+    fn decode(code: u8) -> f32 {
+        decode_unsigned(code)
+    }
+    #[inline(always)]
+    fn encode(y: f32) -> u8 {
+        encode_unsigned(y)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn decode_avx2(avx2: Avx2, codes: &[u8], scale: f32, out: &mut [f32]) -> usize {
+        avx2::decode_unsigned(avx2, codes, scale, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn encode_avx2(avx2: Avx2, values: &[f32], inverse: f32, codes: &mut [u8]) -> usize {
+        avx2::encode_unsigned(avx2, values, inverse, codes)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Avx2;
+
+/// `out[i] = scaled(C::decode(codes[i]), scale)`.
 #[inline(always)]
-pub(crate) fn decode_signed_block<I: Isa>(isa: I, codes: &[u8], scale: f32, out: &mut [f32]) {
+pub(crate) fn decode_block<C: Codes, I: Isa>(isa: I, codes: &[u8], scale: f32, out: &mut [f32]) {
     let _ = isa; // (only x86-64 has a faster path)
-    let (codes, out) = same_length(codes, out);
+    let n = codes.len().min(out.len());
+    let (codes, out) = (&codes[..n], &mut out[..n]);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if let (Some(avx2), true) = (isa.avx2(), multiplies_like_scaled(scale)) {
-        done = avx2::decode_signed(avx2, codes, scale, out);
+        done = C::decode_avx2(avx2, codes, scale, out);
     }
     for (x, &c) in out[done..].iter_mut().zip(&codes[done..]) {
-        *x = scaled(decode_signed(c), scale);
+        *x = scaled(C::decode(c), scale);
     }
 }
 
-/// `out[i] = scaled(decode_unsigned(codes[i]), scale)`.
+/// `codes[i] = C::encode(values[i] * inverse)`.
 #[inline(always)]
-pub(crate) fn decode_unsigned_block<I: Isa>(isa: I, codes: &[u8], scale: f32, out: &mut [f32]) {
+pub(crate) fn encode_block<C: Codes, I: Isa>(isa: I, values: &[f32], inverse: f32, codes: &mut [u8]) {
     let _ = isa;
-    let (codes, out) = same_length(codes, out);
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(avx2), true) = (isa.avx2(), multiplies_like_scaled(scale)) {
-        done = avx2::decode_unsigned(avx2, codes, scale, out);
-    }
-    for (x, &c) in out[done..].iter_mut().zip(&codes[done..]) {
-        *x = scaled(decode_unsigned(c), scale);
-    }
-}
-
-/// `codes[i] = encode_signed(values[i] * inverse)`.
-#[inline(always)]
-pub(crate) fn encode_signed_block<I: Isa>(isa: I, values: &[f32], inverse: f32, codes: &mut [u8]) {
-    let _ = isa;
-    let (codes, values) = same_length_mut(codes, values);
+    let n = codes.len().min(values.len());
+    let (codes, values) = (&mut codes[..n], &values[..n]);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if let Some(avx2) = isa.avx2() {
-        done = avx2::encode_signed(avx2, values, inverse, codes);
+        done = C::encode_avx2(avx2, values, inverse, codes);
     }
     for (c, &x) in codes[done..].iter_mut().zip(&values[done..]) {
-        *c = encode_signed(x * inverse);
-    }
-}
-
-/// `codes[i] = encode_unsigned(values[i] * inverse)`.
-#[inline(always)]
-pub(crate) fn encode_unsigned_block<I: Isa>(isa: I, values: &[f32], inverse: f32, codes: &mut [u8]) {
-    let _ = isa;
-    let (codes, values) = same_length_mut(codes, values);
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if let Some(avx2) = isa.avx2() {
-        done = avx2::encode_unsigned(avx2, values, inverse, codes);
-    }
-    for (c, &x) in codes[done..].iter_mut().zip(&values[done..]) {
-        *c = encode_unsigned(x * inverse);
+        *c = C::encode(x * inverse);
     }
 }
 
@@ -154,18 +188,6 @@ fn multiplies_like_scaled(scale: f32) -> bool {
     scale.to_bits() < f32::INFINITY.to_bits()
 }
 
-#[inline(always)]
-fn same_length<'a, 'b>(codes: &'a [u8], out: &'b mut [f32]) -> (&'a [u8], &'b mut [f32]) {
-    let n = codes.len().min(out.len());
-    (&codes[..n], &mut out[..n])
-}
-
-#[inline(always)]
-fn same_length_mut<'a, 'b>(codes: &'a mut [u8], values: &'b [f32]) -> (&'a mut [u8], &'b [f32]) {
-    let n = codes.len().min(values.len());
-    (&mut codes[..n], &values[..n])
-}
-
 /// The codes in AVX2, 8 values a vector. Each function does the longest prefix it can in whole
 /// vectors (32 values for the encoders, which pack four vectors into one store) and returns its
 /// length; the caller does the rest with the per-element functions.
@@ -175,8 +197,7 @@ fn same_length_mut<'a, 'b>(codes: &'a mut [u8], values: &'b [f32]) -> (&'a mut [
 /// loops run while the whole vector fits (`j + width <= n`).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{SIGNED_KEY_BIAS, UNSIGNED_KEY_BIAS};
-    use crate::simd::Avx2;
+    use super::{Avx2, SIGNED_KEY_BIAS, UNSIGNED_KEY_BIAS};
     use std::arch::x86_64::*;
 
     /// `(a + ROUND) >> 20` (arithmetic) is a key minus its bias: the key of `a`, rounded, less
@@ -353,10 +374,10 @@ mod tests {
         #[inline(always)]
         fn run<I: Isa>(self, isa: I) {
             match self {
-                Self::DecodeSigned(c, s, out) => decode_signed_block(isa, c, s, out),
-                Self::DecodeUnsigned(c, s, out) => decode_unsigned_block(isa, c, s, out),
-                Self::EncodeSigned(x, inv, out) => encode_signed_block(isa, x, inv, out),
-                Self::EncodeUnsigned(x, inv, out) => encode_unsigned_block(isa, x, inv, out),
+                Self::DecodeSigned(c, s, out) => decode_block::<Signed, I>(isa, c, s, out),
+                Self::DecodeUnsigned(c, s, out) => decode_block::<Unsigned, I>(isa, c, s, out),
+                Self::EncodeSigned(x, inv, out) => encode_block::<Signed, I>(isa, x, inv, out),
+                Self::EncodeUnsigned(x, inv, out) => encode_block::<Unsigned, I>(isa, x, inv, out),
             }
         }
     }
