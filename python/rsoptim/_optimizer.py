@@ -97,8 +97,13 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     arbitrary code, and none may run once addresses have been handed over (it could free them).
     ``step`` takes this before anything is checked or packed: the group itself where every
     option is plain already (the usual case, no copy per step), else a copy."""
-    plain = {key: value if key == "params" else _plain(value) for key, value in group.items()}
-    return group if all(plain[key] is value for key, value in group.items()) else plain
+    copy = None
+    for key, value in group.items():
+        plain = value if key == "params" else _plain(value)
+        if plain is not value:
+            copy = dict(group) if copy is None else copy
+            copy[key] = plain
+    return group if copy is None else copy
 
 
 #: Option types that run no user code when read.
