@@ -10,6 +10,7 @@ skips this check and gets such layouts wrong.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -166,3 +167,49 @@ class BufferTable:
 def step_dtype_name(step: torch.Tensor) -> str:
     """The dtype name of a step count that :func:`is_step_count` accepted."""
     return KERNEL_DTYPES[step.dtype]
+
+
+class native_reads:
+    """Inside: torch function is off (Tensor subclasses' ``__torch_function__`` and any
+    ``TorchFunctionMode``), so that what the kernels are handed (addresses, element counts,
+    dtypes, sizes, the TensorImpl behind ``_cdata``) is what the tensors are. Either could
+    otherwise answer ``data_ptr()`` or ``numel()`` with any number, and the kernels would write
+    there. torch's own implementation, where it steps params, runs with the caller's state
+    (:class:`as_caller`), as torch.optim's would. Nests."""
+
+    __slots__ = ("saved", "outermost")
+
+    def __enter__(self) -> None:
+        self.saved = _torch_function_state()
+        self.outermost = getattr(_caller, "state", None) is None
+        if self.outermost:
+            _caller.state = self.saved
+        _set_torch_function_state(_ALL_DISABLED)
+
+    def __exit__(self, *exc: Any) -> None:
+        _set_torch_function_state(self.saved)
+        if self.outermost:
+            _caller.state = None
+
+
+class as_caller:
+    """Inside :class:`native_reads`: torch function as the caller had it (around torch's own
+    implementation, so that subclasses and modes see its ops as they would torch.optim's)."""
+
+    __slots__ = ("saved",)
+
+    def __enter__(self) -> None:
+        self.saved = _torch_function_state()
+        state = getattr(_caller, "state", None)
+        if state is not None:
+            _set_torch_function_state(state)
+
+    def __exit__(self, *exc: Any) -> None:
+        _set_torch_function_state(self.saved)
+
+
+_torch_function_state = torch._C._get_torch_function_state
+_set_torch_function_state = torch._C._set_torch_function_state
+_ALL_DISABLED = torch._C._TorchFunctionState.ALL_DISABLED
+#: Per thread (torch function state is per thread): the caller's state while in native_reads.
+_caller = threading.local()

@@ -44,12 +44,14 @@ from ._layout import (
     HALF_DTYPES,
     KERNEL_DTYPES,
     PLAIN_TENSOR_TYPES,
+    as_caller,
     check_storage,
     fits_storage,
     is_step_count,
+    native_reads,
     step_dtype_name,
 )
-from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar
+from ._optimizer import KernelOptimizer, check_clipping, check_extensions, extension_options, scalar, with_step_hooks
 from ._threads import follow_torch
 
 __all__ = [
@@ -542,6 +544,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             return False
         return not any(isinstance(b, torch.Tensor) for b in group["betas"])
 
+    @with_step_hooks
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs a single optimization step.
 
@@ -553,6 +556,11 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with native_reads():
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         follow_torch()
         name = type(self).__name__
         # The hyperparameters are read first: reading one may run code (a float subclass, a
@@ -575,7 +583,6 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                     self._step_params(group, params, [_local_grad(p) for p in params], grad_scale, hyper)
         if any(g.get("master_weights") for g in self.param_groups):
             self._record_master_versions()
-        return loss
 
     def _kernel_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as the kernels take them (plain floats and bools)."""
@@ -704,7 +711,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         if others:
             position = {id(p): i for i, p in reversed(list(enumerate(params)))}
             others.sort(key=lambda entry: position[id(entry[0])])
-            self._reference_params(group, others, grad_scale)
+            with as_caller():
+                self._reference_params(group, others, grad_scale)
 
     def _kernel_tensors(
         self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any], *, may_copy: bool

@@ -24,7 +24,7 @@ from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
 from ._distributed import is_dtensor, local, mesh_device, replicated_like
-from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, runs_on_kernel
+from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, native_reads, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -54,6 +54,11 @@ def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
 
 def _kernel_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
     """Each tensor's norm, computed by the kernels; None where torch must compute them."""
+    with native_reads():  # (a subclass or mode could fake the sizes and addresses read here)
+        return _native_norms(tensors, norm_type)
+
+
+def _native_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
     if not (norm_type > 0) or (tensors[0].is_complex() and norm_type != 2.0):
         return None  # p <= 0, NaN p, and complex |z| norms other than the 2-norm
     if norm_type == float("inf") and any(t.numel() == 0 for t in tensors):
@@ -202,9 +207,10 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
     for (device, dtype), group in _group_by_device_and_dtype([local(g) for g in grads]).items():
         # Complex grads are scaled by torch: its complex multiply spreads a non-finite component
         # to the other one, which a scale of the real view would not.
-        views = None if dtype.is_complex else _kernel_ready(group)
-        if views is not None and _kernel_scale(views, dtype, clip_coef_clamped):
-            continue
+        with native_reads():
+            views = None if dtype.is_complex else _kernel_ready(group)
+            if views is not None and _kernel_scale(views, dtype, clip_coef_clamped):
+                continue
         if (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
             torch._foreach_mul_(group, clip_coef_clamped.to(device))
         elif foreach:

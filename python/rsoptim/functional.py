@@ -51,7 +51,14 @@ _HALF = {name for name in _DTYPES.values() if name in ("float16", "bfloat16")}
 def _as_list(arrays: Arrays | None) -> list[np.ndarray] | None:
     if arrays is None:
         return None
-    return [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+    return list(map(_plain, [arrays] if isinstance(arrays, np.ndarray) else arrays))
+
+
+def _plain(a: object) -> object:
+    """An ndarray subclass as a plain ndarray of the same memory (anything else as it is): a
+    subclass may override ``size``, ``shape``, ``flags`` or ``ctypes`` with values its memory
+    does not have, and the kernels would write there."""
+    return np.ndarray.view(a, np.ndarray) if isinstance(a, np.ndarray) and type(a) is not np.ndarray else a
 
 
 class _Params:
@@ -119,6 +126,7 @@ class _Params:
 
 
 def _steps(steps: np.ndarray, count: int) -> tuple[str, bytes]:
+    steps = _plain(steps)
     if not isinstance(steps, np.ndarray) or steps.dtype not in _STEP_DTYPES or steps.shape != (count,):
         raise ValueError(f"steps must be a float32 or float64 numpy array of shape ({count},)")
     if not (steps.flags.c_contiguous and steps.flags.writeable):
