@@ -98,6 +98,15 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     arbitrary code, and none may run once addresses have been handed over (it could free them).
     ``step`` takes this before anything is checked or packed: the group itself where every
     option is plain already (the usual case, no copy per step), else a copy."""
+    for key, value in group.items():  # the usual case (every option plain): no call per option
+        kind = type(value)
+        if kind in _PLAIN_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_TYPE_SET for v in value)):
+            continue
+        return _plain_copy(group)
+    return group
+
+
+def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
     copy = None
     for key, value in group.items():
         plain = value if key == "params" else _plain(value)
@@ -109,6 +118,7 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
 
 #: Option types that run no user code when read.
 _PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.Tensor)
+_PLAIN_TYPE_SET = frozenset(_PLAIN_TYPES)
 
 
 def _plain(value: Any) -> Any:
@@ -326,7 +336,8 @@ class KernelOptimizer:
         if not grads:
             self.__dict__["_rsoptim_last_grad_norm"] = None
             return 1.0
-        total = get_total_norm(grads, options["norm_type"], options["error_if_nonfinite"])
+        with as_caller():  # as clip_grad_norm_ would run (it reads what it hands the kernels itself)
+            total = get_total_norm(grads, options["norm_type"], options["error_if_nonfinite"])
         self.__dict__["_rsoptim_last_grad_norm"] = total
         return float(clip_coefficient(float(options["max_grad_norm"]), total).item())
 
@@ -372,8 +383,9 @@ class KernelOptimizer:
             return self._step_with_torch_unscaled(group, params)
         originals = {id(p): (p, p.grad) for p in params}
         try:
-            for p, grad in originals.values():
-                p.grad = grad * grad_scale
+            with as_caller():  # (a subclass grad stays one, as clip_grad_norm_ leaves it)
+                for p, grad in originals.values():
+                    p.grad = grad * grad_scale
             self._step_with_torch_unscaled(group, params)
         finally:
             for p, grad in originals.values():
@@ -909,7 +921,6 @@ _get_mesh_and_placements = operator.attrgetter("_spec.mesh", "_spec.placements")
 # TypeError for anything that is not a tensor and ignores a subclass's own `_cdata` (and, read
 # inside native_reads, what a subclass's or mode's __torch_function__ would answer).
 _get_impl = torch._C.TensorBase._cdata.__get__
-_is_plain_type = frozenset(PLAIN_TENSOR_TYPES).__contains__
 
 #: c10::ScalarType codes of the dtypes a plan checks (see rust/core/src/torch_abi.rs).
 _DTYPE_CODES = {torch.float32: 6, torch.float64: 7, torch.float16: 5, torch.bfloat16: 15}
@@ -935,6 +946,9 @@ def enable_native_checks(libtorch: str | None) -> bool:
             pack(map(_get_impl, tensors)), pack(numels), bytes(_DTYPE_CODES.get(d, 0) for d in dtypes), pack(shape_of)
         )
 
+    _rsoptim.use_tensor_readers(
+        list(PLAIN_TENSOR_TYPES), vars(torch._C.TensorBase)["_cdata"], torch._C.TensorBase.is_neg, torch._C._is_torch_function_all_disabled
+    )
     base = torch.arange(24.0).reshape(6, 4)
     view = base[2:]  # storage offset 8: the address is not the storage's
     other = torch.zeros(4, 4, dtype=torch.float64)
@@ -949,11 +963,35 @@ def enable_native_checks(libtorch: str | None) -> bool:
         and addresses([view, base[:2].reshape(4, 2)], [16, 8], [f32, f32], [0, 0]) is None  # other sizes
         and addresses([view.t()], [16], [f32]) is None  # not contiguous
         and addresses([shrunk], [64], [f32]) is None  # outside its storage
+        and _plan_addresses_work(view, other)
     )
     if not works:
         _rsoptim.use_torch_abi(None)
     _native_checks = works
     return works
+
+
+def _plan_addresses_work(view: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``plan_addresses`` reads what torch's accessors read, and refuses subclasses,
+    negation bits, and calls with torch function on."""
+    f32, f64 = _DTYPE_CODES[torch.float32], _DTYPE_CODES[torch.float64]
+
+    def addresses(tensors: list[Any], dtype_codes: list[int]) -> bytes | None:
+        n = len(tensors)
+        return _rsoptim.plan_addresses(tensors, pack([16] * n), bytes(dtype_codes), pack(range(n)))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    outside = addresses([view], [f32])
+    with native_reads():
+        return outside is None and (
+            addresses([view, other], [f32, f64]) == pack([view.data_ptr(), other.data_ptr()])
+            and addresses([torch.nn.Parameter(view)], [f32]) == pack([view.data_ptr()])
+            and addresses([view._neg_view()], [f32]) is None
+            and addresses([view.as_subclass(Subclass)], [f32]) is None
+            and addresses([view, 1.0], [f32, f32]) is None
+        )
 
 
 @dataclass
@@ -1138,17 +1176,10 @@ class _Plan:
                 tensors = [t if step else _get_local(t) for t, step in zip(tensors, self.step_slots)]
             except AttributeError:  # a plain tensor where a DTensor was
                 return None
-        if not all(map(_is_plain_type, map(type, chain(grads, tensors)))):
-            return None  # a subclass is torch's to step (see runs_on_kernel)
-        try:
-            impls = pack(chain(map(_get_impl, with_grad), map(_get_impl, grads), map(_get_impl, tensors)))
-            # A lazy negation bit (`_neg_view`, `torch._C._set_neg`) changes the values, not the
-            # memory: the kernels would step the raw memory.
-            if any(map(_is_neg, chain(with_grad, grads, tensors))):
-                return None
-        except TypeError:  # something that is not a tensor where one was
-            return None
-        addrs = _rsoptim.tensor_addresses(impls, self.numels, self.dtypes, self.shape_of)
+        # None for anything that is not a plain tensor (a subclass is torch's to step, see
+        # runs_on_kernel) or has a lazy negation bit (`_neg_view`, `torch._C._set_neg`: it
+        # changes the values, not the memory, and the kernels would step the raw memory).
+        addrs = _rsoptim.plan_addresses([*with_grad, *grads, *tensors], self.numels, self.dtypes, self.shape_of)
         count = len(grads)
         if addrs is None or addrs[: 8 * count] != self.param_addrs or addrs[16 * count :] != self.state_addrs:
             return None

@@ -24,8 +24,8 @@ use rsoptim_core::table::{words, Column, Dtype, Table};
 #[cfg(unix)]
 use rsoptim_core::torch_abi::Expected;
 use rsoptim_core::{
-    quant_blocks, Adam8bitTensor, AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper, RmspropTensor, RoundTensor,
-    Rounding, SgdHyper, SgdTensor, SimdLevel,
+    quant_blocks, Adam8bitTensor, AdamHyper, AdamTensor, Element, Error, Executor, NormType, Real, RmspropHyper,
+    RmspropTensor, RoundTensor, Rounding, SgdHyper, SgdTensor, SimdLevel,
 };
 
 #[global_allocator]
@@ -193,6 +193,94 @@ fn tensor_addresses<'py>(
         let _ = (py, impls, numels, dtypes, shape_of);
         Ok(None)
     }
+}
+
+/// torch's own readers of a tensor, for `plan_addresses` (registered by `use_tensor_readers`).
+struct TensorReaders {
+    /// `torch.Tensor` and `torch.nn.Parameter`: the exact types a plan steps.
+    plain_types: Vec<Py<pyo3::types::PyType>>,
+    /// `torch._C.TensorBase._cdata` (a getset descriptor) and its getter.
+    cdata: Py<PyAny>,
+    cdata_get: pyo3::ffi::descrgetfunc,
+    /// `torch._C.TensorBase.is_neg`.
+    is_neg: Py<PyAny>,
+    /// `torch._C._is_torch_function_all_disabled`.
+    torch_function_off: Py<PyAny>,
+}
+
+static TENSOR_READERS: RwLock<Option<TensorReaders>> = RwLock::new(None);
+
+/// Registers torch's readers `plan_addresses` uses (see `rsoptim/_optimizer.py`).
+#[pyfunction]
+fn use_tensor_readers(
+    plain_types: Vec<Bound<'_, pyo3::types::PyType>>,
+    cdata: &Bound<'_, PyAny>,
+    is_neg: &Bound<'_, PyAny>,
+    torch_function_off: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    // SAFETY: `cdata` is a live object; PyType_GetSlot reads its type's slot table (static types
+    // answer it from Python 3.10 on, this module's minimum), and returns null without one.
+    let slot = unsafe { pyo3::ffi::PyType_GetSlot(pyo3::ffi::Py_TYPE(cdata.as_ptr()), pyo3::ffi::Py_tp_descr_get) };
+    if slot.is_null() {
+        return Err(value_error("cdata must be a descriptor (TensorBase._cdata)"));
+    }
+    // SAFETY: a non-null Py_tp_descr_get slot is a descrgetfunc (null was refused above).
+    let cdata_get: pyo3::ffi::descrgetfunc = unsafe { std::mem::transmute(slot) };
+    *TENSOR_READERS.write().unwrap_or_else(|e| e.into_inner()) = Some(TensorReaders {
+        plain_types: plain_types.into_iter().map(Bound::unbind).collect(),
+        cdata: cdata.clone().unbind(),
+        cdata_get,
+        is_neg: is_neg.clone().unbind(),
+        torch_function_off: torch_function_off.clone().unbind(),
+    });
+    Ok(())
+}
+
+/// `tensor_addresses` for a list of tensors themselves: None unless torch function is off (so
+/// that torch's readers answer for the memory, not a subclass or mode), every item is a plain
+/// `torch.Tensor` or `Parameter` (not a subclass) without a lazy negation bit, and
+/// `tensor_addresses` of their TensorImpls is not None. The caller holds `tensors`.
+#[pyfunction]
+fn plan_addresses<'py>(
+    py: Python<'py>,
+    tensors: &Bound<'py, pyo3::types::PyList>,
+    numels: &[u8],
+    dtypes: &[u8],
+    shape_of: &[u8],
+) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    let guard = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner());
+    let Some(readers) = guard.as_ref() else { return Ok(None) };
+    if !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
+        return Ok(None);
+    }
+    let items: Vec<Bound<'py, PyAny>> = tensors.iter().collect(); // (held here as well)
+    let plain = |t: &Bound<'py, PyAny>| readers.plain_types.iter().any(|k| t.get_type().is(k.bind(py)));
+    if !items.iter().all(plain) {
+        return Ok(None);
+    }
+    // The negation bits first: this may allocate (and so run the garbage collector and any
+    // finalizer), which must not happen between reading the TensorImpls and checking them.
+    for t in &items {
+        if readers.is_neg.bind(py).call1((t,))?.is_truthy()? {
+            return Ok(None);
+        }
+    }
+    let mut impls = Vec::with_capacity(items.len());
+    let cdata_get = readers.cdata_get;
+    for t in &items {
+        // SAFETY: torch's getter for a live tensor of its own type; it returns a new reference
+        // (an int: allocating one runs no collector) or null with an exception set.
+        let raw = unsafe { cdata_get(readers.cdata.as_ptr(), t.as_ptr(), std::ptr::null_mut()) };
+        // SAFETY: `raw` is an owned reference or null (then the error is fetched).
+        let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
+        impls.push(value.extract::<usize>()?);
+    }
+    drop(guard);
+    tensor_addresses(py, &pack_words(&impls), numels, dtypes, shape_of)
+}
+
+fn pack_words(words: &[usize]) -> Vec<u8> {
+    words.iter().flat_map(|&w| (w as u64).to_ne_bytes()).collect()
 }
 
 /// Where parallel regions run: "openmp:<path of the runtime>" or "rayon".
@@ -482,7 +570,8 @@ fn adam8bit_step(
         lr_in_f32,
         grad_scale,
     };
-    let bufs = Adam8bitBuffers { params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales, steps };
+    let bufs =
+        Adam8bitBuffers { params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales, exp_avg_sq_scales, steps };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
     let step_dtype = parse_dtype(step_dtype)?;
     match parse_dtype(dtype)? {
@@ -871,6 +960,8 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
     m.add_function(wrap_pyfunction!(use_torch_abi, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_addresses, m)?)?;
+    m.add_function(wrap_pyfunction!(use_tensor_readers, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_addresses, m)?)?;
     m.add_function(wrap_pyfunction!(reset_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
