@@ -1,8 +1,9 @@
-"""Tensors whose Python-level metadata lies: a Tensor subclass's ``__torch_function__`` or a
-``TorchFunctionMode`` can answer ``data_ptr()``, ``numel()`` or the ``_cdata`` getter with any
-number, and a NumPy subclass can override ``size`` or ``ctypes``. What rsoptim hands its kernels
-must be what the memory is (each of these crashed rsoptim before it read metadata with torch
-function off); where torch steps params, subclasses and modes still see its ops.
+"""Tensors whose Python-level metadata lies, and user code that runs inside a step: a Tensor
+subclass's ``__torch_function__`` or a ``TorchFunctionMode`` can answer ``data_ptr()`` or the
+``_cdata`` getter with any number, a NumPy subclass can override ``size`` or ``ctypes``, and a
+mode (function or dispatch) or a ``__float__`` can resize a storage after it was checked. What
+rsoptim hands its kernels must be what the memory is when they run (each attack below crashed
+rsoptim before this was so); where torch steps params, subclasses and modes still see its ops.
 
 Each attack runs in a child process, so that a crash fails its test instead of the whole run."""
 
@@ -83,7 +84,7 @@ def run_child(body: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
-def test_a_mode_that_lies_about_addresses_and_sizes_changes_nothing(name):
+def test_a_mode_that_lies_about_addresses_changes_nothing(name):
     run_child(
         f"""
         expected, got, torchs = model(), model(), model()
@@ -115,15 +116,27 @@ def test_a_mode_that_lies_changes_nothing_for_adam8bit_and_clipping():
         for g, e in zip(got, expected):
             torch.testing.assert_close(g.grad, e.grad)
 
-        a, b = model(), model()
-        plain, lied_to = rsoptim.Adam8bit(a, lr=0.01), rsoptim.Adam8bit(b, lr=0.01)
-        clipped = rsoptim.Adam(model(), lr=0.01, max_grad_norm=0.5)
-        for step in range(3):
-            plain.step()
-            with LyingMode():
-                lied_to.step()
-                clipped.step()
-        check_equal(b, a)
+        def big(seed):  # 8-bit state from 4,096 elements on
+            g = torch.Generator().manual_seed(seed)
+            params = [torch.randn(5000, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_()]
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            return params
+
+        runs = {}
+        for kind in ("plain", "lied to"):
+            eight, clipped = big(1), model()
+            opts = [rsoptim.Adam8bit(eight, lr=0.01), rsoptim.Adam(clipped, lr=0.01, max_grad_norm=0.5)]
+            for step in range(3):
+                for opt in opts:
+                    if kind == "plain":
+                        opt.step()
+                    else:
+                        with LyingMode():
+                            opt.step()
+            runs[kind] = eight + clipped
+        assert rsoptim.adam8bit.is_8bit_state(opts[0].state[eight[0]])
+        check_equal(runs["lied to"], runs["plain"])
         """
     )
 
@@ -221,5 +234,189 @@ def test_the_profiler_still_sees_each_step():
             opt.step()
         names = {e.key for e in prof.key_averages()}
         assert "Optimizer.step#Adam.step" in names, sorted(names)[:20]
+        """
+    )
+
+
+def test_a_mode_that_resizes_a_storage_mid_step_gets_an_error_not_a_crash():
+    # The mode runs once the step has begun: in the clip norm (max_grad_norm) of Adam and
+    # Adam8bit, and in a Tensor lr's .item() (a dispatch mode). Checks run after it.
+    run_child(
+        """
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class ResizeOnce(TorchFunctionMode):
+            def __init__(self, tensor, size):
+                super().__init__()
+                self.tensor, self.size = tensor, size
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if self.tensor is not None:
+                    self.tensor.untyped_storage().resize_(self.size)
+                    self.tensor = None
+                return func(*args, **(kwargs or {}))
+
+        class ResizeInItem(TorchDispatchMode):
+            def __init__(self, tensor):
+                super().__init__()
+                self.tensor = tensor
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default and self.tensor is not None:
+                    self.tensor.untyped_storage().resize_(0)
+                    self.tensor = None
+                return func(*args, **(kwargs or {}))
+
+        n = 1 << 20
+        for make in (lambda ps: rsoptim.Adam(ps, lr=0.1, max_grad_norm=1.0), lambda ps: rsoptim.Adam8bit(ps, lr=0.1, max_grad_norm=1.0)):
+            p = torch.zeros(n, requires_grad=True)
+            p.grad = torch.ones(n)
+            opt = make([p])
+            opt.step()
+            opt.step()
+            try:
+                with ResizeOnce(p, 64):
+                    opt.step()
+            except RuntimeError as e:
+                assert "storage" in str(e), e
+            else:
+                raise AssertionError("a param resized mid-step was stepped")
+
+        p = torch.zeros(n, requires_grad=True)
+        p.grad = torch.ones(n)
+        opt = rsoptim.SGD([p], lr=torch.tensor(0.1))
+        opt.step()
+        opt.step()
+        with ResizeInItem(p):
+            try:
+                opt.step()
+            except RuntimeError:
+                pass  # torch's own ops refuse a resized storage too
+
+        p = torch.zeros(n, requires_grad=True)
+        p.grad = torch.ones(n)
+        with ResizeInItem(p.grad):  # (crashed when clip read its factor after checking the grads)
+            try:
+                rsoptim.clip_grad_norm_([p], 1.0)
+            except RuntimeError:
+                pass
+        """
+    )
+
+
+def test_a_step_count_subclass_that_lies_about_its_size_is_torchs_to_step():
+    run_child(
+        """
+        class OneElement(torch.Tensor):
+            @classmethod
+            def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten.sym_numel.default, torch.ops.aten.numel.default):
+                    return 1
+                if func is torch.ops.aten.sym_size.default:
+                    return [1]
+                if func in (torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format):
+                    return True
+                raise RuntimeError(f"OneElement does not do {func}")
+
+        p = torch.zeros(10, requires_grad=True)
+        p.grad = torch.ones(10)
+        opt = rsoptim.Adam([p], lr=0.1)
+        opt.step()
+        base = torch.zeros(8)
+        opt.state[p]["step"] = torch.Tensor._make_subclass(OneElement, base[8:], False, dispatch_sizes_strides_policy="sizes")
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "OneElement does not do" in str(e), e  # torch's `step += 1` on it, as in torch.optim
+        assert base.tolist() == [0.0] * 8
+        """
+    )
+
+
+def test_numpy_hyperparameters_and_generators_run_before_any_address_is_read():
+    run_child(
+        """
+        n = 1 << 20
+        p, g, m, v = (np.zeros(n, np.float32) for _ in range(4))
+
+        class ShrinkingLr:
+            def __float__(self):
+                p.resize(16, refcheck=False)
+                return 0.1
+
+        try:
+            F.adam_([p], [g], [m], [v], np.zeros(1, np.float32), lr=ShrinkingLr())
+        except ValueError as e:
+            assert "shape" in str(e), e
+        q = np.zeros(n, np.float32)
+
+        def grads():
+            q.resize(16, refcheck=False)
+            yield np.ones(n, np.float32)
+
+        try:
+            F.sgd_([q], grads(), lr=0.1)
+        except ValueError as e:
+            assert "shape" in str(e), e
+        """
+    )
+
+
+def test_hooks_run_once_for_a_subclass_that_overrides_step():
+    run_child(
+        """
+        class MyAdam(rsoptim.Adam):
+            def step(self, closure=None):
+                return super().step(closure)
+
+        p = torch.nn.Parameter(torch.ones(5))
+        p.grad = torch.ones(5)
+        rsoptim.Adam([torch.nn.Parameter(torch.ones(1))])  # a base-class instance too
+        opt = MyAdam([p], lr=0.1)
+        calls = []
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        opt.step()
+        assert calls == ["pre", "post"], calls
+        """
+    )
+
+
+def test_a_subclass_params_state_is_of_its_subclass_as_in_torch():
+    run_child(
+        """
+        class Sub(torch.Tensor):
+            pass
+
+        kinds = []
+        for module in (torch.optim, rsoptim):
+            p = torch.nn.Parameter(torch.ones(5).as_subclass(Sub))
+            p.grad = torch.ones(5)
+            opt = module.Adam([p], lr=0.1)
+            opt.step()
+            kinds.append({k: type(v).__name__ for k, v in opt.state[p].items()})
+        assert kinds[0] == kinds[1], kinds
+        """
+    )
+
+
+def test_half_params_written_after_torchs_step_under_a_lying_mode():
+    # bfloat16 params with stochastic rounding and Tensor betas: torch's ops step them (as the
+    # caller's mode sees them), then rsoptim writes them, reading their addresses itself.
+    run_child(
+        """
+        for make in (rsoptim.Adam, rsoptim.Adam8bit):
+            results = []
+            for lying in (False, True):
+                p = torch.zeros(100, dtype=torch.bfloat16, requires_grad=True)
+                p.grad = torch.ones(100, dtype=torch.bfloat16)
+                opt = make([p], lr=0.1, betas=(torch.tensor(0.9), torch.tensor(0.999)), stochastic_rounding=True, stochastic_rounding_seed=3)
+                if lying:
+                    with LyingMode():
+                        opt.step()
+                else:
+                    opt.step()
+                results.append(p)
+            check_equal([results[1]], [results[0]])
         """
     )

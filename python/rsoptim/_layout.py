@@ -14,6 +14,8 @@ import threading
 from typing import Any
 
 import torch
+from torch._ops import _len_torch_dispatch_stack_pre_dispatch
+from torch.utils._python_dispatch import _disable_current_modes
 
 #: dtypes the Rust kernels step; complex params run on their real views. bfloat16 and float16
 #: params (and their state, kept in the param's dtype as torch.optim keeps it) are computed in
@@ -63,9 +65,10 @@ def is_step_count(step: Any) -> bool:
     """Whether a state['step'] is the one-element float32/float64 CPU tensor the kernels
     increment in place (torch accepts other kinds; params with those are left to torch)."""
     return (
-        isinstance(step, torch.Tensor)
+        type(step) in PLAIN_TENSOR_TYPES  # (a subclass may answer numel() for memory it has not)
         and step.device.type == "cpu"
         and step.numel() == 1
+        and fits_storage(step)
         and step.dtype in (torch.float32, torch.float64)
         and step.layout == torch.strided
         and not step.is_neg()
@@ -171,45 +174,73 @@ def step_dtype_name(step: torch.Tensor) -> str:
 
 class native_reads:
     """Inside: torch function is off (Tensor subclasses' ``__torch_function__`` and any
-    ``TorchFunctionMode``), so that what the kernels are handed (addresses, element counts,
-    dtypes, sizes, the TensorImpl behind ``_cdata``) is what the tensors are. Either could
-    otherwise answer ``data_ptr()`` or ``numel()`` with any number, and the kernels would write
-    there. torch's own implementation, where it steps params, runs with the caller's state
-    (:class:`as_caller`), as torch.optim's would. Nests."""
+    ``TorchFunctionMode``) and no ``TorchDispatchMode`` is active, so that what the kernels are
+    handed (addresses, element counts, dtypes, sizes, the TensorImpl behind ``_cdata``) is what
+    the tensors are, and no user code runs between a check and its kernel. A mode or subclass
+    could otherwise answer ``data_ptr()`` or ``numel()`` with any number, or resize a storage
+    already checked (in a ``.item()``, say), and the kernels would write there. torch's own
+    implementation, where it steps params, runs as the caller would have it (:class:`as_caller`),
+    as torch.optim's would. Nests."""
 
-    __slots__ = ("saved", "outermost")
+    __slots__ = ("entry",)
 
     def __enter__(self) -> None:
-        self.saved = _torch_function_state()
-        self.outermost = getattr(_caller, "state", None) is None
-        if self.outermost:
-            _caller.state = self.saved
+        # [torch function state to restore, the context that took the dispatch modes off]
+        self.entry = [_torch_function_state(), _without_dispatch_modes()]
+        _callers().append(self.entry)
         _set_torch_function_state(_ALL_DISABLED)
 
     def __exit__(self, *exc: Any) -> None:
-        _set_torch_function_state(self.saved)
-        if self.outermost:
-            _caller.state = None
+        _callers().pop()
+        saved, modes_off = self.entry
+        _set_torch_function_state(saved)
+        if modes_off is not None:
+            modes_off.__exit__(None, None, None)  # the modes back on their stack
 
 
 class as_caller:
-    """Inside :class:`native_reads`: torch function as the caller had it (around torch's own
-    implementation, so that subclasses and modes see its ops as they would torch.optim's)."""
+    """Inside :class:`native_reads`: torch function and dispatch modes as the caller of the
+    innermost ``native_reads`` had them (around torch's own implementation, so that subclasses
+    and modes see its ops as they would torch.optim's). What it hands the kernels is read again
+    afterwards, inside ``native_reads``."""
 
-    __slots__ = ("saved",)
+    __slots__ = ("saved", "entry")
 
     def __enter__(self) -> None:
         self.saved = _torch_function_state()
-        state = getattr(_caller, "state", None)
-        if state is not None:
-            _set_torch_function_state(state)
+        callers = _callers()
+        self.entry = callers[-1] if callers else None
+        if self.entry is not None:
+            _set_torch_function_state(self.entry[0])
+            if self.entry[1] is not None:
+                self.entry[1].__exit__(None, None, None)
 
     def __exit__(self, *exc: Any) -> None:
         _set_torch_function_state(self.saved)
+        if self.entry is not None and self.entry[1] is not None:
+            self.entry[1] = _without_dispatch_modes()
+
+
+def _without_dispatch_modes() -> Any:
+    """The dispatch modes taken off their stacks until the returned context is exited; None
+    (nothing to do) where none is active, the usual case."""
+    if not (torch._C._len_torch_dispatch_stack() or _len_torch_dispatch_stack_pre_dispatch()):
+        return None
+    modes_off = _disable_current_modes()
+    modes_off.__enter__()
+    return modes_off
+
+
+def _callers() -> list[list[Any]]:
+    callers = getattr(_caller, "stack", None)
+    if callers is None:
+        callers = _caller.stack = []
+    return callers
 
 
 _torch_function_state = torch._C._get_torch_function_state
 _set_torch_function_state = torch._C._set_torch_function_state
 _ALL_DISABLED = torch._C._TorchFunctionState.ALL_DISABLED
-#: Per thread (torch function state is per thread): the caller's state while in native_reads.
+#: Per thread (torch function state and the mode stacks are per thread): an entry per
+#: native_reads entered and not left.
 _caller = threading.local()

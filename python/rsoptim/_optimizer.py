@@ -215,6 +215,10 @@ def with_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(step)
     def hooked_step(*args: Any, **kwargs: Any) -> Any:
+        if type(args[0]).step is not hooked_step:
+            # Called from a subclass's own step (`super().step()`), which torch wrapped: its
+            # wrapper has run the hooks.
+            return step(*args, **kwargs)
         if _profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(args[0]).__name__}.step"):
                 return _run_with_hooks(step, args, kwargs)
@@ -631,6 +635,9 @@ class KernelOptimizer:
         # were.
         for group in self.param_groups:
             self._complete_extensions(group)  # a group may have been edited
+        # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
+        # caller's mode may run code in it.
+        grad_scale = self._grad_scale()
         work = []
         for index, group in enumerate(self.param_groups):
             plan = plans.get(index)
@@ -645,8 +652,13 @@ class KernelOptimizer:
             work.append((index, group, calls, params))
         for index in [i for i in plans if i >= len(self.param_groups)]:
             del plans[index]  # the group is gone: let its tensors go
-        grad_scale = self._grad_scale()
+        torch_ran = False
         for index, group, calls, params in work:
+            if calls is not None and torch_ran and index in plans:
+                # torch's implementation stepped an earlier group as the caller would run it (a
+                # caller's mode may have run code): this group's tensors are checked again.
+                calls = plans[index].kernel_calls(self, group)
+                params = None if calls is not None else self._params_with_grad(group)
             if calls is not None:
                 for call in calls:
                     call.grad_scale = grad_scale
@@ -658,6 +670,7 @@ class KernelOptimizer:
                         plans.pop(index, None)
                         with torch.no_grad():
                             self._step_with_torch(group, call.params, grad_scale)
+                        torch_ran = True
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)
@@ -670,6 +683,7 @@ class KernelOptimizer:
                     plans[index] = self._step_group(group, params, grad_scale, hypers[index])  # type: ignore[assignment]
                 if plans[index] is None:
                     del plans[index]
+                torch_ran = True  # (it may have stepped some params with torch's implementation)
         if any(g.get("master_weights") for g in self.param_groups):
             self._record_master_versions()
 
@@ -835,7 +849,8 @@ class KernelOptimizer:
         for p in params:
             if self._needs_state(p, group):
                 # Atomic for threads stepping one optimizer: none sees a state half made.
-                with _STATE_INIT_LOCK:
+                with _STATE_INIT_LOCK, as_caller():  # (made as torch.optim makes it: a
+                    # subclass param's state is of its subclass; checked afresh below)
                     state = self.state[p]
                     if self._state_is_new(state):
                         self._init_state(p, group, state)

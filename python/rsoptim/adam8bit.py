@@ -566,17 +566,20 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # The hyperparameters are read first: reading one may run code (a float subclass, a
         # Tensor lr), and nothing may run between the checks below and the kernels.
         hypers = [self._kernel_hyperparameters(group) for group in self.param_groups]
+        for group in self.param_groups:
+            _check_group_options(group, name)  # a group may have been edited
+            self._complete_extensions(group)
+        # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
+        # caller's mode may run code in it.
+        grad_scale = self._grad_scale()
         # Everything is checked before anything is stepped.
         work = []
         for group, hyper in zip(self.param_groups, hypers):
-            _check_group_options(group, name)  # a group may have been edited
-            self._complete_extensions(group)
             params = [p for p in group["params"] if p.grad is not None]
             for index, p in enumerate(group["params"]):
                 if p.grad is not None:
                     self._check_param_and_state(p, index, group, name)
             work.append((group, params, hyper))
-        grad_scale = self._grad_scale()
         with torch.no_grad():
             for group, params, hyper in work:
                 if params:
@@ -675,7 +678,9 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # memory are not copied (their copies would hide the overlap from the kernel's check).
         repeated = {i for i, count in Counter(map(id, params)).items() if count > 1}
         for p in params:
-            with _STATE_INIT_LOCK:  # no thread stepping this optimizer sees a state half made
+            # No thread stepping this optimizer sees a state half made; it is made as torch.optim
+            # makes it (a subclass param's of its subclass), and checked afresh below.
+            with _STATE_INIT_LOCK, as_caller():
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
@@ -711,8 +716,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         if others:
             position = {id(p): i for i, p in reversed(list(enumerate(params)))}
             others.sort(key=lambda entry: position[id(entry[0])])
-            with as_caller():
-                self._reference_params(group, others, grad_scale)
+            self._reference_params(group, others, grad_scale)
 
     def _kernel_tensors(
         self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any], *, may_copy: bool
@@ -824,16 +828,21 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                     f"{type(self).__name__}: the state of a DTensor param of shape {tuple(p.shape)} is not laid out "
                     f"like it (placements {tuple(p.placements)} on {p.device_mesh}): was it loaded from another mesh?"
                 )
-            # Clipping: the grad as clip_grad_norm_ would have left it (each product rounded once).
-            grad = grad if grad_scale == 1.0 else grad * grad_scale
+            # torch's ops, as the caller would run them; the params are then written (below)
+            # with what is read afresh.
+            with as_caller():
+                # Clipping: the grad as clip_grad_norm_ would have left it (each product rounded
+                # once).
+                grad = grad if grad_scale == 1.0 else grad * grad_scale
+                if p.dtype in HALF_DTYPES:
+                    value = local(master) if master is not None else local(p).detach().float()
+                    reference_step(value, grad.float(), shard, **options)
+                else:
+                    reference_step(local(p), grad, shard, **options)
             if p.dtype in HALF_DTYPES:
-                value = local(master) if master is not None else local(p).detach().float()
-                reference_step(value, grad.float(), shard, **options)
                 self._write_params(group, [p], [master if master is not None else _like(p, value)])
-            else:
-                reference_step(local(p), grad, shard, **options)
-                if is_dtensor(p):
-                    increment_version(p)
+            elif is_dtensor(p):
+                increment_version(p)
 
     # -- state dicts ------------------------------------------------------------------------
 

@@ -152,6 +152,9 @@ def adam_(
 ) -> None:
     """One Adam (or AdamW, with ``decoupled_weight_decay=True``) step, in place.
     ``max_exp_avg_sqs`` is required exactly when ``amsgrad``."""
+    # User code (a generator, a float subclass) runs here, before any address is read.
+    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = map(_as_list, (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
+    lr, beta1, beta2, eps, weight_decay = map(float, (lr, betas[0], betas[1], eps, weight_decay))
     ps = _Params(params)
     if amsgrad != (max_exp_avg_sqs is not None):
         raise ValueError("max_exp_avg_sqs must be given exactly when amsgrad=True")
@@ -166,11 +169,11 @@ def adam_(
         ps.state_column("exp_avg_sqs", exp_avg_sqs),
         ps.optional_state_column("max_exp_avg_sqs", max_exp_avg_sqs),
         step_addrs,
-        lr=float(lr),
-        beta1=float(betas[0]),
-        beta2=float(betas[1]),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
         amsgrad=amsgrad,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
@@ -194,6 +197,9 @@ def sgd_(
     """One SGD step, in place. With momentum, a ``None`` buffer (a param's first step) is
     created from the grad, of the params' dtype or, for float16/bfloat16 params,
     ``state_dtype=np.float32``; returns the buffers (to pass to the next step)."""
+    # User code (a generator, a float subclass) runs here, before any address is read.
+    grads = _as_list(grads)
+    lr, momentum, dampening, weight_decay = map(float, (lr, momentum, dampening, weight_decay))
     ps = _Params(params)
     if state_dtype is not None:
         if np.dtype(state_dtype) != np.float32 or ps.name not in _HALF:
@@ -213,10 +219,10 @@ def sgd_(
         ps.column("grads", grads, False),
         ps.optional_state_column("momentum_buffers", buffers if momentum != 0 else None),
         new,
-        lr=float(lr),
-        momentum=float(momentum),
-        dampening=float(dampening),
-        weight_decay=float(weight_decay),
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
         nesterov=nesterov,
         maximize=maximize,
         state_dtype=ps.state_dtype_name,
@@ -242,6 +248,9 @@ def rmsprop_(
 ) -> None:
     """One RMSprop step, in place. ``momentum_buffers`` are required exactly when
     ``momentum > 0``, ``grad_avgs`` exactly when ``centered``."""
+    # User code (a generator, a float subclass) runs here, before any address is read.
+    grads, square_avgs, momentum_buffers, grad_avgs = map(_as_list, (grads, square_avgs, momentum_buffers, grad_avgs))
+    lr, alpha, eps, weight_decay, momentum = map(float, (lr, alpha, eps, weight_decay, momentum))
     ps = _Params(params)
     step_dtype, step_addrs = _steps(steps, len(ps.arrays))
     _rsoptim.rmsprop_step(
@@ -254,11 +263,11 @@ def rmsprop_(
         ps.optional_state_column("momentum_buffers", momentum_buffers),
         ps.optional_state_column("grad_avgs", grad_avgs),
         step_addrs,
-        lr=float(lr),
-        alpha=float(alpha),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        momentum=float(momentum),
+        lr=lr,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
         centered=centered,
         maximize=maximize,
         state_dtype=ps.state_dtype_name,
