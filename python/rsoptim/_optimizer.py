@@ -916,7 +916,6 @@ _FLOAT32_COPIES_LOCK = threading.RLock()
 #: Makes the lazy creation of a param's state atomic (see ``_step_group``).
 _STATE_INIT_LOCK = threading.RLock()
 
-_is_neg = torch.Tensor.is_neg
 
 
 def _tuple_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -1096,14 +1095,8 @@ class _Plan:
                 dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0))
                 shape_of.append(len(shape_of) if step else i)
         plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
-        tensors = [*map(local, with_grad), *grads, *states]
-        try:
-            if any(map(_is_neg, tensors)):
-                return None
-            impls = pack(map(_get_impl, tensors))
-        except TypeError:
-            return None
-        addrs = _rsoptim.tensor_addresses(impls, plan_numels, plan_dtypes, plan_shape_of)
+        # The same native read as every later step's (see kernel_calls).
+        addrs = _rsoptim.plan_addresses([*map(local, with_grad), *grads, *states], plan_numels, plan_dtypes, plan_shape_of)
         if addrs is None:
             return None  # e.g. strided params and state take the general path every step
         column_addrs = [where[id(p)][2]["param"][where[id(p)][1]] for p in with_grad]
