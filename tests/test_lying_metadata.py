@@ -420,3 +420,136 @@ def test_half_params_written_after_torchs_step_under_a_lying_mode():
             check_equal([results[1]], [results[0]])
         """
     )
+
+
+GARBAGE_CASES = {
+    "Adam, general path": "lambda ps: rsoptim.Adam(ps, lr=0.1)",
+    "Adam, plan": "lambda ps: rsoptim.Adam(ps, lr=0.1)",
+    "SGD, general path": "lambda ps: rsoptim.SGD(ps, lr=0.1, momentum=0.9)",
+    "RMSprop, general path": "lambda ps: rsoptim.RMSprop(ps, lr=0.01)",
+    "Adam8bit, general path": "lambda ps: rsoptim.Adam8bit(ps, lr=0.1)",
+    "clip_grad_norm_": None,
+    "functional.adam_": None,
+}
+
+
+@pytest.mark.parametrize("case", list(GARBAGE_CASES))
+def test_a_finalizer_that_resizes_storages_never_runs_between_a_check_and_its_kernel(case):
+    # A garbage collection runs at any allocation, and with it any `__del__` of the garbage. Here
+    # every collection inside an rsoptim call counts, and the k-th one (k = 0, 1, ...: every
+    # point of the call in turn) shrinks every buffer of the call to 16 bytes. One in the window
+    # between a check and its kernel crashed the optimizers (general path and plan), clipping
+    # and rsoptim.functional (SIGSEGV: the kernel wrote freed memory); rsoptim now runs no
+    # collection there. Elsewhere the call raises (its checks see the shrunk storages) or has
+    # finished.
+    make = GARBAGE_CASES[case]
+    run_child(
+        f"""
+        import gc, sys
+
+        n = 1 << 20  # 4 MB buffers: freed ones are unmapped, and a write there crashes
+        case = {case!r}
+
+        def rsoptim_frames():
+            f = sys._getframe(1)
+            while f is not None:
+                if "rsoptim" in f.f_code.co_filename and f.f_code.co_name != "__del__":
+                    return True
+                f = f.f_back
+            return False
+
+        class Saboteur:
+            countdown = None
+            victims = []
+            struck = False
+
+            def __init__(self):
+                self.cycle = self  # only a collection frees it
+
+            def __del__(self):
+                if Saboteur.countdown is not None and rsoptim_frames():
+                    if Saboteur.countdown == 0:
+                        Saboteur.countdown = None
+                        Saboteur.struck = True
+                        for v in Saboteur.victims:
+                            if isinstance(v, np.ndarray):
+                                v.resize(4, refcheck=False)
+                            else:
+                                v.untyped_storage().resize_(16)
+                        return
+                    Saboteur.countdown -= 1
+                Saboteur()  # garbage for the next collection
+
+        struck = 0
+        for k in range(60):
+            if case == "functional.adam_":
+                arrays = [np.ones(n, np.float32) for _ in range(4)]
+                steps = np.zeros(1, np.float32)
+                call = lambda: F.adam_(arrays[:1], arrays[1:2], arrays[2:3], arrays[3:], steps, lr=0.1)
+                victims = arrays
+            else:
+                params = [torch.ones(n, requires_grad=True) for _ in range(2)]
+                for p in params:
+                    p.grad = torch.ones(n)
+                if case == "clip_grad_norm_":
+                    call = lambda: rsoptim.clip_grad_norm_(params, 1e-3)
+                    victims = [p.grad for p in params]
+                else:
+                    opt = ({make})(params)
+                    opt.step()
+                    if "general" in case:
+                        call = lambda: (opt.__dict__.pop("_rsoptim_plans", None), opt.step())
+                    else:
+                        opt.step()
+                        call = opt.step
+                    victims = params + [p.grad for p in params] + [
+                        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()
+                    ]
+            Saboteur.victims, Saboteur.struck, Saboteur.countdown = victims, False, k
+            Saboteur()
+            gc.set_threshold(1, 1, 1)
+            try:
+                call()
+            except (RuntimeError, ValueError) as e:
+                assert Saboteur.struck and ("storage" in str(e) or "shape" in str(e)), e
+            finally:
+                gc.set_threshold(700, 10, 10)
+                Saboteur.countdown = None
+            struck += Saboteur.struck
+        assert struck > 5, struck  # the collections inside the call were reached
+        """
+    )
+
+
+def test_the_collector_is_left_as_the_caller_had_it():
+    import gc
+
+    import numpy as np
+    import torch
+
+    import rsoptim
+    from rsoptim import functional as F
+
+    p = torch.ones(10, requires_grad=True)
+    p.grad = torch.ones(10)
+    opt = rsoptim.Adam([p], lr=0.1)
+    bad = torch.ones(3, requires_grad=True)
+    bad.grad = torch.ones(3)
+    failing = rsoptim.Adam([bad], lr=0.1)
+    failing.step()
+    failing.state[bad]["exp_avg"] = torch.ones(4)  # state of another shape: the step raises
+    arrays = [np.ones(4, np.float32) for _ in range(4)]
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            opt.step()
+            opt.step()
+            with pytest.raises(RuntimeError):
+                failing.step()
+            F.adam_(arrays[:1], arrays[1:2], arrays[2:3], arrays[3:], np.zeros(1, np.float32))
+            with pytest.raises(ValueError):
+                F.adam_(arrays[:1], arrays[1:2], arrays[2:3], [np.ones(5, np.float32)], np.zeros(1, np.float32))
+            assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -17,6 +17,8 @@ import torch
 from torch._ops import _len_torch_dispatch_stack_pre_dispatch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import _collector
+
 #: dtypes the Rust kernels step; complex params run on their real views. bfloat16 and float16
 #: params (and their state, kept in the param's dtype as torch.optim keeps it) are computed in
 #: float32 and each stored value is rounded once, as torch's fused CPU kernels do.
@@ -180,22 +182,31 @@ class native_reads:
     could otherwise answer ``data_ptr()`` or ``numel()`` with any number, or resize a storage
     already checked (in a ``.item()``, say), and the kernels would write there. torch's own
     implementation, where it steps params, runs as the caller would have it (:class:`as_caller`),
-    as torch.optim's would. Nests."""
+    as torch.optim's would. No garbage collection starts inside either (a ``__del__`` could
+    resize a checked storage just as well: see :mod:`rsoptim._collector`). Nests."""
 
     __slots__ = ("entry",)
 
     def __enter__(self) -> None:
-        # [torch function state to restore, the context that took the dispatch modes off]
-        self.entry = [_torch_function_state(), _without_dispatch_modes()]
-        _callers().append(self.entry)
-        _set_torch_function_state(_ALL_DISABLED)
+        _collector.pause()
+        try:
+            # [torch function state to restore, the context that took the dispatch modes off]
+            self.entry = [_torch_function_state(), _without_dispatch_modes()]
+            _callers().append(self.entry)
+            _set_torch_function_state(_ALL_DISABLED)
+        except BaseException:
+            _collector.resume()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
-        _callers().pop()
-        saved, modes_off = self.entry
-        _set_torch_function_state(saved)
-        if modes_off is not None:
-            modes_off.__exit__(None, None, None)  # the modes back on their stack
+        try:
+            _callers().pop()
+            saved, modes_off = self.entry
+            _set_torch_function_state(saved)
+            if modes_off is not None:
+                modes_off.__exit__(None, None, None)  # the modes back on their stack
+        finally:
+            _collector.resume()
 
 
 class as_caller:

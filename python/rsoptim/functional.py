@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _rsoptim
+from ._collector import collector_paused
 from ._columns import pack
 
 __all__ = ["adam_", "sgd_", "rmsprop_", "grad_norms", "clip_grad_norm_"]
@@ -155,30 +156,31 @@ def adam_(
     # User code (a generator, a float subclass) runs here, before any address is read.
     grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = map(_as_list, (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
     lr, beta1, beta2, eps, weight_decay = map(float, (lr, betas[0], betas[1], eps, weight_decay))
-    ps = _Params(params)
-    if amsgrad != (max_exp_avg_sqs is not None):
-        raise ValueError("max_exp_avg_sqs must be given exactly when amsgrad=True")
-    step_dtype, step_addrs = _steps(steps, len(ps.arrays))
-    _rsoptim.adam_step(
-        ps.name,
-        step_dtype,
-        ps.numels,
-        ps.column("params", ps.arrays, True),
-        ps.column("grads", grads, False),
-        ps.state_column("exp_avgs", exp_avgs),
-        ps.state_column("exp_avg_sqs", exp_avg_sqs),
-        ps.optional_state_column("max_exp_avg_sqs", max_exp_avg_sqs),
-        step_addrs,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        state_dtype=ps.state_dtype_name,
-    )
+    with collector_paused():  # from the first size read to the kernel's return (see _collector)
+        ps = _Params(params)
+        if amsgrad != (max_exp_avg_sqs is not None):
+            raise ValueError("max_exp_avg_sqs must be given exactly when amsgrad=True")
+        step_dtype, step_addrs = _steps(steps, len(ps.arrays))
+        _rsoptim.adam_step(
+            ps.name,
+            step_dtype,
+            ps.numels,
+            ps.column("params", ps.arrays, True),
+            ps.column("grads", grads, False),
+            ps.state_column("exp_avgs", exp_avgs),
+            ps.state_column("exp_avg_sqs", exp_avg_sqs),
+            ps.optional_state_column("max_exp_avg_sqs", max_exp_avg_sqs),
+            step_addrs,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            state_dtype=ps.state_dtype_name,
+        )
 
 
 def sgd_(
@@ -200,33 +202,34 @@ def sgd_(
     # User code (a generator, a float subclass) runs here, before any address is read.
     grads = _as_list(grads)
     lr, momentum, dampening, weight_decay = map(float, (lr, momentum, dampening, weight_decay))
-    ps = _Params(params)
-    if state_dtype is not None:
-        if np.dtype(state_dtype) != np.float32 or ps.name not in _HALF:
-            raise TypeError(f"state_dtype: float32 for float16/bfloat16 params, or None; not {state_dtype} for {ps.name} params")
-        ps.state_dtype = np.dtype(np.float32)
-    if momentum_buffers is None:
-        buffers: list[np.ndarray | None] = [None] * len(ps.arrays)
-    else:
-        buffers = [momentum_buffers] if isinstance(momentum_buffers, np.ndarray) else list(momentum_buffers)
-    new = [b is None for b in buffers]
-    if momentum != 0:
-        buffers = [np.empty_like(p, dtype=ps.state_dtype or p.dtype) if b is None else b for p, b in zip(ps.arrays, buffers)]
-    _rsoptim.sgd_step(
-        ps.name,
-        ps.numels,
-        ps.column("params", ps.arrays, True),
-        ps.column("grads", grads, False),
-        ps.optional_state_column("momentum_buffers", buffers if momentum != 0 else None),
-        new,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        maximize=maximize,
-        state_dtype=ps.state_dtype_name,
-    )
+    given: list[np.ndarray | None] | None = None
+    if momentum_buffers is not None:
+        given = [momentum_buffers] if isinstance(momentum_buffers, np.ndarray) else list(momentum_buffers)
+    with collector_paused():  # from the first size read to the kernel's return (see _collector)
+        ps = _Params(params)
+        if state_dtype is not None:
+            if np.dtype(state_dtype) != np.float32 or ps.name not in _HALF:
+                raise TypeError(f"state_dtype: float32 for float16/bfloat16 params, or None; not {state_dtype} for {ps.name} params")
+            ps.state_dtype = np.dtype(np.float32)
+        buffers = [None] * len(ps.arrays) if given is None else given
+        new = [b is None for b in buffers]
+        if momentum != 0:
+            buffers = [np.empty_like(p, dtype=ps.state_dtype or p.dtype) if b is None else b for p, b in zip(ps.arrays, buffers)]
+        _rsoptim.sgd_step(
+            ps.name,
+            ps.numels,
+            ps.column("params", ps.arrays, True),
+            ps.column("grads", grads, False),
+            ps.optional_state_column("momentum_buffers", buffers if momentum != 0 else None),
+            new,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            state_dtype=ps.state_dtype_name,
+        )
     return buffers
 
 
@@ -251,33 +254,36 @@ def rmsprop_(
     # User code (a generator, a float subclass) runs here, before any address is read.
     grads, square_avgs, momentum_buffers, grad_avgs = map(_as_list, (grads, square_avgs, momentum_buffers, grad_avgs))
     lr, alpha, eps, weight_decay, momentum = map(float, (lr, alpha, eps, weight_decay, momentum))
-    ps = _Params(params)
-    step_dtype, step_addrs = _steps(steps, len(ps.arrays))
-    _rsoptim.rmsprop_step(
-        ps.name,
-        step_dtype,
-        ps.numels,
-        ps.column("params", ps.arrays, True),
-        ps.column("grads", grads, False),
-        ps.state_column("square_avgs", square_avgs),
-        ps.optional_state_column("momentum_buffers", momentum_buffers),
-        ps.optional_state_column("grad_avgs", grad_avgs),
-        step_addrs,
-        lr=lr,
-        alpha=alpha,
-        eps=eps,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        centered=centered,
-        maximize=maximize,
-        state_dtype=ps.state_dtype_name,
-    )
+    with collector_paused():  # from the first size read to the kernel's return (see _collector)
+        ps = _Params(params)
+        step_dtype, step_addrs = _steps(steps, len(ps.arrays))
+        _rsoptim.rmsprop_step(
+            ps.name,
+            step_dtype,
+            ps.numels,
+            ps.column("params", ps.arrays, True),
+            ps.column("grads", grads, False),
+            ps.state_column("square_avgs", square_avgs),
+            ps.optional_state_column("momentum_buffers", momentum_buffers),
+            ps.optional_state_column("grad_avgs", grad_avgs),
+            step_addrs,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+            state_dtype=ps.state_dtype_name,
+        )
 
 
 def grad_norms(grads: Arrays, norm_type: float = 2.0) -> np.ndarray:
     """The ``norm_type``-norm of each array (``p > 0`` or ``inf``), as float64."""
-    gs = _Params(grads)
-    return np.array(_rsoptim.tensor_norms(gs.name, gs.numels, gs.column("grads", gs.arrays, False), float(norm_type)))
+    norm_type = float(norm_type)
+    with collector_paused():  # from the first size read to the kernel's return (see _collector)
+        gs = _Params(grads)
+        return np.array(_rsoptim.tensor_norms(gs.name, gs.numels, gs.column("grads", gs.arrays, False), norm_type))
 
 
 def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> float:
@@ -293,5 +299,6 @@ def clip_grad_norm_(grads: Arrays, max_norm: float, norm_type: float = 2.0) -> f
     factor = min(float(max_norm) / (total + 1e-6), 1.0)
     # Called even with factor 1.0 (the kernel then writes nothing): grads that share memory are
     # refused whether or not this call happens to clip.
-    _rsoptim.scale_(gs.name, gs.numels, gs.column("grads", gs.arrays, True), factor)
+    with collector_paused():  # (see _collector; `column` checks the shapes again)
+        _rsoptim.scale_(gs.name, gs.numels, gs.column("grads", gs.arrays, True), factor)
     return total
