@@ -167,13 +167,23 @@ fn tensor_addresses<'py>(
     dtypes: &[u8],
     shape_of: &[u8],
 ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    checked_addresses(py, &words("impls", impls).map_err(core_error)?, numels, dtypes, shape_of)
+}
+
+/// `tensor_addresses` for TensorImpl addresses already unpacked.
+fn checked_addresses<'py>(
+    py: Python<'py>,
+    impls: &[usize],
+    numels: &[u8],
+    dtypes: &[u8],
+    shape_of: &[u8],
+) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
     #[cfg(unix)]
     {
         let guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
         let Some(abi) = guard.as_ref() else { return Ok(None) };
-        let (impls, numels, shape_of) = (words("impls", impls), words("numels", numels), words("shape_of", shape_of));
-        let (impls, numels, shape_of) =
-            (impls.map_err(core_error)?, numels.map_err(core_error)?, shape_of.map_err(core_error)?);
+        let (numels, shape_of) = (words("numels", numels), words("shape_of", shape_of));
+        let (numels, shape_of) = (numels.map_err(core_error)?, shape_of.map_err(core_error)?);
         if numels.len() != impls.len() || shape_of.len() != impls.len() || dtypes.len() != impls.len() {
             return Err(value_error("tensor_addresses needs one numel, dtype and shape_of per tensor"));
         }
@@ -182,11 +192,8 @@ fn tensor_addresses<'py>(
             .collect();
         // SAFETY: the Python layer passes `Tensor._cdata` of tensors it holds for the call, with
         // the GIL held throughout (see rsoptim/_optimizer.py, `_Plan.kernel_calls`).
-        let addresses = unsafe { abi.checked_addresses(&impls, &expected) };
-        Ok(addresses.map(|a| {
-            let bytes: Vec<u8> = a.iter().flat_map(|&x| (x as u64).to_ne_bytes()).collect();
-            pyo3::types::PyBytes::new(py, &bytes)
-        }))
+        let addresses = unsafe { abi.checked_addresses(impls, &expected) };
+        Ok(addresses.map(|a| pyo3::types::PyBytes::new(py, &pack_words(&a))))
     }
     #[cfg(not(unix))]
     {
@@ -276,9 +283,10 @@ fn plan_addresses<'py>(
         impls.push(value.extract::<usize>()?);
     }
     drop(guard);
-    tensor_addresses(py, &pack_words(&impls), numels, dtypes, shape_of)
+    checked_addresses(py, &impls, numels, dtypes, shape_of)
 }
 
+#[cfg(unix)]
 fn pack_words(words: &[usize]) -> Vec<u8> {
     words.iter().flat_map(|&w| (w as u64).to_ne_bytes()).collect()
 }
