@@ -11,6 +11,7 @@ after. (``gc.disable`` is process-wide, hence the count over all threads.)
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from typing import Any
 
@@ -33,10 +34,26 @@ def pause() -> None:
 
 def resume() -> None:
     _acquire()
-    _paused[0] -= 1
-    if _paused[0] == 0 and _paused[1]:
-        _enable()
+    if _paused[0] > 0:  # (0 in a child forked from inside a pause: see _after_fork_in_child)
+        _paused[0] -= 1
+        if _paused[0] == 0 and _paused[1]:
+            _enable()
     _release()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: the pauses of the others never end
+    there, and one of them may have held the lock."""
+    global _lock, _acquire, _release
+    _lock = threading.Lock()
+    _acquire, _release = _lock.acquire, _lock.release
+    if _paused[0] and _paused[1]:
+        _enable()
+    _paused[:] = [0, False]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class collector_paused:
