@@ -551,5 +551,93 @@ def test_the_collector_is_left_as_the_caller_had_it():
             with pytest.raises(ValueError):
                 F.adam_(arrays[:1], arrays[1:2], arrays[2:3], [np.ones(5, np.float32)], np.zeros(1, np.float32))
             assert gc.isenabled() == enabled
+            assert rsoptim._rsoptim.collector_pauses() == 0
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_an_interrupt_anywhere_leaves_no_pause_behind():
+    # A signal handler's exception (a Ctrl-C) can be raised after any call. Wherever it lands in
+    # a step (or in the functional API's pause), the pause is ended: the collector is enabled
+    # again and no pause is left counted. (With the count kept in Python, one landed between
+    # counting a pause and its `try`, and the collector stayed off for good.)
+    run_child(
+        """
+        import gc, signal, time
+        from rsoptim import _rsoptim
+        from rsoptim._collector import collector_paused
+
+        class Interrupt(BaseException):
+            pass
+
+        armed = [False]
+
+        def handler(*args):
+            if armed[0]:
+                armed[0] = False
+                raise Interrupt
+
+        params = model()
+        opt = rsoptim.Adam(params, lr=0.01)
+        arrays = [np.ones(300, np.float32) for _ in range(4)]
+        steps = np.zeros(1, np.float32)
+        calls = [
+            opt.step,
+            lambda: F.adam_(arrays[:1], arrays[1:2], arrays[2:3], arrays[3:], steps),
+            lambda: rsoptim.clip_grad_norm_(params, 1e-3),
+        ]
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 2e-5, 2e-5)
+        interrupted = 0
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                for call in calls:
+                    try:
+                        armed[0] = True
+                        call()
+                        with collector_paused():
+                            pass
+                    except Interrupt:
+                        interrupted += 1
+                    armed[0] = False
+                    assert _rsoptim.collector_pauses() == 0 and gc.isenabled(), interrupted
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        assert interrupted > 100, interrupted
+        """
+    )
+
+
+def test_a_finalizer_run_by_a_removed_groups_plan_runs_before_the_checks():
+    # A param group removed after its plan was made: the plan holds the last reference to its
+    # param, whose finalizer then shrinks another group's storages. The plan was let go between
+    # the other group's checks and its kernel (SIGSEGV); now before any check.
+    run_child(
+        """
+        import weakref
+
+        n = 1 << 22
+        p0 = torch.ones(n, requires_grad=True)
+        p0.grad = torch.ones(n)
+        p1 = torch.ones(8, requires_grad=True)
+        p1.grad = torch.ones(8)
+        opt = rsoptim.SGD([{"params": [p0]}, {"params": [p1]}], lr=0.1)
+        opt.step()
+        opt.step()  # both groups have plans now
+
+        def shrink():
+            p0.untyped_storage().resize_(16)
+            p0.grad.untyped_storage().resize_(16)
+
+        weakref.finalize(p1, shrink)
+        opt.param_groups.pop()
+        del p1
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "storage" in str(e), e
+        else:
+            raise AssertionError("a shrunk param was stepped")
+        """
+    )

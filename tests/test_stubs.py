@@ -17,7 +17,8 @@ def _stub_names() -> dict[str, list[str]]:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             args = node.args
-            names[node.name] = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+            star = [args.vararg] if args.vararg else []
+            names[node.name] = [a.arg for a in args.posonlyargs + args.args + star + args.kwonlyargs]
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             names[node.target.id] = []
         elif isinstance(node, ast.ClassDef):

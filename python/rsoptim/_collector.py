@@ -5,64 +5,33 @@ at any allocation, so also between the moment a call has checked a buffer and th
 kernel writes there. Such code could shrink a checked storage (``untyped_storage().resize_()``,
 ``ndarray.resize(refcheck=False)``) and the kernel would write freed memory. While any thread
 is between :func:`pause` and :func:`resume` no collection starts; the garbage is collected
-after. (``gc.disable`` is process-wide, hence the count over all threads.)
+after.
+
+Both are the extension's (``gc.disable`` is process-wide, so they count the pauses of all
+threads): no Python bytecode runs inside them, so an exception from a signal handler (a Ctrl-C)
+lands before a pause is counted or after, never between the count and the collector's switch.
+A pause from the first call of a ``try`` block is ended by its ``except``/``finally``; a resume
+without a pause of its thread's does nothing. A forked child keeps only its own thread's pauses
+(``_rsoptim.reset_after_fork``).
+
+What it cannot stop: another thread (or a mode run as the caller's) that calls ``gc.enable()`` or
+``gc.collect()`` meanwhile; and the last resume enables the collector if it was enabled at the
+first pause, even if another thread disabled it in between.
 """
 
 from __future__ import annotations
 
-import gc
-import os
-import threading
-from typing import Any
+from . import _rsoptim
 
-_lock = threading.Lock()
-_acquire, _release = _lock.acquire, _lock.release
-_is_enabled, _disable, _enable = gc.isenabled, gc.disable, gc.enable
-#: [calls between pause and resume, over all threads; whether the collector was enabled when
-#: the first of them paused it (it is enabled again when the last resumes)]
-_paused = [0, False]
-
-
-def pause() -> None:
-    _acquire()
-    if _paused[0] == 0:
-        _paused[1] = _is_enabled()
-        _disable()
-    _paused[0] += 1
-    _release()
-
-
-def resume() -> None:
-    _acquire()
-    if _paused[0] > 0:  # (0 in a child forked from inside a pause: see _after_fork_in_child)
-        _paused[0] -= 1
-        if _paused[0] == 0 and _paused[1]:
-            _enable()
-    _release()
-
-
-def _after_fork_in_child() -> None:
-    """A forked child has only the thread that forked: the pauses of the others never end
-    there, and one of them may have held the lock."""
-    global _lock, _acquire, _release
-    _lock = threading.Lock()
-    _acquire, _release = _lock.acquire, _lock.release
-    if _paused[0] and _paused[1]:
-        _enable()
-    _paused[:] = [0, False]
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+pause = _rsoptim.pause_collector
+resume = _rsoptim.resume_collector
 
 
 class collector_paused:
-    """No garbage collection starts inside (nests, and works across threads)."""
+    """No garbage collection starts inside (nests, and works across threads). ``__enter__`` and
+    ``__exit__`` are the extension's functions themselves, so that nothing runs between the
+    pause and the ``with`` block that ends it."""
 
     __slots__ = ()
-
-    def __enter__(self) -> None:
-        pause()
-
-    def __exit__(self, *exc: Any) -> None:
-        resume()
+    __enter__ = pause
+    __exit__ = resume

@@ -188,8 +188,8 @@ class native_reads:
     __slots__ = ("entry",)
 
     def __enter__(self) -> None:
-        _collector.pause()
         try:
+            _collector.pause()  # (first: see rsoptim._collector)
             # [torch function state to restore, the context that took the dispatch modes off]
             self.entry = [_torch_function_state(), _without_dispatch_modes()]
             _callers().append(self.entry)

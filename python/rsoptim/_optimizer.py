@@ -631,6 +631,10 @@ class KernelOptimizer:
         # Read before anything is checked or packed (see plain_hyperparameters).
         hypers = [plain_hyperparameters(group) for group in self.param_groups]
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
+        for index in [i for i in plans if i >= len(self.param_groups)]:
+            # The group is gone: let its tensors go, before anything is checked (a finalizer of
+            # theirs could run here, and change what the checks would have seen).
+            del plans[index]
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
         for group in self.param_groups:
@@ -650,8 +654,6 @@ class KernelOptimizer:
                     if p.grad is not None:
                         check_grad(p, p.grad, i)
             work.append((index, group, calls, params))
-        for index in [i for i in plans if i >= len(self.param_groups)]:
-            del plans[index]  # the group is gone: let its tensors go
         torch_ran = False
         for index, group, calls, params in work:
             if calls is not None and torch_ran and index in plans:

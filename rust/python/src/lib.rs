@@ -11,7 +11,7 @@
 //! anything but live buffers: the checks catch null, misaligned and overlapping addresses, not
 //! addresses of freed memory.
 
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -97,12 +97,69 @@ fn set_num_threads(threads: usize) -> PyResult<()> {
     })
 }
 
+/// Python's cyclic garbage collector is paused from a call's first check to its kernel's return
+/// (see `rsoptim/_collector.py`): the calls inside `pause_collector`/`resume_collector`, over
+/// all threads, and whether the collector was enabled when the first came in. Here and not in
+/// Python, so that no exception from a signal handler (a Ctrl-C) can fall between counting a
+/// pause and switching the collector: each of these runs without a Python bytecode in it.
+static COLLECTOR: Mutex<(usize, bool)> = Mutex::new((0, false));
+
+thread_local! {
+    /// This thread's pauses not yet resumed (a forked child keeps only its own thread's).
+    static PAUSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Pauses the garbage collector until the matching `resume_collector` (nests; any thread).
+#[pyfunction]
+fn pause_collector(_py: Python<'_>) {
+    let mut collector = COLLECTOR.lock().unwrap_or_else(|e| e.into_inner());
+    if collector.0 == 0 {
+        // SAFETY: plain C-API calls with the GIL held (the `Python` token); they run no code.
+        collector.1 = unsafe { pyo3::ffi::PyGC_Disable() } == 1;
+    }
+    collector.0 += 1;
+    PAUSES.with(|p| p.set(p.get() + 1));
+}
+
+/// Ends one of this thread's pauses; the last one over all threads enables the collector again
+/// if it was enabled before. Without a pause of this thread's to end, does nothing. Takes and
+/// ignores any arguments, so that it can be a context manager's `__exit__`.
+#[pyfunction]
+#[pyo3(signature = (*_exc))]
+fn resume_collector(_py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+    if PAUSES.with(|p| p.replace(p.get().saturating_sub(1))) == 0 {
+        return;
+    }
+    let mut collector = COLLECTOR.lock().unwrap_or_else(|e| e.into_inner());
+    collector.0 = collector.0.saturating_sub(1);
+    if collector.0 == 0 && collector.1 {
+        // SAFETY: as in `pause_collector`.
+        unsafe { pyo3::ffi::PyGC_Enable() };
+    }
+}
+
+/// How many pauses are in force over all threads (for the tests).
+#[pyfunction]
+fn collector_pauses() -> usize {
+    COLLECTOR.lock().unwrap_or_else(|e| e.into_inner()).0
+}
+
 /// For a child process after `fork()`: the pool's threads did not survive the fork, so start a
 /// new pool of as many threads (rsoptim's own: libgomp does not support use after fork).
 #[pyfunction]
-fn reset_after_fork() -> PyResult<()> {
+fn reset_after_fork(py: Python<'_>) -> PyResult<()> {
     // Reservations held by the parent's other threads would never be released here.
     rsoptim_core::inflight::reset_after_fork();
+    // So would their pauses of the garbage collector: only this thread's stay.
+    {
+        let mut collector = COLLECTOR.lock().unwrap_or_else(|e| e.into_inner());
+        collector.0 = PAUSES.with(std::cell::Cell::get);
+        if collector.0 == 0 && collector.1 {
+            let _ = py;
+            // SAFETY: as in `pause_collector` (the `Python` token: the GIL is held).
+            unsafe { pyo3::ffi::PyGC_Enable() };
+        }
+    }
     let mut slot = EXECUTOR.write().unwrap_or_else(|e| e.into_inner());
     if let Some(old) = slot.take() {
         let (threads, simd) = (old.threads(), old.simd());
@@ -971,6 +1028,9 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(use_tensor_readers, m)?)?;
     m.add_function(wrap_pyfunction!(plan_addresses, m)?)?;
     m.add_function(wrap_pyfunction!(reset_after_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(pause_collector, m)?)?;
+    m.add_function(wrap_pyfunction!(resume_collector, m)?)?;
+    m.add_function(wrap_pyfunction!(collector_pauses, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
