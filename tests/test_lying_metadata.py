@@ -641,3 +641,44 @@ def test_a_finalizer_run_by_a_removed_groups_plan_runs_before_the_checks():
             raise AssertionError("a shrunk param was stepped")
         """
     )
+
+
+def test_a_mode_run_by_torchs_fallback_cannot_shrink_the_groups_next_call():
+    # A group of a float32 and a bfloat16 param takes two kernel calls. The float32 grad shares
+    # its param's memory, which the kernel refuses, so torch's implementation steps that param,
+    # with the caller's dispatch mode on; the mode shrinks the bfloat16 param. Its call, checked
+    # before, was then run on the shrunk storage (SIGSEGV, or heap corruption in torch's own
+    # step); now it goes through the general path, which checks it again and refuses it.
+    run_child(
+        """
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        n = 1 << 20
+        for first in ("float32", "bfloat16"):
+            pa = torch.zeros(n, requires_grad=True)
+            pa.grad = torch.ones(n)
+            pb = torch.zeros(n, dtype=torch.bfloat16, requires_grad=True)
+            pb.grad = torch.ones(n, dtype=torch.bfloat16)
+            opt = rsoptim.Adam([pa, pb] if first == "float32" else [pb, pa], lr=0.1)
+            opt.step()
+            opt.step()
+            pa.grad = pa.detach()
+
+            class Shrink(TorchDispatchMode):
+                done = False
+
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    if not Shrink.done:
+                        Shrink.done = True
+                        pb.untyped_storage().resize_(16)
+                    return func(*args, **(kwargs or {}))
+
+            try:
+                with Shrink():
+                    opt.step()
+            except RuntimeError as e:
+                assert first == "float32" and "storage" in str(e), (first, e)
+            else:
+                assert first == "bfloat16" and Shrink.done  # (stepped before it was shrunk)
+        """
+    )

@@ -664,6 +664,13 @@ class KernelOptimizer:
             if calls is not None:
                 for call in calls:
                     call.grad_scale = grad_scale
+                    if index not in plans:
+                        # torch's implementation stepped an earlier call of this group (below),
+                        # running the caller's modes, which may have changed what this call
+                        # checked: its params take the general path, which checks them again.
+                        with torch.no_grad():
+                            self._step_group(group, call.params, grad_scale, hypers[index])
+                        continue
                     try:
                         self._kernel_call(hypers[index], call)
                     except _rsoptim.BufferOverlapError:
