@@ -662,9 +662,10 @@ class KernelOptimizer:
                 calls = plans[index].kernel_calls(self, group)
                 params = None if calls is not None else self._params_with_grad(group)
             if calls is not None:
+                torch_stepped_a_call = False
                 for call in calls:
                     call.grad_scale = grad_scale
-                    if index not in plans:
+                    if torch_stepped_a_call:
                         # torch's implementation stepped an earlier call of this group (below),
                         # running the caller's modes, which may have changed what this call
                         # checked: its params take the general path, which checks them again.
@@ -679,7 +680,7 @@ class KernelOptimizer:
                         plans.pop(index, None)
                         with torch.no_grad():
                             self._step_with_torch(group, call.params, grad_scale)
-                        torch_ran = True
+                        torch_ran = torch_stepped_a_call = True
                         continue
                     # As torch's in-place ops do, so autograd sees the params have changed.
                     increment_version(call.params)

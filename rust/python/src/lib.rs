@@ -147,7 +147,7 @@ fn collector_pauses() -> usize {
 /// For a child process after `fork()`: the pool's threads did not survive the fork, so start a
 /// new pool of as many threads (rsoptim's own: libgomp does not support use after fork).
 #[pyfunction]
-fn reset_after_fork(py: Python<'_>) -> PyResult<()> {
+fn reset_after_fork(_py: Python<'_>) -> PyResult<()> {
     // Reservations held by the parent's other threads would never be released here.
     rsoptim_core::inflight::reset_after_fork();
     // So would their pauses of the garbage collector: only this thread's stay.
@@ -155,7 +155,6 @@ fn reset_after_fork(py: Python<'_>) -> PyResult<()> {
         let mut collector = COLLECTOR.lock().unwrap_or_else(|e| e.into_inner());
         collector.0 = PAUSES.with(std::cell::Cell::get);
         if collector.0 == 0 && collector.1 {
-            let _ = py;
             // SAFETY: as in `pause_collector` (the `Python` token: the GIL is held).
             unsafe { pyo3::ffi::PyGC_Enable() };
         }
