@@ -9,6 +9,7 @@ Each attack runs in a child process, so that a crash fails its test instead of t
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -556,16 +557,52 @@ def test_the_collector_is_left_as_the_caller_had_it():
         (gc.enable if was else gc.disable)()
 
 
+def test_a_resume_calls_its_pauses_undos_last_first_and_raises_the_first_error():
+    # (what lets native_reads' __exit__ be the extension's resume, with nothing in Python)
+    from rsoptim import _collector, _rsoptim
+
+    calls = []
+
+    def undo(name, error=None):
+        calls.append(name)
+        if error is not None:
+            raise error
+
+    was = gc.isenabled()
+    with pytest.raises(RuntimeError, match="outside a pause"):
+        _collector.at_resume(undo, "none")
+    _collector.pause()
+    try:
+        _collector.at_resume(undo, "outer")
+        _collector.pause()  # nested: the undos below are its own
+        _collector.at_resume(undo, "first", KeyError("first"))
+        _collector.at_resume(undo, "second", ValueError("second"))
+        _collector.at_resume(undo, "third")
+        with pytest.raises(ValueError, match="second"):
+            _collector.resume(None, None, None)
+        assert calls == ["third", "second", "first"]
+        assert _rsoptim.collector_pauses() == 1 and not gc.isenabled()
+    finally:
+        _collector.resume()
+    assert calls == ["third", "second", "first", "outer"]
+    assert _rsoptim.collector_pauses() == 0 and gc.isenabled() == was
+    _collector.resume()  # no pause of this thread's left: nothing to do
+    assert calls[-1] == "outer" and gc.isenabled() == was
+
+
 def test_an_interrupt_anywhere_leaves_no_pause_behind():
-    # A signal handler's exception (a Ctrl-C) can be raised after any call. Wherever it lands in
-    # a step (or in the functional API's pause), the pause is ended: the collector is enabled
-    # again and no pause is left counted. (With the count kept in Python, one landed between
-    # counting a pause and its `try`, and the collector stayed off for good.)
+    # A signal handler's exception (a Ctrl-C) can be raised after any call, and at the start of
+    # any Python function. Wherever it lands in a step (or in the functional API's pause), the
+    # pause is ended (the collector is enabled again and no pause is left counted), and the
+    # torch function state is the caller's again. (With the count kept in Python, one landed
+    # between counting a pause and its `try`; with `native_reads.__exit__` a Python function,
+    # one landed before its first line: either way the collector stayed off for good.)
     run_child(
         """
         import gc, signal, time
-        from rsoptim import _rsoptim
+        from rsoptim import _rsoptim, _layout
         from rsoptim._collector import collector_paused
+        from rsoptim._layout import as_caller, native_reads
 
         class Interrupt(BaseException):
             pass
@@ -577,6 +614,11 @@ def test_an_interrupt_anywhere_leaves_no_pause_behind():
                 armed[0] = False
                 raise Interrupt
 
+        def enter_and_leave():  # (most of a step's windows are in these, so it is hit often)
+            with native_reads():
+                with as_caller():
+                    pass
+
         params = model()
         opt = rsoptim.Adam(params, lr=0.01)
         arrays = [np.ones(300, np.float32) for _ in range(4)]
@@ -585,7 +627,9 @@ def test_an_interrupt_anywhere_leaves_no_pause_behind():
             opt.step,
             lambda: F.adam_(arrays[:1], arrays[1:2], arrays[2:3], arrays[3:], steps),
             lambda: rsoptim.clip_grad_norm_(params, 1e-3),
+            enter_and_leave,
         ]
+        torch_function = torch._C._get_torch_function_state()
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, 2e-5, 2e-5)
         interrupted = 0
@@ -602,6 +646,8 @@ def test_an_interrupt_anywhere_leaves_no_pause_behind():
                         interrupted += 1
                     armed[0] = False
                     assert _rsoptim.collector_pauses() == 0 and gc.isenabled(), interrupted
+                    assert torch._C._get_torch_function_state() == torch_function, interrupted
+                    assert _layout._callers() == [], interrupted
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         assert interrupted > 100, interrupted

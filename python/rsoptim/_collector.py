@@ -14,6 +14,11 @@ A pause from the first call of a ``try`` block is ended by its ``except``/``fina
 without a pause of its thread's does nothing. A forked child keeps only its own thread's pauses
 (``_rsoptim.reset_after_fork``).
 
+:func:`at_resume` has the innermost pause's resume call an undo first. A context manager whose
+``__exit__`` is :func:`resume` itself (``collector_paused``, ``native_reads``) thus has its exit
+run entirely: a Python ``__exit__`` can be interrupted by such an exception before its first
+line, and what it was to restore stays as it was.
+
 What it cannot stop: another thread (or a mode run as the caller's) that calls ``gc.enable()`` or
 ``gc.collect()`` meanwhile; and the last resume enables the collector if it was enabled at the
 first pause, even if another thread disabled it in between.
@@ -25,6 +30,7 @@ from . import _rsoptim
 
 pause = _rsoptim.pause_collector
 resume = _rsoptim.resume_collector
+at_resume = _rsoptim.at_resume
 
 
 class collector_paused:

@@ -10,6 +10,7 @@ skips this check and gets such layouts wrong.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
@@ -183,63 +184,87 @@ class native_reads:
     already checked (in a ``.item()``, say), and the kernels would write there. torch's own
     implementation, where it steps params, runs as the caller would have it (:class:`as_caller`),
     as torch.optim's would. No garbage collection starts inside either (a ``__del__`` could
-    resize a checked storage just as well: see :mod:`rsoptim._collector`). Nests."""
+    resize a checked storage just as well: see :mod:`rsoptim._collector`). Nests.
 
-    __slots__ = ("entry",)
+    Its ``__exit__`` is the collector's resume, which calls the undos ``__enter__`` registered
+    (:func:`rsoptim._collector.at_resume`): an exception from a signal handler (a Ctrl-C) that
+    lands anywhere leaves the torch function state and the collector as the caller had them.
+    Each undo is registered before its change is made and is harmless where it was not made.
+    (Putting active dispatch modes back runs torch's Python code, which such an exception can
+    still interrupt.)"""
+
+    __slots__ = ()
 
     def __enter__(self) -> None:
         try:
             _collector.pause()  # (first: see rsoptim._collector)
+            callers = _callers()
+            _collector.at_resume(callers.__delitem__, slice(len(callers), None))
             # [torch function state to restore, the context that took the dispatch modes off]
-            self.entry = [_torch_function_state(), _without_dispatch_modes()]
-            _callers().append(self.entry)
+            entry = [_torch_function_state(), None]
+            callers.append(entry)
+            _collector.at_resume(_set_torch_function_state, entry[0])
             _set_torch_function_state(_ALL_DISABLED)
+            if _dispatch_modes_active():
+                _collector.at_resume(_put_modes_back, entry)
+                _take_modes_off(entry)
         except BaseException:
             _collector.resume()
             raise
 
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            _callers().pop()
-            saved, modes_off = self.entry
-            _set_torch_function_state(saved)
-            if modes_off is not None:
-                modes_off.__exit__(None, None, None)  # the modes back on their stack
-        finally:
-            _collector.resume()
+    __exit__ = _collector.resume
 
 
 class as_caller:
     """Inside :class:`native_reads`: torch function and dispatch modes as the caller of the
     innermost ``native_reads`` had them (around torch's own implementation, so that subclasses
     and modes see its ops as they would torch.optim's). What it hands the kernels is read again
-    afterwards, inside ``native_reads``."""
+    afterwards, inside ``native_reads``. Leaves as ``native_reads`` does (its pause of the
+    collector nests in that one's: it is there for the undos)."""
 
-    __slots__ = ("saved", "entry")
+    __slots__ = ()
 
     def __enter__(self) -> None:
-        self.saved = _torch_function_state()
-        callers = _callers()
-        self.entry = callers[-1] if callers else None
-        if self.entry is not None:
-            _set_torch_function_state(self.entry[0])
-            if self.entry[1] is not None:
-                self.entry[1].__exit__(None, None, None)
+        try:
+            _collector.pause()  # (first: see rsoptim._collector)
+            _collector.at_resume(_set_torch_function_state, _torch_function_state())
+            callers = _callers()
+            if callers:
+                entry = callers[-1]
+                _set_torch_function_state(entry[0])
+                if entry[1] is not None:
+                    _collector.at_resume(_take_modes_off_again, entry)
+                    _put_modes_back(entry)
+        except BaseException:
+            _collector.resume()
+            raise
 
-    def __exit__(self, *exc: Any) -> None:
-        _set_torch_function_state(self.saved)
-        if self.entry is not None and self.entry[1] is not None:
-            self.entry[1] = _without_dispatch_modes()
+    __exit__ = _collector.resume
 
 
-def _without_dispatch_modes() -> Any:
-    """The dispatch modes taken off their stacks until the returned context is exited; None
-    (nothing to do) where none is active, the usual case."""
-    if not (torch._C._len_torch_dispatch_stack() or _len_torch_dispatch_stack_pre_dispatch()):
-        return None
+def _dispatch_modes_active() -> bool:
+    return bool(torch._C._len_torch_dispatch_stack() or _len_torch_dispatch_stack_pre_dispatch())
+
+
+def _take_modes_off(entry: list[Any]) -> None:
+    """Takes the dispatch modes off their stacks until :func:`_put_modes_back`."""
     modes_off = _disable_current_modes()
+    entry[1] = modes_off
     modes_off.__enter__()
-    return modes_off
+
+
+def _put_modes_back(entry: list[Any]) -> None:
+    """Puts back the modes :func:`_take_modes_off` took off, if it did (an interrupt could have
+    come before its generator took them)."""
+    modes_off, entry[1] = entry[1], None
+    if modes_off is not None and inspect.getgeneratorstate(modes_off.gen) == inspect.GEN_SUSPENDED:
+        modes_off.__exit__(None, None, None)
+
+
+def _take_modes_off_again(entry: list[Any]) -> None:
+    """Undoes :func:`_put_modes_back` in :class:`as_caller`, if it ran."""
+    if entry[1] is None and _dispatch_modes_active():
+        _take_modes_off(entry)
 
 
 def _callers() -> list[list[Any]]:

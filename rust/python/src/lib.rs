@@ -11,6 +11,7 @@
 //! anything but live buffers: the checks catch null, misaligned and overlapping addresses, not
 //! addresses of freed memory.
 
+use std::cell::RefCell;
 use std::sync::{Mutex, RwLock};
 
 use pyo3::create_exception;
@@ -104,9 +105,14 @@ fn set_num_threads(threads: usize) -> PyResult<()> {
 /// pause and switching the collector: each of these runs without a Python bytecode in it.
 static COLLECTOR: Mutex<(usize, bool)> = Mutex::new((0, false));
 
+/// What one pause's resume calls before it ends the pause (`at_resume`): callables and their
+/// arguments, called last first.
+type Undo = Vec<(Py<PyAny>, Py<pyo3::types::PyTuple>)>;
+
 thread_local! {
-    /// This thread's pauses not yet resumed (a forked child keeps only its own thread's).
-    static PAUSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// This thread's pauses not yet resumed, innermost last (a forked child keeps only its own
+    /// thread's).
+    static PAUSES: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Pauses the garbage collector until the matching `resume_collector` (nests; any thread).
@@ -118,17 +124,42 @@ fn pause_collector(_py: Python<'_>) {
         collector.1 = unsafe { pyo3::ffi::PyGC_Disable() } == 1;
     }
     collector.0 += 1;
-    PAUSES.with(|p| p.set(p.get() + 1));
+    PAUSES.with_borrow_mut(|pauses| pauses.push(Undo::new()));
 }
 
-/// Ends one of this thread's pauses; the last one over all threads enables the collector again
-/// if it was enabled before. Without a pause of this thread's to end, does nothing. Takes and
-/// ignores any arguments, so that it can be a context manager's `__exit__`.
+/// Has this thread's innermost pause call `undo(*args)` when it is resumed, before any undo
+/// registered earlier. A context manager whose `__exit__` is `resume_collector` thus undoes
+/// what its `__enter__` did even where a signal handler's exception lands first thing in the
+/// exit: the `with` statement calls it with no bytecode in between, and each undo registered
+/// before its change is made (and harmless where the change was not made) leaves no window.
+#[pyfunction]
+#[pyo3(signature = (undo, *args))]
+fn at_resume(undo: &Bound<'_, PyAny>, args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+    PAUSES.with_borrow_mut(|pauses| match pauses.last_mut() {
+        Some(innermost) => {
+            innermost.push((undo.clone().unbind(), args.clone().unbind()));
+            Ok(())
+        }
+        None => Err(PyRuntimeError::new_err("at_resume outside a pause of the collector")),
+    })
+}
+
+/// Ends this thread's innermost pause: calls its undos (all of them, even after one raised),
+/// then the last pause over all threads enables the collector again if it was enabled before.
+/// Raises the first undo's exception, if any. Without a pause of this thread's to end, does
+/// nothing. Takes and ignores any arguments, so that it can be a context manager's `__exit__`.
 #[pyfunction]
 #[pyo3(signature = (*_exc))]
-fn resume_collector(_py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
-    if PAUSES.with(|p| p.replace(p.get().saturating_sub(1))) == 0 {
-        return;
+fn resume_collector(py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+    let Some(undos) = PAUSES.with_borrow_mut(Vec::pop) else {
+        return Ok(());
+    };
+    // Still paused while the undos run (they are Python code).
+    let mut first_error = None;
+    for (undo, args) in undos.into_iter().rev() {
+        if let Err(e) = undo.bind(py).call1(args.bind(py)) {
+            first_error.get_or_insert(e);
+        }
     }
     let mut collector = COLLECTOR.lock().unwrap_or_else(|e| e.into_inner());
     collector.0 = collector.0.saturating_sub(1);
@@ -136,6 +167,7 @@ fn resume_collector(_py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
         // SAFETY: as in `pause_collector`.
         unsafe { pyo3::ffi::PyGC_Enable() };
     }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// How many pauses are in force over all threads (for the tests).
@@ -153,7 +185,7 @@ fn reset_after_fork(_py: Python<'_>) -> PyResult<()> {
     // So would their pauses of the garbage collector: only this thread's stay.
     {
         let mut collector = COLLECTOR.lock().unwrap_or_else(|e| e.into_inner());
-        collector.0 = PAUSES.with(std::cell::Cell::get);
+        collector.0 = PAUSES.with_borrow(Vec::len);
         if collector.0 == 0 && collector.1 {
             // SAFETY: as in `pause_collector` (the `Python` token: the GIL is held).
             unsafe { pyo3::ffi::PyGC_Enable() };
@@ -1029,6 +1061,7 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reset_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(pause_collector, m)?)?;
     m.add_function(wrap_pyfunction!(resume_collector, m)?)?;
+    m.add_function(wrap_pyfunction!(at_resume, m)?)?;
     m.add_function(wrap_pyfunction!(collector_pauses, m)?)?;
     m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
