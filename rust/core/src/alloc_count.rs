@@ -66,12 +66,12 @@ mod tests {
                 // SAFETY: a non-zero-sized layout; the block is freed below with its layout.
                 unsafe {
                     let p = a.alloc(layout);
-                    assert!(!p.is_null() && p as usize % align == 0);
+                    assert!(!p.is_null() && (p as usize).is_multiple_of(align));
                     for i in 0..from {
                         p.add(i).write(i as u8);
                     }
                     let q = a.realloc(p, layout, to);
-                    assert!(!q.is_null() && q as usize % align == 0, "align {align}: {from} -> {to}");
+                    assert!(!q.is_null() && (q as usize).is_multiple_of(align), "align {align}: {from} -> {to}");
                     for i in 0..from.min(to) {
                         assert_eq!(q.add(i).read(), i as u8);
                     }
@@ -86,7 +86,7 @@ mod tests {
         // SAFETY: as above.
         unsafe {
             let p = a.alloc_zeroed(zeroed);
-            assert!(p as usize % 128 == 0 && (0..256).all(|i| p.add(i).read() == 0));
+            assert!((p as usize).is_multiple_of(128) && (0..256).all(|i| p.add(i).read() == 0));
             a.dealloc(p, zeroed);
         }
     }

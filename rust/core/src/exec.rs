@@ -44,6 +44,7 @@ const FINISH_SPIN_LIMIT: Duration = Duration::from_micros(500);
 
 /// One tensor's share of a step: the buffers of a param and what the kernel needs to update it.
 /// Element-wise work may be split anywhere, so results never depend on how it was split.
+#[allow(clippy::len_without_is_empty)] // (the executor never asks: it splits by length)
 pub trait Splittable: Sized + Send {
     fn len(&self) -> usize;
     /// Splits into `[0, mid)` and `[mid, len)`.
@@ -111,7 +112,11 @@ impl Executor {
 
     fn runs_parallel(&self, elements: usize) -> bool {
         #[cfg(unix)]
-        let min = if self.openmp.is_some() { self.parallel_min_elements.min(OPENMP_PARALLEL_MIN_ELEMENTS) } else { self.parallel_min_elements };
+        let min = if self.openmp.is_some() {
+            self.parallel_min_elements.min(OPENMP_PARALLEL_MIN_ELEMENTS)
+        } else {
+            self.parallel_min_elements
+        };
         #[cfg(not(unix))]
         let min = self.parallel_min_elements;
         self.threads() > 1 && elements >= min

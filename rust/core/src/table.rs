@@ -38,7 +38,7 @@ impl Dtype {
 
 /// A column of addresses or element counts: native-endian 64-bit words.
 pub fn words(role: &str, bytes: &[u8]) -> Result<Vec<usize>, Error> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(Error::InvalidArgument(format!(
             "{role}: {} bytes is not a whole number of 64-bit words",
             bytes.len()
