@@ -6,7 +6,7 @@
 //! over the memory, 16 bytes per float32 element instead of Adam's 28.
 //!
 //! The codes are small floats read straight off float32 bit patterns (see [`codes`]), so that
-//! encoding and decoding are a few integer operations per 8 values (AVX2 intrinsics on x86-64,
+//! encoding and decoding are a few integer operations per 8 values (AVX2 or AVX-512 intrinsics on x86-64,
 //! the per-element functions elsewhere), with exactly the same results on every SIMD path
 //! (bitsandbytes' decimal "dynamic" map needs a search per value, which costs more than the
 //! whole memory-bound step on a CPU).

@@ -158,6 +158,13 @@ pub trait Isa: Copy {
         None
     }
 
+    /// The AVX-512 token where this ISA is AVX-512, for the loops written with its intrinsics.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn avx512(self) -> Option<Avx512> {
+        None
+    }
+
     /// `dst[i] = src[i]` exactly, float16 to float32.
     #[inline(always)]
     fn f16_to_f32(self, src: &[half::f16], dst: &mut [f32]) {
@@ -255,6 +262,11 @@ impl Isa for Avx512 {
     #[inline(always)]
     fn avx2(self) -> Option<Avx2> {
         Some(Avx2(())) // AVX-512 as checked here includes AVX2 (`is_available`)
+    }
+
+    #[inline(always)]
+    fn avx512(self) -> Option<Avx512> {
+        Some(self)
     }
 
     #[inline(always)]
