@@ -175,7 +175,31 @@ def step_dtype_name(step: torch.Tensor) -> str:
     return KERNEL_DTYPES[step.dtype]
 
 
-class native_reads:
+class _PausedWithUndos:
+    """A context manager that pauses the collector first thing and whose ``__exit__`` is its
+    resume, which calls the undos ``_change`` registered with :func:`rsoptim._collector.at_resume`
+    (an exception from a signal handler, a Ctrl-C, that lands anywhere thus leaves nothing
+    changed). Each undo is registered before its change is made, and is harmless where the change
+    was not made."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        try:
+            _collector.pause()  # (first: see rsoptim._collector)
+            self._change()
+        except BaseException:
+            _collector.resume()
+            raise
+
+    __exit__ = _collector.resume
+
+    def _change(self) -> None:
+        """The subclass's changes, each made after registering its undo."""
+        raise NotImplementedError
+
+
+class native_reads(_PausedWithUndos):
     """Inside: torch function is off (Tensor subclasses' ``__torch_function__`` and any
     ``TorchFunctionMode``) and no ``TorchDispatchMode`` is active, so that what the kernels are
     handed (addresses, element counts, dtypes, sizes, the TensorImpl behind ``_cdata``) is what
@@ -186,60 +210,44 @@ class native_reads:
     as torch.optim's would. No garbage collection starts inside either (a ``__del__`` could
     resize a checked storage just as well: see :mod:`rsoptim._collector`). Nests.
 
-    Its ``__exit__`` is the collector's resume, which calls the undos ``__enter__`` registered
-    (:func:`rsoptim._collector.at_resume`): an exception from a signal handler (a Ctrl-C) that
-    lands anywhere leaves the torch function state and the collector as the caller had them.
-    Each undo is registered before its change is made and is harmless where it was not made.
-    (Putting active dispatch modes back runs torch's Python code, which such an exception can
-    still interrupt.)"""
+    An exception from a signal handler (a Ctrl-C) that lands anywhere leaves the torch function
+    state and the collector as the caller had them (see :class:`_PausedWithUndos`). (Putting
+    active dispatch modes back runs torch's Python code, which such an exception can still
+    interrupt.)"""
 
     __slots__ = ()
 
-    def __enter__(self) -> None:
-        try:
-            _collector.pause()  # (first: see rsoptim._collector)
-            callers = _callers()
-            _collector.at_resume(callers.__delitem__, slice(len(callers), None))
-            # [torch function state to restore, the context that took the dispatch modes off]
-            entry = [_torch_function_state(), None]
-            callers.append(entry)
-            _collector.at_resume(_set_torch_function_state, entry[0])
-            _set_torch_function_state(_ALL_DISABLED)
-            if _dispatch_modes_active():
-                _collector.at_resume(_put_modes_back, entry)
-                _take_modes_off(entry)
-        except BaseException:
-            _collector.resume()
-            raise
-
-    __exit__ = _collector.resume
+    def _change(self) -> None:
+        callers = _callers()
+        _collector.at_resume(callers.__delitem__, slice(len(callers), None))
+        # [torch function state to restore, the context that took the dispatch modes off]
+        entry = [_torch_function_state(), None]
+        callers.append(entry)
+        _collector.at_resume(_set_torch_function_state, entry[0])
+        _set_torch_function_state(_ALL_DISABLED)
+        if _dispatch_modes_active():
+            _collector.at_resume(_put_modes_back, entry)
+            _take_modes_off(entry)
 
 
-class as_caller:
+class as_caller(_PausedWithUndos):
     """Inside :class:`native_reads`: torch function and dispatch modes as the caller of the
     innermost ``native_reads`` had them (around torch's own implementation, so that subclasses
     and modes see its ops as they would torch.optim's). What it hands the kernels is read again
-    afterwards, inside ``native_reads``. Leaves as ``native_reads`` does (its pause of the
-    collector nests in that one's: it is there for the undos)."""
+    afterwards, inside ``native_reads``. (Its pause of the collector nests in that one's: it is
+    there for the undos.)"""
 
     __slots__ = ()
 
-    def __enter__(self) -> None:
-        try:
-            _collector.pause()  # (first: see rsoptim._collector)
-            _collector.at_resume(_set_torch_function_state, _torch_function_state())
-            callers = _callers()
-            if callers:
-                entry = callers[-1]
-                _set_torch_function_state(entry[0])
-                if entry[1] is not None:
-                    _collector.at_resume(_take_modes_off_again, entry)
-                    _put_modes_back(entry)
-        except BaseException:
-            _collector.resume()
-            raise
-
-    __exit__ = _collector.resume
+    def _change(self) -> None:
+        _collector.at_resume(_set_torch_function_state, _torch_function_state())
+        callers = _callers()
+        if callers:
+            entry = callers[-1]
+            _set_torch_function_state(entry[0])
+            if entry[1] is not None:
+                _collector.at_resume(_take_modes_off_again, entry)
+                _put_modes_back(entry)
 
 
 def _dispatch_modes_active() -> bool:
