@@ -17,7 +17,8 @@ without a pause of its thread's does nothing. A forked child keeps only its own 
 :func:`at_resume` has the innermost pause's resume call an undo first. A context manager whose
 ``__exit__`` is :func:`resume` itself (``collector_paused``, ``native_reads``) thus has its exit
 run entirely: a Python ``__exit__`` can be interrupted by such an exception before its first
-line, and what it was to restore stays as it was.
+line, and what it was to restore stays as it was. (It ends the thread's innermost pause, so a
+``with`` body must end the pauses it starts, as rsoptim's do.)
 
 What it cannot stop: another thread (or a mode run as the caller's) that calls ``gc.enable()`` or
 ``gc.collect()`` meanwhile; and the last resume enables the collector if it was enabled at the

@@ -177,10 +177,12 @@ def step_dtype_name(step: torch.Tensor) -> str:
 
 class _PausedWithUndos:
     """A context manager that pauses the collector first thing and whose ``__exit__`` is its
-    resume, which calls the undos ``_change`` registered with :func:`rsoptim._collector.at_resume`
-    (an exception from a signal handler, a Ctrl-C, that lands anywhere thus leaves nothing
-    changed). Each undo is registered before its change is made, and is harmless where the change
-    was not made."""
+    resume, which calls the undos ``_change`` registered with :func:`rsoptim._collector.at_resume`.
+    Each undo is registered before its change is made, and is harmless where the change was not
+    made. So wherever an exception from a signal handler (a Ctrl-C) lands, what C functions
+    change and undo (the collector, the torch function state, the stack of entries) is left as
+    it was; what Python code changes or undoes (the dispatch modes) can still be interrupted
+    halfway."""
 
     __slots__ = ()
 
@@ -211,9 +213,10 @@ class native_reads(_PausedWithUndos):
     resize a checked storage just as well: see :mod:`rsoptim._collector`). Nests.
 
     An exception from a signal handler (a Ctrl-C) that lands anywhere leaves the torch function
-    state and the collector as the caller had them (see :class:`_PausedWithUndos`). (Putting
-    active dispatch modes back runs torch's Python code, which such an exception can still
-    interrupt.)"""
+    state and the collector as the caller had them (see :class:`_PausedWithUndos`). Active
+    dispatch modes are taken off and put back by torch's Python code (its
+    ``_disable_current_modes``): one that lands in there can lose them, as it can around torch's
+    own uses of it."""
 
     __slots__ = ()
 
@@ -245,7 +248,7 @@ class as_caller(_PausedWithUndos):
         if callers:
             entry = callers[-1]
             _set_torch_function_state(entry[0])
-            if entry[1] is not None:
+            if _holds_modes_off(entry):
                 _collector.at_resume(_take_modes_off_again, entry)
                 _put_modes_back(entry)
 
@@ -261,17 +264,22 @@ def _take_modes_off(entry: list[Any]) -> None:
     modes_off.__enter__()
 
 
+def _holds_modes_off(entry: list[Any]) -> bool:
+    """Whether the entry's context holds the dispatch modes off: entered and not exited (an
+    interrupt could have come before its generator took them, or after it put them back)."""
+    modes_off = entry[1]
+    return modes_off is not None and inspect.getgeneratorstate(modes_off.gen) == inspect.GEN_SUSPENDED
+
+
 def _put_modes_back(entry: list[Any]) -> None:
-    """Puts back the modes :func:`_take_modes_off` took off, if it did (an interrupt could have
-    come before its generator took them)."""
-    modes_off, entry[1] = entry[1], None
-    if modes_off is not None and inspect.getgeneratorstate(modes_off.gen) == inspect.GEN_SUSPENDED:
-        modes_off.__exit__(None, None, None)
+    """Puts back the modes :func:`_take_modes_off` took off, if they are still off."""
+    if _holds_modes_off(entry):
+        entry[1].__exit__(None, None, None)
 
 
 def _take_modes_off_again(entry: list[Any]) -> None:
-    """Undoes :func:`_put_modes_back` in :class:`as_caller`, if it ran."""
-    if entry[1] is None and _dispatch_modes_active():
+    """Undoes :func:`_put_modes_back` in :class:`as_caller`, if it put them back."""
+    if not _holds_modes_off(entry) and _dispatch_modes_active():
         _take_modes_off(entry)
 
 

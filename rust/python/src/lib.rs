@@ -130,8 +130,10 @@ fn pause_collector(_py: Python<'_>) {
 /// Has this thread's innermost pause call `undo(*args)` when it is resumed, before any undo
 /// registered earlier. A context manager whose `__exit__` is `resume_collector` thus undoes
 /// what its `__enter__` did even where a signal handler's exception lands first thing in the
-/// exit: the `with` statement calls it with no bytecode in between, and each undo registered
-/// before its change is made (and harmless where the change was not made) leaves no window.
+/// exit: the `with` statement calls it with no bytecode in between. With each undo registered
+/// before its change is made (and harmless where the change was not made), a change made and
+/// undone by C functions has no window; one made or undone by Python code can still be
+/// interrupted halfway.
 #[pyfunction]
 #[pyo3(signature = (undo, *args))]
 fn at_resume(undo: &Bound<'_, PyAny>, args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
