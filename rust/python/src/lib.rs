@@ -107,12 +107,12 @@ static COLLECTOR: Mutex<(usize, bool)> = Mutex::new((0, false));
 
 /// What one pause's resume calls before it ends the pause (`at_resume`): callables and their
 /// arguments, called last first.
-type Undo = Vec<(Py<PyAny>, Py<pyo3::types::PyTuple>)>;
+type Undos = Vec<(Py<PyAny>, Py<pyo3::types::PyTuple>)>;
 
 thread_local! {
     /// This thread's pauses not yet resumed, innermost last (a forked child keeps only its own
     /// thread's).
-    static PAUSES: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
+    static PAUSES: RefCell<Vec<Undos>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Pauses the garbage collector until the matching `resume_collector` (nests; any thread).
@@ -124,7 +124,7 @@ fn pause_collector(_py: Python<'_>) {
         collector.1 = unsafe { pyo3::ffi::PyGC_Disable() } == 1;
     }
     collector.0 += 1;
-    PAUSES.with_borrow_mut(|pauses| pauses.push(Undo::new()));
+    PAUSES.with_borrow_mut(|pauses| pauses.push(Undos::new()));
 }
 
 /// Has this thread's innermost pause call `undo(*args)` when it is resumed, before any undo
