@@ -96,26 +96,32 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
             let len = end - start;
             let (m, v) = (&mut m[..len], &mut v[..len]);
             let (m_codes, v_codes) = (&mut m_codes[start..end], &mut v_codes[start..end]);
-            // float32 grads are read where they are, the grad factor applied as they are read;
-            // half-precision ones are scaled and rounded a block at a time, as clipping leaves them.
-            let (grads, k) = match P::as_math(&grad[start..end]) {
-                Some(grads) => (grads, k),
-                None => {
-                    load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad_scale());
-                    (&g[..len], k.for_block())
-                }
-            };
-            let params = param.block(isa, start, end, &mut p[..len]);
             codes::decode_block::<Signed, I>(isa, m_codes, m_scales[b], m);
             codes::decode_block::<Unsigned, I>(isa, v_codes, v_scales[b], v);
-            // A whole block (all but a tensor's last) is updated by a loop of known length,
-            // which LLVM vectorises without a scalar tail.
-            let (m_largest, v_largest) = if len == QUANT_BLOCK {
-                update_block::<L2, UNIT_CORRECTION>(&k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v)
-            } else {
-                update_block::<L2, UNIT_CORRECTION>(&k, params, grads, m, v)
+            let unscaled = k.grad_scale() == 1.0;
+            let (m_largest, v_largest) = match param.converted_in_place(start, end) {
+                // Half-precision params and grads, nothing to scale, rounded to nearest: loaded
+                // and stored by the loop itself, no pass over a copy of each (about a third of
+                // such a step in cache). The same bits as the copies': loads are exact and
+                // stores round as `store_block` does on every SIMD path.
+                Some(params) if unscaled => update_block::<P, L2, UNIT_CORRECTION>(&k, params, &grad[start..end], m, v),
+                _ => {
+                    // float32 grads are read where they are, the grad factor applied as they
+                    // are read; half-precision ones are scaled and rounded a block at a time,
+                    // as clipping leaves them.
+                    let (grads, k) = match P::as_math(&grad[start..end]) {
+                        Some(grads) => (grads, k),
+                        None => {
+                            load_grad_block(isa, &grad[start..end], &mut g[..len], k.grad_scale());
+                            (&g[..len], k.for_block())
+                        }
+                    };
+                    let params = param.block(isa, start, end, &mut p[..len]);
+                    let largest = update_block::<f32, L2, UNIT_CORRECTION>(&k, params, grads, m, v);
+                    param.unblock(isa, start, end, &p[..len]);
+                    largest
+                }
             };
-            param.unblock(isa, start, end, &p[..len]);
             // The largest magnitudes are the new scales.
             let (m_scale, v_scale) = (f32::from_bits(m_largest), f32::from_bits(v_largest));
             codes::encode_block::<Signed, I>(isa, m, inverse(m_scale), m_codes);
@@ -126,12 +132,30 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
 }
 
 /// Adam's float32 update of one block in place, the moments decoded into `m` and `v`, in
-/// torch's order of operations. Returns the bits of the largest new magnitudes (see `largest`).
+/// torch's order of operations; params and grads are loaded into float32 and the params
+/// stored back (copies for float32). Returns the bits of the largest new magnitudes (see
+/// `magnitude_bits`).
 #[inline(always)]
-fn update_block<const L2: bool, const UNIT_CORRECTION: bool>(
+fn update_block<Q: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool>(
     k: &AdamScalars<f32>,
-    params: &mut [f32],
-    grads: &[f32],
+    params: &mut [Q],
+    grads: &[Q],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> (u32, u32) {
+    // A whole block (all but a tensor's last) is updated by a loop of known length, which LLVM
+    // vectorises without a scalar tail.
+    if params.len() == QUANT_BLOCK {
+        return update_slices::<Q, L2, UNIT_CORRECTION>(k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v);
+    }
+    update_slices::<Q, L2, UNIT_CORRECTION>(k, params, grads, m, v)
+}
+
+#[inline(always)]
+fn update_slices<Q: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool>(
+    k: &AdamScalars<f32>,
+    params: &mut [Q],
+    grads: &[Q],
     m: &mut [f32],
     v: &mut [f32],
 ) -> (u32, u32) {
@@ -139,8 +163,8 @@ fn update_block<const L2: bool, const UNIT_CORRECTION: bool>(
     let (grads, m, v) = (&grads[..n], &mut m[..n], &mut v[..n]);
     let (mut m_largest, mut v_largest) = (0, 0);
     for i in 0..n {
-        let (p_new, m_new, v_new) = k.moments::<L2>(params[i], grads[i], m[i], v[i]);
-        params[i] = k.param_update_with::<UNIT_CORRECTION>(p_new, m_new, v_new);
+        let (p_new, m_new, v_new) = k.moments::<L2>(params[i].load(), grads[i].load(), m[i], v[i]);
+        params[i] = Q::store(k.param_update_with::<UNIT_CORRECTION>(p_new, m_new, v_new));
         (m[i], v[i]) = (m_new, v_new);
         m_largest = m_largest.max(magnitude_bits(m_new));
         v_largest = v_largest.max(magnitude_bits(v_new));

@@ -6,8 +6,8 @@
 //! instructions (F16C, AVX-512), which a per-element loop cannot reach on stable Rust.
 
 use crate::element::{stochastic_key, Element, Real};
-use num_traits::{One, Zero};
 use crate::simd::Isa;
+use num_traits::{One, Zero};
 
 /// Elements per block: 5 streams of 256 float32 (5 KiB) stay in L1 between the conversions and
 /// the loop.
@@ -104,6 +104,14 @@ impl<'a, P: Element> ParamOut<'a, P> {
     /// Whether the loop can run on the param buffer itself (nothing to convert or copy).
     pub fn is_plain(&self) -> bool {
         P::IS_MATH && self.master.is_none()
+    }
+
+    /// The param's elements `start..end` themselves, where a loop can load and store them one
+    /// by one: a half-precision param rounded to nearest, without a master copy (the others go
+    /// through `block`/`unblock`).
+    #[inline(always)]
+    pub fn converted_in_place(&mut self, start: usize, end: usize) -> Option<&mut [P]> {
+        (!P::IS_MATH && self.master.is_none() && self.key.is_none()).then(|| &mut self.param[start..end])
     }
 
     pub fn len(&self) -> usize {
