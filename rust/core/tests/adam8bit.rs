@@ -292,11 +292,15 @@ fn half_params_master_copies_and_stochastic_rounding_compose_with_8bit_states() 
             check_against_reference::<bf16>(n, &h, &exec, false, stochastic, false);
         }
         // Half-precision params rounded to nearest are loaded and stored by the update loop
-        // itself, unless the grads are scaled (clipping): every option, both ways.
-        for h in hypers() {
+        // itself, unless the grads are scaled (clipping): every option, both ways; a scale that
+        // is not a power of two, so that scaling a grad rounds it.
+        let clipped = AdamHyper { grad_scale: 0.3, ..AdamHyper::default() };
+        for h in hypers().into_iter().chain([clipped]) {
             for n in [1, 256, 2500] {
-                check_against_reference::<bf16>(n, &h, &exec, false, Rounding::Nearest, false);
-                check_against_reference::<f16>(n, &h, &exec, false, Rounding::Nearest, true);
+                for non_finite in [false, true] {
+                    check_against_reference::<bf16>(n, &h, &exec, false, Rounding::Nearest, non_finite);
+                    check_against_reference::<f16>(n, &h, &exec, false, Rounding::Nearest, non_finite);
+                }
             }
         }
     }
