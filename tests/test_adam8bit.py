@@ -237,6 +237,42 @@ def test_kernel_is_the_reference(dtype, cls):
         assert_states_equal(kernel_opt, params, reference_opt, twins)
 
 
+@needs_kernel
+def test_later_steps_check_their_tensors_natively_and_give_the_same_bits(monkeypatch):
+    """From its second step on, a group of plain CPU params with their state is checked by one
+    native read of all its tensors, not param by param in Python, and steps to the same bits as
+    the per-param path; params whose memory overlaps still take that path (the kernel refuses
+    them before writing anything)."""
+    base = torch.zeros(9000)
+    overlapping = [torch.nn.Parameter(base[:6000]), torch.nn.Parameter(base[3000:])]
+    params = make_params(torch.float32, (5000, 10, 70_000)) + make_params(torch.bfloat16, (4096, 300), seed=1)
+    twins = clones(params)
+    twin_base = base.clone()
+    twin_overlapping = [torch.nn.Parameter(twin_base[:6000]), torch.nn.Parameter(twin_base[3000:])]
+
+    def build(params: list[torch.Tensor], overlapping: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return rsoptim.AdamW8bit([{"params": params}, {"params": overlapping, "lr": 1e-3}], lr=1e-2)
+
+    native, per_param = build(params, overlapping), build(twins, twin_overlapping)
+    per_param._native_calls = lambda group, params: None  # (an instance attribute: this one only)
+    checked: list[tuple[torch.optim.Optimizer, int]] = []
+    check = rsoptim.Adam8bit._check_param_and_state
+
+    def counting_check(self, p, index, group, name):
+        checked.append((self, self.param_groups.index(group)))
+        return check(self, p, index, group, name)
+
+    monkeypatch.setattr(rsoptim.Adam8bit, "_check_param_and_state", counting_check)
+    for step in range(3):
+        set_grads([params + overlapping, twins + twin_overlapping], seed=step)
+        checked.clear()
+        native.step()
+        per_param.step()
+        assert ((native, 0) in checked) == (step == 0), "the native check replaces the per-param ones"
+        assert (per_param, 0) in checked
+        assert_states_equal(native, params + overlapping, per_param, twins + twin_overlapping)
+
+
 @pytest.mark.parametrize("beta2, first_step", [(0.999, 20_000), (0.999, 16_000), (0.95, 400)])
 def test_late_steps_are_the_reference(beta2, first_step):
     """Late in training the second moment's bias correction rounds to 1, and the kernel leaves

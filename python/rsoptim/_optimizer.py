@@ -948,6 +948,9 @@ _get_impl = torch._C.TensorBase._cdata.__get__
 
 #: c10::ScalarType codes of the dtypes a plan checks (see rust/core/src/torch_abi.rs).
 _DTYPE_CODES = {torch.float32: 6, torch.float64: 7, torch.float16: 5, torch.bfloat16: 15}
+#: The code of uint8 (8-bit optimizer states' codes), and one that matches no tensor's dtype.
+UINT8_CODE = 0
+NO_DTYPE_CODE = 255
 
 #: Whether plans can be checked natively (libtorch's shim, see ``enable_native_checks``);
 #: without it every step takes the general path.
@@ -967,7 +970,7 @@ def enable_native_checks(libtorch: str | None) -> bool:
     def addresses(tensors, numels, dtypes, shape_of=None):
         shape_of = range(len(tensors)) if shape_of is None else shape_of
         return _rsoptim.tensor_addresses(
-            pack(map(_get_impl, tensors)), pack(numels), bytes(_DTYPE_CODES.get(d, 0) for d in dtypes), pack(shape_of)
+            pack(map(_get_impl, tensors)), pack(numels), bytes({**_DTYPE_CODES, torch.uint8: UINT8_CODE}.get(d, NO_DTYPE_CODE) for d in dtypes), pack(shape_of)
         )
 
     _rsoptim.use_tensor_readers(
@@ -987,6 +990,8 @@ def enable_native_checks(libtorch: str | None) -> bool:
         and addresses([view, base[:2].reshape(4, 2)], [16, 8], [f32, f32], [0, 0]) is None  # other sizes
         and addresses([view.t()], [16], [f32]) is None  # not contiguous
         and addresses([shrunk], [64], [f32]) is None  # outside its storage
+        and addresses([codes := torch.zeros(16, dtype=torch.uint8)], [16], [torch.uint8]) == pack([codes.data_ptr()])
+        and addresses([codes], [16], [f32]) is None
         and _plan_addresses_work(view, other)
     )
     if not works:
@@ -1102,7 +1107,7 @@ class _Plan:
             for k in keys:
                 step = k == "step"
                 numels.append(1 if step else local(p).numel())
-                dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, 0))
+                dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, NO_DTYPE_CODE))
                 shape_of.append(len(shape_of) if step else i)
         plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
         # The same native read as every later step's (see kernel_calls).

@@ -22,6 +22,7 @@ type GetI64s = unsafe extern "C" fn(Handle, *mut *const i64) -> Status;
 type GetBool = unsafe extern "C" fn(Handle, *mut bool) -> Status;
 
 /// `c10::ScalarType` codes of the dtypes the step plan checks, with their element sizes.
+pub const UINT8: i32 = 0;
 pub const FLOAT16: i32 = 5;
 pub const FLOAT32: i32 = 6;
 pub const FLOAT64: i32 = 7;
@@ -32,6 +33,7 @@ const STRIDED: i32 = 0;
 
 fn element_size(dtype: i32) -> Option<i64> {
     match dtype {
+        UINT8 => Some(1), // the codes of 8-bit optimizer states
         FLOAT16 | BFLOAT16 => Some(2),
         FLOAT32 => Some(4),
         FLOAT64 => Some(8),
@@ -79,7 +81,8 @@ impl TorchAbi {
     pub fn already_loaded(path: &str) -> Option<Self> {
         // SAFETY: with RTLD_NOLOAD, dlopen only returns a handle to a library that is already
         // loaded and initialised; it never maps or initialises anything.
-        let library = unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD) }.ok()?;
+        let library =
+            unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD) }.ok()?;
         macro_rules! symbol {
             ($name:literal, $ty:ty) => {
                 // SAFETY: each `aoti_torch_*` function has the C signature of its type alias in
@@ -165,7 +168,8 @@ impl TorchAbi {
                 let dim = usize::try_from(dim).ok()?;
                 // SAFETY: the shim returns a pointer to the tensor's `dim` sizes, owned by its
                 // TensorImpl, which is alive and unchanged during this call.
-                let (a, b) = unsafe { (std::slice::from_raw_parts(sizes, dim), std::slice::from_raw_parts(other_sizes, dim)) };
+                let (a, b) =
+                    unsafe { (std::slice::from_raw_parts(sizes, dim), std::slice::from_raw_parts(other_sizes, dim)) };
                 if a != b {
                     return None;
                 }
@@ -202,6 +206,8 @@ mod tests {
     fn only_the_planned_dtypes_have_an_element_size() {
         assert_eq!((element_size(FLOAT32), element_size(FLOAT64)), (Some(4), Some(8)));
         assert_eq!((element_size(FLOAT16), element_size(BFLOAT16)), (Some(2), Some(2)));
+        assert_eq!(element_size(UINT8), Some(1));
         assert_eq!(element_size(9), None); // complex64: plans never hold complex params
+        assert_eq!(element_size(255), None); // what the Python layer passes for "no dtype"
     }
 }
