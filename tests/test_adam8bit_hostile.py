@@ -157,6 +157,75 @@ def test_a_hook_that_shrinks_a_state_storage_after_the_checks_does_not_crash():
 
 
 @needs_kernel
+@pytest.mark.parametrize("when", ["stepping an earlier group", "stepping an earlier call of its group", "checking a later group"])
+def test_code_run_between_a_groups_native_check_and_its_kernels_does_not_crash(when):
+    """From the second step on, a group is checked by one native read of its tensors. Code may
+    run after that and before its kernels: a caller's mode while torch's ops step an earlier
+    group (here params whose memory overlaps, which the kernels refuse), or a param subclass's
+    ``__hash__`` while a later group is checked. Code that frees a state storage or swaps a
+    param's data there must not make the kernels write to freed memory: the group is read again
+    right before its kernels (and then stepped, or refused by the per-param checks), and params
+    the kernels refuse are stepped by torch's ops after the group's kernels."""
+    out = run_isolated(
+        f"""
+        from torch.overrides import TorchFunctionMode
+        when = {when!r}
+        base = torch.zeros(9000)
+        overlapping = [torch.nn.Parameter(base[:6000]), torch.nn.Parameter(base[3000:])]
+        big, small = torch.nn.Parameter(torch.zeros(1 << 16)), torch.nn.Parameter(torch.zeros(10))
+        armed = False
+
+        class Hashing(torch.nn.Parameter):
+            def __hash__(self):
+                if armed:
+                    big.data = torch.zeros(16)
+                return id(self)
+
+        other = Hashing(torch.zeros(10))
+        groups = [{{"params": overlapping}}, {{"params": [big, small]}}]
+        if when == "checking a later group":
+            groups = [{{"params": [big, small]}}, {{"params": [other]}}]
+        elif when == "stepping an earlier call of its group":
+            big = torch.nn.Parameter(torch.zeros(1 << 16, dtype=torch.bfloat16))  # (a call of its own)
+            groups = [{{"params": [*overlapping, big]}}]
+        opt = rsoptim.Adam8bit(groups)
+        for p in (*overlapping, big, small, other):
+            p.grad = torch.ones_like(p)
+        opt.step()
+
+        moved = []  # big's codes as they were, kept alive and marked once they are moved away
+
+        class Shrinking(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if not moved:
+                    codes = opt.state[big]["state1"]
+                    moved.append(codes.detach().clone().view(-1))
+                    old = torch.empty(0, dtype=torch.uint8).set_(codes.untyped_storage())
+                    moved.append(old)  # (holds the old memory: a stale write lands here, visibly)
+                    codes.set_(torch.zeros(16, dtype=torch.uint8))
+                    old.fill_(77)
+                return func(*args, **(kwargs or {{}}))
+
+        armed = True
+        try:
+            if when.startswith("stepping"):
+                with Shrinking():
+                    opt.step()
+            else:
+                opt.step()
+            outcome = "stepped"
+        except Exception as e:
+            outcome = type(e).__name__
+        junk = [torch.randn(100) for _ in range(2000)]  # give a corrupted heap a chance to show
+        stale = int((moved[1] != 77).sum()) if moved else 0
+        print(json.dumps({{"outcome": outcome, "written after being moved": stale}}))
+        """
+    )
+    assert out["outcome"] in ("stepped", "RuntimeError", "ValueError")
+    assert out["written after being moved"] == 0
+
+
+@needs_kernel
 @pytest.mark.parametrize("name", ["Adam8bit", "Adam"])
 def test_a_hook_that_frees_the_param_during_the_step_does_not_crash(name):
     """A hook run inside step() (a float subclass's ``__float__`` as eps) replaces ``p.data``,

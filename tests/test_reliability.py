@@ -463,11 +463,12 @@ def test_one_optimizer_stepped_by_threads_while_another_loads_state_dicts():
 
 def _addresses(tensors, numels, dtypes, shape_of=None):
     from rsoptim._columns import pack
-    from rsoptim._optimizer import _DTYPE_CODES
+    from rsoptim._optimizer import _DTYPE_CODES, NO_DTYPE_CODE, UINT8_CODE
 
+    codes = {**_DTYPE_CODES, torch.uint8: UINT8_CODE}
     shape_of = range(len(tensors)) if shape_of is None else shape_of
     return _rsoptim.tensor_addresses(
-        pack(t._cdata for t in tensors), pack(numels), bytes(_DTYPE_CODES.get(d, 0) for d in dtypes), pack(shape_of)
+        pack(t._cdata for t in tensors), pack(numels), bytes(codes.get(d, NO_DTYPE_CODE) for d in dtypes), pack(shape_of)
     )
 
 
@@ -486,6 +487,10 @@ def test_tensor_addresses_reads_what_torch_reads_and_refuses_the_rest():
     assert _addresses([view, base[:4]], [16, 16], [f32, f32], [0, 0]) == pack([view.data_ptr(), base.data_ptr()])
     assert _addresses([torch.zeros(0)], [0], [f32]) is not None
     assert _addresses([torch.zeros(())], [1], [f64]) is None  # another dtype
+    codes = torch.zeros(2, 8, dtype=torch.uint8)[1]  # (8-bit optimizer states' codes)
+    assert _addresses([codes, view], [8, 16], [torch.uint8, f32]) == pack([codes.data_ptr(), view.data_ptr()])
+    assert _addresses([codes], [8], [f32]) is None and _addresses([view], [16], [torch.uint8]) is None
+    assert _addresses([codes], [8], [torch.int8]) is None  # a dtype no plan takes
     shrunk = torch.zeros(100)
     shrunk.untyped_storage().resize_(40)
     refused = [

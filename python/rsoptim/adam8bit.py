@@ -434,19 +434,20 @@ _EIGHT_BIT_ROLES = ("state1", "state2", "absmax1", "absmax2", "step")
 _FLOAT_ROLES = ("state1", "state2", "step")
 _FLOAT32_CODE = _DTYPE_CODES[torch.float32]
 _STEP_DTYPES = frozenset((torch.float32, torch.float64))
+_EIGHT_BIT_STATE_KEYS = frozenset((*_EIGHT_BIT_ROLES, "qmap1", "qmap2"))
+_FLOAT_STATE_KEYS = frozenset(_FLOAT_ROLES)
 
 
 @dataclass
 class _NativeCall:
-    """One kernel call that ``Adam8bit._native_calls`` checked: its params, their grads, sizes
-    and buffer addresses by role, and the list that holds every tensor whose address it has."""
+    """One kernel call that ``Adam8bit._native_calls`` checked: its params, their sizes and
+    buffer addresses by role, and the list that holds every tensor whose address it has."""
 
     eight_bit: bool
     dtype: str
     step_dtype: str
     held: list[Any]
     params: list[torch.Tensor] = field(default_factory=list)
-    params_grads: list[torch.Tensor] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
     columns: dict[str, list[int]] = field(default_factory=lambda: {role: [] for role in ("param", "grad", *_EIGHT_BIT_ROLES)})
 
@@ -619,19 +620,23 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             work.append((group, params, hyper, calls))
         torch_ran = False
         with torch.no_grad():
-            for group, params, hyper, calls in work:
-                if calls is not None and torch_ran:
-                    # torch's ops stepped an earlier group, as the caller would run them (a
-                    # caller's mode may have run code): this group's tensors are checked again.
+            for index, (group, params, hyper, calls) in enumerate(work):
+                if calls is not None and (torch_ran or index < len(work) - 1):
+                    # Code may have run since this group was checked (the checks of the groups
+                    # after it, torch's ops stepping one before it, as the caller would run
+                    # them): its tensors are read again, right before its kernels.
                     calls = self._native_calls(group, params)
                     if calls is None:
                         self._check_params(group, name)
                 if calls is not None:
-                    for call in calls:
-                        if not self._run_native_call(group, call, grad_scale, hyper):
-                            # Params that share memory (refused before anything was written).
-                            self._step_params(group, call.params, call.params_grads, grad_scale, hyper)
-                            torch_ran = True
+                    refused = [call for call in calls if not self._run_native_call(group, call, grad_scale, hyper)]
+                    if refused:
+                        # Params that share memory (refused before anything was written): as on
+                        # the per-param path, torch's ops step them after the kernels.
+                        position = {id(p): i for i, p in enumerate(params)}
+                        shared = sorted((p for call in refused for p in call.params), key=lambda p: position[id(p)])
+                        self._step_params(group, shared, [p.grad for p in shared], grad_scale, hyper)
+                        torch_ran = True
                 elif params:
                     self._step_params(group, params, [_local_grad(p) for p in params], grad_scale, hyper)
                     torch_ran = True
@@ -666,10 +671,14 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         shape_of = [*range(count), *range(count)]  # (a grad has its param's sizes)
         kinds = []
         for i, p in enumerate(params):
+            if type(p) not in PLAIN_TENSOR_TYPES:  # (before `self.state` hashes it)
+                return None
             state = self.state.get(p)
-            if type(p) not in PLAIN_TENSOR_TYPES or p.dtype not in _NATIVE_PARAM_DTYPES or not state or p.is_inference():
+            if p.dtype not in _NATIVE_PARAM_DTYPES or not state or p.is_inference():
                 return None
             step, eight_bit = state.get("step"), is_8bit_state(state)
+            if not state.keys() <= (_EIGHT_BIT_STATE_KEYS if eight_bit else _FLOAT_STATE_KEYS):
+                return None  # (the per-param checks look at every state tensor, used or not)
             # (Only plain tensors are read: a subclass's own attributes may run code.)
             step_dtype = step.dtype if type(step) in PLAIN_TENSOR_TYPES else None
             numel = p.numel()
@@ -705,13 +714,12 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         words = array("Q", addresses)
         calls: dict[tuple[bool, str, torch.dtype], _NativeCall] = {}
         at = 2 * count  # where each param's state tensors start
-        for i, (p, grad, kind) in enumerate(zip(params, grads, kinds)):
+        for i, (p, kind) in enumerate(zip(params, kinds)):
             roles = _EIGHT_BIT_ROLES if kind[0] else _FLOAT_ROLES
             call = calls.get(kind)
             if call is None:
                 call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=tensors)
             call.params.append(p)
-            call.params_grads.append(grad)
             call.numels.append(numels[i])
             call.columns["param"].append(words[i])
             call.columns["grad"].append(words[count + i])
