@@ -657,8 +657,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         per-param checks would refuse. Those go through the checks and ``_step_params``.
 
         Every step checks afresh (nothing is kept from one step to the next). Measured on 148
-        params of 8,192 elements, a step took 36-39 us per param with the per-param checks and
-        9 us with this one, the kernels included."""
+        params of 8,192 elements, a step took 36-44 us per param with the per-param checks and
+        9-15 us with this one, the kernels included (runs on a noisy 2-core machine)."""
         if not params or not self._group_runs_on_kernel(group):
             return None
         if group.get("master_weights") or group.get("stochastic_rounding") or len(set(map(id, params))) != len(params):
