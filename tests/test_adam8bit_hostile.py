@@ -157,7 +157,9 @@ def test_a_hook_that_shrinks_a_state_storage_after_the_checks_does_not_crash():
 
 
 @needs_kernel
-@pytest.mark.parametrize("when", ["stepping an earlier group", "stepping an earlier call of its group", "checking a later group"])
+@pytest.mark.parametrize(
+    "when", ["stepping an earlier group", "stepping an earlier call of its group", "checking a later group", "reading its group"]
+)
 def test_code_run_between_a_groups_native_check_and_its_kernels_does_not_crash(when):
     """From the second step on, a group is checked by one native read of its tensors. Code may
     run after that and before its kernels: a caller's mode while torch's ops step an earlier
@@ -188,6 +190,15 @@ def test_code_run_between_a_groups_native_check_and_its_kernels_does_not_crash(w
         elif when == "stepping an earlier call of its group":
             big = torch.nn.Parameter(torch.zeros(1 << 16, dtype=torch.bfloat16))  # (a call of its own)
             groups = [{{"params": [*overlapping, big]}}]
+        elif when == "reading its group":
+
+            class Group(dict):
+                def get(self, key, default=None):
+                    if armed and sys._getframe(2).f_code.co_name == "_run_kernel":  # (as the call is made)
+                        big.data = torch.zeros(16)
+                    return super().get(key, default)
+
+            groups = [Group(params=[big, small])]
         opt = rsoptim.Adam8bit(groups)
         for p in (*overlapping, big, small, other):
             p.grad = torch.ones_like(p)
