@@ -124,3 +124,64 @@ def test_grad_scaler_unscales_then_steps_like_torch(fused):
             scaler.update()
         results.append(w.detach().clone())
     torch.testing.assert_close(results[1], results[0], rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
+@pytest.mark.parametrize("where", ["reading its group", "checking a later group"])
+def test_code_run_during_a_step_cannot_make_a_kernel_write_freed_memory(name, where):
+    """A step plan reads its tensors' addresses, then the kernels write there. Code that runs
+    during the step (a dict subclass's reads of a group's options, a param subclass's ``grad``
+    read while a later group is checked) may move a param to other memory (``p.data = ...``),
+    freeing the memory it had, at every read. No kernel may write freed memory: here a canary
+    tensor is allocated right after each move, where the allocator hands back the freed block,
+    so that a stale write shows in it."""
+    n = 1 << 14  # 64 KiB: freed blocks of this size go back to the heap and are handed out again
+    big = torch.nn.Parameter(torch.zeros(n))
+    canaries: list[torch.Tensor] = []
+    armed = False
+
+    def move_big() -> None:
+        if armed:
+            address = big.data_ptr()
+            big.data = big.detach().clone()  # (the old memory is freed: nothing else holds it)
+            canary = torch.full((n,), 77.0)
+            if canary.data_ptr() == address:
+                canaries.append(canary)
+
+    class Group(dict):
+        def __getitem__(self, key):
+            move_big()
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            move_big()
+            return super().get(key, default)
+
+    class Param(torch.nn.Parameter):
+        @property
+        def grad(self):
+            move_big()
+            return torch.nn.Parameter.grad.__get__(self)
+
+        @grad.setter
+        def grad(self, value):
+            torch.nn.Parameter.grad.__set__(self, value)
+
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    if where == "reading its group":
+        params, groups = [big], [Group(params=[big])]
+    else:
+        params = [big, Param(torch.zeros(10))]
+        groups = [{"params": [big]}, {"params": [params[1]]}]
+    opt = getattr(rsoptim, name)(groups, lr=0.1, **kwargs)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    armed = True
+    opt.step()
+    armed = False
+    if not canaries:
+        pytest.skip("the allocator did not hand a freed block back: the attack cannot be seen here")
+    written = [i for i, canary in enumerate(canaries) if not bool((canary == 77).all())]
+    assert not written, f"a kernel wrote freed memory (canaries {written} of {len(canaries)})"

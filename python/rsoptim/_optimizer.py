@@ -656,9 +656,11 @@ class KernelOptimizer:
             work.append((index, group, calls, params))
         torch_ran = False
         for index, group, calls, params in work:
-            if calls is not None and torch_ran and index in plans:
-                # torch's implementation stepped an earlier group as the caller would run it (a
-                # caller's mode may have run code): this group's tensors are checked again.
+            if calls is not None and (torch_ran or index < len(work) - 1) and index in plans:
+                # Code may have run since this group's tensors were checked: the checks of the
+                # groups after it (a param subclass's attributes, a state dict's reads), or
+                # torch's implementation stepping a group before it as the caller would run it
+                # (a caller's mode): they are checked again, right before its kernels.
                 calls = plans[index].kernel_calls(self, group)
                 params = None if calls is not None else self._params_with_grad(group)
             if calls is not None:
@@ -808,6 +810,8 @@ class KernelOptimizer:
         assign meanwhile), or None if torch must step ``p``: the state tensors must be of the
         param's dtype, device and shape (a state dict may have loaded anything). For a DTensor
         param these are the local shards of its grad and state, each laid out like the param."""
+        if not (type(p) in PLAIN_TENSOR_TYPES or is_dtensor(p)):
+            return None  # (before its grad is read: a subclass's `grad` may run code)
         grad = p.grad
         if not self._param_runs_on_kernel(p, group, grad):
             return None
@@ -853,7 +857,9 @@ class KernelOptimizer:
         hyper = hyper if hyper is not None else plain_hyperparameters(group)
         keys = self._state_keys(group)
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
-        kernel_ok = self._group_runs_on_kernel(group) and not group.get("differentiable")
+        # So are groups of a subclass of dict, whose reads of an option may run code, which
+        # nothing may once the kernels' addresses are read (it could move a param's memory).
+        kernel_ok = type(group) is dict and self._group_runs_on_kernel(group) and not group.get("differentiable")
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:
@@ -865,6 +871,8 @@ class KernelOptimizer:
                     if self._state_is_new(state):
                         self._init_state(p, group, state)
                     self._init_extension_state(p, group, state)
+        # Every state is made (a caller's mode may run code there) before any param is checked.
+        for p in params:
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
             if buffers is not None:
                 step_dtype = step_dtype_name(buffers["step"]) if self._counts_steps(p, group) else "float32"
