@@ -656,11 +656,11 @@ class KernelOptimizer:
             work.append((index, group, calls, params))
         torch_ran = False
         for index, group, calls, params in work:
-            if calls is not None and (torch_ran or index < len(work) - 1) and index in plans:
+            if calls is not None and (torch_ran or len(work) > 1) and index in plans:
                 # Code may have run since this group's tensors were checked: the checks of the
-                # groups after it (a param subclass's attributes, a state dict's reads), or
-                # torch's implementation stepping a group before it as the caller would run it
-                # (a caller's mode): they are checked again, right before its kernels.
+                # other groups (a param subclass's attributes, a Tensor lr's), or torch's
+                # implementation stepping a group before it as the caller would run it (a
+                # caller's mode): they are checked again, right before its kernels.
                 calls = plans[index].kernel_calls(self, group)
                 params = None if calls is not None else self._params_with_grad(group)
             if calls is not None:

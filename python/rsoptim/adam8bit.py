@@ -620,11 +620,11 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             work.append((group, params, hyper, calls))
         torch_ran = False
         with torch.no_grad():
-            for index, (group, params, hyper, calls) in enumerate(work):
-                if calls is not None and (torch_ran or index < len(work) - 1):
-                    # Code may have run since this group was checked (the checks of the groups
-                    # after it, torch's ops stepping one before it, as the caller would run
-                    # them): its tensors are read again, right before its kernels.
+            for group, params, hyper, calls in work:
+                if calls is not None and (torch_ran or len(work) > 1):
+                    # Code may have run since this group was checked (the checks of the other
+                    # groups, torch's ops stepping one before it, as the caller would run them):
+                    # its tensors are read again, right before its kernels.
                     calls = self._native_calls(group, params)
                     if calls is None:
                         self._check_params(group, name)
