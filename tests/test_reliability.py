@@ -463,12 +463,14 @@ def test_one_optimizer_stepped_by_threads_while_another_loads_state_dicts():
 
 def _addresses(tensors, numels, dtypes, shape_of=None):
     from rsoptim._columns import pack
-    from rsoptim._optimizer import _DTYPE_CODES, NO_DTYPE_CODE, UINT8_CODE
+    from rsoptim._optimizer import CHECKED_DTYPE_CODES, NO_DTYPE_CODE
 
-    codes = {**_DTYPE_CODES, torch.uint8: UINT8_CODE}
     shape_of = range(len(tensors)) if shape_of is None else shape_of
     return _rsoptim.tensor_addresses(
-        pack(t._cdata for t in tensors), pack(numels), bytes(codes.get(d, NO_DTYPE_CODE) for d in dtypes), pack(shape_of)
+        pack(t._cdata for t in tensors),
+        pack(numels),
+        bytes(CHECKED_DTYPE_CODES.get(d, NO_DTYPE_CODE) for d in dtypes),
+        pack(shape_of),
     )
 
 

@@ -18,6 +18,7 @@ attribute reads per param.
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 import operator
 import threading
 from array import array
@@ -104,6 +105,13 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
             continue
         return _plain_copy(group)
     return group
+
+
+def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
+    """Whether reading ``group`` (its options, params and their grads) runs no code of the
+    caller's: a dict whose options are plain already (``hyper``, its
+    ``plain_hyperparameters``, is the group itself) and whose params are plain tensors."""
+    return type(group) is dict and hyper is group and all(type(p) in PLAIN_TENSOR_TYPES for p in group["params"])
 
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
@@ -654,9 +662,12 @@ class KernelOptimizer:
                     if p.grad is not None:
                         check_grad(p, p.grad, i)
             work.append((index, group, calls, params))
+        # Whether checking the groups could run any code of the caller's: not where every group
+        # is a dict of plain options and plain params (the usual case).
+        quiet = type(self.state) is defaultdict and all(map(_reads_run_no_code, self.param_groups, hypers))
         torch_ran = False
         for index, group, calls, params in work:
-            if calls is not None and (torch_ran or len(work) > 1) and index in plans:
+            if calls is not None and (torch_ran or (len(work) > 1 and not quiet)) and index in plans:
                 # Code may have run since this group's tensors were checked: the checks of the
                 # other groups (a param subclass's attributes, a Tensor lr's), or torch's
                 # implementation stepping a group before it as the caller would run it (a
@@ -959,6 +970,8 @@ _DTYPE_CODES = {torch.float32: 6, torch.float64: 7, torch.float16: 5, torch.bflo
 #: The code of uint8 (8-bit optimizer states' codes), and one that matches no tensor's dtype.
 UINT8_CODE = 0
 NO_DTYPE_CODE = 255
+#: The codes of every dtype the native checks read (plans' and 8-bit states').
+CHECKED_DTYPE_CODES = {**_DTYPE_CODES, torch.uint8: UINT8_CODE}
 
 #: Whether plans can be checked natively (libtorch's shim, see ``enable_native_checks``);
 #: without it every step takes the general path.
@@ -978,7 +991,7 @@ def enable_native_checks(libtorch: str | None) -> bool:
     def addresses(tensors, numels, dtypes, shape_of=None):
         shape_of = range(len(tensors)) if shape_of is None else shape_of
         return _rsoptim.tensor_addresses(
-            pack(map(_get_impl, tensors)), pack(numels), bytes({**_DTYPE_CODES, torch.uint8: UINT8_CODE}.get(d, NO_DTYPE_CODE) for d in dtypes), pack(shape_of)
+            pack(map(_get_impl, tensors)), pack(numels), bytes(CHECKED_DTYPE_CODES.get(d, NO_DTYPE_CODE) for d in dtypes), pack(shape_of)
         )
 
     _rsoptim.use_tensor_readers(

@@ -60,6 +60,7 @@ from ._optimizer import (
     check_clipping,
     check_extensions,
     extension_options,
+    plain_hyperparameters,
     scalar,
     with_step_hooks,
 )
@@ -432,7 +433,8 @@ class _KernelTensors:
 _NATIVE_PARAM_DTYPES = frozenset((*EIGHT_BIT_DTYPES, torch.float64))
 _EIGHT_BIT_ROLES = ("state1", "state2", "absmax1", "absmax2", "step")
 _FLOAT_ROLES = ("state1", "state2", "step")
-_FLOAT32_CODE = _DTYPE_CODES[torch.float32]
+#: The dtype codes of an 8-bit param's state1, state2, absmax1 and absmax2.
+_EIGHT_BIT_STATE_CODES = bytes((UINT8_CODE, UINT8_CODE, _DTYPE_CODES[torch.float32], _DTYPE_CODES[torch.float32]))
 _STEP_DTYPES = frozenset((torch.float32, torch.float64))
 _EIGHT_BIT_STATE_KEYS = frozenset((*_EIGHT_BIT_ROLES, "qmap1", "qmap2"))
 _FLOAT_STATE_KEYS = frozenset(_FLOAT_ROLES)
@@ -618,10 +620,13 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             if calls is None:
                 self._check_params(group, name)
             work.append((group, params, hyper, calls))
+        # Whether checking the groups could run any code of the caller's: not where every group
+        # took the native check (plain dicts, states and params) and has plain options.
+        quiet = all(calls is not None and plain_hyperparameters(group) is group for group, _, _, calls in work)
         torch_ran = False
         with torch.no_grad():
             for group, params, hyper, calls in work:
-                if calls is not None and (torch_ran or len(work) > 1):
+                if calls is not None and (torch_ran or (len(work) > 1 and not quiet)):
                     # Code may have run since this group was checked (the checks of the other
                     # groups, torch's ops stepping one before it, as the caller would run them):
                     # its tensors are read again, right before its kernels.
@@ -702,13 +707,13 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                     return None  # (the per-param checks say what is wrong)
                 tensors += [state.get("state1"), state.get("state2"), absmax1, absmax2, step]
                 numels += [numel, numel, blocks, blocks, 1]
-                dtypes += bytes((UINT8_CODE, UINT8_CODE, _FLOAT32_CODE, _FLOAT32_CODE))
+                dtypes += _EIGHT_BIT_STATE_CODES
                 shape_of += [i, i, len(shape_of) + 2, len(shape_of) + 3, len(shape_of) + 4]
             else:
                 moments = _DTYPE_CODES[self._moments_dtype(p)]
                 tensors += [state.get("state1"), state.get("state2"), step]
                 numels += [numel, numel, 1]
-                dtypes += bytes((moments, moments))
+                dtypes.extend((moments, moments))
                 shape_of += [i, i, len(shape_of) + 2]
             dtypes.append(_DTYPE_CODES[step_dtype])
             kinds.append((eight_bit, KERNEL_DTYPES[p.dtype], step_dtype))
