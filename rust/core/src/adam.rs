@@ -77,6 +77,20 @@ pub(crate) struct AdamScalars<T> {
 
 impl<T: Real> AdamScalars<T> {
     pub(crate) fn new(h: &AdamHyper, step: f64) -> Self {
+        Self::with_correction(h, step, false)
+    }
+
+    /// As `new`, with the second moment's bias correction folded into the step size and eps,
+    /// as bitsandbytes' 8-bit Adam has it: `p - (lr * c / bc1) * m / (sqrt(v) + eps * c)`,
+    /// `c = sqrt(bc2)`, which is torch's `p - (lr / bc1) * m / (sqrt(v) / c + eps)` in exact
+    /// arithmetic with one division fewer per element (the divisions and the square root are
+    /// the dearest operations of the loop). Such scalars update params with
+    /// `folded_param_update`; `c * eps` and `c * step_size` are rounded once, from f64.
+    pub(crate) fn folded(h: &AdamHyper, step: f64) -> Self {
+        Self::with_correction(h, step, true)
+    }
+
+    fn with_correction(h: &AdamHyper, step: f64, folded: bool) -> Self {
         let bias_correction1 = 1.0 - h.beta1.powf(step);
         let bias_correction2 = 1.0 - h.beta2.powf(step);
         let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
@@ -86,6 +100,12 @@ impl<T: Real> AdamScalars<T> {
         } else {
             (h.lr / bias_correction1, 1.0 - h.lr * h.weight_decay)
         };
+        let bias_correction2_sqrt = bias_correction2.powf(0.5);
+        let (divisor, eps, step_size) = if folded {
+            (1.0, h.eps * bias_correction2_sqrt, step_size * bias_correction2_sqrt)
+        } else {
+            (bias_correction2_sqrt, h.eps, step_size)
+        };
         Self {
             grad: GradFactor::new(h.maximize, h.grad_scale),
             param_scale: T::round_from(if decoupled { decay_scale } else { 1.0 }),
@@ -93,8 +113,8 @@ impl<T: Real> AdamScalars<T> {
             lerp_weight: T::round_from(1.0 - h.beta1),
             beta2: T::round_from(h.beta2),
             one_minus_beta2: T::round_from(1.0 - h.beta2),
-            bias_correction2_sqrt: T::round_from(bias_correction2.powf(0.5)),
-            eps: T::round_from(h.eps),
+            bias_correction2_sqrt: T::round_from(divisor),
+            eps: T::round_from(eps),
             neg_step_size: T::round_from(-step_size),
         }
     }
@@ -119,24 +139,17 @@ impl<T: Real> AdamScalars<T> {
     /// denominator uses (the running maximum with amsgrad).
     #[inline(always)]
     pub(crate) fn param_update(&self, p: T, m: T, second_moment: T) -> T {
-        self.param_update_with::<false>(p, m, second_moment)
-    }
-
-    /// `param_update`, with `UNIT_CORRECTION` for scalars whose `bias_correction2_is_one`: the
-    /// division by the correction (the dearest operation of the loop with the sqrt and the
-    /// other division) is then left out, bit for bit (`x / 1 == x`, NaN included).
-    #[inline(always)]
-    pub(crate) fn param_update_with<const UNIT_CORRECTION: bool>(&self, p: T, m: T, second_moment: T) -> T {
         // eps is added after the sqrt and the bias correction, as torch does.
-        let root = second_moment.sqrt();
-        let corrected = if UNIT_CORRECTION { root } else { root / self.bias_correction2_sqrt };
-        torch_addcdiv(p, m, corrected + self.eps, self.neg_step_size)
+        let denominator = second_moment.sqrt() / self.bias_correction2_sqrt + self.eps;
+        torch_addcdiv(p, m, denominator, self.neg_step_size)
     }
 
-    /// Whether the second moment's bias correction has rounded to 1 (`beta2^step` below 2^-24):
-    /// from step 16,628 on with beta2 = 0.999, 325 with 0.95, 158 with 0.9.
-    pub(crate) fn bias_correction2_is_one(&self) -> bool {
-        self.bias_correction2_sqrt == T::one()
+    /// `param_update` for scalars made by `folded`: the bias correction is in eps and the step
+    /// size, and the second moment is not divided by it.
+    #[inline(always)]
+    pub(crate) fn folded_param_update(&self, p: T, m: T, second_moment: T) -> T {
+        debug_assert!(self.bias_correction2_sqrt == T::one(), "scalars made by `folded`");
+        torch_addcdiv(p, m, second_moment.sqrt() + self.eps, self.neg_step_size)
     }
 
     /// What the grads are multiplied by as `load_grad_block` loads them.

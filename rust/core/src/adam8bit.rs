@@ -1,9 +1,11 @@
 //! Adam and AdamW with block-wise 8-bit states (`rsoptim.Adam8bit`/`AdamW8bit`): each moment is
 //! kept as one byte per element and one float32 scale (the largest magnitude) per block of
 //! [`QUANT_BLOCK`] elements, as in Dettmers et al.'s block-wise quantization. A step decodes a
-//! block of both moments into float32, runs Adam's float32 update on it in torch's order of
-//! operations (the loop of `adam`), takes the new scales and encodes the block back: one pass
-//! over the memory, 16 bytes per float32 element instead of Adam's 28.
+//! block of both moments into float32, updates the moments as torch's Adam does (the loop of
+//! `adam`) and the param with the second moment's bias correction folded into the step size and
+//! eps, as bitsandbytes does (`AdamScalars::folded`: one division fewer per element), takes the
+//! new scales and encodes the block back: one pass over the memory, 16 bytes per float32
+//! element instead of Adam's 28.
 //!
 //! The codes are small floats read straight off float32 bit patterns (see [`codes`]), so that
 //! encoding and decoding are a few integer operations per 8 values (AVX2 or AVX-512 intrinsics on x86-64,
@@ -79,12 +81,10 @@ impl<P: Element<Math = f32>> Splittable for Adam8bitJob<'_, P> {
     }
 }
 
-/// The kernel, specialised on L2 decay and on a bias correction of 1 (see `param_update_with`).
-struct Adam8bitKernel<'a, P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool>(Adam8bitJob<'a, P>);
+/// The kernel, specialised on L2 decay.
+struct Adam8bitKernel<'a, P: Element<Math = f32>, const L2: bool>(Adam8bitJob<'a, P>);
 
-impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
-    for Adam8bitKernel<'_, P, L2, UNIT_CORRECTION>
-{
+impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2> {
     type Output = ();
 
     #[inline(always)]
@@ -104,7 +104,7 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
                 // and stored by the loop itself, no pass over a copy of each (about a third of
                 // such a step in cache). The same bits as the copies': loads are exact and
                 // stores round as `store_block` does on every SIMD path.
-                Some(params) if unscaled => update_block::<P, L2, UNIT_CORRECTION>(&k, params, &grad[start..end], m, v),
+                Some(params) if unscaled => update_block::<P, L2>(&k, params, &grad[start..end], m, v),
                 _ => {
                     // float32 grads are read where they are, the grad factor applied as they
                     // are read; half-precision ones are scaled and rounded a block at a time,
@@ -117,7 +117,7 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
                         }
                     };
                     let params = param.block(isa, start, end, &mut p[..len]);
-                    let largest = update_block::<f32, L2, UNIT_CORRECTION>(&k, params, grads, m, v);
+                    let largest = update_block::<f32, L2>(&k, params, grads, m, v);
                     param.unblock(isa, start, end, &p[..len]);
                     largest
                 }
@@ -131,12 +131,12 @@ impl<P: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool> Kernel
     }
 }
 
-/// Adam's float32 update of one block in place, the moments decoded into `m` and `v`, in
-/// torch's order of operations; params and grads are loaded into float32 and the params
+/// Adam's float32 update of one block in place, the moments decoded into `m` and `v` (the
+/// moments in torch's order of operations, the param's with the folded correction); params and grads are loaded into float32 and the params
 /// stored back (copies for float32). Returns the bits of the largest new magnitudes (see
 /// `magnitude_bits`).
 #[inline(always)]
-fn update_block<Q: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool>(
+fn update_block<Q: Element<Math = f32>, const L2: bool>(
     k: &AdamScalars<f32>,
     params: &mut [Q],
     grads: &[Q],
@@ -146,13 +146,13 @@ fn update_block<Q: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: b
     // A whole block (all but a tensor's last) is updated by a loop of known length, which LLVM
     // vectorises without a scalar tail.
     if params.len() == QUANT_BLOCK {
-        return update_slices::<Q, L2, UNIT_CORRECTION>(k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v);
+        return update_slices::<Q, L2>(k, &mut params[..QUANT_BLOCK], &grads[..QUANT_BLOCK], m, v);
     }
-    update_slices::<Q, L2, UNIT_CORRECTION>(k, params, grads, m, v)
+    update_slices::<Q, L2>(k, params, grads, m, v)
 }
 
 #[inline(always)]
-fn update_slices<Q: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: bool>(
+fn update_slices<Q: Element<Math = f32>, const L2: bool>(
     k: &AdamScalars<f32>,
     params: &mut [Q],
     grads: &[Q],
@@ -164,7 +164,7 @@ fn update_slices<Q: Element<Math = f32>, const L2: bool, const UNIT_CORRECTION: 
     let (mut m_largest, mut v_largest) = (0, 0);
     for i in 0..n {
         let (p_new, m_new, v_new) = k.moments::<L2>(params[i].load(), grads[i].load(), m[i], v[i]);
-        params[i] = Q::store(k.param_update_with::<UNIT_CORRECTION>(p_new, m_new, v_new));
+        params[i] = Q::store(k.folded_param_update(p_new, m_new, v_new));
         (m[i], v[i]) = (m_new, v_new);
         m_largest = m_largest.max(magnitude_bits(m_new));
         v_largest = v_largest.max(magnitude_bits(v_new));
@@ -223,7 +223,7 @@ pub fn adam8bit_step<P: Element<Math = f32>>(
         .map(|mut t| {
             let step = t.step.increment();
             Adam8bitJob {
-                k: AdamScalars::new(hyper, step),
+                k: AdamScalars::folded(hyper, step),
                 param: ParamOut::new(t.param, t.master_param, t.rounding.key(step)),
                 grad: t.grad,
                 m_codes: t.exp_avg_codes,
@@ -235,11 +235,9 @@ pub fn adam8bit_step<P: Element<Math = f32>>(
         .collect();
     let l2 = hyper.weight_decay != 0.0 && !hyper.decoupled_weight_decay;
     let simd = exec.simd();
-    exec.for_each_piece(jobs, |job| match (l2, job.k.bias_correction2_is_one()) {
-        (false, false) => dispatch(simd, Adam8bitKernel::<P, false, false>(job)),
-        (false, true) => dispatch(simd, Adam8bitKernel::<P, false, true>(job)),
-        (true, false) => dispatch(simd, Adam8bitKernel::<P, true, false>(job)),
-        (true, true) => dispatch(simd, Adam8bitKernel::<P, true, true>(job)),
+    exec.for_each_piece(jobs, |job| match l2 {
+        false => dispatch(simd, Adam8bitKernel::<P, false>(job)),
+        true => dispatch(simd, Adam8bitKernel::<P, true>(job)),
     });
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! * The codes against an oracle that knows nothing of bit patterns: the 256 values each code
 //!   decodes to, searched for the nearest in exact `f64` arithmetic.
 //! * A step against its definition built from parts tested elsewhere: decode the states, run
-//!   the float32 `adam_step` (itself checked against torch's for-loop), encode by the block's
-//!   largest magnitude. Bit for bit, for every SIMD path and thread count, float32/bfloat16/
+//!   the float32 `adam_step` (itself checked against torch's for-loop) for the new moments,
+//!   update the param with the bias correction folded (written out here), encode by the
+//!   block's largest magnitude. Bit for bit, for every SIMD path and thread count, float32/bfloat16/
 //!   float16 params, master copies and stochastic rounding, lengths around the block size.
 //! * Writes stay inside their slices (buffers fenced by sentinels); a bad length is refused
 //!   before anything is written.
@@ -15,8 +16,8 @@ use common::{load, to, values};
 use half::{bf16, f16};
 use rsoptim_core::adam8bit::codes::{decode_signed, decode_unsigned, encode_signed, encode_unsigned};
 use rsoptim_core::{
-    adam8bit_step, adam_step, quant_blocks, Adam8bitTensor, AdamHyper, AdamTensor, Element, Error, Executor, Rounding,
-    SimdLevel, StepCount, QUANT_BLOCK,
+    adam8bit_step, adam_step, quant_blocks, round_into, Adam8bitTensor, AdamHyper, AdamTensor, Element, Error,
+    Executor, RoundTensor, Rounding, SimdLevel, StepCount, QUANT_BLOCK,
 };
 
 /// The code whose value is nearest to `y` in exact arithmetic, ties away from zero, with the
@@ -157,7 +158,9 @@ fn encode_by_blocks(x: &[f32], scales: &[f32], encode: fn(f32) -> u8) -> Vec<u8>
         .collect()
 }
 
-/// The step by its definition: decode, the float32 step, encode.
+/// The step by its definition: decode; the float32 `adam_step` for the new moments (on a copy of
+/// the param, which it updates in torch's form); the param's update in the folded form (see
+/// `folded_update`) from those moments, rounded into the param as `adam_step` rounds; encode.
 fn reference_step<P: Element<Math = f32>>(
     param: &mut [P],
     master: Option<&mut [f32]>,
@@ -167,22 +170,50 @@ fn reference_step<P: Element<Math = f32>>(
     rounding: Rounding,
 ) {
     let (mut m, mut v) = state.decoded();
+    let mut param_copy = param.to_vec();
+    let mut master_copy = master.as_deref().map(<[f32]>::to_vec);
     let tensor = AdamTensor::<P, f32> {
-        param,
+        param: &mut param_copy,
         grad,
         exp_avg: &mut m,
         exp_avg_sq: &mut v,
         max_exp_avg_sq: None,
         step: StepCount::F32(&mut state.step),
-        master_param: master,
+        master_param: master_copy.as_deref_mut(),
         rounding,
     };
     let exec = Executor::new(1, SimdLevel::Scalar).expect("pool");
     adam_step(vec![tensor], h, &exec).expect("reference step");
+    let step = f64::from(state.step); // counted by the step
+    let unrounded = master.as_deref().map_or_else(|| load(param), <[f32]>::to_vec);
+    let updated = folded_update(h, step, &unrounded, &m, &v);
+    if let Some(master) = master {
+        master.copy_from_slice(&updated);
+    }
+    let round = RoundTensor { param, source: &updated, rounding, step };
+    round_into(vec![round], &exec).expect("rounding");
     state.m_scales = block_scales(&m);
     state.v_scales = block_scales(&v);
     state.m_codes = encode_by_blocks(&m, &state.m_scales, encode_signed);
     state.v_codes = encode_by_blocks(&v, &state.v_scales, encode_unsigned);
+}
+
+/// Adam's param update after decoupled decay, with the second moment's bias correction
+/// `c = sqrt(bc2)` folded into the step size and eps, as bitsandbytes writes it:
+/// `p - (lr c / bc1) m / (sqrt(v) + eps c)`, the constants rounded once from f64 (torch's
+/// float32 arithmetic for a Tensor lr's step size and decay, as `adam_step` has them).
+fn folded_update(h: &AdamHyper, step: f64, params: &[f32], m: &[f32], v: &[f32]) -> Vec<f32> {
+    let bias_correction1 = 1.0 - h.beta1.powf(step);
+    let correction = (1.0 - h.beta2.powf(step)).powf(0.5);
+    let (step_size, decay) = if h.lr_in_f32 {
+        let (lr, wd) = (h.lr as f32, h.weight_decay as f32);
+        (f64::from(lr / bias_correction1 as f32), 1.0 - lr * wd)
+    } else {
+        (h.lr / bias_correction1, (1.0 - h.lr * h.weight_decay) as f32)
+    };
+    let decay = if h.decoupled_weight_decay && h.weight_decay != 0.0 { decay } else { 1.0 };
+    let (eps, neg_step_size) = ((h.eps * correction) as f32, (-step_size * correction) as f32);
+    params.iter().zip(m).zip(v).map(|((&p, &m), &v)| p * decay + neg_step_size * m / (v.sqrt() + eps)).collect()
 }
 
 fn executors() -> Vec<Executor> {
@@ -308,9 +339,9 @@ fn half_params_master_copies_and_stochastic_rounding_compose_with_8bit_states() 
 
 #[test]
 fn late_steps_whose_bias_correction_is_one_take_the_same_bits() {
-    // The kernel leaves out the division by the second moment's bias correction once it has
-    // rounded to 1 (the reference, the float32 step, divides): beta2 = 0.999 from step 16,628
-    // on, 0.9 from 158; and just before, where it still divides.
+    // The second moment's bias correction rounds to 1 in float32 from step 16,628 on with
+    // beta2 = 0.999, from 158 with 0.9 (the folded constants are rounded from f64): after and
+    // just before.
     let late = [(0.999, 20_000.0), (0.999, 16_000.0), (0.9, 300.0), (0.9, 150.0)];
     for exec in executors() {
         for (beta2, first_step) in late {
