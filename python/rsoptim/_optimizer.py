@@ -34,7 +34,7 @@ from . import _rsoptim
 from ._distributed import agreed_seed, any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
 from torch.optim.optimizer import _get_scalar_dtype, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, BufferTable, as_caller, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, BufferTable, as_caller, held_address, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
 
@@ -902,15 +902,15 @@ class KernelOptimizer:
                 table.add(buffers["param"], {role: buffers[role] for role in ("grad", *keys, *extra)})
             steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], group) else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
-            call = KernelCall(
-                dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
-            )
+            step_storages: list[Any] = []
+            step_addrs = pack([held_address(step, step_storages) for step in steps])
+            call = KernelCall(dtype, step_dtype, state_name, bucket, pack(table.numels), columns, step_addrs)
             call.new_buffers = self._new_buffer_flags(bucket)
             call.grad_scale = grad_scale
             call.rounding_seed = self._rounding_seed(bucket[0], group)
             if call.rounding_seed is not None:
                 call.streams = pack(self._streams(group, bucket))
-            call.held = [table, steps]
+            call.held = [table, steps, step_storages]
             try:
                 self._kernel_call(hyper, call)
             except _rsoptim.BufferOverlapError:
@@ -995,7 +995,11 @@ def enable_native_checks(libtorch: str | None) -> bool:
         )
 
     _rsoptim.use_tensor_readers(
-        list(PLAIN_TENSOR_TYPES), vars(torch._C.TensorBase)["_cdata"], torch._C.TensorBase.is_neg, torch._C._is_torch_function_all_disabled
+        list(PLAIN_TENSOR_TYPES),
+        vars(torch._C.TensorBase)["_cdata"],
+        torch._C.TensorBase.is_neg,
+        torch._C._is_torch_function_all_disabled,
+        torch._C.TensorBase.untyped_storage,
     )
     base = torch.arange(24.0).reshape(6, 4)
     view = base[2:]  # storage offset 8: the address is not the storage's
@@ -1074,6 +1078,12 @@ class _Plan:
     shape_of: bytes
     param_addrs: bytes
     state_addrs: bytes
+    # The storages of the params and state tensors at those addresses, taken as they were read.
+    # Holding them keeps that memory allocated: no other storage can be at those addresses
+    # while it is, so a step that finds its tensors there steps this memory, which stays alive
+    # even if another thread gives a tensor other memory (`p.data = ...`) while the kernel
+    # writes. (Grads change every step: each step holds its own.)
+    storages: list[Any]
     # For each call, which of the group's grads (in order of params with grads) it takes.
     grads_of_call: list[list[int]]
     all_have_grads: bool = False
@@ -1131,8 +1141,11 @@ class _Plan:
                 dtypes.append(_DTYPE_CODES.get(stepped[id(p)][k].dtype, NO_DTYPE_CODE))
                 shape_of.append(len(shape_of) if step else i)
         plan_numels, plan_dtypes, plan_shape_of = pack(numels), bytes(dtypes), pack(shape_of)
-        # The same native read as every later step's (see kernel_calls).
-        addrs = _rsoptim.plan_addresses([*map(local, with_grad), *grads, *states], plan_numels, plan_dtypes, plan_shape_of)
+        # The same native read as every later step's (see kernel_calls), which also takes the
+        # storages at these addresses.
+        storages: list[Any] = []
+        tensors = [*map(local, with_grad), *grads, *states]
+        addrs = _rsoptim.plan_addresses(tensors, plan_numels, plan_dtypes, plan_shape_of, storages)
         if addrs is None:
             return None  # e.g. strided params and state take the general path every step
         column_addrs = [where[id(p)][2]["param"][where[id(p)][1]] for p in with_grad]
@@ -1164,6 +1177,7 @@ class _Plan:
             shape_of=plan_shape_of,
             param_addrs=addrs[: 8 * count],
             state_addrs=addrs[16 * count :],
+            storages=storages[:count] + storages[2 * count :],
             grads_of_call=grads_of_call,
             layouts=layouts,
             step_slots=[k == "step" for keys in param_keys for k in keys],
@@ -1223,15 +1237,21 @@ class _Plan:
         # None for anything that is not a plain tensor (a subclass is torch's to step, see
         # runs_on_kernel) or has a lazy negation bit (`_neg_view`, `torch._C._set_neg`: it
         # changes the values, not the memory, and the kernels would step the raw memory).
-        addrs = _rsoptim.plan_addresses([*with_grad, *grads, *tensors], self.numels, self.dtypes, self.shape_of)
+        # The grads' storages are held as they are read (the plan holds the others'): another
+        # thread may give a grad other memory (`g.data = ...`, which frees the old) while its
+        # kernel reads the old.
         count = len(grads)
+        grad_storages: list[Any] = []
+        addrs = _rsoptim.plan_addresses(
+            [*with_grad, *grads, *tensors], self.numels, self.dtypes, self.shape_of, grad_storages, count, 2 * count
+        )
         if addrs is None or addrs[: 8 * count] != self.param_addrs or addrs[16 * count :] != self.state_addrs:
             return None
         grad_addrs = addrs[8 * count : 16 * count]
         # This step's calls: the plan's with this step's grads, new objects so that two threads
         # stepping one optimizer never see each other's columns. Each holds the tensors it was
         # checked with (whose memory its columns point at) until its kernel returns.
-        held = [with_grad, grads, tensors]
+        held = [with_grad, grads, tensors, grad_storages, self.storages]
         if len(self.calls) == 1:
             return [_with_grads(self.calls[0], grad_addrs, held)]
         grad_words = array("Q", grad_addrs)

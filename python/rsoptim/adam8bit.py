@@ -762,9 +762,12 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 shape_of += [i, i, len(shape_of) + 2]
             dtypes.append(_DTYPE_CODES[step_dtype])
             kinds.append((eight_bit, KERNEL_DTYPES[p.dtype], step_dtype))
-        addresses = _rsoptim.plan_addresses(tensors, pack(numels), bytes(dtypes), pack(shape_of))
+        # The storages are held with the tensors (as the step plans hold theirs).
+        storages: list[Any] = []
+        addresses = _rsoptim.plan_addresses(tensors, pack(numels), bytes(dtypes), pack(shape_of), storages)
         if addresses is None:
             return None
+        held = [tensors, storages]
         words = array("Q", addresses)
         calls: dict[tuple[bool, str, torch.dtype], _NativeCall] = {}
         at = 2 * count  # where each param's state tensors start
@@ -772,7 +775,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             roles = _EIGHT_BIT_ROLES if kind[0] else _FLOAT_ROLES
             call = calls.get(kind)
             if call is None:
-                call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=tensors)
+                call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=held)
             call.params.append(p)
             call.numels.append(numels[i])
             call.columns["param"].append(words[i])

@@ -303,6 +303,8 @@ struct TensorReaders {
     is_neg: Py<PyAny>,
     /// `torch._C._is_torch_function_all_disabled`.
     torch_function_off: Py<PyAny>,
+    /// `torch._C.TensorBase.untyped_storage`: a tensor's storage, whose memory it keeps alive.
+    untyped_storage: Py<PyAny>,
 }
 
 static TENSOR_READERS: RwLock<Option<TensorReaders>> = RwLock::new(None);
@@ -314,6 +316,7 @@ fn use_tensor_readers(
     cdata: &Bound<'_, PyAny>,
     is_neg: &Bound<'_, PyAny>,
     torch_function_off: &Bound<'_, PyAny>,
+    untyped_storage: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     // SAFETY: `cdata` is a live object; PyType_GetSlot reads its type's slot table (static types
     // answer it from Python 3.10 on, this module's minimum), and returns null without one.
@@ -329,6 +332,7 @@ fn use_tensor_readers(
         cdata_get,
         is_neg: is_neg.clone().unbind(),
         torch_function_off: torch_function_off.clone().unbind(),
+        untyped_storage: untyped_storage.clone().unbind(),
     });
     Ok(())
 }
@@ -337,13 +341,24 @@ fn use_tensor_readers(
 /// that torch's readers answer for the memory, not a subclass or mode), every item is a plain
 /// `torch.Tensor` or `Parameter` (not a subclass) without a lazy negation bit, and
 /// `tensor_addresses` of their TensorImpls is not None. The caller holds `tensors`.
+///
+/// With `holder`, the storage of each tensor (of those at `hold_from..hold_to`) is appended to it
+/// once the addresses are read, with no Python code run in between (the caller has paused the
+/// garbage collector, so no finalizer runs as they are made): holding them keeps the memory at
+/// those addresses alive even if another thread gives a tensor other memory (`p.data = ...`)
+/// while a kernel reads or writes it.
 #[pyfunction]
+#[pyo3(signature = (tensors, numels, dtypes, shape_of, holder=None, hold_from=0, hold_to=usize::MAX))]
+#[allow(clippy::too_many_arguments)]
 fn plan_addresses<'py>(
     py: Python<'py>,
     tensors: &Bound<'py, pyo3::types::PyList>,
     numels: &[u8],
     dtypes: &[u8],
     shape_of: &[u8],
+    holder: Option<&Bound<'py, pyo3::types::PyList>>,
+    hold_from: usize,
+    hold_to: usize,
 ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
     let guard = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner());
     let Some(readers) = guard.as_ref() else { return Ok(None) };
@@ -372,8 +387,15 @@ fn plan_addresses<'py>(
         let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
         impls.push(value.extract::<usize>()?);
     }
+    let addresses = checked_addresses(py, &impls, numels, dtypes, shape_of)?;
+    if let (Some(holder), Some(_)) = (holder, &addresses) {
+        let untyped_storage = readers.untyped_storage.bind(py);
+        for t in items.iter().take(hold_to).skip(hold_from) {
+            holder.append(untyped_storage.call1((t,))?)?;
+        }
+    }
     drop(guard);
-    checked_addresses(py, &impls, numels, dtypes, shape_of)
+    Ok(addresses)
 }
 
 #[cfg(unix)]
