@@ -100,24 +100,6 @@ def check_storage(t: torch.Tensor, role: str) -> None:
         )
 
 
-def held_address(t: torch.Tensor, held: list[Any]) -> int:
-    """``t.data_ptr()``, with ``t``'s storage appended to ``held``. Holding the storage (not
-    only ``t``) keeps that memory alive until the kernel returns, even if another thread gives
-    ``t`` other memory meanwhile (``t.data = ...``, ``t.set_(...)``, which free the old). The
-    storage is taken before the address is read, and the address must lie inside it: a swap
-    between the two reads raises rather than hand over memory that nothing holds."""
-    storage = t.untyped_storage()
-    address = t.data_ptr()
-    nbytes = t.numel() * t.element_size()
-    start = storage.data_ptr()
-    if nbytes and not (start <= address and address + nbytes <= start + storage.nbytes()):
-        raise RuntimeError(
-            "a tensor was given other memory while the step read its address (by another thread?)"
-        )
-    held.append(storage)
-    return address
-
-
 def as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -169,7 +151,7 @@ class BufferTable:
             self._copy_back.append((p, dense))
             p = dense
         self.numels.append(p.numel())
-        self.columns["param"].append(held_address(p, self._held))
+        self.columns["param"].append(p.data_ptr())
         self._held.append(p)
         for role, tensor in buffers.items():
             check_storage(tensor, role)
@@ -180,7 +162,7 @@ class BufferTable:
                 if role in self._written:
                     self._copy_back.append((t, staged))
                 t = staged
-            self.columns[role].append(held_address(t, self._held))
+            self.columns[role].append(t.data_ptr())
             self._held.append(t)
 
     def write_back(self) -> None:

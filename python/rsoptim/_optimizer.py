@@ -34,7 +34,7 @@ from . import _rsoptim
 from ._distributed import agreed_seed, any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
 from torch.optim.optimizer import _get_scalar_dtype, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, BufferTable, as_caller, held_address, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, BufferTable, as_caller, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
 
@@ -837,21 +837,24 @@ class KernelOptimizer:
             def view(t: Any) -> Any:
                 return t
 
-        target = local(p)
-        buffers: dict[str, Any] = {"param": target, "grad": local(grad)}
+        # Each buffer is a private alias (`detach`), read once: another thread that gives the
+        # param, grad or a state tensor other memory (`p.data = ...`, `set_`) or another dtype or
+        # size cannot change what was checked, and the alias holds the memory the kernel gets.
+        target = local(p).detach()
+        buffers: dict[str, Any] = {"param": target, "grad": local(grad).detach()}
         master, counts_steps = self._uses_master(p, group), self._counts_steps(p, group)
         if keys or master or counts_steps:
             state, state_dtype = self.state[p], self._state_dtype(p, group)
             for key in keys:
-                buffers[key] = view(state.get(key))
+                buffers[key] = _alias(view(state.get(key)))
                 if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], target, state_dtype)):
                     return None
             if master:
-                buffers["master_param"] = view(self._master_copy(p, group, state))
+                buffers["master_param"] = _alias(view(self._master_copy(p, group, state)))
                 if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], target, torch.float32)):
                     return None
             if counts_steps:
-                buffers["step"] = state.get("step")
+                buffers["step"] = _alias(state.get("step"))
                 if not is_step_count(buffers["step"]):
                     return None
         return buffers
@@ -902,15 +905,17 @@ class KernelOptimizer:
                 table.add(buffers["param"], {role: buffers[role] for role in ("grad", *keys, *extra)})
             steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], group) else []
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
-            step_storages: list[Any] = []
-            step_addrs = pack([held_address(step, step_storages) for step in steps])
-            call = KernelCall(dtype, step_dtype, state_name, bucket, pack(table.numels), columns, step_addrs)
+            # (The buffers and step counts are private aliases, see _kernel_buffers: held here,
+            # they hold the memory until the kernels return.)
+            call = KernelCall(
+                dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
+            )
             call.new_buffers = self._new_buffer_flags(bucket)
             call.grad_scale = grad_scale
             call.rounding_seed = self._rounding_seed(bucket[0], group)
             if call.rounding_seed is not None:
                 call.streams = pack(self._streams(group, bucket))
-            call.held = [table, steps, step_storages]
+            call.held = [table, steps]
             try:
                 self._kernel_call(hyper, call)
             except _rsoptim.BufferOverlapError:
@@ -1259,6 +1264,11 @@ class _Plan:
             _with_grads(call, pack([grad_words[i] for i in indices]), held)
             for call, indices in zip(self.calls, self.grads_of_call)
         ]
+
+
+def _alias(t: Any) -> Any:
+    """A private alias of a tensor (anything else as it is)."""
+    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any]) -> KernelCall:

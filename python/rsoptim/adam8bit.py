@@ -960,7 +960,14 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             wanted = {"state1": self._moments_dtype(p), "state2": self._moments_dtype(p)}
         if self._uses_master(p, group):
             wanted["master_param"] = torch.float32
-        tensors = _KernelTensors({"step": shard["step"]})
+        # The step count is written too: as every other buffer here, a private alias of it, so
+        # that another thread giving the state's tensor other memory frees nothing the kernel
+        # writes, and its dtype stays the one checked.
+        step = shard["step"]
+        step = step.detach() if isinstance(step, torch.Tensor) else step
+        if not is_step_count(step):
+            return None
+        tensors = _KernelTensors({"step": step})
         # The grad is only read: a strided or lazily negated one is passed as a dense copy.
         if not tensors.add("grad", grad, p.dtype, param.shape, written=False, may_copy=True):
             return None

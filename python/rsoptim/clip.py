@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
@@ -24,7 +24,7 @@ from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
 from ._distributed import is_dtensor, local, mesh_device, replicated_like
-from ._layout import KERNEL_DTYPES, as_real, check_storage, held_address, is_dense, native_reads, runs_on_kernel
+from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, native_reads, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
 
@@ -44,10 +44,12 @@ def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
     for t in tensors:
         if not runs_on_kernel(t):
             return None
-        real = as_real(t)
+        # A private alias, read once: another thread giving the grad other memory, or another
+        # size or dtype, changes neither what is checked here nor the memory the kernel gets.
+        real = as_real(t.detach())
         if not is_dense(real):
             return None
-        check_storage(t, "a grad")
+        check_storage(real, "a grad")
         views.append(real)
     return views
 
@@ -68,9 +70,10 @@ def _native_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor
     views = _kernel_ready(tensors)
     if views is None:
         return None
-    held: list[Any] = []  # the storages, alive until the kernel returns (see held_address)
-    addrs = pack([held_address(v, held) for v in views])
-    norms = _rsoptim.tensor_norms(KERNEL_DTYPES[tensors[0].dtype], pack(map(torch.Tensor.numel, views)), addrs, norm_type)
+    # (`views` are private aliases: they hold the memory until the kernel returns.)
+    norms = _rsoptim.tensor_norms(
+        KERNEL_DTYPES[tensors[0].dtype], pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views)), norm_type
+    )
     return torch.tensor(norms, dtype=views[0].dtype)
 
 
@@ -228,8 +231,8 @@ def _kernel_scale(views: list[torch.Tensor], dtype: torch.dtype, factor_tensor: 
     # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
     if factor == 1.0:
         return True
-    held: list[Any] = []  # the storages, alive until the kernel returns (see held_address)
-    numels, addrs = pack(map(torch.Tensor.numel, views)), pack([held_address(v, held) for v in views])
+    # (`views` are private aliases: they hold the memory until the kernel returns.)
+    numels, addrs = pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views))
     try:
         _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor)
     except _rsoptim.BufferOverlapError:
