@@ -56,6 +56,7 @@ from ._layout import (
     step_dtype_name,
 )
 from ._optimizer import (
+    _alias,
     _DTYPE_CODES,
     UINT8_CODE,
     KernelOptimizer,
@@ -963,8 +964,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # The step count is written too: as every other buffer here, a private alias of it, so
         # that another thread giving the state's tensor other memory frees nothing the kernel
         # writes, and its dtype stays the one checked.
-        step = shard["step"]
-        step = step.detach() if isinstance(step, torch.Tensor) else step
+        step = _alias(shard["step"])
         if not is_step_count(step):
             return None
         tensors = _KernelTensors({"step": step})
