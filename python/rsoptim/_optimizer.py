@@ -840,8 +840,8 @@ class KernelOptimizer:
         # Each buffer is a private alias (`detach`), read once: another thread that gives the
         # param, grad or a state tensor other memory (`p.data = ...`, `set_`) or another dtype or
         # size cannot change what was checked, and the alias holds the memory the kernel gets.
-        target = local(p).detach()
-        buffers: dict[str, Any] = {"param": target, "grad": local(grad).detach()}
+        target = local(p).data
+        buffers: dict[str, Any] = {"param": target, "grad": local(grad).data}
         master, counts_steps = self._uses_master(p, group), self._counts_steps(p, group)
         if keys or master or counts_steps:
             state, state_dtype = self.state[p], self._state_dtype(p, group)
@@ -1268,7 +1268,7 @@ class _Plan:
 
 def _alias(t: Any) -> Any:
     """A private alias of a tensor (anything else as it is)."""
-    return t.detach() if isinstance(t, torch.Tensor) else t
+    return t.data if isinstance(t, torch.Tensor) else t
 
 
 def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any]) -> KernelCall:

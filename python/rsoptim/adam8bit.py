@@ -455,7 +455,7 @@ class _KernelTensors:
         every element, ``step`` checked (``_check_param_and_state``) before anything ran."""
         if type(t) not in PLAIN_TENSOR_TYPES:
             return False
-        t = t.detach()
+        t = t.data
         if not (t.is_cpu and t.dtype == dtype and t.shape == shape and t.layout == torch.strided):
             return False
         if t.is_contiguous() and not t.is_neg() and not t.is_conj():

@@ -46,7 +46,7 @@ def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
             return None
         # A private alias, read once: another thread giving the grad other memory, or another
         # size or dtype, changes neither what is checked here nor the memory the kernel gets.
-        real = as_real(t.detach())
+        real = as_real(t.data)
         if not is_dense(real):
             return None
         check_storage(real, "a grad")
