@@ -448,3 +448,56 @@ def test_half_precision_grads_are_clipped_as_torch_does(dtype, norm_type, max_no
         torch.testing.assert_close(a, b)
         if t_torch.item() + 1e-6 < max_norm:  # nothing to clip: untouched, bit for bit
             assert torch.equal(a, original)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6], ids=["clips", "no clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_grads_versions_move_as_torchs_multiply_moves_them(max_norm, dtype):
+    """torch's clip multiplies every grad in place (also by 1), which autograd sees in each
+    grad's version: a graph that saved a grad then refuses to run backward."""
+
+    def versions(module):
+        params = make_params(dtype, SMALL, seed=12)
+        before = [p.grad._version for p in params]
+        (rsoptim if module is rsoptim else torch.nn.utils).clip_grad_norm_(params, max_norm)
+        return [p.grad._version - b for p, b in zip(params, before)]
+
+    assert versions(rsoptim) == versions(torch) != [0] * len(SMALL)
+
+
+def test_a_graph_that_saved_a_clipped_grad_refuses_backward_as_in_torch():
+    def run(clip):
+        w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+        (w**3).sum().backward(create_graph=True)
+        saved = (w.grad**2).sum()  # saves w.grad
+        clip([w], 1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+
+    run(torch.nn.utils.clip_grad_norm_)
+    run(rsoptim.clip_grad_norm_)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6], ids=["clips", "no clip"])
+def test_inference_grads_are_refused_outside_inference_mode_as_in_torch(max_norm):
+    def run(clip):
+        p = torch.nn.Parameter(torch.zeros(5))
+        with torch.inference_mode():
+            grad = torch.arange(5.0)
+        p.grad = grad
+        with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+            clip([p], max_norm)
+        return grad
+
+    assert torch.equal(run(torch.nn.utils.clip_grad_norm_), run(rsoptim.clip_grad_norm_))
+
+
+def test_inference_grads_are_clipped_inside_inference_mode_as_in_torch():
+    def run(clip):
+        with torch.inference_mode():
+            p = torch.zeros(5)
+            p.grad = torch.arange(5.0)
+            return clip([p], 1.0), p.grad
+
+    (nt, gt), (nr, gr) = run(torch.nn.utils.clip_grad_norm_), run(rsoptim.clip_grad_norm_)
+    assert torch.equal(nt, nr) and torch.equal(gt, gr)

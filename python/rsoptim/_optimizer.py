@@ -837,7 +837,7 @@ class KernelOptimizer:
             def view(t: Any) -> Any:
                 return t
 
-        # Each buffer is a private alias (`detach`), read once: another thread that gives the
+        # Each buffer is a private alias (`.data`, taken under the GIL), read once: another thread that gives the
         # param, grad or a state tensor other memory (`p.data = ...`, `set_`) or another dtype or
         # size cannot change what was checked, and the alias holds the memory the kernel gets.
         target = local(p).data

@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import _rsoptim
 from ._threads import follow_torch
@@ -110,9 +111,8 @@ def _native_norms(
     buffers = read(tensors)
     if buffers is None:
         return None
-    numels, addrs, dtype, held = buffers
+    numels, addrs, dtype, _ = buffers  # (`buffers` holds the memory until the kernel returns)
     norms = _rsoptim.tensor_norms(KERNEL_DTYPES[dtype], numels, addrs, norm_type)
-    del held  # (kept alive until the kernel has returned)
     return torch.tensor(norms, dtype=dtype)
 
 
@@ -254,19 +254,25 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
     clip_coef_clamped = clip_coefficient(max_norm, total_norm)
-    with native_reads():
-        # The common case in one native read: plain contiguous CPU grads of one dtype.
-        buffers = _native_buffers(grads)
-        if buffers is not None and _kernel_scale(buffers, clip_coef_clamped):
-            return
+    # Outside inference mode torch refuses to write an inference tensor: its ops say so.
+    kernels_may_write = torch.is_inference_mode_enabled() or not any(map(torch.Tensor.is_inference, grads))
+    if kernels_may_write:
+        with native_reads():
+            # The common case in one native read: plain contiguous CPU grads of one dtype.
+            buffers = _native_buffers(grads)
+            if buffers is not None and _kernel_scale(buffers, clip_coef_clamped):
+                increment_version(grads)  # (as torch's in-place multiply does)
+                return
     # A DTensor grad is scaled by its local shard (a Partial one by its addends: the same).
     for (device, dtype), group in _group_by_device_and_dtype([local(g) for g in grads]).items():
         # Complex grads are scaled by torch: its complex multiply spreads a non-finite component
         # to the other one, which a scale of the real view would not.
-        with native_reads():
-            buffers = None if dtype.is_complex else _kernel_buffers(group)
-            if buffers is not None and _kernel_scale(buffers, clip_coef_clamped):
-                continue
+        if kernels_may_write and not dtype.is_complex:
+            with native_reads():
+                buffers = _kernel_buffers(group)
+                if buffers is not None and _kernel_scale(buffers, clip_coef_clamped):
+                    increment_version(group)
+                    continue
         if (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
             torch._foreach_mul_(group, clip_coef_clamped.to(device))
         elif foreach:
