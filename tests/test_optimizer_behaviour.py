@@ -1215,3 +1215,22 @@ def test_load_state_dict_lets_the_old_state_go():
     p.grad = torch.ones(10)
     opt.step()
     assert opt.state[p]["step"].item() == 3.0
+
+
+@pytest.mark.parametrize("name", [*NAMES, "AdamW8bit"])
+def test_inference_params_are_refused_outside_inference_mode_as_in_torch(name):
+    """torch refuses an in-place write to an inference tensor outside inference mode (after its
+    step has written the param: the version bump raises). The kernels wrote such params and
+    raised nothing; now torch's implementation steps them, and raises."""
+
+    def run(cls):
+        with torch.inference_mode():
+            p = torch.linspace(-1, 1, 4096)
+            p.grad = torch.linspace(1, 2, 4096)
+        with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+            cls([p], lr=0.1, **({"momentum": 0.9} if name == "SGD" else {})).step()
+        return p
+
+    ours = run(getattr(rsoptim, name))
+    if name != "AdamW8bit":  # (8-bit states write other values than torch's float32 Adam)
+        assert torch.equal(run(getattr(torch.optim, name)), ours)

@@ -813,6 +813,8 @@ class KernelOptimizer:
             # torch applies weight decay to complex params in complex arithmetic, where a
             # non-finite component spreads NaN to the other one; the kernels step real views.
             return False
+        if p.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # torch refuses to write an inference tensor here: its step says so
         return grad is not None and runs_on_kernel(p) and same_kind(grad, p)
 
     def _kernel_buffers(self, p: torch.Tensor, group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
