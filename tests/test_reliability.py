@@ -380,7 +380,22 @@ print("survived", rounds[0], "swap rounds")
 """
 
 
-_SWAP_CASES = [(path, swap) for path in ("step plan", "general path", "8-bit", "clip_grad_norm_") for swap in ("data", "set_")]
+# `p.data = ...` holds the GIL, as every read of a step does: the swap lands between them, never
+# inside one. `set_` runs without the GIL, so it races with any read of the tensor's fields,
+# torch's own included (a data race inside torch that no caller can prevent): those cases abort
+# now and then (8-bit states: 1 run in 18 on the 2-core machine; torch's own for-loop and
+# foreach Adam abort 6 runs in 6 under either swap), so they run when asked for
+# (RSOPTIM_RACE_TESTS=1), not in CI.
+_SET_SWAPS_ASKED_FOR = bool(__import__("os").environ.get("RSOPTIM_RACE_TESTS"))
+_SWAP_CASES = [
+    pytest.param(
+        path,
+        swap,
+        marks=[] if swap == "data" or _SET_SWAPS_ASKED_FOR else [pytest.mark.skip(reason="opt-in (RSOPTIM_RACE_TESTS=1): set_ races inside torch")],
+    )
+    for path in ("step plan", "general path", "8-bit", "clip_grad_norm_")
+    for swap in ("data", "set_")
+]
 
 
 @pytest.mark.parametrize("path, swap", _SWAP_CASES)
