@@ -501,3 +501,13 @@ def test_inference_grads_are_clipped_inside_inference_mode_as_in_torch():
 
     (nt, gt), (nr, gr) = run(torch.nn.utils.clip_grad_norm_), run(rsoptim.clip_grad_norm_)
     assert torch.equal(nt, nr) and torch.equal(gt, gr)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF, -1.0, 0.0])
+def test_get_total_norm_of_tensors_that_require_grad_is_outside_autograd_as_in_torch(norm_type):
+    """torch's get_total_norm runs without autograd, whichever ops compute the norms."""
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+    tensors = [w * 2, w[:3] + 1]
+    ours, theirs = rsoptim.get_total_norm(tensors, norm_type), torch.nn.utils.get_total_norm(tensors, norm_type)
+    assert ours.requires_grad == theirs.requires_grad == False  # noqa: E712
+    assert torch.equal(ours, theirs)

@@ -132,6 +132,7 @@ def _as_list(tensors: Tensors) -> list[torch.Tensor]:
     return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
 
 
+@torch.no_grad()
 def get_total_norm(
     tensors: Tensors, norm_type: float | str = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None
 ) -> torch.Tensor:
@@ -231,6 +232,7 @@ def _reduce_over_mesh(shard_total: torch.Tensor, norm_type: float, mesh, dims: t
     return value ** (1.0 / norm_type)
 
 
+@torch.no_grad()
 def clip_grads_with_norm_(
     parameters: Tensors, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None
 ) -> None:
