@@ -5,6 +5,7 @@ must behave as torch.optim does (step the same, or raise the same exception type
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 
@@ -386,7 +387,7 @@ print("survived", rounds[0], "swap rounds")
 # now and then (8-bit states: 1 run in 18 on the 2-core machine; torch's own for-loop and
 # foreach Adam abort 6 runs in 6 under either swap), so they run when asked for
 # (RSOPTIM_RACE_TESTS=1), not in CI.
-_SET_SWAPS_ASKED_FOR = bool(__import__("os").environ.get("RSOPTIM_RACE_TESTS"))
+_SET_SWAPS_ASKED_FOR = bool(os.environ.get("RSOPTIM_RACE_TESTS"))
 _SWAP_CASES = [
     pytest.param(
         path,

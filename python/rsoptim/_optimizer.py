@@ -839,9 +839,10 @@ class KernelOptimizer:
             def view(t: Any) -> Any:
                 return t
 
-        # Each buffer is a private alias (`.data`, taken under the GIL), read once: another thread that gives the
-        # param, grad or a state tensor other memory (`p.data = ...`, `set_`) or another dtype or
-        # size cannot change what was checked, and the alias holds the memory the kernel gets.
+        # Each buffer is a private alias (`.data`, taken under the GIL), read once: another
+        # thread that gives the param, grad or a state tensor other memory (`p.data = ...`,
+        # `set_`) or another dtype or size cannot change what was checked, and the alias holds
+        # the memory the kernel gets.
         target = local(p).data
         buffers: dict[str, Any] = {"param": target, "grad": local(grad).data}
         master, counts_steps = self._uses_master(p, group), self._counts_steps(p, group)

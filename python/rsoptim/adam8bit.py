@@ -448,8 +448,9 @@ class _KernelTensors:
 
     def add(self, role: str, t: Any, dtype: torch.dtype, shape: Any, *, written: bool, may_copy: bool) -> bool:
         """Adds ``t`` if it is a CPU tensor of ``dtype`` and ``shape`` (False if not, or if it
-        needs a copy that ``may_copy`` forbids). What is held is a private alias of ``t`` (``.data``): its
-        sizes and storage stay those checked here whatever code runs later (``p.data = ...``).
+        needs a copy that ``may_copy`` forbids). What is held is a private alias of ``t``
+        (``.data``): its sizes and storage stay those checked here whatever code runs later
+        (``p.data = ...``).
         Only plain tensors are handed to the kernels: a subclass may report sizes its memory
         does not have (torch's ops, which read the real ones, step it). That its memory holds
         every element, ``step`` checked (``_check_param_and_state``) before anything ran."""

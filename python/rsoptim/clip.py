@@ -286,7 +286,7 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
 
 
 def _kernel_scale(buffers: Buffers, factor_tensor: torch.Tensor) -> bool:
-    """Scales the grads ``_kernel_buffers`` read in place by the kernels; False if they share
+    """Scales the grads whose ``buffers`` were read in place by the kernels; False if they share
     memory (torch's foreach multiplies such grads once per appearance, and is left to do so)."""
     factor = float(factor_tensor.item())
     # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
