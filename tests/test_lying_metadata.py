@@ -655,6 +655,73 @@ def test_an_interrupt_anywhere_leaves_no_pause_behind():
     )
 
 
+def test_an_interrupt_in_a_first_step_leaves_no_state_half_made():
+    # A Ctrl-C landing while a first step makes the state left some params' state dicts with
+    # "step" and without "exp_avg": every later step raised KeyError. Each state is now made
+    # aside and added at once: after an interrupt, a state is empty or whole, and the next step
+    # runs.
+    run_child(
+        """
+        import signal, time
+
+        class Interrupt(BaseException):
+            pass
+
+        armed = [False]
+
+        def handler(*args):
+            if armed[0]:
+                armed[0] = False
+                raise Interrupt
+
+        kinds = {
+            "SGD": lambda ps: rsoptim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5),
+            "Adam": lambda ps: rsoptim.Adam(ps, lr=0.01, amsgrad=True),
+            "RMSprop": lambda ps: rsoptim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+            "Adam8bit": lambda ps: rsoptim.Adam8bit(ps, lr=0.01),
+            "bf16 master": lambda ps: rsoptim.AdamW(ps, lr=0.01, master_weights=True),
+        }
+        def fresh(name):
+            params = model()
+            if name == "bf16 master":
+                params = [p.detach().bfloat16().requires_grad_() for p in params]
+                for p in params:
+                    p.grad = torch.ones_like(p)
+            return params, kinds[name](params)
+
+        whole = {}
+        for name in kinds:
+            params, opt = fresh(name)
+            opt.step()
+            whole[name] = [set(opt.state[p]) for p in params]
+
+        signal.signal(signal.SIGALRM, handler)
+        interrupted = {name: 0 for name in kinds}
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                for name in kinds:
+                    params, opt = fresh(name)
+                    try:
+                        armed[0] = True
+                        signal.setitimer(signal.ITIMER_REAL, 1e-5 + 2e-4 * np.random.rand())
+                        opt.step()
+                    except Interrupt:
+                        interrupted[name] += 1
+                    armed[0] = False
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    for p, keys in zip(params, whole[name]):
+                        assert set(opt.state[p]) in (set(), keys), (name, set(opt.state[p]), keys)
+                    opt.step()
+                    for p, keys in zip(params, whole[name]):
+                        assert set(opt.state[p]) == keys, (name, set(opt.state[p]), keys)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        assert min(interrupted.values()) > 50, interrupted
+        """
+    )
+
+
 def test_a_finalizer_run_by_a_removed_groups_plan_runs_before_the_checks():
     # A param group removed after its plan was made: the plan holds the last reference to its
     # param, whose finalizer then shrinks another group's storages. The plan was let go between

@@ -375,6 +375,16 @@ class KernelOptimizer:
         """Creates a param's state on its first step, exactly as torch does."""
         raise NotImplementedError
 
+    def _make_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """``_init_state`` and ``_init_extension_state`` into a copy, added to ``state`` in one
+        update: an exception raised part-way (a Ctrl-C can land after any call) leaves no
+        state half made, which every later step would trip over (a KeyError), nor does another
+        thread see one."""
+        fresh = dict(state)  # (entries a user put there, a master copy say, are kept)
+        self._init_state(p, group, fresh)
+        self._init_extension_state(p, group, fresh)
+        state.update(fresh)
+
     def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
         """Runs the Rust kernel on the buffers of ``call`` with the group's hyperparameters."""
         raise NotImplementedError
@@ -886,7 +896,7 @@ class KernelOptimizer:
                     # subclass param's state is of its subclass; checked afresh below)
                     state = self.state[p]
                     if self._state_is_new(state):
-                        self._init_state(p, group, state)
+                        self._make_state(p, group, state)
                     self._init_extension_state(p, group, state)
         # Every state is made (a caller's mode may run code there) before any param is checked.
         for p in params:

@@ -598,23 +598,20 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        # Made aside and added in one update: another thread checking this optimizer's state
-        # sees none of it or all of it.
-        fresh: dict[str, Any] = {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
         if self._gets_8bit_state(p, group):
             for key in ("state1", "state2"):
                 if is_dtensor(p):  # sharded like the param
-                    fresh[key] = torch.zeros_like(p, dtype=torch.uint8)
+                    state[key] = torch.zeros_like(p, dtype=torch.uint8)
                 else:  # contiguous whatever the param's layout: blocks are runs of the flattened tensor
-                    fresh[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    state[key] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
             for key in ("absmax1", "absmax2"):
-                fresh[key] = _zero_scales(p)
-            fresh["qmap1"], fresh["qmap2"] = self._qmaps(local(p).device)
+                state[key] = _zero_scales(p)
+            state["qmap1"], state["qmap2"] = self._qmaps(local(p).device)
         else:
             dtype = self._moments_dtype(p)
             for key in ("state1", "state2"):
-                fresh[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state.update(fresh)
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     # -- step -------------------------------------------------------------------------------
 
@@ -894,7 +891,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             with _STATE_INIT_LOCK, as_caller():
                 state = self.state[p]
                 if len(state) == 0:
-                    self._init_state(p, group, state)
+                    self._make_state(p, group, state)
         storages = [_written_storages(p, self.state[p]) for p in params]
         counts = Counter(s for distinct in storages for s in distinct)
         calls: dict[tuple[bool, str, str], list[tuple[torch.Tensor, _KernelTensors]]] = {}
