@@ -103,7 +103,7 @@ def _edited_run(module, name, edit, shape=(4, 4), **kwargs):
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
-def test_a_grad_set_to_another_shape_is_seen(name):
+def test_a_grad_set_to_another_shape_is_seen(name, plan_readers):
     def between(opt, w):
         w.grad.set_(torch.ones(2, 8))  # same element count, another shape: torch raises
 
@@ -126,7 +126,7 @@ STATE_EDITS = {
     [(edit, *target.split("/")) for edit, (_, targets) in STATE_EDITS.items() for target in targets],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_a_state_tensor_edited_after_the_plan_is_stepped_as_torch_does(edit, name, key):
+def test_a_state_tensor_edited_after_the_plan_is_stepped_as_torch_does(edit, name, key, plan_readers):
     def between(opt, w):
         opt.state[w][key] = STATE_EDITS[edit][0](opt.state[w][key])
 
@@ -594,6 +594,60 @@ def test_tensor_addresses_reads_what_torch_reads_and_refuses_the_rest():
         assert _addresses(tensors, numels, dtypes, shape_of) is None, tensors
 
 
+@pytest.fixture(params=["fast reads", "torch's readers"])
+def plan_readers(request):
+    """Runs a test with the plan checks' fast reads (negation bits through libtorch, TensorImpls
+    from the tensor objects) and again with torch's own readers (``is_neg``, ``_cdata``), the
+    path taken where the fast ones cannot be shown to work."""
+    import glob
+    import os
+
+    from rsoptim import _optimizer
+
+    lib = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")))
+    assert _optimizer.enable_native_checks(lib[0], fast_reads=request.param == "fast reads")
+    yield request.param
+    assert _optimizer.enable_native_checks(lib[0])
+
+
+def test_native_checks_read_fast_with_this_torch():
+    from rsoptim import _optimizer
+
+    assert _optimizer.native_read_paths() == {"negation bits": True, "TensorImpls": True}, (
+        "libtorch does not export at::native::is_neg, or torch's tensor object no longer starts with its at::Tensor"
+    )
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_plans_step_alike_with_either_reader(name, plan_readers, monkeypatch):
+    from rsoptim import _optimizer
+
+    assert _optimizer.native_read_paths() == {"negation bits": plan_readers == "fast reads", "TensorImpls": plan_readers == "fast reads"}
+    checked = []  # whether each step's plan check passed
+    kernel_calls = _optimizer._Plan.kernel_calls
+
+    def recorded(*args):
+        calls = kernel_calls(*args)
+        checked.append(calls is not None)
+        return calls
+
+    monkeypatch.setattr(_optimizer._Plan, "kernel_calls", recorded)
+
+    def run(module):
+        params = [torch.linspace(-1, 1, n).requires_grad_() for n in (12, 7, 300)]
+        opt = getattr(module, name)(params, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+        for i in range(4):
+            for p in params:
+                p.grad = torch.linspace(0.5, 1.5, p.numel()) * (i + 1)
+            if i == 3:
+                params[1].grad = torch._neg_view(-params[1].grad)  # the same values, through a neg bit
+            opt.step()
+        return torch.cat([p.detach() for p in params])
+
+    _assert_same_outcome(run)
+    assert checked == [True, True, False]  # the neg bit of the last step's grad was seen
+
+
 @pytest.fixture
 def without_native_checks():
     import glob
@@ -636,7 +690,7 @@ class _SubclassWithCdata(torch.Tensor):
 
 
 @pytest.mark.parametrize("bad", ["storage", "fake object", "tensor subclass"])
-def test_a_state_value_that_is_not_a_plain_tensor_never_reaches_native_code(bad):
+def test_a_state_value_that_is_not_a_plain_tensor_never_reaches_native_code(bad, plan_readers):
     # Each has a `_cdata`: read as a TensorImpl address it would crash the interpreter.
     def edit(opt, p):
         opt.state[p]["exp_avg"] = {
@@ -648,14 +702,14 @@ def test_a_state_value_that_is_not_a_plain_tensor_never_reaches_native_code(bad)
     _assert_same_outcome(lambda module: _edited_run(module, "Adam", edit))
 
 
-def test_a_grad_subclass_overriding_cdata_is_stepped_as_torch_does():
+def test_a_grad_subclass_overriding_cdata_is_stepped_as_torch_does(plan_readers):
     def edit(opt, p):  # the plan's check must read the real TensorImpl
         p.grad = p.grad.as_subclass(_SubclassWithCdata)
 
     _assert_same_outcome(lambda module: _edited_run(module, "SGD", edit, shape=(1000,)))
 
 
-def test_a_param_made_a_negative_view_after_the_plan_is_stepped_as_torch_does():
+def test_a_param_made_a_negative_view_after_the_plan_is_stepped_as_torch_does(plan_readers):
     def edit(opt, p):
         p.data = p.data._neg_view()
 

@@ -111,7 +111,7 @@ def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
     """Whether reading ``group`` (its options, params and their grads) runs no code of the
     caller's: a dict whose options are plain already (``hyper``, its
     ``plain_hyperparameters``, is the group itself) and whose params are plain tensors."""
-    return type(group) is dict and hyper is group and all(type(p) in PLAIN_TENSOR_TYPES for p in group["params"])
+    return type(group) is dict and hyper is group and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, group["params"]))
 
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +127,7 @@ def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
 #: Option types that run no user code when read.
 _PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.Tensor)
 _PLAIN_TYPE_SET = frozenset(_PLAIN_TYPES)
+_PLAIN_TENSOR_TYPE_SET = frozenset(PLAIN_TENSOR_TYPES)
 
 
 def _plain(value: Any) -> Any:
@@ -994,15 +995,19 @@ CHECKED_DTYPE_CODES = {**_DTYPE_CODES, torch.uint8: UINT8_CODE}
 #: Whether plans can be checked natively (libtorch's shim, see ``enable_native_checks``);
 #: without it every step takes the general path.
 _native_checks = False
+_fast_reads: dict[str, bool] = {}
 
 
-def enable_native_checks(libtorch: str | None) -> bool:
+def enable_native_checks(libtorch: str | None, *, fast_reads: bool = True) -> bool:
     """Lets step plans check their tensors through the shim of the libtorch at ``libtorch``
     (torch's own, already loaded), after checking on probe tensors that it reads exactly what
-    torch's accessors read and refuses what a plan must refuse."""
-    global _native_checks
-    _native_checks = False
-    if libtorch is None or not _rsoptim.use_torch_abi(libtorch):
+    torch's accessors read and refuses what a plan must refuse. ``fast_reads``: read each
+    tensor's negation bit through libtorch and its TensorImpl from the tensor object, where
+    either is shown to work (see ``native_read_paths``), instead of calling ``is_neg`` and the
+    ``_cdata`` getter (tests switch them off to run that path)."""
+    global _native_checks, _fast_reads
+    _native_checks, _fast_reads = False, {}
+    if libtorch is None or not _rsoptim.use_torch_abi(libtorch, fast_reads):
         _rsoptim.use_torch_abi(None)
         return False
 
@@ -1012,15 +1017,18 @@ def enable_native_checks(libtorch: str | None) -> bool:
             pack(map(_get_impl, tensors)), pack(numels), bytes(CHECKED_DTYPE_CODES.get(d, NO_DTYPE_CODE) for d in dtypes), pack(shape_of)
         )
 
-    _rsoptim.use_tensor_readers(
+    base = torch.arange(24.0).reshape(6, 4)
+    view = base[2:]  # storage offset 8: the address is not the storage's
+    # Tensors made in C++ and in Python, a view and a Parameter: where each holds its TensorImpl.
+    samples = [base, view, torch.nn.Parameter(torch.zeros(3)), torch.Tensor(), torch.empty(0).t()]
+    reads_objects = _rsoptim.use_tensor_readers(
         list(PLAIN_TENSOR_TYPES),
         vars(torch._C.TensorBase)["_cdata"],
         torch._C.TensorBase.is_neg,
         torch._C._is_torch_function_all_disabled,
         torch._C.TensorBase.untyped_storage,
+        samples if fast_reads else [],
     )
-    base = torch.arange(24.0).reshape(6, 4)
-    view = base[2:]  # storage offset 8: the address is not the storage's
     other = torch.zeros(4, 4, dtype=torch.float64)
     shrunk = torch.zeros(64)
     shrunk.untyped_storage().resize_(16)
@@ -1035,12 +1043,22 @@ def enable_native_checks(libtorch: str | None) -> bool:
         and addresses([shrunk], [64], [f32]) is None  # outside its storage
         and addresses([codes := torch.zeros(16, dtype=torch.uint8)], [16], [torch.uint8]) == pack([codes.data_ptr()])
         and addresses([codes], [16], [f32]) is None
+        # (where the checks read negation bits natively, they must see this one)
+        and (not _rsoptim.torch_abi_reads_neg_bit() or addresses([view._neg_view()], [16], [f32]) is None)
         and _plan_addresses_work(view, other)
     )
     if not works:
         _rsoptim.use_torch_abi(None)
     _native_checks = works
+    _fast_reads = {"negation bits": _rsoptim.torch_abi_reads_neg_bit(), "TensorImpls": reads_objects} if works else {}
     return works
+
+
+def native_read_paths() -> dict[str, bool]:
+    """Which of the plan checks' fast reads are in use: "negation bits" (``at::native::is_neg``
+    instead of ``Tensor.is_neg``) and "TensorImpls" (read from the tensor objects instead of
+    the ``_cdata`` getter)."""
+    return dict(_fast_reads)
 
 
 def _plan_addresses_work(view: torch.Tensor, other: torch.Tensor) -> bool:
@@ -1088,6 +1106,8 @@ class _Plan:
     signature: tuple[Any, ...]  # the group's `_plan_signature` when the plan was made
     # Per param with a grad: a getter of the state tensors its call uses (see `_param_keys`).
     getters: list[Callable[[dict[str, Any]], tuple[Any, ...]]]
+    # The one getter, where every param's call uses the same keys (the usual case).
+    common_getter: Callable[[dict[str, Any]], tuple[Any, ...]] | None
     calls: list[KernelCall]
     # What each step's tensors must be, in the order params, grads, then each param's state
     # tensors (see rsoptim._rsoptim.tensor_addresses), and where the params and state tensors are.
@@ -1188,6 +1208,7 @@ class _Plan:
             state_dicts=[opt.state[p] if keys else {} for p, keys in zip(with_grad, param_keys)] if states else [],
             signature=opt._plan_signature(group),
             getters=[_tuple_getter(keys) for keys in param_keys],
+            common_getter=_tuple_getter(param_keys[0]) if len(set(param_keys)) == 1 else None,
             master_params=[p for p in with_grad if opt._uses_master(p, group)],
             calls=calls,
             numels=plan_numels,
@@ -1235,7 +1256,10 @@ class _Plan:
             if len(values) != len(self.state_dicts_all) or not all(map(operator.is_, values, self.state_dicts_all)):
                 return None
             try:
-                tensors = [t for get, state in zip(self.getters, self.state_dicts) for t in get(state)]
+                if self.common_getter is not None:
+                    tensors = list(chain.from_iterable(map(self.common_getter, self.state_dicts)))
+                else:
+                    tensors = [t for get, state in zip(self.getters, self.state_dicts) for t in get(state)]
             except KeyError:  # a state entry was removed
                 return None
         if self.master_params:

@@ -20,6 +20,11 @@ type GetI64 = unsafe extern "C" fn(Handle, *mut i64) -> Status;
 type GetI32 = unsafe extern "C" fn(Handle, *mut i32) -> Status;
 type GetI64s = unsafe extern "C" fn(Handle, *mut *const i64) -> Status;
 type GetBool = unsafe extern "C" fn(Handle, *mut bool) -> Status;
+/// `bool at::native::is_neg(const at::Tensor&)`. Under the Itanium C++ ABI (Linux and macOS on
+/// x86-64 and AArch64) a free function taking a reference is called as a C function taking a
+/// pointer, the same `Handle` the shim takes; it returns the tensor's negation bit (a read of
+/// its dispatch key set) and has no path that throws.
+type IsNeg = unsafe extern "C" fn(Handle) -> bool;
 
 /// `c10::ScalarType` codes of the dtypes the step plan checks, with their element sizes.
 pub const UINT8: i32 = 0;
@@ -64,6 +69,9 @@ pub struct TorchAbi {
     device_type: GetI32,
     layout: GetI32,
     is_contiguous: GetBool,
+    /// The negation bit's reader, where libtorch exports it and the caller asked for it; else
+    /// the caller checks `Tensor.is_neg()` itself (see `reads_neg_bit`).
+    is_neg: Option<IsNeg>,
     path: String,
     // Keeps libtorch loaded while the function pointers may be called.
     _library: Arc<libloading::os::unix::Library>,
@@ -77,8 +85,9 @@ impl std::fmt::Debug for TorchAbi {
 
 impl TorchAbi {
     /// The shim of the libtorch at `path` if this process has already loaded it and it exports
-    /// every function used here; nothing is loaded here.
-    pub fn already_loaded(path: &str) -> Option<Self> {
+    /// every function used here; nothing is loaded here. With `read_neg_bit`, the checks also
+    /// refuse tensors with a negation bit, where libtorch exports `at::native::is_neg`.
+    pub fn already_loaded(path: &str, read_neg_bit: bool) -> Option<Self> {
         // SAFETY: with RTLD_NOLOAD, dlopen only returns a handle to a library that is already
         // loaded and initialised; it never maps or initialises anything.
         let library =
@@ -102,14 +111,27 @@ impl TorchAbi {
             device_type: symbol!("aoti_torch_get_device_type", GetI32),
             layout: symbol!("aoti_torch_get_layout", GetI32),
             is_contiguous: symbol!("aoti_torch_is_contiguous", GetBool),
+            is_neg: read_neg_bit
+                .then(|| {
+                    // SAFETY: the mangled name of `at::native::is_neg(at::Tensor const&)`, of the
+                    // type `IsNeg` (see there); `_library` keeps it loaded while it is kept.
+                    unsafe { library.get::<IsNeg>(b"_ZN2at6native6is_negERKNS_6TensorE\0") }.ok().map(|f| *f)
+                })
+                .flatten(),
             path: path.to_owned(),
             _library: Arc::new(library),
         })
     }
 
+    /// Whether the checks refuse tensors with a negation bit (else the caller must).
+    pub fn reads_neg_bit(&self) -> bool {
+        self.is_neg.is_some()
+    }
+
     /// The data address of every tensor, if each is a defined, contiguous, strided CPU tensor of
     /// its expected dtype and element count, with the sizes of the tensor it is tied to, whose
-    /// elements all lie inside its storage; None otherwise (also if the shim reports an error).
+    /// elements all lie inside its storage, and (where `reads_neg_bit`) without a negation bit;
+    /// None otherwise (also if the shim reports an error).
     ///
     /// # Safety
     /// Each of `impls` must be the address of a `c10::TensorImpl` that stays alive during the
@@ -152,6 +174,10 @@ impl TorchAbi {
         }
         if !get!(is_contiguous, handle, false)? {
             return None;
+        }
+        // SAFETY: as the shim calls: `handle` names a live TensorImpl (this function's contract).
+        if self.is_neg.is_some_and(|is_neg| unsafe { is_neg(handle) }) {
+            return None; // a lazy negation: the memory holds the values' negatives
         }
         if shape_of != tensor {
             let other_word = shape_of as *const c_void;
@@ -198,8 +224,8 @@ mod tests {
     fn a_library_that_is_not_loaded_is_not_used() {
         // RTLD_NOLOAD: nothing is loaded, so no shim comes back for a library not in the process
         // (the Python tests exercise the shim of torch's own libtorch).
-        assert!(TorchAbi::already_loaded("/nonexistent/libtorch_cpu.so").is_none());
-        assert!(TorchAbi::already_loaded("libc.so.6").is_none(), "libc has no aoti_torch_* functions");
+        assert!(TorchAbi::already_loaded("/nonexistent/libtorch_cpu.so", true).is_none());
+        assert!(TorchAbi::already_loaded("libc.so.6", true).is_none(), "libc has no aoti_torch_* functions");
     }
 
     #[test]

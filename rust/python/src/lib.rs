@@ -226,20 +226,36 @@ fn use_openmp(path: Option<&str>) -> PyResult<bool> {
 static TORCH_ABI: RwLock<Option<rsoptim_core::torch_abi::TorchAbi>> = RwLock::new(None);
 
 /// Reads tensors' metadata through the shim of the libtorch at `path` (torch's, already loaded)
-/// for `tensor_addresses`; returns whether it could. `None` stops using it.
+/// for `tensor_addresses`; returns whether it could. `None` stops using it. `read_neg_bit`: the
+/// checks read the negation bits natively where libtorch lets them (else `plan_addresses` asks
+/// `Tensor.is_neg`; tests switch it off to run that path).
 #[pyfunction]
-#[pyo3(signature = (path))]
-fn use_torch_abi(path: Option<&str>) -> bool {
+#[pyo3(signature = (path, read_neg_bit=true))]
+fn use_torch_abi(path: Option<&str>, read_neg_bit: bool) -> bool {
     #[cfg(unix)]
     {
-        let abi = path.and_then(rsoptim_core::torch_abi::TorchAbi::already_loaded);
+        let abi = path.and_then(|path| rsoptim_core::torch_abi::TorchAbi::already_loaded(path, read_neg_bit));
         let found = abi.is_some();
         *TORCH_ABI.write().unwrap_or_else(|e| e.into_inner()) = abi;
         found
     }
     #[cfg(not(unix))]
     {
-        let _ = path;
+        let _ = (path, read_neg_bit);
+        false
+    }
+}
+
+/// Whether the checks of `tensor_addresses` and `plan_addresses` read tensors' negation bits
+/// natively (see `use_torch_abi`).
+#[pyfunction]
+fn torch_abi_reads_neg_bit() -> bool {
+    #[cfg(unix)]
+    {
+        TORCH_ABI.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|abi| abi.reads_neg_bit())
+    }
+    #[cfg(not(unix))]
+    {
         false
     }
 }
@@ -272,24 +288,36 @@ fn checked_addresses<'py>(
     {
         let guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
         let Some(abi) = guard.as_ref() else { return Ok(None) };
-        let (numels, shape_of) = (words("numels", numels), words("shape_of", shape_of));
-        let (numels, shape_of) = (numels.map_err(core_error)?, shape_of.map_err(core_error)?);
-        if numels.len() != impls.len() || shape_of.len() != impls.len() || dtypes.len() != impls.len() {
-            return Err(value_error("tensor_addresses needs one numel, dtype and shape_of per tensor"));
-        }
-        let expected: Vec<Expected> = (0..impls.len())
-            .map(|i| Expected { numel: numels[i], dtype: i32::from(dtypes[i]), shape_of: shape_of[i] })
-            .collect();
-        // SAFETY: the Python layer passes `Tensor._cdata` of tensors it holds for the call, with
-        // the GIL held throughout (see rsoptim/_optimizer.py, `_Plan.kernel_calls`).
-        let addresses = unsafe { abi.checked_addresses(impls, &expected) };
-        Ok(addresses.map(|a| pyo3::types::PyBytes::new(py, &pack_words(&a))))
+        checked_by(py, abi, impls, numels, dtypes, shape_of)
     }
     #[cfg(not(unix))]
     {
         let _ = (py, impls, numels, dtypes, shape_of);
         Ok(None)
     }
+}
+
+#[cfg(unix)]
+fn checked_by<'py>(
+    py: Python<'py>,
+    abi: &rsoptim_core::torch_abi::TorchAbi,
+    impls: &[usize],
+    numels: &[u8],
+    dtypes: &[u8],
+    shape_of: &[u8],
+) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    let (numels, shape_of) = (words("numels", numels), words("shape_of", shape_of));
+    let (numels, shape_of) = (numels.map_err(core_error)?, shape_of.map_err(core_error)?);
+    if numels.len() != impls.len() || shape_of.len() != impls.len() || dtypes.len() != impls.len() {
+        return Err(value_error("tensor_addresses needs one numel, dtype and shape_of per tensor"));
+    }
+    let expected: Vec<Expected> = (0..impls.len())
+        .map(|i| Expected { numel: numels[i], dtype: i32::from(dtypes[i]), shape_of: shape_of[i] })
+        .collect();
+    // SAFETY: the Python layer passes `Tensor._cdata` of tensors it holds for the call, with
+    // the GIL held throughout (see rsoptim/_optimizer.py, `_Plan.kernel_calls`).
+    let addresses = unsafe { abi.checked_addresses(impls, &expected) };
+    Ok(addresses.map(|a| pyo3::types::PyBytes::new(py, &pack_words(&a))))
 }
 
 /// torch's own readers of a tensor, for `plan_addresses` (registered by `use_tensor_readers`).
@@ -299,6 +327,9 @@ struct TensorReaders {
     /// `torch._C.TensorBase._cdata` (a getset descriptor) and its getter.
     cdata: Py<PyAny>,
     cdata_get: pyo3::ffi::descrgetfunc,
+    /// Where a plain tensor object keeps its `at::Tensor` (see `THPVARIABLE_TENSOR_OFFSET`),
+    /// where that was shown to hold; else the getter is called.
+    tensor_offset: Option<usize>,
     /// `torch._C.TensorBase.is_neg`.
     is_neg: Py<PyAny>,
     /// `torch._C._is_torch_function_all_disabled`.
@@ -309,15 +340,38 @@ struct TensorReaders {
 
 static TENSOR_READERS: RwLock<Option<TensorReaders>> = RwLock::new(None);
 
-/// Registers torch's readers `plan_addresses` uses (see `rsoptim/_optimizer.py`).
+/// torch's Python tensor object (`THPVariable`, torch/csrc/autograd/python_variable.h) is the
+/// object header followed by its `at::Tensor` (in the torch this was written against, 2.13;
+/// older versions had a `c10::MaybeOwned<at::Tensor>` there, which the check in
+/// `use_tensor_readers` refuses). The word there is its TensorImpl's address, which `_cdata`
+/// returns: reading it saves the getter call (its error handling and torch function check cost
+/// more than the rest of a tensor's checks).
+const THPVARIABLE_TENSOR_OFFSET: usize = std::mem::size_of::<pyo3::ffi::PyObject>();
+
+/// The word at `THPVARIABLE_TENSOR_OFFSET` in `t`.
+///
+/// # Safety
+/// `t` is a live object of a type whose instances are at least `THPVARIABLE_TENSOR_OFFSET + 8`
+/// bytes (`__basicsize__`), so the word is inside it; the object header is word-aligned.
+unsafe fn tensor_word(t: &Bound<'_, PyAny>) -> usize {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { t.as_ptr().cast::<u8>().add(THPVARIABLE_TENSOR_OFFSET).cast::<usize>().read() }
+}
+
+/// Registers torch's readers `plan_addresses` uses (see `rsoptim/_optimizer.py`). With
+/// `samples` (tensors of the plain types), the TensorImpl addresses are read from the tensor
+/// objects themselves if, for every sample, what is there is what `_cdata` returns; returns
+/// whether they are.
 #[pyfunction]
+#[pyo3(signature = (plain_types, cdata, is_neg, torch_function_off, untyped_storage, samples=Vec::new()))]
 fn use_tensor_readers(
     plain_types: Vec<Bound<'_, pyo3::types::PyType>>,
     cdata: &Bound<'_, PyAny>,
     is_neg: &Bound<'_, PyAny>,
     torch_function_off: &Bound<'_, PyAny>,
     untyped_storage: &Bound<'_, PyAny>,
-) -> PyResult<()> {
+    samples: Vec<Bound<'_, PyAny>>,
+) -> PyResult<bool> {
     // SAFETY: `cdata` is a live object; PyType_GetSlot reads its type's slot table (static types
     // answer it from Python 3.10 on, this module's minimum), and returns null without one.
     let slot = unsafe { pyo3::ffi::PyType_GetSlot(pyo3::ffi::Py_TYPE(cdata.as_ptr()), pyo3::ffi::Py_tp_descr_get) };
@@ -326,15 +380,30 @@ fn use_tensor_readers(
     }
     // SAFETY: a non-null Py_tp_descr_get slot is a descrgetfunc (null was refused above).
     let cdata_get: pyo3::ffi::descrgetfunc = unsafe { std::mem::transmute(slot) };
+    let mut direct = !samples.is_empty();
+    for kind in &plain_types {
+        let size: usize = kind.getattr("__basicsize__")?.extract()?;
+        direct &= size >= THPVARIABLE_TENSOR_OFFSET + std::mem::size_of::<usize>();
+    }
+    for t in &samples {
+        if !direct || !plain_types.iter().any(|k| t.get_type().is(k)) {
+            direct = false;
+            break;
+        }
+        // SAFETY: `t` is of a plain type, each of which was just checked to be large enough.
+        let word = unsafe { tensor_word(t) };
+        direct = cdata.getattr("__get__")?.call1((t,))?.extract::<usize>()? == word;
+    }
     *TENSOR_READERS.write().unwrap_or_else(|e| e.into_inner()) = Some(TensorReaders {
         plain_types: plain_types.into_iter().map(Bound::unbind).collect(),
         cdata: cdata.clone().unbind(),
         cdata_get,
+        tensor_offset: direct.then_some(THPVARIABLE_TENSOR_OFFSET),
         is_neg: is_neg.clone().unbind(),
         torch_function_off: torch_function_off.clone().unbind(),
         untyped_storage: untyped_storage.clone().unbind(),
     });
-    Ok(())
+    Ok(direct)
 }
 
 /// `tensor_addresses` for a list of tensors themselves: None unless torch function is off (so
@@ -360,6 +429,34 @@ fn plan_addresses<'py>(
     hold_from: usize,
     hold_to: usize,
 ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    #[cfg(not(unix))]
+    {
+        let _ = (py, tensors, numels, dtypes, shape_of, holder, hold_from, hold_to);
+        Ok(None)
+    }
+    #[cfg(unix)]
+    {
+        // One read of the ABI for the whole call: whether it reads the negation bits decides
+        // whether they are read here.
+        let abi_guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
+        let Some(abi) = abi_guard.as_ref() else { return Ok(None) };
+        planned_addresses(py, abi, tensors, numels, dtypes, shape_of, holder, hold_from, hold_to)
+    }
+}
+
+#[cfg(unix)]
+#[allow(clippy::too_many_arguments)]
+fn planned_addresses<'py>(
+    py: Python<'py>,
+    abi: &rsoptim_core::torch_abi::TorchAbi,
+    tensors: &Bound<'py, pyo3::types::PyList>,
+    numels: &[u8],
+    dtypes: &[u8],
+    shape_of: &[u8],
+    holder: Option<&Bound<'py, pyo3::types::PyList>>,
+    hold_from: usize,
+    hold_to: usize,
+) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
     let guard = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner());
     let Some(readers) = guard.as_ref() else { return Ok(None) };
     if !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
@@ -370,14 +467,26 @@ fn plan_addresses<'py>(
     if !items.iter().all(plain) {
         return Ok(None);
     }
-    // The negation bits first: this may allocate (and so run the garbage collector and any
-    // finalizer), which must not happen between reading the TensorImpls and checking them.
-    for t in &items {
-        if readers.is_neg.bind(py).call1((t,))?.is_truthy()? {
-            return Ok(None);
+    // Where the checks cannot read the negation bits, torch's `is_neg` is called first: it may
+    // allocate (and so run the garbage collector and any finalizer), which must not happen
+    // between reading the TensorImpls and checking them.
+    if !abi.reads_neg_bit() {
+        for t in &items {
+            if readers.is_neg.bind(py).call1((t,))?.is_truthy()? {
+                return Ok(None);
+            }
         }
     }
     let mut impls = Vec::with_capacity(items.len());
+    if readers.tensor_offset.is_some() {
+        // SAFETY: each item is of a plain type (checked above), which `use_tensor_readers`
+        // checked to be large enough, and is held by `items`.
+        impls.extend(items.iter().map(|t| unsafe { tensor_word(t) }));
+        if impls.contains(&0) {
+            return Ok(None);
+        }
+        return planned_checks(py, abi, readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to);
+    }
     let cdata_get = readers.cdata_get;
     for t in &items {
         // SAFETY: torch's getter for a live tensor of its own type; it returns a new reference
@@ -385,16 +494,44 @@ fn plan_addresses<'py>(
         let raw = unsafe { cdata_get(readers.cdata.as_ptr(), t.as_ptr(), std::ptr::null_mut()) };
         // SAFETY: `raw` is an owned reference or null (then the error is fetched).
         let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
-        impls.push(value.extract::<usize>()?);
+        // (PyLong_AsVoidPtr: the getter made the int with PyLong_FromVoidPtr; pyo3's generic
+        // extraction of a usize takes a slower path in abi3 builds.)
+        // SAFETY: `value` is a live object; on anything but an int the call sets an error.
+        let address = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
+        if address == 0 {
+            return match PyErr::take(py) {
+                Some(error) => Err(error),
+                None => Ok(None), // a null TensorImpl: not a tensor the kernels take
+            };
+        }
+        impls.push(address);
     }
-    let addresses = checked_addresses(py, &impls, numels, dtypes, shape_of)?;
+    planned_checks(py, abi, readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to)
+}
+
+/// The checks of `plan_addresses` on the TensorImpls `impls` of `items`, and the storages held.
+#[cfg(unix)]
+#[allow(clippy::too_many_arguments)]
+fn planned_checks<'py>(
+    py: Python<'py>,
+    abi: &rsoptim_core::torch_abi::TorchAbi,
+    readers: &TensorReaders,
+    items: &[Bound<'py, PyAny>],
+    impls: &[usize],
+    numels: &[u8],
+    dtypes: &[u8],
+    shape_of: &[u8],
+    holder: Option<&Bound<'py, pyo3::types::PyList>>,
+    hold_from: usize,
+    hold_to: usize,
+) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+    let addresses = checked_by(py, abi, impls, numels, dtypes, shape_of)?;
     if let (Some(holder), Some(_)) = (holder, &addresses) {
         let untyped_storage = readers.untyped_storage.bind(py);
         for t in items.iter().take(hold_to).skip(hold_from) {
             holder.append(untyped_storage.call1((t,))?)?;
         }
     }
-    drop(guard);
     Ok(addresses)
 }
 
@@ -1079,6 +1216,7 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(use_openmp, m)?)?;
     m.add_function(wrap_pyfunction!(use_torch_abi, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_abi_reads_neg_bit, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_addresses, m)?)?;
     m.add_function(wrap_pyfunction!(use_tensor_readers, m)?)?;
     m.add_function(wrap_pyfunction!(plan_addresses, m)?)?;
