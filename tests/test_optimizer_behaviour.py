@@ -1234,3 +1234,40 @@ def test_inference_params_are_refused_outside_inference_mode_as_in_torch(name):
     ours = run(getattr(rsoptim, name))
     if name != "AdamW8bit":  # (8-bit states write other values than torch's float32 Adam)
         assert torch.equal(run(getattr(torch.optim, name)), ours)
+
+
+@pytest.mark.parametrize("shape", [(40,), (8, 5)], ids=["contiguous grad", "transposed grad"])
+def test_an_error_after_sgd_filled_new_momentum_buffers_keeps_them(shape, monkeypatch):
+    # SGD's first momentum buffers are made empty and filled by the kernel. An exception raised
+    # later in the same step (here a Ctrl-C while the step plan is built) removed them too, so
+    # the next step started the momentum afresh; they are kept once filled, as torch keeps the
+    # buffers it has written.
+    from rsoptim import _optimizer
+
+    def make(module):
+        p = torch.linspace(-1, 1, 40).reshape(shape).requires_grad_()
+        return p, getattr(module, "SGD")([p], lr=0.1, momentum=0.9, dampening=0.5)
+
+    def grad(p, i):
+        g = torch.linspace(0.5, 1.5, 40).reshape(shape[::-1]) * (i + 1)
+        return g.t() if len(shape) == 2 else g  # strides unlike the param's: copied back
+
+    ours, opt = make(rsoptim)
+    theirs, ref = make(torch.optim)
+    build = _optimizer._Plan.build
+
+    def interrupted(*args):
+        monkeypatch.setattr(_optimizer._Plan, "build", build)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_optimizer._Plan, "build", interrupted)
+    for i in range(3):
+        ours.grad, theirs.grad = grad(ours, i), grad(theirs, i)
+        if i == 0:
+            with pytest.raises(KeyboardInterrupt):
+                opt.step()
+        else:
+            opt.step()
+        ref.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[ours]["momentum_buffer"], ref.state[theirs]["momentum_buffer"], rtol=0, atol=0)

@@ -613,16 +613,21 @@ def plan_readers(request):
 def test_native_checks_read_fast_with_this_torch():
     from rsoptim import _optimizer
 
-    assert _optimizer.native_read_paths() == {"negation bits": True, "TensorImpls": True}, (
-        "libtorch does not export at::native::is_neg, or torch's tensor object no longer starts with its at::Tensor"
-    )
+    paths = _optimizer.native_read_paths()
+    assert paths["negation bits"], "libtorch does not export at::native::is_neg"
+    # Older torch kept a c10::MaybeOwned<at::Tensor> in its tensor objects: the check at import
+    # refuses the direct read there, and torch's getter is called (tested below).
+    if tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])) >= (2, 13):
+        assert paths["TensorImpls"], "torch's tensor object no longer starts with its at::Tensor"
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
 def test_plans_step_alike_with_either_reader(name, plan_readers, monkeypatch):
     from rsoptim import _optimizer
 
-    assert _optimizer.native_read_paths() == {"negation bits": plan_readers == "fast reads", "TensorImpls": plan_readers == "fast reads"}
+    paths = _optimizer.native_read_paths()
+    assert paths["negation bits"] == (plan_readers == "fast reads")
+    assert not paths["TensorImpls"] or plan_readers == "fast reads"
     checked = []  # whether each step's plan check passed
     kernel_calls = _optimizer._Plan.kernel_calls
 

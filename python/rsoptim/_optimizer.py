@@ -898,7 +898,8 @@ class KernelOptimizer:
                     state = self.state[p]
                     if self._state_is_new(state):
                         self._make_state(p, group, state)
-                    self._init_extension_state(p, group, state)
+                    else:
+                        self._init_extension_state(p, group, state)
         # Every state is made (a caller's mode may run code there) before any param is checked.
         for p in params:
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
@@ -941,6 +942,7 @@ class KernelOptimizer:
             finally:
                 call.held = []
             table.write_back()
+            self._keep_new_state(bucket)
             increment_version(bucket)
             if any_dtensor(bucket):
                 call.local_params = [local(p) for p in bucket]
@@ -956,6 +958,10 @@ class KernelOptimizer:
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
+
+    def _keep_new_state(self, params: list[torch.Tensor]) -> None:
+        """The kernel has filled (and written back) the buffers made for ``params`` to fill:
+        an error raised later in the step (a Ctrl-C) must not remove them (see SGD)."""
 
 
 #: Serialises steps on float32 copies (a slow path): they move state between dtypes and key

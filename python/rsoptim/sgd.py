@@ -119,6 +119,9 @@ class SGD(KernelOptimizer, torch.optim.SGD):
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [p in self._new_buffers for p in params]
 
+    def _keep_new_state(self, params: list[torch.Tensor]) -> None:
+        self._new_buffers.difference_update(params)
+
     def _kernel_call(self, group: dict[str, Any], call: KernelCall) -> None:
         c = call.columns
         momentum = scalar(group["momentum"])

@@ -12,7 +12,7 @@
 //! addresses of freed memory.
 
 use std::cell::RefCell;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -223,7 +223,14 @@ fn use_openmp(path: Option<&str>) -> PyResult<bool> {
 }
 
 #[cfg(unix)]
-static TORCH_ABI: RwLock<Option<rsoptim_core::torch_abi::TorchAbi>> = RwLock::new(None);
+// (Shared, so that a call takes its own reference and holds no lock while it calls Python, which
+// may hand the GIL to a thread waiting to write here.)
+static TORCH_ABI: RwLock<Option<Arc<rsoptim_core::torch_abi::TorchAbi>>> = RwLock::new(None);
+
+#[cfg(unix)]
+fn torch_abi() -> Option<Arc<rsoptim_core::torch_abi::TorchAbi>> {
+    TORCH_ABI.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 /// Reads tensors' metadata through the shim of the libtorch at `path` (torch's, already loaded)
 /// for `tensor_addresses`; returns whether it could. `None` stops using it. `read_neg_bit`: the
@@ -236,7 +243,7 @@ fn use_torch_abi(path: Option<&str>, read_neg_bit: bool) -> bool {
     {
         let abi = path.and_then(|path| rsoptim_core::torch_abi::TorchAbi::already_loaded(path, read_neg_bit));
         let found = abi.is_some();
-        *TORCH_ABI.write().unwrap_or_else(|e| e.into_inner()) = abi;
+        *TORCH_ABI.write().unwrap_or_else(|e| e.into_inner()) = abi.map(Arc::new);
         found
     }
     #[cfg(not(unix))]
@@ -252,7 +259,7 @@ fn use_torch_abi(path: Option<&str>, read_neg_bit: bool) -> bool {
 fn torch_abi_reads_neg_bit() -> bool {
     #[cfg(unix)]
     {
-        TORCH_ABI.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|abi| abi.reads_neg_bit())
+        torch_abi().is_some_and(|abi| abi.reads_neg_bit())
     }
     #[cfg(not(unix))]
     {
@@ -286,9 +293,8 @@ fn checked_addresses<'py>(
 ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
     #[cfg(unix)]
     {
-        let guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
-        let Some(abi) = guard.as_ref() else { return Ok(None) };
-        checked_by(py, abi, impls, numels, dtypes, shape_of)
+        let Some(abi) = torch_abi() else { return Ok(None) };
+        checked_by(py, &abi, impls, numels, dtypes, shape_of)
     }
     #[cfg(not(unix))]
     {
@@ -314,8 +320,9 @@ fn checked_by<'py>(
     let expected: Vec<Expected> = (0..impls.len())
         .map(|i| Expected { numel: numels[i], dtype: i32::from(dtypes[i]), shape_of: shape_of[i] })
         .collect();
-    // SAFETY: the Python layer passes `Tensor._cdata` of tensors it holds for the call, with
-    // the GIL held throughout (see rsoptim/_optimizer.py, `_Plan.kernel_calls`).
+    // SAFETY: `impls` are the TensorImpls of tensors held for the call, with the GIL held
+    // throughout: `Tensor._cdata` of tensors the Python layer holds (`tensor_addresses`), or
+    // those of `plan_addresses`'s items, which it holds, read by the getter or from the objects.
     let addresses = unsafe { abi.checked_addresses(impls, &expected) };
     Ok(addresses.map(|a| pyo3::types::PyBytes::new(py, &pack_words(&a))))
 }
@@ -338,7 +345,7 @@ struct TensorReaders {
     untyped_storage: Py<PyAny>,
 }
 
-static TENSOR_READERS: RwLock<Option<TensorReaders>> = RwLock::new(None);
+static TENSOR_READERS: RwLock<Option<Arc<TensorReaders>>> = RwLock::new(None); // (see TORCH_ABI)
 
 /// torch's Python tensor object (`THPVariable`, torch/csrc/autograd/python_variable.h) is the
 /// object header followed by its `at::Tensor` (in the torch this was written against, 2.13;
@@ -394,7 +401,7 @@ fn use_tensor_readers(
         let word = unsafe { tensor_word(t) };
         direct = cdata.getattr("__get__")?.call1((t,))?.extract::<usize>()? == word;
     }
-    *TENSOR_READERS.write().unwrap_or_else(|e| e.into_inner()) = Some(TensorReaders {
+    *TENSOR_READERS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(TensorReaders {
         plain_types: plain_types.into_iter().map(Bound::unbind).collect(),
         cdata: cdata.clone().unbind(),
         cdata_get,
@@ -402,7 +409,7 @@ fn use_tensor_readers(
         is_neg: is_neg.clone().unbind(),
         torch_function_off: torch_function_off.clone().unbind(),
         untyped_storage: untyped_storage.clone().unbind(),
-    });
+    }));
     Ok(direct)
 }
 
@@ -438,9 +445,8 @@ fn plan_addresses<'py>(
     {
         // One read of the ABI for the whole call: whether it reads the negation bits decides
         // whether they are read here.
-        let abi_guard = TORCH_ABI.read().unwrap_or_else(|e| e.into_inner());
-        let Some(abi) = abi_guard.as_ref() else { return Ok(None) };
-        planned_addresses(py, abi, tensors, numels, dtypes, shape_of, holder, hold_from, hold_to)
+        let Some(abi) = torch_abi() else { return Ok(None) };
+        planned_addresses(py, &abi, tensors, numels, dtypes, shape_of, holder, hold_from, hold_to)
     }
 }
 
@@ -457,8 +463,7 @@ fn planned_addresses<'py>(
     hold_from: usize,
     hold_to: usize,
 ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
-    let guard = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner());
-    let Some(readers) = guard.as_ref() else { return Ok(None) };
+    let Some(readers) = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(None) };
     if !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
         return Ok(None);
     }
@@ -485,7 +490,7 @@ fn planned_addresses<'py>(
         if impls.contains(&0) {
             return Ok(None);
         }
-        return planned_checks(py, abi, readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to);
+        return planned_checks(py, abi, &readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to);
     }
     let cdata_get = readers.cdata_get;
     for t in &items {
@@ -506,7 +511,7 @@ fn planned_addresses<'py>(
         }
         impls.push(address);
     }
-    planned_checks(py, abi, readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to)
+    planned_checks(py, abi, &readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to)
 }
 
 /// The checks of `plan_addresses` on the TensorImpls `impls` of `items`, and the storages held.
