@@ -70,6 +70,19 @@ OPTIMIZERS = {
 }
 
 
+class Interrupt(BaseException):  # what a signal handler raises (a Ctrl-C)
+    pass
+
+
+armed = [False]
+
+
+def handler(*args):  # a SIGALRM handler: raises Interrupt once per arming
+    if armed[0]:
+        armed[0] = False
+        raise Interrupt
+
+
 def check_equal(got, expected):
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.detach().as_subclass(torch.Tensor), e.detach(), rtol=0, atol=0)
@@ -604,16 +617,6 @@ def test_an_interrupt_anywhere_leaves_no_pause_behind():
         from rsoptim._collector import collector_paused
         from rsoptim._layout import as_caller, native_reads
 
-        class Interrupt(BaseException):
-            pass
-
-        armed = [False]
-
-        def handler(*args):
-            if armed[0]:
-                armed[0] = False
-                raise Interrupt
-
         def enter_and_leave():  # (most of a step's windows are in these, so it is hit often)
             with native_reads():
                 with as_caller():
@@ -663,16 +666,6 @@ def test_an_interrupt_in_a_first_step_leaves_no_state_half_made():
     run_child(
         """
         import signal, time
-
-        class Interrupt(BaseException):
-            pass
-
-        armed = [False]
-
-        def handler(*args):
-            if armed[0]:
-                armed[0] = False
-                raise Interrupt
 
         kinds = {
             "SGD": lambda ps: rsoptim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5),

@@ -446,98 +446,64 @@ fn plan_addresses<'py>(
         // One read of the ABI for the whole call: whether it reads the negation bits decides
         // whether they are read here.
         let Some(abi) = torch_abi() else { return Ok(None) };
-        planned_addresses(py, &abi, tensors, numels, dtypes, shape_of, holder, hold_from, hold_to)
-    }
-}
-
-#[cfg(unix)]
-#[allow(clippy::too_many_arguments)]
-fn planned_addresses<'py>(
-    py: Python<'py>,
-    abi: &rsoptim_core::torch_abi::TorchAbi,
-    tensors: &Bound<'py, pyo3::types::PyList>,
-    numels: &[u8],
-    dtypes: &[u8],
-    shape_of: &[u8],
-    holder: Option<&Bound<'py, pyo3::types::PyList>>,
-    hold_from: usize,
-    hold_to: usize,
-) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
-    let Some(readers) = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(None) };
-    if !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
-        return Ok(None);
-    }
-    let items: Vec<Bound<'py, PyAny>> = tensors.iter().collect(); // (held here as well)
-    let plain = |t: &Bound<'py, PyAny>| readers.plain_types.iter().any(|k| t.get_type().is(k.bind(py)));
-    if !items.iter().all(plain) {
-        return Ok(None);
-    }
-    // Where the checks cannot read the negation bits, torch's `is_neg` is called first: it may
-    // allocate (and so run the garbage collector and any finalizer), which must not happen
-    // between reading the TensorImpls and checking them.
-    if !abi.reads_neg_bit() {
-        for t in &items {
-            if readers.is_neg.bind(py).call1((t,))?.is_truthy()? {
-                return Ok(None);
-            }
-        }
-    }
-    let mut impls = Vec::with_capacity(items.len());
-    if readers.tensor_offset.is_some() {
-        // SAFETY: each item is of a plain type (checked above), which `use_tensor_readers`
-        // checked to be large enough, and is held by `items`.
-        impls.extend(items.iter().map(|t| unsafe { tensor_word(t) }));
-        if impls.contains(&0) {
+        let abi = &*abi;
+        let Some(readers) = TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(None) };
+        if !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
             return Ok(None);
         }
-        return planned_checks(py, abi, &readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to);
-    }
-    let cdata_get = readers.cdata_get;
-    for t in &items {
-        // SAFETY: torch's getter for a live tensor of its own type; it returns a new reference
-        // (an int: allocating one runs no collector) or null with an exception set.
-        let raw = unsafe { cdata_get(readers.cdata.as_ptr(), t.as_ptr(), std::ptr::null_mut()) };
-        // SAFETY: `raw` is an owned reference or null (then the error is fetched).
-        let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
-        // (PyLong_AsVoidPtr: the getter made the int with PyLong_FromVoidPtr; pyo3's generic
-        // extraction of a usize takes a slower path in abi3 builds.)
-        // SAFETY: `value` is a live object; on anything but an int the call sets an error.
-        let address = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
-        if address == 0 {
-            return match PyErr::take(py) {
-                Some(error) => Err(error),
-                None => Ok(None), // a null TensorImpl: not a tensor the kernels take
-            };
+        let items: Vec<Bound<'py, PyAny>> = tensors.iter().collect(); // (held here as well)
+        let plain = |t: &Bound<'py, PyAny>| readers.plain_types.iter().any(|k| t.get_type().is(k.bind(py)));
+        if !items.iter().all(plain) {
+            return Ok(None);
         }
-        impls.push(address);
-    }
-    planned_checks(py, abi, &readers, &items, &impls, numels, dtypes, shape_of, holder, hold_from, hold_to)
-}
-
-/// The checks of `plan_addresses` on the TensorImpls `impls` of `items`, and the storages held.
-#[cfg(unix)]
-#[allow(clippy::too_many_arguments)]
-fn planned_checks<'py>(
-    py: Python<'py>,
-    abi: &rsoptim_core::torch_abi::TorchAbi,
-    readers: &TensorReaders,
-    items: &[Bound<'py, PyAny>],
-    impls: &[usize],
-    numels: &[u8],
-    dtypes: &[u8],
-    shape_of: &[u8],
-    holder: Option<&Bound<'py, pyo3::types::PyList>>,
-    hold_from: usize,
-    hold_to: usize,
-) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
-    let addresses = checked_by(py, abi, impls, numels, dtypes, shape_of)?;
-    if let (Some(holder), Some(_)) = (holder, &addresses) {
-        let untyped_storage = readers.untyped_storage.bind(py);
-        for t in items.iter().take(hold_to).skip(hold_from) {
-            holder.append(untyped_storage.call1((t,))?)?;
+        // Where the checks cannot read the negation bits, torch's `is_neg` is called first: it
+        // may allocate (and so run the garbage collector and any finalizer), which must not
+        // happen between reading the TensorImpls and checking them.
+        if !abi.reads_neg_bit() {
+            for t in &items {
+                if readers.is_neg.bind(py).call1((t,))?.is_truthy()? {
+                    return Ok(None);
+                }
+            }
         }
+        let mut impls = Vec::with_capacity(items.len());
+        if readers.tensor_offset.is_some() {
+            // SAFETY: each item is of a plain type (checked above), which `use_tensor_readers`
+            // checked to be large enough, and is held by `items`.
+            impls.extend(items.iter().map(|t| unsafe { tensor_word(t) }));
+            if impls.contains(&0) {
+                return Ok(None);
+            }
+        } else {
+            let cdata_get = readers.cdata_get;
+            for t in &items {
+                // SAFETY: torch's getter for a live tensor of its own type; it returns a new
+                // reference (an int: allocating one runs no collector) or null with an error set.
+                let raw = unsafe { cdata_get(readers.cdata.as_ptr(), t.as_ptr(), std::ptr::null_mut()) };
+                // SAFETY: `raw` is an owned reference or null (then the error is fetched).
+                let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
+                // (PyLong_AsVoidPtr: the getter made the int with PyLong_FromVoidPtr; pyo3's
+                // generic extraction of a usize takes a slower path in abi3 builds.)
+                // SAFETY: `value` is a live object; on anything but an int the call sets an error.
+                let address = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
+                if address == 0 {
+                    return match PyErr::take(py) {
+                        Some(error) => Err(error),
+                        None => Ok(None), // a null TensorImpl: not a tensor the kernels take
+                    };
+                }
+                impls.push(address);
+            }
+        }
+        let addresses = checked_by(py, abi, &impls, numels, dtypes, shape_of)?;
+        if let (Some(holder), Some(_)) = (holder, &addresses) {
+            let untyped_storage = readers.untyped_storage.bind(py);
+            for t in items.iter().take(hold_to).skip(hold_from) {
+                holder.append(untyped_storage.call1((t,))?)?;
+            }
+        }
+        Ok(addresses)
     }
-    Ok(addresses)
 }
 
 #[cfg(unix)]
