@@ -599,15 +599,11 @@ def plan_readers(request):
     """Runs a test with the plan checks' fast reads (negation bits through libtorch, TensorImpls
     from the tensor objects) and again with torch's own readers (``is_neg``, ``_cdata``), the
     path taken where the fast ones cannot be shown to work."""
-    import glob
-    import os
-
     from rsoptim import _optimizer
 
-    lib = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")))
-    assert _optimizer.enable_native_checks(lib[0], fast_reads=request.param == "fast reads")
+    assert _optimizer.enable_native_checks(rsoptim._libtorch[0], fast_reads=request.param == "fast reads")
     yield request.param
-    assert _optimizer.enable_native_checks(lib[0])
+    assert _optimizer.enable_native_checks(rsoptim._libtorch[0])  # (as at import)
 
 
 def test_native_checks_read_fast_with_this_torch():
@@ -655,15 +651,11 @@ def test_plans_step_alike_with_either_reader(name, plan_readers, monkeypatch):
 
 @pytest.fixture
 def without_native_checks():
-    import glob
-    import os
-
     from rsoptim import _optimizer
 
     _optimizer.enable_native_checks(None)
     yield
-    lib = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")))
-    assert _optimizer.enable_native_checks(lib[0])
+    assert _optimizer.enable_native_checks(rsoptim._libtorch[0])  # (as at import)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])

@@ -972,6 +972,16 @@ _STATE_INIT_LOCK = threading.RLock()
 
 
 
+def _state_gatherer(param_keys: list[tuple[str, ...]]) -> Callable[[list[dict[str, Any]]], list[Any]]:
+    """``state dicts -> [state[k] for each param's dict and each of its keys]``, at C speed where
+    every param has the same keys (the usual case); a missing entry raises KeyError."""
+    if len(set(param_keys)) == 1:
+        get = _tuple_getter(param_keys[0])
+        return lambda dicts: list(chain.from_iterable(map(get, dicts)))
+    getters = [_tuple_getter(keys) for keys in param_keys]
+    return lambda dicts: [t for get, state in zip(getters, dicts) for t in get(state)]
+
+
 def _tuple_getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
     """``state -> tuple(state[k] for k in keys)``, at C speed (itemgetter of one key gives the
     item itself, not a tuple)."""
@@ -1110,10 +1120,9 @@ class _Plan:
     has_grad: list[bool]
     state: Any
     signature: tuple[Any, ...]  # the group's `_plan_signature` when the plan was made
-    # Per param with a grad: a getter of the state tensors its call uses (see `_param_keys`).
-    getters: list[Callable[[dict[str, Any]], tuple[Any, ...]]]
-    # The one getter, where every param's call uses the same keys (the usual case).
-    common_getter: Callable[[dict[str, Any]], tuple[Any, ...]] | None
+    # The params' state dicts (`state_dicts`) -> the state tensors their calls use, in order (see
+    # `_param_keys` and `_state_gatherer`).
+    state_tensors: Callable[[list[dict[str, Any]]], list[Any]]
     calls: list[KernelCall]
     # What each step's tensors must be, in the order params, grads, then each param's state
     # tensors (see rsoptim._rsoptim.tensor_addresses), and where the params and state tensors are.
@@ -1213,8 +1222,7 @@ class _Plan:
             # (`opt.state` makes an entry for a param it is asked about: not for keyless ones.)
             state_dicts=[opt.state[p] if keys else {} for p, keys in zip(with_grad, param_keys)] if states else [],
             signature=opt._plan_signature(group),
-            getters=[_tuple_getter(keys) for keys in param_keys],
-            common_getter=_tuple_getter(param_keys[0]) if len(set(param_keys)) == 1 else None,
+            state_tensors=_state_gatherer(param_keys),
             master_params=[p for p in with_grad if opt._uses_master(p, group)],
             calls=calls,
             numels=plan_numels,
@@ -1262,10 +1270,7 @@ class _Plan:
             if len(values) != len(self.state_dicts_all) or not all(map(operator.is_, values, self.state_dicts_all)):
                 return None
             try:
-                if self.common_getter is not None:
-                    tensors = list(chain.from_iterable(map(self.common_getter, self.state_dicts)))
-                else:
-                    tensors = [t for get, state in zip(self.getters, self.state_dicts) for t in get(state)]
+                tensors = self.state_tensors(self.state_dicts)
             except KeyError:  # a state entry was removed
                 return None
         if self.master_params:

@@ -334,9 +334,9 @@ struct TensorReaders {
     /// `torch._C.TensorBase._cdata` (a getset descriptor) and its getter.
     cdata: Py<PyAny>,
     cdata_get: pyo3::ffi::descrgetfunc,
-    /// Where a plain tensor object keeps its `at::Tensor` (see `THPVARIABLE_TENSOR_OFFSET`),
-    /// where that was shown to hold; else the getter is called.
-    tensor_offset: Option<usize>,
+    /// Whether TensorImpls are read from the tensor objects (see `THPVARIABLE_TENSOR_OFFSET`),
+    /// shown to work by `use_tensor_readers`; else the getter is called.
+    tensor_in_object: bool,
     /// `torch._C.TensorBase.is_neg`.
     is_neg: Py<PyAny>,
     /// `torch._C._is_torch_function_all_disabled`.
@@ -405,7 +405,7 @@ fn use_tensor_readers(
         plain_types: plain_types.into_iter().map(Bound::unbind).collect(),
         cdata: cdata.clone().unbind(),
         cdata_get,
-        tensor_offset: direct.then_some(THPVARIABLE_TENSOR_OFFSET),
+        tensor_in_object: direct,
         is_neg: is_neg.clone().unbind(),
         torch_function_off: torch_function_off.clone().unbind(),
         untyped_storage: untyped_storage.clone().unbind(),
@@ -467,7 +467,7 @@ fn plan_addresses<'py>(
             }
         }
         let mut impls = Vec::with_capacity(items.len());
-        if readers.tensor_offset.is_some() {
+        if readers.tensor_in_object {
             // SAFETY: each item is of a plain type (checked above), which `use_tensor_readers`
             // checked to be large enough, and is held by `items`.
             impls.extend(items.iter().map(|t| unsafe { tensor_word(t) }));
