@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rsoptim
+from conftest import assert_tensor_match
 
 
 def _stepped(cls, w, **kwargs):
@@ -185,3 +186,50 @@ def test_code_run_during_a_step_cannot_make_a_kernel_write_freed_memory(name, wh
         pytest.skip("the allocator did not hand a freed block back: the attack cannot be seen here")
     written = [i for i, canary in enumerate(canaries) if not bool((canary == 77).all())]
     assert not written, f"a kernel wrote freed memory (canaries {written} of {len(canaries)})"
+
+
+class _StateDict(dict):
+    pass
+
+
+_GATHER_EDITS = {
+    "a grad set to None": lambda opt, ws: setattr(ws[1], "grad", None),
+    "a state tensor replaced by a copy": lambda opt, ws: opt.state[ws[2]].update(exp_avg=opt.state[ws[2]]["exp_avg"].clone()),
+    "a state dict replaced by a dict subclass": lambda opt, ws: opt.state.__setitem__(ws[0], _StateDict(opt.state[ws[0]])),
+    "a grad replaced by a transposed one": lambda opt, ws: setattr(ws[2], "grad", torch.ones(4, 3).t()),
+}
+
+
+@pytest.mark.parametrize("edit", list(_GATHER_EDITS))
+def test_a_plan_that_gathers_its_tensors_natively_sees_edits_between_steps(edit):
+    """Where every param has a grad and the same state keys, a plan gathers the grads and state
+    tensors in one native call (`gather_plan_tensors`); an edit between steps sends the step
+    down the general path, and the params end as torch.optim leaves them (within torch's
+    tolerances: torch's for-loop Adam contracts its float32 arithmetic differently)."""
+    results = []
+    for module in (torch.optim, rsoptim):
+        torch.manual_seed(0)
+        ws = [torch.randn(3, 4, requires_grad=True) for _ in range(3)]
+        opt = module.Adam(ws, lr=0.1)
+        for step in range(5):
+            for i, w in enumerate(ws):
+                w.grad = torch.full((3, 4), float(step + i + 1))
+            if step >= 2:  # the plan is made on the first step and used from the second
+                _GATHER_EDITS[edit](opt, ws)
+            opt.step()
+        results.append([w.detach().clone() for w in ws])
+    for ours, theirs in zip(results[1], results[0]):
+        assert_tensor_match(ours, theirs, msg=edit)
+
+
+def test_a_state_entry_removed_after_the_plan_is_made_raises_as_in_torch():
+    errors = []
+    for module in (torch.optim, rsoptim):
+        w = torch.zeros(5, requires_grad=True)
+        opt = _stepped(module.Adam, w)
+        opt.step()
+        del opt.state[w]["exp_avg_sq"]
+        with pytest.raises(KeyError) as error:
+            opt.step()
+        errors.append(error.value.args)
+    assert errors[0] == errors[1]

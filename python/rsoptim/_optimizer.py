@@ -1151,6 +1151,9 @@ class _Plan:
     # mesh and in the placements recorded here (in the order grads, then state tensors).
     layouts: list[tuple[Any, Any]] = field(default_factory=list)
     step_slots: list[bool] = field(default_factory=list)
+    # The state keys of every param, where the step's tensors are gathered natively (every
+    # param of the group has a grad, all have the same keys, and none is a DTensor).
+    gather_keys: tuple[str, ...] | None = None
 
     @staticmethod
     def build(
@@ -1234,6 +1237,7 @@ class _Plan:
             grads_of_call=grads_of_call,
             layouts=layouts,
             step_slots=[k == "step" for keys in param_keys for k in keys],
+            gather_keys=param_keys[0] if all(has_grad) and not layouts and len(set(param_keys)) == 1 else None,
         )
 
     def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
@@ -1252,6 +1256,8 @@ class _Plan:
             or opt._plan_signature(group) != self.signature
         ):
             return None
+        if self.gather_keys is not None:
+            return self._gathered_calls(opt, params)
         grads = list(map(_get_grad, params))
         if self.all_have_grads:
             if not all(map(operator.is_not, grads, repeat(None))):
@@ -1264,19 +1270,14 @@ class _Plan:
             grads = list(compress(grads, self.has_grad))
         tensors: list[Any] = []
         if self.state_dicts:
-            # optimizer.state maps each param to its dict: if none was replaced, removed or
-            # added since the plan was made, the plan's dicts are the params' (no tensor hashing).
-            values = opt.state.values()
-            if len(values) != len(self.state_dicts_all) or not all(map(operator.is_, values, self.state_dicts_all)):
+            if not self._same_state_dicts(opt):
                 return None
             try:
                 tensors = self.state_tensors(self.state_dicts)
             except KeyError:  # a state entry was removed
                 return None
-        if self.master_params:
-            written = opt.__dict__.get("_rsoptim_master_versions", {})
-            if list(map(param_version, self.master_params)) != [written.get(id(p)) for p in self.master_params]:
-                return None
+        if not self._masters_unwritten(opt):
+            return None
         if self.layouts:
             try:
                 dtensors = [*grads, *compress(tensors, map(operator.not_, self.step_slots))]
@@ -1287,24 +1288,48 @@ class _Plan:
                 tensors = [t if step else _get_local(t) for t, step in zip(tensors, self.step_slots)]
             except AttributeError:  # a plain tensor where a DTensor was
                 return None
+        return self._checked_calls([*with_grad, *grads, *tensors], len(grads))
+
+    def _gathered_calls(self, opt: KernelOptimizer, params: list[torch.Tensor]) -> list[KernelCall] | None:
+        """``kernel_calls`` where every param has a grad and the same state keys: the params,
+        grads and state tensors gathered in one native call."""
+        # (Reading the grads may run code, which may replace state dicts: they are compared after.)
+        tensors = _rsoptim.gather_plan_tensors(params, self.state_dicts, self.gather_keys)
+        if tensors is None or (self.state_dicts and not self._same_state_dicts(opt)) or not self._masters_unwritten(opt):
+            return None
+        return self._checked_calls(tensors, len(params))
+
+    def _same_state_dicts(self, opt: KernelOptimizer) -> bool:
+        """optimizer.state maps each param to its dict: if none was replaced, removed or added
+        since the plan was made, the plan's dicts are the params' (no tensor hashing)."""
+        values = opt.state.values()
+        return len(values) == len(self.state_dicts_all) and all(map(operator.is_, values, self.state_dicts_all))
+
+    def _masters_unwritten(self, opt: KernelOptimizer) -> bool:
+        if not self.master_params:
+            return True
+        written = opt.__dict__.get("_rsoptim_master_versions", {})
+        return list(map(param_version, self.master_params)) == [written.get(id(p)) for p in self.master_params]
+
+    def _checked_calls(self, tensors: list[Any], count: int) -> list[KernelCall] | None:
+        """This step's calls, if ``tensors`` (params, grads, then state tensors, ``count`` each
+        of the first two) pass the native check and the params and state tensors are where the
+        plan's are."""
         # None for anything that is not a plain tensor (a subclass is torch's to step, see
         # runs_on_kernel) or has a lazy negation bit (`_neg_view`, `torch._C._set_neg`: it
         # changes the values, not the memory, and the kernels would step the raw memory).
         # The grads' storages are held as they are read (the plan holds the others'): another
         # thread may give a grad other memory (`g.data = ...`, which frees the old) while its
         # kernel reads the old.
-        count = len(grads)
         grad_storages: list[Any] = []
-        addrs = _rsoptim.plan_addresses(
-            [*with_grad, *grads, *tensors], self.numels, self.dtypes, self.shape_of, grad_storages, count, 2 * count
-        )
+        addrs = _rsoptim.plan_addresses(tensors, self.numels, self.dtypes, self.shape_of, grad_storages, count, 2 * count)
         if addrs is None or addrs[: 8 * count] != self.param_addrs or addrs[16 * count :] != self.state_addrs:
             return None
         grad_addrs = addrs[8 * count : 16 * count]
         # This step's calls: the plan's with this step's grads, new objects so that two threads
         # stepping one optimizer never see each other's columns. Each holds the tensors it was
         # checked with (whose memory its columns point at) until its kernel returns.
-        held = [with_grad, grads, tensors, grad_storages, self.storages]
+        held = [tensors, grad_storages, self.storages]
         if len(self.calls) == 1:
             return [_with_grads(self.calls[0], grad_addrs, held)]
         grad_words = array("Q", grad_addrs)

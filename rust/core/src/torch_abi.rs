@@ -140,11 +140,18 @@ impl TorchAbi {
         if impls.len() != expected.len() || expected.iter().any(|e| e.shape_of >= impls.len()) {
             return None;
         }
+        impls.iter().take(PREFETCH_AHEAD).for_each(|&t| prefetch_impl(t));
         impls
             .iter()
             .zip(expected)
-            // SAFETY: forwarded from this function's contract.
-            .map(|(&tensor, want)| unsafe { self.check_one(tensor, want, impls[want.shape_of]) })
+            .enumerate()
+            .map(|(i, (&tensor, want))| {
+                if let Some(&ahead) = impls.get(i + PREFETCH_AHEAD) {
+                    prefetch_impl(ahead);
+                }
+                // SAFETY: forwarded from this function's contract.
+                unsafe { self.check_one(tensor, want, impls[want.shape_of]) }
+            })
             .collect()
     }
 
@@ -214,6 +221,27 @@ impl TorchAbi {
         }
         Some(address)
     }
+}
+
+/// How many tensors ahead of its checks each TensorImpl is prefetched (16 measured best of 4-32
+/// on a 400-param step after a forward/backward).
+const PREFETCH_AHEAD: usize = 16;
+
+/// Starts loading the first lines of a TensorImpl (it spans about four), so that the checks'
+/// reads of many tensors whose metadata has left the caches (as after a forward/backward)
+/// overlap instead of waiting one after another.
+fn prefetch_impl(tensor: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in 0..4 {
+        // SAFETY: a prefetch is only a hint: it never faults or changes memory, whatever the
+        // address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (tensor as *const i8).wrapping_add(64 * line),
+            )
+        };
+    }
+    let _ = tensor;
 }
 
 #[cfg(test)]

@@ -506,6 +506,44 @@ fn plan_addresses<'py>(
     }
 }
 
+/// What a step plan checks, gathered in one native loop instead of attribute reads and item
+/// getters per param: `[*params, *grads, *states]`, where `grads` is each param's `grad` and
+/// `states` each of `state_dicts`' values at `keys`, in order. None where a grad is None or a
+/// state dict is not a plain dict or lacks a key (the step then takes the general path, which
+/// checks everything). Reading a `grad` may run Python code (a subclass's torch function), as
+/// `p.grad` does; the params are read from a snapshot of `params`.
+#[pyfunction]
+fn gather_plan_tensors<'py>(
+    py: Python<'py>,
+    params: &Bound<'py, pyo3::types::PyList>,
+    state_dicts: &Bound<'py, pyo3::types::PyList>,
+    keys: &Bound<'py, pyo3::types::PyTuple>,
+) -> PyResult<Option<Bound<'py, pyo3::types::PyList>>> {
+    let params: Vec<Bound<'py, PyAny>> = params.iter().collect();
+    let dicts: Vec<Bound<'py, PyAny>> = state_dicts.iter().collect();
+    let keys: Vec<Bound<'py, PyAny>> = keys.iter().collect();
+    let mut items = Vec::with_capacity(params.len() * 2 + dicts.len() * keys.len());
+    items.extend(params.iter().cloned());
+    let grad = pyo3::intern!(py, "grad");
+    for p in &params {
+        let g = p.getattr(grad)?;
+        if g.is_none() {
+            return Ok(None);
+        }
+        items.push(g);
+    }
+    for d in &dicts {
+        let Ok(d) = d.cast_exact::<pyo3::types::PyDict>() else { return Ok(None) };
+        for k in &keys {
+            match d.get_item(k)? {
+                Some(value) => items.push(value),
+                None => return Ok(None),
+            }
+        }
+    }
+    Ok(Some(pyo3::types::PyList::new(py, items)?))
+}
+
 #[cfg(unix)]
 fn pack_words(words: &[usize]) -> Vec<u8> {
     words.iter().flat_map(|&w| (w as u64).to_ne_bytes()).collect()
@@ -1191,6 +1229,7 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tensor_addresses, m)?)?;
     m.add_function(wrap_pyfunction!(use_tensor_readers, m)?)?;
     m.add_function(wrap_pyfunction!(plan_addresses, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_plan_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(reset_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(pause_collector, m)?)?;
     m.add_function(wrap_pyfunction!(resume_collector, m)?)?;
