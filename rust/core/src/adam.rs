@@ -76,18 +76,26 @@ pub(crate) struct AdamScalars<T> {
 }
 
 impl<T: Real> AdamScalars<T> {
-    pub(crate) fn new(h: &AdamHyper, step: f64) -> Self {
-        Self::with_correction(h, step, false)
-    }
-
-    /// As `new`, with the second moment's bias correction folded into the step size and eps,
-    /// as bitsandbytes' 8-bit Adam has it: `p - (lr * c / bc1) * m / (sqrt(v) + eps * c)`,
+    /// The scalars of each step count in turn, computed once for a run of tensors with the same
+    /// count (a group's tensors usually all have it: the three `powf`s take about as long as the
+    /// update of a few hundred elements).
+    ///
+    /// `folded`: the second moment's bias correction folded into the step size and eps, as
+    /// bitsandbytes' 8-bit Adam has it: `p - (lr * c / bc1) * m / (sqrt(v) + eps * c)`,
     /// `c = sqrt(bc2)`, which is torch's `p - (lr / bc1) * m / (sqrt(v) / c + eps)` in exact
     /// arithmetic with one division fewer per element (the divisions and the square root are
     /// the dearest operations of the loop). Such scalars update params with
     /// `folded_param_update`; `c * eps` and `c * step_size` are rounded once, from f64.
-    pub(crate) fn folded(h: &AdamHyper, step: f64) -> Self {
-        Self::with_correction(h, step, true)
+    pub(crate) fn per_step(h: &AdamHyper, folded: bool) -> impl FnMut(f64) -> Self + '_ {
+        let mut last: Option<(u64, Self)> = None;
+        move |step| match last {
+            Some((bits, k)) if bits == step.to_bits() => k,
+            _ => {
+                let k = Self::with_correction(h, step, folded);
+                last = Some((step.to_bits(), k));
+                k
+            }
+        }
     }
 
     fn with_correction(h: &AdamHyper, step: f64, folded: bool) -> Self {
@@ -144,11 +152,11 @@ impl<T: Real> AdamScalars<T> {
         torch_addcdiv(p, m, denominator, self.neg_step_size)
     }
 
-    /// `param_update` for scalars made by `folded`: the bias correction is in eps and the step
+    /// `param_update` for folded scalars (`per_step`): the bias correction is in eps and the step
     /// size, and the second moment is not divided by it.
     #[inline(always)]
     pub(crate) fn folded_param_update(&self, p: T, m: T, second_moment: T) -> T {
-        debug_assert!(self.bias_correction2_sqrt == T::one(), "scalars made by `folded`");
+        debug_assert!(self.bias_correction2_sqrt == T::one(), "folded scalars");
         torch_addcdiv(p, m, second_moment.sqrt() + self.eps, self.neg_step_size)
     }
 
@@ -294,12 +302,13 @@ pub fn adam_step<P: Element, S: Element<Math = P::Math>>(
     exec: &Executor,
 ) -> Result<(), Error> {
     check(&tensors, hyper)?;
+    let mut scalars = AdamScalars::per_step(hyper, false);
     let jobs: Vec<AdamJob<'_, P, S>> = tensors
         .into_iter()
         .map(|mut t| {
             let step = t.step.increment();
             AdamJob {
-                k: AdamScalars::new(hyper, step),
+                k: scalars(step),
                 param: ParamOut::new(t.param, t.master_param, t.rounding.key(step)),
                 grad: t.grad,
                 exp_avg: t.exp_avg,
@@ -317,4 +326,32 @@ pub fn adam_step<P: Element, S: Element<Math = P::Math>>(
         (true, true) => dispatch(simd, AdamKernel::<P, S, true, true>(job)),
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalars_per_step_are_each_steps_own_as_the_counts_repeat_and_change() {
+        let h = AdamHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            amsgrad: false,
+            maximize: false,
+            decoupled_weight_decay: true,
+            lr_in_f32: false,
+            grad_scale: 1.0,
+        };
+        for folded in [false, true] {
+            let mut scalars = AdamScalars::<f32>::per_step(&h, folded);
+            for step in [1.0, 1.0, 2.0, 2.0, 1.0, 3.0, 1e6, 1e6, 2.0] {
+                let want = AdamScalars::<f32>::with_correction(&h, step, folded);
+                assert_eq!(format!("{:?}", scalars(step)), format!("{want:?}"), "step {step}, folded {folded}");
+            }
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! [`QUANT_BLOCK`] elements, as in Dettmers et al.'s block-wise quantization. A step decodes a
 //! block of both moments into float32, updates the moments as torch's Adam does (the loop of
 //! `adam`) and the param with the second moment's bias correction folded into the step size and
-//! eps, as bitsandbytes does (`AdamScalars::folded`: one division fewer per element), takes the
+//! eps, as bitsandbytes does (`AdamScalars::per_step`, folded: one division fewer per element), takes the
 //! new scales and encodes the block back: one pass over the memory, 16 bytes per float32
 //! element instead of Adam's 28.
 //!
@@ -218,12 +218,13 @@ pub fn adam8bit_step<P: Element<Math = f32>>(
     exec: &Executor,
 ) -> Result<(), Error> {
     check(&tensors, hyper)?;
+    let mut scalars = AdamScalars::per_step(hyper, true);
     let jobs: Vec<Adam8bitJob<'_, P>> = tensors
         .into_iter()
         .map(|mut t| {
             let step = t.step.increment();
             Adam8bitJob {
-                k: AdamScalars::folded(hyper, step),
+                k: scalars(step),
                 param: ParamOut::new(t.param, t.master_param, t.rounding.key(step)),
                 grad: t.grad,
                 m_codes: t.exp_avg_codes,
