@@ -46,6 +46,20 @@ fn error(msg: String) -> Error {
 /// `Error::InvalidBuffer` for a buffer that is bad on its own (checked first, for all buffers),
 /// else `Error::Overlap` for a written buffer sharing memory with another.
 pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
+    check_buffers_in_order(buffers, &address_order(buffers))
+}
+
+/// The indices of the non-empty buffers, by address (then index: the radix sort is stable).
+pub fn address_order(buffers: &[Buffer]) -> Vec<usize> {
+    let mut by_address: Vec<(usize, usize)> =
+        buffers.iter().enumerate().filter(|(_, b)| b.len > 0).map(|(i, b)| (b.addr, i)).collect();
+    radsort::sort_by_key(&mut by_address, |&(address, _)| address);
+    by_address.into_iter().map(|(_, i)| i).collect()
+}
+
+/// `check_buffers`, given `order = address_order(buffers)` (a `Table` computes it once for the
+/// checks and its reservation).
+pub(crate) fn check_buffers_in_order(buffers: &[Buffer], order: &[usize]) -> Result<(), Error> {
     for b in buffers {
         if b.len == 0 {
             continue;
@@ -62,13 +76,11 @@ pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
             return Err(error(format!("{} is larger than the address space", b.describe())));
         }
     }
-    let mut sorted: Vec<&Buffer> = buffers.iter().filter(|b| b.len > 0).collect();
-    sorted.sort_by_key(|b| b.addr);
     // Sweeping by start address, a buffer overlaps an earlier one exactly when it starts before
     // that one ends; we keep the furthest end seen among written buffers and among all buffers.
     let mut furthest_any: Option<&Buffer> = None;
     let mut furthest_written: Option<&Buffer> = None;
-    for b in sorted {
+    for b in order.iter().map(|&i| &buffers[i]) {
         let end_of = |x: &Buffer| x.addr + x.bytes();
         if let Some(w) = furthest_written.filter(|w| b.addr < end_of(w)) {
             return Err(overlap(w, b));

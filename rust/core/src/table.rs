@@ -3,13 +3,14 @@
 //! For every role (param, grad, a state) the Python layer packs one column: each tensor's address
 //! as a native-endian 64-bit word (`array('Q', ...).tobytes()`), next to one column of element
 //! counts shared by all roles. A [`Table`] turns those columns into [`Buffer`]s, checks them all
-//! together (`raw::check_buffers`) and then hands out the slices. Malformed input of any kind is
+//! together (`raw::check_buffers`), reserves them (`inflight::reserve`) and then hands out the slices. Malformed input of any kind is
 //! an [`Error`], never a panic: this is the boundary to code we do not control.
 
 use std::marker::PhantomData;
 
 use crate::error::Error;
-use crate::raw::{check_buffers, slice, slice_mut, Buffer};
+use crate::inflight::{reserve_in_order, Reservation};
+use crate::raw::{address_order, check_buffers_in_order, slice, slice_mut, Buffer};
 use crate::step::StepCount;
 
 /// The dtype of a column's tensors.
@@ -60,6 +61,9 @@ pub fn words(role: &str, bytes: &[u8]) -> Result<Vec<usize>, Error> {
 pub struct Table {
     numels: Vec<usize>,
     buffers: Vec<Buffer>,
+    /// The non-empty buffers' indices by address, as `check` found them (its overlap sweep and
+    /// the reservation both walk memory in this order).
+    by_address: Vec<usize>,
     /// `check` passed and no column was added since: slices may be made.
     checked: bool,
 }
@@ -89,7 +93,7 @@ impl Table {
     /// A table for as many tensors as `numels` holds words.
     pub fn new(numels: &[u8]) -> Result<Self, Error> {
         let numels = words("numels", numels)?;
-        Ok(Self { buffers: Vec::with_capacity(numels.len().saturating_mul(6)), numels, checked: false })
+        Ok(Self { buffers: Vec::with_capacity(numels.len().saturating_mul(6)), numels, by_address: Vec::new(), checked: false })
     }
 
     /// The number of tensors.
@@ -159,9 +163,16 @@ impl Table {
 
     /// `raw::check_buffers` over every buffer of the call; slices may be made once it passed.
     pub fn check(&mut self) -> Result<(), Error> {
-        check_buffers(&self.buffers)?;
+        self.by_address = address_order(&self.buffers);
+        check_buffers_in_order(&self.buffers, &self.by_address)?;
         self.checked = true;
         Ok(())
+    }
+
+    /// Reserves every buffer of the call (`inflight::reserve`), once `check` passed.
+    pub fn reserve(&self) -> Reservation {
+        assert!(self.checked, "buffers reserved before Table::check passed");
+        reserve_in_order(self.by_address.iter().map(|&i| &self.buffers[i]))
     }
 
     /// The buffer slices are made of; panics (never UB) unless `check` passed.

@@ -130,3 +130,34 @@ fn a_panic_inside_the_reservation_releases_it() {
     });
     rx.recv_timeout(Duration::from_secs(10)).expect("the panicked calls released their buffers");
 }
+
+#[test]
+fn a_tables_reservation_covers_every_buffer_whatever_its_columns_order() {
+    use rsoptim_core::table::Table;
+    let a = 0x90_0000usize;
+    let words = |w: &[usize]| w.iter().flat_map(|&x| (x as u64).to_ne_bytes()).collect::<Vec<u8>>();
+    let mut table = Table::new(&words(&[4, 4, 4])).unwrap();
+    // Columns in falling address order, each column falling too: the reservation must not
+    // depend on the order the buffers come in.
+    table.column::<f32>("param", &words(&[a + 0x6000, a + 0x5000, a + 0x4000]), true).unwrap();
+    table.column::<f32>("grad", &words(&[a + 0x3000, a + 0x2000, a + 0x1000]), false).unwrap();
+    table.check().unwrap();
+    // A write into any of its buffers, and a read of any it writes, waits for the table's claim.
+    for (addr, written) in [(a + 0x1000, true), (a + 0x2008, true), (a + 0x300c, true), (a + 0x4000, false), (a + 0x600c, false)] {
+        let claim = table.reserve();
+        let got = AtomicBool::new(false);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let _other = reserve(&[buf(addr, 1, written)]);
+                got.store(true, Ordering::SeqCst);
+            });
+            thread::sleep(Duration::from_millis(50));
+            assert!(!got.load(Ordering::SeqCst), "{addr:#x} (written: {written}) was reserved beside the table");
+            drop(claim); // (the scope waits for the other thread, which waits for this)
+        });
+        assert!(got.load(Ordering::SeqCst));
+    }
+    // Reading what the table only reads does not wait.
+    let _claim = table.reserve();
+    let _other = reserve(&[buf(a + 0x2000, 4, false)]);
+}

@@ -18,8 +18,6 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rsoptim_core::alloc_count::{counters, CountingAllocator};
-use rsoptim_core::inflight::reserve;
-use rsoptim_core::raw::Buffer;
 use rsoptim_core::roofline::StreamTensor;
 use rsoptim_core::table::{words, Column, Dtype, Table};
 #[cfg(unix)]
@@ -629,18 +627,18 @@ macro_rules! with_element_type {
     };
 }
 
-/// Runs `work` with the GIL released, once no other call in flight shares memory with `buffers`
+/// Runs `work` with the GIL released, once no other call in flight shares memory with `table`
 /// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
 /// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
 /// and releases the buffers as it unwinds.
 fn detached<R: Send>(
     py: Python<'_>,
-    buffers: &[Buffer],
+    table: &Table,
     work: impl FnOnce() -> Result<R, Error> + Send,
 ) -> PyResult<R> {
     let outcome = py.detach(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _claim = reserve(buffers);
+            let _claim = table.reserve();
             work()
         }))
     });
@@ -768,7 +766,7 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
         let tensors: Vec<AdamTensor<'_, P, S>> = (0..table.len())
@@ -880,7 +878,7 @@ fn adam8bit_typed<P: Element<Math = f32>>(
     let ext = ext.columns::<f32>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
         let tensors: Vec<Adam8bitTensor<'_, P>> = (0..table.len())
@@ -970,7 +968,7 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
     let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
         let tensors: Vec<SgdTensor<'_, P, S>> = (0..table.len())
@@ -1057,7 +1055,7 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
     let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once,
         // with the type its column was made with.
         let tensors: Vec<RmspropTensor<'_, P, S>> = (0..table.len())
@@ -1112,7 +1110,7 @@ fn round_typed<P: Element>(
     let ext = ext.columns::<P::Math>(&mut table)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; each written buffer is
         // sliced once, with the type its column was made with.
         let tensors: Vec<RoundTensor<'_, P>> = (0..table.len())
@@ -1141,7 +1139,7 @@ fn norms_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: 
     let col = table.column::<T>("tensor", tensors, false).map_err(core_error)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; read-only slices only.
         let slices: Vec<&[T]> = (0..table.len()).map(|i| unsafe { table.read(col, i) }).collect();
         Ok(rsoptim_core::tensor_norms(&slices, norm, &exec))
@@ -1159,7 +1157,7 @@ fn scale_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], factor
     let col = table.column::<T>("tensor", tensors, true).map_err(core_error)?;
     table.check().map_err(core_error)?;
     let exec = executor()?;
-    detached(py, table.buffers(), || {
+    detached(py, &table, || {
         // SAFETY: `check` passed and the call holds its reservation; each buffer is sliced once.
         let slices: Vec<&mut [T]> = (0..table.len()).map(|i| unsafe { table.written(col, i) }).collect();
         rsoptim_core::scale_in_place(slices, T::Math::round_from(factor), &exec);
@@ -1189,7 +1187,7 @@ fn stream_typed<T: Real>(py: Python<'_>, numels: &[u8], read: &[u8], written: Ve
     let exec = executor()?;
     macro_rules! run_with {
         ($w:literal) => {{
-            detached(py, table.buffers(), || {
+            detached(py, &table, || {
                 let tensors: Vec<StreamTensor<'_, T, $w>> = (0..table.len())
                     // SAFETY: `check` passed and the call holds its reservation; each buffer is
                     // sliced once, with its column's type.
