@@ -233,3 +233,41 @@ def test_a_state_entry_removed_after_the_plan_is_made_raises_as_in_torch():
             opt.step()
         errors.append(error.value.args)
     assert errors[0] == errors[1]
+
+
+def test_a_group_whose_params_are_a_tuple_steps_as_in_torch():
+    results = []
+    for module in (torch.optim, rsoptim):
+        torch.manual_seed(0)
+        ws = [torch.randn(8, requires_grad=True) for _ in range(2)]
+        opt = module.Adam(ws, lr=0.1)
+        opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+        for step in range(4):
+            for w in ws:
+                w.grad = torch.full((8,), float(step + 1))
+            opt.step()
+        results.append([w.detach().clone() for w in ws])
+    for ours, theirs in zip(results[1], results[0]):
+        assert_tensor_match(ours, theirs)
+
+
+def test_a_plan_made_over_a_state_dict_subclass_is_kept_from_step_to_step():
+    """A plan whose state dicts are not plain dicts checks its tensors as gathered in Python (the
+    native gather takes plain dicts only): it is kept, not rebuilt at every step."""
+    results, plans = [], []
+    for module in (torch.optim, rsoptim):
+        torch.manual_seed(0)
+        ws = [torch.randn(8, requires_grad=True) for _ in range(2)]
+        opt = module.Adam(ws, lr=0.1)
+        for step in range(5):
+            for w in ws:
+                w.grad = torch.full((8,), float(step + 1))
+            if step == 1:
+                opt.state[ws[0]] = _StateDict(opt.state[ws[0]])
+            opt.step()
+            if module is rsoptim and step >= 2:
+                plans.append(opt._rsoptim_plans[0])
+        results.append([w.detach().clone() for w in ws])
+    assert plans[1] is plans[0] and plans[2] is plans[0]
+    for ours, theirs in zip(results[1], results[0]):
+        assert_tensor_match(ours, theirs)

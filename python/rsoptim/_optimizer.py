@@ -1151,8 +1151,9 @@ class _Plan:
     # mesh and in the placements recorded here (in the order grads, then state tensors).
     layouts: list[tuple[Any, Any]] = field(default_factory=list)
     step_slots: list[bool] = field(default_factory=list)
-    # The state keys of every param, where the step's tensors are gathered natively (every
-    # param of the group has a grad, all have the same keys, and none is a DTensor).
+    # The state keys of every param, where the step's tensors are gathered natively: every
+    # param of the group (a list) has a grad, all have the same keys in plain dicts, and none is
+    # a DTensor.
     gather_keys: tuple[str, ...] | None = None
 
     @staticmethod
@@ -1215,6 +1216,8 @@ class _Plan:
         for call in calls:
             call.new_buffers = [False] * len(call.params)
         has_grad = [id(p) in stepped for p in group["params"]]
+        # (`opt.state` makes an entry for a param it is asked about: not for keyless ones.)
+        state_dicts = [opt.state[p] if keys else {} for p, keys in zip(with_grad, param_keys)] if states else []
         return _Plan(
             all_have_grads=all(has_grad),
             group_params=group["params"],
@@ -1222,8 +1225,7 @@ class _Plan:
             has_grad=has_grad,
             state=opt.state,
             state_dicts_all=list(opt.state.values()),
-            # (`opt.state` makes an entry for a param it is asked about: not for keyless ones.)
-            state_dicts=[opt.state[p] if keys else {} for p, keys in zip(with_grad, param_keys)] if states else [],
+            state_dicts=state_dicts,
             signature=opt._plan_signature(group),
             state_tensors=_state_gatherer(param_keys),
             master_params=[p for p in with_grad if opt._uses_master(p, group)],
@@ -1237,7 +1239,7 @@ class _Plan:
             grads_of_call=grads_of_call,
             layouts=layouts,
             step_slots=[k == "step" for keys in param_keys for k in keys],
-            gather_keys=param_keys[0] if all(has_grad) and not layouts and len(set(param_keys)) == 1 else None,
+            gather_keys=param_keys[0] if _gathers_natively(group, has_grad, layouts, param_keys, state_dicts) else None,
         )
 
     def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
@@ -1297,7 +1299,9 @@ class _Plan:
         tensors = _rsoptim.gather_plan_tensors(params, self.state_dicts, self.gather_keys)
         if tensors is None or (self.state_dicts and not self._same_state_dicts(opt)) or not self._masters_unwritten(opt):
             return None
-        return self._checked_calls(tensors, len(params))
+        # (The gather read the params as they were when checked to be the plan's: code run by
+        # a grad read may have added some since.)
+        return self._checked_calls(tensors, len(self.params))
 
     def _same_state_dicts(self, opt: KernelOptimizer) -> bool:
         """optimizer.state maps each param to its dict: if none was replaced, removed or added
@@ -1337,6 +1341,25 @@ class _Plan:
             _with_grads(call, pack([grad_words[i] for i in indices]), held)
             for call, indices in zip(self.calls, self.grads_of_call)
         ]
+
+
+def _gathers_natively(
+    group: dict[str, Any],
+    has_grad: list[bool],
+    layouts: list[tuple[Any, Any]],
+    param_keys: list[tuple[str, ...]],
+    state_dicts: list[dict[str, Any]],
+) -> bool:
+    """Whether a plan's steps gather their tensors in one native call (``gather_plan_tensors``,
+    which takes a list of params and plain dicts): every param of the group has a grad and the
+    same state keys, none is a DTensor, the params are a list and the state dicts plain dicts."""
+    return (
+        type(group["params"]) is list
+        and all(has_grad)
+        and not layouts
+        and len(set(param_keys)) == 1
+        and all(type(d) is dict for d in state_dicts)
+    )
 
 
 def _alias(t: Any) -> Any:

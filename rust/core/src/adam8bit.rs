@@ -3,9 +3,9 @@
 //! [`QUANT_BLOCK`] elements, as in Dettmers et al.'s block-wise quantization. A step decodes a
 //! block of both moments into float32, updates the moments as torch's Adam does (the loop of
 //! `adam`) and the param with the second moment's bias correction folded into the step size and
-//! eps, as bitsandbytes does (`AdamScalars::per_step`, folded: one division fewer per element), takes the
-//! new scales and encodes the block back: one pass over the memory, 16 bytes per float32
-//! element instead of Adam's 28.
+//! eps, as bitsandbytes does (`AdamScalars::per_step`, folded: one division fewer per element),
+//! takes the new scales and encodes the block back: one pass over the memory, 16 bytes per
+//! float32 element instead of Adam's 28.
 //!
 //! The codes are small floats read straight off float32 bit patterns (see [`codes`]), so that
 //! encoding and decoding are a few integer operations per 8 values (AVX2 or AVX-512 intrinsics on x86-64,

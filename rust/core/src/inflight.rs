@@ -32,7 +32,7 @@ impl Footprint {
             .filter(|b| b.len > 0 && b.elem_size > 0)
             .map(|b| (b.addr, b.addr.saturating_add(b.len.saturating_mul(b.elem_size)), b.written))
             .collect();
-        // Buffers given in address order (`reserve_in_order`) make this sort a linear pass.
+        // Buffers given in address order (`Table::reserve`) make this sort a linear pass.
         spans.sort_unstable_by_key(|s| s.0);
         let written = merge(spans.iter().filter(|s| s.2).map(|s| (s.0, s.1)));
         let touched = merge(spans.iter().map(|s| (s.0, s.1)));
@@ -149,16 +149,13 @@ impl std::fmt::Debug for Shared {
 /// Blocks while any call in flight shares memory with `buffers` where either side writes it,
 /// then registers them until the returned `Reservation` is dropped. Empty buffers are ignored.
 pub fn reserve(buffers: &[Buffer]) -> Reservation {
-    reserve_footprint(Footprint::of(buffers))
+    reserve_each(buffers)
 }
 
-/// `reserve` for every buffer of a call, given in address order (the order is only a speed-up:
-/// any order reserves the same memory).
-pub fn reserve_in_order<'a>(buffers: impl IntoIterator<Item = &'a Buffer>) -> Reservation {
-    reserve_footprint(Footprint::of(buffers))
-}
-
-fn reserve_footprint(footprint: Footprint) -> Reservation {
+/// `reserve` for buffers from an iterator: given in address order (as `Table::reserve` gives
+/// them), they are reserved faster; any order reserves the same memory.
+pub(crate) fn reserve_each<'a>(buffers: impl IntoIterator<Item = &'a Buffer>) -> Reservation {
+    let footprint = Footprint::of(buffers);
     let shared = shared();
     let mut reg = lock(shared);
     while reg.in_flight.iter().any(|(_, other)| footprint.conflicts_with(other)) {

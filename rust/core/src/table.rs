@@ -3,13 +3,14 @@
 //! For every role (param, grad, a state) the Python layer packs one column: each tensor's address
 //! as a native-endian 64-bit word (`array('Q', ...).tobytes()`), next to one column of element
 //! counts shared by all roles. A [`Table`] turns those columns into [`Buffer`]s, checks them all
-//! together (`raw::check_buffers`), reserves them (`inflight::reserve`) and then hands out the slices. Malformed input of any kind is
-//! an [`Error`], never a panic: this is the boundary to code we do not control.
+//! together (`raw::check_buffers`), reserves them for the call (`inflight::reserve`) and then
+//! hands out the slices. Malformed input of any kind is an [`Error`], never a panic: this is the
+//! boundary to code we do not control.
 
 use std::marker::PhantomData;
 
 use crate::error::Error;
-use crate::inflight::{reserve_in_order, Reservation};
+use crate::inflight::{reserve_each, Reservation};
 use crate::raw::{address_order, check_buffers_in_order, slice, slice_mut, Buffer};
 use crate::step::StepCount;
 
@@ -156,7 +157,7 @@ impl Table {
         Ok(StepColumn { start, dtype })
     }
 
-    /// Every buffer of the call (what `inflight::reserve` takes).
+    /// Every buffer of the call.
     pub fn buffers(&self) -> &[Buffer] {
         &self.buffers
     }
@@ -169,10 +170,11 @@ impl Table {
         Ok(())
     }
 
-    /// Reserves every buffer of the call (`inflight::reserve`), once `check` passed.
+    /// Reserves every buffer of the call (`inflight::reserve`, in address order), once `check`
+    /// passed.
     pub fn reserve(&self) -> Reservation {
         assert!(self.checked, "buffers reserved before Table::check passed");
-        reserve_in_order(self.by_address.iter().map(|&i| &self.buffers[i]))
+        reserve_each(self.by_address.iter().map(|&i| &self.buffers[i]))
     }
 
     /// The buffer slices are made of; panics (never UB) unless `check` passed.

@@ -508,8 +508,9 @@ fn plan_addresses<'py>(
 /// getters per param: `[*params, *grads, *states]`, where `grads` is each param's `grad` and
 /// `states` each of `state_dicts`' values at `keys`, in order. None where a grad is None or a
 /// state dict is not a plain dict or lacks a key (the step then takes the general path, which
-/// checks everything). Reading a `grad` may run Python code (a subclass's torch function), as
-/// `p.grad` does; the params are read from a snapshot of `params`.
+/// checks everything). Reading a `grad` may run Python code (a `grad` property of a param's
+/// class; torch function is off inside `native_reads`), as `p.grad` does; the params are read
+/// from a snapshot of `params`.
 #[pyfunction]
 fn gather_plan_tensors<'py>(
     py: Python<'py>,
