@@ -49,17 +49,18 @@ pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
     check_buffers_in_order(buffers, &address_order(buffers))
 }
 
-/// The indices of the non-empty buffers, by address (then index: the radix sort is stable).
-pub fn address_order(buffers: &[Buffer]) -> Vec<usize> {
+/// The (address, index) of each non-empty buffer, by address (then index: the radix sort is
+/// stable).
+pub fn address_order(buffers: &[Buffer]) -> Vec<(usize, usize)> {
     let mut by_address: Vec<(usize, usize)> =
         buffers.iter().enumerate().filter(|(_, b)| b.len > 0).map(|(i, b)| (b.addr, i)).collect();
     radsort::sort_by_key(&mut by_address, |&(address, _)| address);
-    by_address.into_iter().map(|(_, i)| i).collect()
+    by_address
 }
 
 /// `check_buffers`, given `order = address_order(buffers)` (a `Table` computes it once for the
 /// checks and its reservation).
-pub(crate) fn check_buffers_in_order(buffers: &[Buffer], order: &[usize]) -> Result<(), Error> {
+pub(crate) fn check_buffers_in_order(buffers: &[Buffer], order: &[(usize, usize)]) -> Result<(), Error> {
     for b in buffers {
         if b.len == 0 {
             continue;
@@ -80,7 +81,7 @@ pub(crate) fn check_buffers_in_order(buffers: &[Buffer], order: &[usize]) -> Res
     // that one ends; we keep the furthest end seen among written buffers and among all buffers.
     let mut furthest_any: Option<&Buffer> = None;
     let mut furthest_written: Option<&Buffer> = None;
-    for b in order.iter().map(|&i| &buffers[i]) {
+    for b in order.iter().map(|&(_, i)| &buffers[i]) {
         let end_of = |x: &Buffer| x.addr + x.bytes();
         if let Some(w) = furthest_written.filter(|w| b.addr < end_of(w)) {
             return Err(overlap(w, b));

@@ -62,9 +62,9 @@ pub fn words(role: &str, bytes: &[u8]) -> Result<Vec<usize>, Error> {
 pub struct Table {
     numels: Vec<usize>,
     buffers: Vec<Buffer>,
-    /// The non-empty buffers' indices by address, as `check` found them (its overlap sweep and
-    /// the reservation both walk memory in this order).
-    by_address: Vec<usize>,
+    /// The (address, index) of each non-empty buffer, by address, as `check` found them (its
+    /// overlap sweep and the reservation both walk memory in this order).
+    by_address: Vec<(usize, usize)>,
     /// `check` passed and no column was added since: slices may be made.
     checked: bool,
 }
@@ -94,7 +94,12 @@ impl Table {
     /// A table for as many tensors as `numels` holds words.
     pub fn new(numels: &[u8]) -> Result<Self, Error> {
         let numels = words("numels", numels)?;
-        Ok(Self { buffers: Vec::with_capacity(numels.len().saturating_mul(6)), numels, by_address: Vec::new(), checked: false })
+        Ok(Self {
+            buffers: Vec::with_capacity(numels.len().saturating_mul(6)),
+            numels,
+            by_address: Vec::new(),
+            checked: false,
+        })
     }
 
     /// The number of tensors.
@@ -174,7 +179,7 @@ impl Table {
     /// passed.
     pub fn reserve(&self) -> Reservation {
         assert!(self.checked, "buffers reserved before Table::check passed");
-        reserve_each(self.by_address.iter().map(|&i| &self.buffers[i]))
+        reserve_each(self.by_address.iter().map(|&(_, i)| &self.buffers[i]))
     }
 
     /// The buffer slices are made of; panics (never UB) unless `check` passed.

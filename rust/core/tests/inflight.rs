@@ -143,7 +143,9 @@ fn a_tables_reservation_covers_every_buffer_whatever_its_columns_order() {
     table.column::<f32>("grad", &words(&[a + 0x3000, a + 0x2000, a + 0x1000]), false).unwrap();
     table.check().unwrap();
     // A write into any of its buffers, and a read of any it writes, waits for the table's claim.
-    for (addr, written) in [(a + 0x1000, true), (a + 0x2008, true), (a + 0x300c, true), (a + 0x4000, false), (a + 0x600c, false)] {
+    for (addr, written) in
+        [(a + 0x1000, true), (a + 0x2008, true), (a + 0x300c, true), (a + 0x4000, false), (a + 0x600c, false)]
+    {
         let claim = table.reserve();
         let got = AtomicBool::new(false);
         thread::scope(|s| {

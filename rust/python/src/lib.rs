@@ -518,20 +518,19 @@ fn gather_plan_tensors<'py>(
     state_dicts: &Bound<'py, pyo3::types::PyList>,
     keys: &Bound<'py, pyo3::types::PyTuple>,
 ) -> PyResult<Option<Bound<'py, pyo3::types::PyList>>> {
-    let params: Vec<Bound<'py, PyAny>> = params.iter().collect();
-    let dicts: Vec<Bound<'py, PyAny>> = state_dicts.iter().collect();
     let keys: Vec<Bound<'py, PyAny>> = keys.iter().collect();
-    let mut items = Vec::with_capacity(params.len() * 2 + dicts.len() * keys.len());
-    items.extend(params.iter().cloned());
+    let count = params.len();
+    let mut items = Vec::with_capacity(count * 2 + state_dicts.len() * keys.len());
+    items.extend(params.iter()); // (the snapshot the grads are read from)
     let grad = pyo3::intern!(py, "grad");
-    for p in &params {
-        let g = p.getattr(grad)?;
+    for i in 0..count {
+        let g = items[i].getattr(grad)?;
         if g.is_none() {
             return Ok(None);
         }
         items.push(g);
     }
-    for d in &dicts {
+    for d in state_dicts.iter() {
         let Ok(d) = d.cast_exact::<pyo3::types::PyDict>() else { return Ok(None) };
         for k in &keys {
             match d.get_item(k)? {
