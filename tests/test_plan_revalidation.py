@@ -197,7 +197,19 @@ _GATHER_EDITS = {
     "a state tensor replaced by a copy": lambda opt, ws: opt.state[ws[2]].update(exp_avg=opt.state[ws[2]]["exp_avg"].clone()),
     "a state dict replaced by a dict subclass": lambda opt, ws: opt.state.__setitem__(ws[0], _StateDict(opt.state[ws[0]])),
     "a grad replaced by a transposed one": lambda opt, ws: setattr(ws[2], "grad", torch.ones(4, 3).t()),
+    # (Neither of these moves a tensor the plan holds: only the comparisons by identity see them.)
+    "a state dict replaced by a plain dict with another exp_avg": lambda opt, ws: opt.state.__setitem__(
+        ws[0], {**opt.state[ws[0]], "exp_avg": torch.ones(3, 4)}
+    ),
+    "a param of the group's list replaced in place by an alias": lambda opt, ws: opt.param_groups[0][
+        "params"
+    ].__setitem__(1, _with_grad(ws[1].detach().requires_grad_())),
 }
+
+
+def _with_grad(w):
+    w.grad = torch.ones_like(w)
+    return w
 
 
 @pytest.mark.parametrize("edit", list(_GATHER_EDITS))
