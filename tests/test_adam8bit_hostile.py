@@ -1018,3 +1018,24 @@ def test_dtensor_state_not_laid_out_like_its_param_is_refused_clearly():
         """
     )
     assert out == {"plain absmax": True, "short absmax": True, "replicated codes": True}
+
+
+@pytest.mark.parametrize("cls", [rsoptim.Adam8bit, rsoptim.AdamW8bit])
+def test_an_efficient_zero_tensor_grad_steps_as_the_zeros_it_stands_for(cls):
+    """A grad that is an efficient zero tensor (no memory) is stepped bit for bit as a grad of
+    zeros, on 8-bit and float32 state (a small param), and is left as it was."""
+    results = []
+    for zero in (True, False):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(10))]
+        opt = cls(ps, lr=0.1)
+        for step in range(4):
+            for p in ps:
+                if step == 0:
+                    p.grad = torch.randn_like(p)
+                else:
+                    p.grad = torch._efficientzerotensor(p.shape) if zero else torch.zeros_like(p)
+            opt.step()
+        assert ps[0].grad._is_zerotensor() == zero
+        results.append([t.detach().clone() for p in ps for t in (p, *opt.state[p].values())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -1271,3 +1271,28 @@ def test_an_error_after_sgd_filled_new_momentum_buffers_keeps_them(shape, monkey
         ref.step()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     torch.testing.assert_close(opt.state[ours]["momentum_buffer"], ref.state[theirs]["momentum_buffer"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# efficient zero tensors
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS, ids=CONFIG_IDS)
+def test_an_efficient_zero_tensor_grad_steps_as_in_torch(name, kwargs):
+    """A grad that is an efficient zero tensor (``torch._efficientzerotensor``: no memory, all
+    zeros) is stepped as torch.optim's for-loop steps it, after steps with real grads and from
+    the first step on (the kernels cannot read it: torch's implementation steps its param)."""
+    for zero_from in (0, 2):
+        pt, opt_t, pr, opt_r = pair(name, {**kwargs, "foreach": False})
+        for step in range(4):
+            for params in (pt, pr):
+                torch.manual_seed(step)
+                for i, p in enumerate(params):
+                    zero = i == 0 and step >= zero_from
+                    p.grad = torch._efficientzerotensor(p.shape, dtype=p.dtype) if zero else torch.randn_like(p)
+            opt_t.step()
+            opt_r.step()
+        assert pr[0].grad._is_zerotensor()  # (left as it was)
+        for a, b in zip(pr, pt):
+            torch.testing.assert_close(a.detach(), b.detach(), **TOL64)
+        assert_state_close(opt_r.state_dict(), opt_t.state_dict())

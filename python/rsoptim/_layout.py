@@ -43,7 +43,8 @@ PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def runs_on_kernel(t: torch.Tensor) -> bool:
     """Whether a tensor is of a kind the Rust kernels walk: a plain (not subclassed) strided CPU
     float32/float64 (or complex) tensor whose values are its memory (no lazy conjugate or
-    negative bit). Anything else is torch's to step: its ops read the real sizes."""
+    negative bit, not an efficient zero tensor, which has none). Anything else is torch's to
+    step: its ops read the real sizes."""
     return (
         type(t) in PLAIN_TENSOR_TYPES
         and t.device.type == "cpu"
@@ -51,6 +52,7 @@ def runs_on_kernel(t: torch.Tensor) -> bool:
         and t.layout == torch.strided
         and not t.is_conj()
         and not t.is_neg()
+        and not t._is_zerotensor()
     )
 
 

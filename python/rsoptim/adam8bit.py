@@ -420,13 +420,14 @@ def _written_storages(p: torch.Tensor, state: dict[str, Any]) -> set[int]:
 def _local_grad(p: torch.Tensor) -> torch.Tensor:
     """``p``'s grad as its step reads it: the grad itself, or for a DTensor param the local shard
     of its grad laid out like the param (redistributed where it is not, as torch's DTensor ops
-    would; ``check_grad`` has refused Partial grads and other meshes)."""
+    would; ``check_grad`` has refused Partial grads and other meshes). An efficient zero tensor
+    (which has no memory) is stepped as the zeros it stands for, as torch.optim's Adam does."""
     grad = p.grad
-    if not is_dtensor(p):
-        return grad
-    if not same_layout(grad, p):
-        grad = grad.redistribute(p.device_mesh, p.placements)
-    return local(grad)
+    if is_dtensor(p):
+        if not same_layout(grad, p):
+            grad = grad.redistribute(p.device_mesh, p.placements)
+        grad = local(grad)
+    return grad.clone() if grad._is_zerotensor() else grad
 
 
 def _like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
