@@ -1039,3 +1039,24 @@ def test_an_efficient_zero_tensor_grad_steps_as_the_zeros_it_stands_for(cls):
         assert ps[0].grad._is_zerotensor() == zero
         results.append([t.detach().clone() for p in ps for t in (p, *opt.state[p].values())])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize(("key", "index"), [("param", 0), ("state1", 0), ("absmax2", 0), ("step", 0), ("state1", 1)])
+def test_a_zero_tensor_param_or_state_raises_torchs_error_before_anything_is_written(key, index):
+    """A param or state tensor that is an efficient zero tensor (no memory) is refused with the
+    error torch's in-place ops raise on it, before any param moves (8-bit state and, for the
+    small param, float32 state)."""
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 10, 5000)]
+    if key == "param":
+        ps[index] = torch.nn.Parameter(torch._efficientzerotensor(5000))
+    opt = rsoptim.Adam8bit(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    if key != "param":
+        opt.step()
+        state = opt.state[ps[index]]  # (the param of 10 elements keeps float32 state)
+        state[key] = torch._efficientzerotensor(state[key].shape, dtype=state[key].dtype)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))

@@ -1296,3 +1296,35 @@ def test_an_efficient_zero_tensor_grad_steps_as_in_torch(name, kwargs):
         for a, b in zip(pr, pt):
             torch.testing.assert_close(a.detach(), b.detach(), **TOL64)
         assert_state_close(opt_r.state_dict(), opt_t.state_dict())
+
+
+def _zero_tensor_targets(name, kwargs):
+    keys = {"SGD": ["momentum_buffer"] if kwargs.get("momentum") else [], "RMSprop": ["square_avg", "step"]}
+    return ["param", *keys.get(name, ["exp_avg", "step"])]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONFIGS, ids=CONFIG_IDS)
+def test_a_zero_tensor_param_or_state_raises_torchs_error_before_anything_is_written(name, kwargs):
+    """A param or state tensor that is an efficient zero tensor (no memory) cannot be written:
+    the step raises torch's own error, and (unlike torch's for-loop, which steps the params
+    before it) leaves every param and state as it was."""
+    for target in _zero_tensor_targets(name, kwargs):
+        errors = []
+        for module in (torch.optim, rsoptim):
+            ps = [torch.nn.Parameter(torch.randn(6, dtype=torch.float64)) for _ in range(3)]
+            if target == "param":
+                ps[1] = torch.nn.Parameter(torch._efficientzerotensor(6, dtype=torch.float64))
+            opt = getattr(module, name)(ps, **{**kwargs, "foreach": False})
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            if target != "param":
+                opt.step()
+                state = opt.state[ps[1]]
+                state[target] = torch._efficientzerotensor(state[target].shape, dtype=state[target].dtype)
+            before = [p.detach().clone() for p in ps]
+            with pytest.raises(RuntimeError, match="ZeroTensors are immutable") as error:
+                opt.step()
+            errors.append(str(error.value))
+            if module is rsoptim:
+                assert all(torch.equal(a, b) for a, b in zip(before, ps)), target
+        assert errors[0] == errors[1], target

@@ -66,6 +66,13 @@ def same_kind(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = N
     )
 
 
+#: torch's error for an in-place write to an efficient zero tensor (`torch._efficientzerotensor`).
+ZERO_TENSOR_MESSAGE = (
+    "ZeroTensors are immutable. Please use the materialized zero tensor obtained using .clone() if you want a "
+    "mutable tensor."
+)
+
+
 def is_step_count(step: Any) -> bool:
     """Whether a state['step'] is the one-element float32/float64 CPU tensor the kernels
     increment in place (torch accepts other kinds; params with those are left to torch)."""
@@ -77,6 +84,7 @@ def is_step_count(step: Any) -> bool:
         and step.dtype in (torch.float32, torch.float64)
         and step.layout == torch.strided
         and not step.is_neg()
+        and not step._is_zerotensor()  # (no memory: torch refuses to increment it)
     )
 
 

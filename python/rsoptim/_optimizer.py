@@ -34,7 +34,7 @@ from . import _rsoptim
 from ._distributed import agreed_seed, any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
 from torch.optim.optimizer import _get_scalar_dtype, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, BufferTable, as_caller, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, ZERO_TENSOR_MESSAGE, BufferTable, as_caller, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
 
@@ -671,6 +671,7 @@ class KernelOptimizer:
             params = None if calls is not None else self._params_with_grad(group)
             for p in params or ():
                 self._check_extensions_apply(p, group)  # e.g. loaded onto params off the CPU
+                self._check_writable(p, group)
             if params and any_dtensor(params):
                 for i, p in enumerate(group["params"]):
                     if p.grad is not None:
@@ -780,6 +781,15 @@ class KernelOptimizer:
             self._complete_extensions(group)  # a group given as a dict may set its own
             for p in group["params"]:
                 self._check_extensions_apply(p, group)
+
+    def _check_writable(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Refuses, before anything is stepped, a param or state tensor its step would write that
+        is an efficient zero tensor (no memory), with the error torch's in-place ops raise on
+        it. (A zero-tensor grad is read, not written: torch steps it.)"""
+        state = self.state.get(p)
+        tensors = [p, *(state.get(key) for key in self._param_keys(p, group))] if state else [p]
+        if any(isinstance(t, torch.Tensor) and t._is_zerotensor() for t in tensors):
+            raise RuntimeError(ZERO_TENSOR_MESSAGE)
 
     def _check_extensions_apply(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuses extension options for half-precision params the kernels cannot step (not on

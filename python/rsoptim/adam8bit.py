@@ -48,6 +48,7 @@ from ._layout import (
     HALF_DTYPES,
     KERNEL_DTYPES,
     PLAIN_TENSOR_TYPES,
+    ZERO_TENSOR_MESSAGE,
     as_caller,
     check_storage,
     fits_storage,
@@ -841,6 +842,9 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             # (The code tables are read by no step.)
             if isinstance(t, torch.Tensor) and role not in ("qmap1", "qmap2"):
                 t = local(t)
+                if role != "a grad" and t._is_zerotensor():
+                    # (An efficient zero tensor has no memory; a zero grad is stepped as zeros.)
+                    raise RuntimeError(ZERO_TENSOR_MESSAGE)
                 if t.is_cpu and not fits_storage(t):
                     check_storage(t, role if role in ("a param", "a grad") else f"state[{role!r}]")
         if is_8bit_state(state):
