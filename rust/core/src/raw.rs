@@ -51,7 +51,7 @@ pub fn check_buffers(buffers: &[Buffer]) -> Result<(), Error> {
 
 /// The (address, index) of each non-empty buffer, by address (then index: the radix sort is
 /// stable).
-pub fn address_order(buffers: &[Buffer]) -> Vec<(usize, usize)> {
+pub(crate) fn address_order(buffers: &[Buffer]) -> Vec<(usize, usize)> {
     let mut by_address: Vec<(usize, usize)> =
         buffers.iter().enumerate().filter(|(_, b)| b.len > 0).map(|(i, b)| (b.addr, i)).collect();
     radsort::sort_by_key(&mut by_address, |&(address, _)| address);
