@@ -64,15 +64,15 @@ pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element
 /// Python float passed to a tensor op.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AdamScalars<T> {
-    grad: GradFactor<T>,
-    param_scale: T,
-    weight_decay: T,
-    lerp_weight: T,
-    beta2: T,
-    one_minus_beta2: T,
-    bias_correction2_sqrt: T,
-    eps: T,
-    neg_step_size: T,
+    pub(crate) grad: GradFactor<T>,
+    pub(crate) param_scale: T,
+    pub(crate) weight_decay: T,
+    pub(crate) lerp_weight: T,
+    pub(crate) beta2: T,
+    pub(crate) one_minus_beta2: T,
+    pub(crate) bias_correction2_sqrt: T,
+    pub(crate) eps: T,
+    pub(crate) neg_step_size: T,
 }
 
 impl<T: Real> AdamScalars<T> {

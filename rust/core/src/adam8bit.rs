@@ -31,6 +31,8 @@ pub fn quant_blocks(numel: usize) -> usize {
 
 pub mod codes;
 use codes::{Signed, Unsigned};
+#[cfg(target_arch = "x86_64")]
+mod fused;
 
 /// One param's buffers: the param and grad, each moment's codes (one per element) and scales
 /// (one per [`QUANT_BLOCK`] elements, [`quant_blocks`] of them), the step count, and as for
@@ -96,15 +98,16 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
             let len = end - start;
             let (m, v) = (&mut m[..len], &mut v[..len]);
             let (m_codes, v_codes) = (&mut m_codes[start..end], &mut v_codes[start..end]);
-            codes::decode_block::<Signed, I>(isa, m_codes, m_scales[b], m);
-            codes::decode_block::<Unsigned, I>(isa, v_codes, v_scales[b], v);
             let unscaled = k.grad_scale() == 1.0;
+            let (m_old, v_old) = ((&*m_codes, m_scales[b]), (&*v_codes, v_scales[b]));
             let (m_largest, v_largest) = match param.converted_in_place(start, end) {
                 // Half-precision params and grads, nothing to scale, rounded to nearest: loaded
                 // and stored by the loop itself, no pass over a copy of each (about a third of
                 // such a step in cache). The same bits as the copies': loads are exact and
                 // stores round as `store_block` does on every SIMD path.
-                Some(params) if unscaled => update_block::<P, L2>(&k, params, &grad[start..end], m, v),
+                Some(params) if unscaled => {
+                    decode_and_update::<P, L2, I>(isa, &k, params, &grad[start..end], m_old, v_old, m, v)
+                }
                 _ => {
                     // float32 grads are read where they are, the grad factor applied as they
                     // are read; half-precision ones are scaled and rounded a block at a time,
@@ -117,7 +120,7 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
                         }
                     };
                     let params = param.block(isa, start, end, &mut p[..len]);
-                    let largest = update_block::<f32, L2>(&k, params, grads, m, v);
+                    let largest = decode_and_update::<f32, L2, I>(isa, &k, params, grads, m_old, v_old, m, v);
                     param.unblock(isa, start, end, &p[..len]);
                     largest
                 }
@@ -129,6 +132,60 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
             (m_scales[b], v_scales[b]) = (m_scale, v_scale);
         }
     }
+}
+
+/// Decodes a block's moments (codes and scale) into `m` and `v` and updates them and the
+/// params (`update_block`); where the CPU has AVX-512 and the params and grads are float32 or
+/// bfloat16, the whole vectors are decoded in registers instead (`fused`), with the same bits.
+/// Returns the bits of the largest new magnitudes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decode_and_update<Q: Element<Math = f32>, const L2: bool, I: Isa>(
+    isa: I,
+    k: &AdamScalars<f32>,
+    params: &mut [Q],
+    grads: &[Q],
+    (m_codes, m_scale): (&[u8], f32),
+    (v_codes, v_scale): (&[u8], f32),
+    m: &mut [f32],
+    v: &mut [f32],
+) -> (u32, u32) {
+    let (done, m_largest, v_largest) =
+        update_decoding_in_registers::<Q, L2, I>(isa, k, params, grads, (m_codes, m_scale), (v_codes, v_scale), m, v);
+    let n = params.len();
+    let (m, v) = (&mut m[done..n], &mut v[done..n]);
+    codes::decode_block::<Signed, I>(isa, &m_codes[done..n], m_scale, m);
+    codes::decode_block::<Unsigned, I>(isa, &v_codes[done..n], v_scale, v);
+    let (m_rest, v_rest) = update_block::<Q, L2>(k, &mut params[done..], &grads[done..n], m, v);
+    (m_largest.max(m_rest), v_largest.max(v_rest))
+}
+
+/// `fused::update_decoding` where it applies; else nothing done (length 0).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_decoding_in_registers<Q: Element<Math = f32>, const L2: bool, I: Isa>(
+    isa: I,
+    k: &AdamScalars<f32>,
+    params: &mut [Q],
+    grads: &[Q],
+    m_old: (&[u8], f32),
+    v_old: (&[u8], f32),
+    m: &mut [f32],
+    v: &mut [f32],
+) -> (usize, u32, u32) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx512) = isa.avx512() {
+        if codes::multiplies_like_scaled(m_old.1) && codes::multiplies_like_scaled(v_old.1) {
+            if let (Some(params), Some(grads)) = (Q::as_math_mut(params), Q::as_math(grads)) {
+                return fused::update_decoding::<f32, L2>(avx512, k, params, grads, m_old, v_old, m, v);
+            }
+            if let (Some(params), Some(grads)) = (Q::as_bf16_mut(params), Q::as_bf16(grads)) {
+                return fused::update_decoding::<half::bf16, L2>(avx512, k, params, grads, m_old, v_old, m, v);
+            }
+        }
+    }
+    let _ = (isa, k, params, grads, m_old, v_old, m, v);
+    (0, 0, 0)
 }
 
 /// Adam's float32 update of one block in place, the moments decoded into `m` and `v` (the

@@ -74,6 +74,19 @@ pub trait Element: Copy + Send + Sync + 'static {
         None
     }
 
+    /// The buffer itself as bfloat16, where `Self` is that type; else None (for loops that
+    /// convert bfloat16 in their own registers).
+    #[inline(always)]
+    fn as_bf16_mut(_buffer: &mut [Self]) -> Option<&mut [half::bf16]> {
+        None
+    }
+
+    /// `as_bf16_mut` for a buffer that is only read.
+    #[inline(always)]
+    fn as_bf16(_buffer: &[Self]) -> Option<&[half::bf16]> {
+        None
+    }
+
     /// `dst[i] = src[i].load()` (block conversions may use the ISA's instructions).
     #[inline(always)]
     fn load_block<I: Isa>(_isa: I, src: &[Self], dst: &mut [Self::Math]) {
@@ -134,6 +147,14 @@ impl Element for half::bf16 {
     }
     fn as_math_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
+    }
+    #[inline(always)]
+    fn as_bf16_mut(buffer: &mut [Self]) -> Option<&mut [half::bf16]> {
+        Some(buffer)
+    }
+    #[inline(always)]
+    fn as_bf16(buffer: &[Self]) -> Option<&[half::bf16]> {
+        Some(buffer)
     }
     #[inline(always)]
     fn store_block<I: Isa>(isa: I, src: &[f32], dst: &mut [Self]) {
