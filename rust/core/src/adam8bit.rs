@@ -99,15 +99,14 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
             let (m, v) = (&mut m[..len], &mut v[..len]);
             let (m_codes, v_codes) = (&mut m_codes[start..end], &mut v_codes[start..end]);
             let unscaled = k.grad_scale() == 1.0;
-            let (m_old, v_old) = ((&*m_codes, m_scales[b]), (&*v_codes, v_scales[b]));
+            let moments = BlockMoments { m_codes, m_scale: m_scales[b], v_codes, v_scale: v_scales[b], m, v };
             let (m_largest, v_largest) = match param.converted_in_place(start, end) {
                 // Half-precision params and grads, nothing to scale, rounded to nearest: loaded
                 // and stored by the loop itself, no pass over a copy of each (about a third of
                 // such a step in cache). The same bits as the copies': loads are exact and
-                // stores round as `store_block` does on every SIMD path.
-                Some(params) if unscaled => {
-                    decode_and_update::<P, L2, I>(isa, &k, params, &grad[start..end], m_old, v_old, m, v)
-                }
+                // stores round as `store_block` does on every SIMD path (`fused::Lanes::store`
+                // on AVX-512).
+                Some(params) if unscaled => decode_and_update::<P, L2, I>(isa, &k, params, &grad[start..end], moments),
                 _ => {
                     // float32 grads are read where they are, the grad factor applied as they
                     // are read; half-precision ones are scaled and rounded a block at a time,
@@ -120,7 +119,7 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
                         }
                     };
                     let params = param.block(isa, start, end, &mut p[..len]);
-                    let largest = decode_and_update::<f32, L2, I>(isa, &k, params, grads, m_old, v_old, m, v);
+                    let largest = decode_and_update::<f32, L2, I>(isa, &k, params, grads, moments);
                     param.unblock(isa, start, end, &p[..len]);
                     largest
                 }
@@ -134,25 +133,32 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
     }
 }
 
-/// Decodes a block's moments (codes and scale) into `m` and `v` and updates them and the
-/// params (`update_block`); where the CPU has AVX-512 and the params and grads are float32 or
+/// A block's moments as stored (codes and scale each), and where the update writes the new
+/// moments in float32 for the encoders.
+pub(crate) struct BlockMoments<'a> {
+    pub m_codes: &'a [u8],
+    pub m_scale: f32,
+    pub v_codes: &'a [u8],
+    pub v_scale: f32,
+    pub m: &'a mut [f32],
+    pub v: &'a mut [f32],
+}
+
+/// Decodes a block's moments into `m` and `v` and updates them and the params
+/// (`update_block`); where the CPU has AVX-512 and the params and grads are float32 or
 /// bfloat16, the whole vectors are decoded in registers instead (`fused`), with the same bits.
 /// Returns the bits of the largest new magnitudes.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn decode_and_update<Q: Element<Math = f32>, const L2: bool, I: Isa>(
     isa: I,
     k: &AdamScalars<f32>,
     params: &mut [Q],
     grads: &[Q],
-    (m_codes, m_scale): (&[u8], f32),
-    (v_codes, v_scale): (&[u8], f32),
-    m: &mut [f32],
-    v: &mut [f32],
+    mut moments: BlockMoments<'_>,
 ) -> (u32, u32) {
-    let (done, m_largest, v_largest) =
-        update_decoding_in_registers::<Q, L2, I>(isa, k, params, grads, (m_codes, m_scale), (v_codes, v_scale), m, v);
+    let (done, m_largest, v_largest) = update_decoding_in_registers::<Q, L2, I>(isa, k, params, grads, &mut moments);
     let n = params.len();
+    let BlockMoments { m_codes, m_scale, v_codes, v_scale, m, v } = moments;
     let (m, v) = (&mut m[done..n], &mut v[done..n]);
     codes::decode_block::<Signed, I>(isa, &m_codes[done..n], m_scale, m);
     codes::decode_block::<Unsigned, I>(isa, &v_codes[done..n], v_scale, v);
@@ -162,29 +168,25 @@ fn decode_and_update<Q: Element<Math = f32>, const L2: bool, I: Isa>(
 
 /// `fused::update_decoding` where it applies; else nothing done (length 0).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn update_decoding_in_registers<Q: Element<Math = f32>, const L2: bool, I: Isa>(
     isa: I,
     k: &AdamScalars<f32>,
     params: &mut [Q],
     grads: &[Q],
-    m_old: (&[u8], f32),
-    v_old: (&[u8], f32),
-    m: &mut [f32],
-    v: &mut [f32],
+    moments: &mut BlockMoments<'_>,
 ) -> (usize, u32, u32) {
     #[cfg(target_arch = "x86_64")]
     if let Some(avx512) = isa.avx512() {
-        if codes::multiplies_like_scaled(m_old.1) && codes::multiplies_like_scaled(v_old.1) {
+        if codes::multiplies_like_scaled(moments.m_scale) && codes::multiplies_like_scaled(moments.v_scale) {
             if let (Some(params), Some(grads)) = (Q::as_math_mut(params), Q::as_math(grads)) {
-                return fused::update_decoding::<f32, L2>(avx512, k, params, grads, m_old, v_old, m, v);
+                return fused::update_decoding::<f32, L2>(avx512, k, params, grads, moments);
             }
             if let (Some(params), Some(grads)) = (Q::as_bf16_mut(params), Q::as_bf16(grads)) {
-                return fused::update_decoding::<half::bf16, L2>(avx512, k, params, grads, m_old, v_old, m, v);
+                return fused::update_decoding::<half::bf16, L2>(avx512, k, params, grads, moments);
             }
         }
     }
-    let _ = (isa, k, params, grads, m_old, v_old, m, v);
+    let _ = (isa, k, params, grads, moments);
     (0, 0, 0)
 }
 

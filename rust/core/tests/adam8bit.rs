@@ -379,7 +379,8 @@ fn big_tensors_split_between_threads_at_block_boundaries() {
 #[test]
 fn writes_stay_inside_their_slices() {
     // float32 and bfloat16 params: on AVX-512 both are loaded and stored by the update loop's
-    // own 16-element vectors (`adam8bit/fused.rs`), the rest of each block by the generic loop.
+    // own 16-element vectors (`adam8bit/fused.rs`), the rest of each block by the generic loop;
+    // float16 params take the generic loop throughout.
     writes_stay_inside::<f32>();
     writes_stay_inside::<bf16>();
     writes_stay_inside::<f16>();

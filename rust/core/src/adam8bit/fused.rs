@@ -1,13 +1,15 @@
 //! The 8-bit step's update loop in AVX-512, the moments decoded in registers: the generic loop
 //! reads them from scratch arrays that the block decoders have just written, and on Zen 4 those
-//! two 64-byte stores per 16 elements (each takes the store port two cycles) and their loads cost
-//! about a fifth of the compute-bound step. The operations are `AdamScalars::moments` and
+//! two 64-byte stores per 16 elements and their loads cost 12-16% of a float32 step in cache
+//! (bfloat16 params' step, bound by its vector work, gained nothing measurable). The operations are `AdamScalars::moments` and
 //! `folded_param_update`'s, in the same order and with the same fused multiply-adds, so the
-//! results are the generic loop's bit for bit (`tests/adam8bit.rs` compares every SIMD path).
+//! results are the generic loop's bit for bit, NaN payloads aside (`tests/adam8bit.rs` compares every
+//! SIMD path the host has, every NaN as equal).
 
 use std::arch::x86_64::*;
 
 use super::codes::avx512::{signed_values, unsigned_values};
+use super::BlockMoments;
 use crate::adam::AdamScalars;
 use crate::simd::Avx512;
 
@@ -66,38 +68,32 @@ impl Lanes for half::bf16 {
 /// `multiplies_like_scaled`); writes the new moments to `m` and `v` for the encoders. Returns
 /// the prefix's length and the bits of its largest new magnitudes.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn update_decoding<Q: Lanes, const L2: bool>(
     avx512: Avx512,
     k: &AdamScalars<f32>,
     params: &mut [Q],
     grads: &[Q],
-    m_old: (&[u8], f32),
-    v_old: (&[u8], f32),
-    m: &mut [f32],
-    v: &mut [f32],
+    moments: &mut BlockMoments<'_>,
 ) -> (usize, u32, u32) {
     // `lerp`'s two sides, chosen once: the weight is the same for every element.
     match k.lerp_weight.abs() < 0.5 {
-        true => update_loop::<Q, L2, true>(avx512, k, params, grads, m_old, v_old, m, v),
-        false => update_loop::<Q, L2, false>(avx512, k, params, grads, m_old, v_old, m, v),
+        true => update_loop::<Q, L2, true>(avx512, k, params, grads, moments),
+        false => update_loop::<Q, L2, false>(avx512, k, params, grads, moments),
     }
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn update_loop<Q: Lanes, const L2: bool, const NEAR_START: bool>(
     _: Avx512,
     k: &AdamScalars<f32>,
     params: &mut [Q],
     grads: &[Q],
-    (m_codes, m_scale): (&[u8], f32),
-    (v_codes, v_scale): (&[u8], f32),
-    m: &mut [f32],
-    v: &mut [f32],
+    moments: &mut BlockMoments<'_>,
 ) -> (usize, u32, u32) {
+    let BlockMoments { m_codes, m_scale, v_codes, v_scale, m, v } = moments;
+    let (m_codes, v_codes, m_scale, v_scale) = (*m_codes, *v_codes, *m_scale, *v_scale);
     let n = params.len().min(grads.len()).min(m_codes.len()).min(v_codes.len()).min(m.len()).min(v.len());
-    // SAFETY: an `Avx512` exists only where the CPU has AVX-512 F/BW (`simd.rs`), and this
+    // SAFETY: an `Avx512` exists only where the CPU has AVX-512 F/BW/VL (`simd.rs`), and this
     // function is inlined into the code compiled for it; `j + 16 <= n` keeps every 16-element
     // load and store inside its slice.
     unsafe {
