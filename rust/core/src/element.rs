@@ -368,13 +368,20 @@ pub(crate) fn torch_addcdiv<T: Real>(input: T, t1: T, t2: T, value: T) -> T {
     input + value * t1 / t2
 }
 
+/// Whether `lerp` with this weight computes from `start` (`|weight| < 0.5`) or from `end`; a
+/// vector loop over one weight chooses its side once with it.
+#[inline(always)]
+pub(crate) fn lerp_from_start<T: Real>(weight: T) -> bool {
+    weight.abs() < T::round_from(0.5)
+}
+
 /// `torch.lerp(start, end, weight)`, two-sided so that it is exact at both ends:
 /// `start + weight * (end - start)` for `|weight| < 0.5`, else
 /// `end + (weight - 1) * (end - start)`, each a fused multiply-add.
 #[inline(always)]
 pub(crate) fn lerp<T: Real>(start: T, end: T, weight: T) -> T {
     let diff = end - start;
-    if weight.abs() < T::round_from(0.5) {
+    if lerp_from_start(weight) {
         weight.mul_add(diff, start)
     } else {
         (weight - T::one()).mul_add(diff, end)

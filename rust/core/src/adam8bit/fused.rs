@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 use super::codes::avx512::{signed_values, unsigned_values};
 use super::BlockMoments;
 use crate::adam::AdamScalars;
+use crate::element::lerp_from_start;
 use crate::simd::Avx512;
 
 /// A param or grad type that the loop loads into and stores from 16 float32 lanes itself.
@@ -76,7 +77,7 @@ pub(super) fn update_decoding<Q: Lanes, const L2: bool>(
     moments: &mut BlockMoments<'_>,
 ) -> (usize, u32, u32) {
     // `lerp`'s two sides, chosen once: the weight is the same for every element.
-    match k.lerp_weight.abs() < 0.5 {
+    match lerp_from_start(k.lerp_weight) {
         true => update_loop::<Q, L2, true>(avx512, k, params, grads, moments),
         false => update_loop::<Q, L2, false>(avx512, k, params, grads, moments),
     }
