@@ -146,7 +146,7 @@ pub(crate) struct BlockMoments<'a> {
 
 /// Decodes a block's moments into `m` and `v` and updates them and the params
 /// (`update_block`); where the CPU has AVX-512 and the params and grads are float32 or
-/// bfloat16, the whole vectors are decoded in registers instead (`fused`), with the same bits.
+/// bfloat16, the block is decoded in registers instead (`fused`), with the same bits.
 /// Returns the bits of the largest new magnitudes.
 #[inline(always)]
 fn decode_and_update<Q: Element<Math = f32>, const L2: bool, I: Isa>(
@@ -156,17 +156,16 @@ fn decode_and_update<Q: Element<Math = f32>, const L2: bool, I: Isa>(
     grads: &[Q],
     mut moments: BlockMoments<'_>,
 ) -> (u32, u32) {
-    let (done, m_largest, v_largest) = update_decoding_in_registers::<Q, L2, I>(isa, k, params, grads, &mut moments);
-    let n = params.len();
+    if let Some(largest) = update_decoding_in_registers::<Q, L2, I>(isa, k, params, grads, &mut moments) {
+        return largest;
+    }
     let BlockMoments { m_codes, m_scale, v_codes, v_scale, m, v } = moments;
-    let (m, v) = (&mut m[done..n], &mut v[done..n]);
-    codes::decode_block::<Signed, I>(isa, &m_codes[done..n], m_scale, m);
-    codes::decode_block::<Unsigned, I>(isa, &v_codes[done..n], v_scale, v);
-    let (m_rest, v_rest) = update_block::<Q, L2>(k, &mut params[done..], &grads[done..n], m, v);
-    (m_largest.max(m_rest), v_largest.max(v_rest))
+    codes::decode_block::<Signed, I>(isa, m_codes, m_scale, m);
+    codes::decode_block::<Unsigned, I>(isa, v_codes, v_scale, v);
+    update_block::<Q, L2>(k, params, grads, m, v)
 }
 
-/// `fused::update_decoding` where it applies; else nothing done (length 0).
+/// `fused::update_decoding` where it applies (the whole block updated); else None, nothing done.
 #[inline(always)]
 fn update_decoding_in_registers<Q: Element<Math = f32>, const L2: bool, I: Isa>(
     isa: I,
@@ -174,20 +173,20 @@ fn update_decoding_in_registers<Q: Element<Math = f32>, const L2: bool, I: Isa>(
     params: &mut [Q],
     grads: &[Q],
     moments: &mut BlockMoments<'_>,
-) -> (usize, u32, u32) {
+) -> Option<(u32, u32)> {
     #[cfg(target_arch = "x86_64")]
     if let Some(avx512) = isa.avx512() {
         if codes::multiplies_like_scaled(moments.m_scale) && codes::multiplies_like_scaled(moments.v_scale) {
             if let (Some(params), Some(grads)) = (Q::as_math_mut(params), Q::as_math(grads)) {
-                return fused::update_decoding::<f32, L2>(avx512, k, params, grads, moments);
+                return Some(fused::update_decoding::<f32, L2>(avx512, k, params, grads, moments));
             }
             if let (Some(params), Some(grads)) = (Q::as_bf16_mut(params), Q::as_bf16(grads)) {
-                return fused::update_decoding::<half::bf16, L2>(avx512, k, params, grads, moments);
+                return Some(fused::update_decoding::<half::bf16, L2>(avx512, k, params, grads, moments));
             }
         }
     }
     let _ = (isa, k, params, grads, moments);
-    (0, 0, 0)
+    None
 }
 
 /// Adam's float32 update of one block in place, the moments decoded into `m` and `v` (the

@@ -379,7 +379,7 @@ fn big_tensors_split_between_threads_at_block_boundaries() {
 #[test]
 fn writes_stay_inside_their_slices() {
     // float32 and bfloat16 params: on AVX-512 both are loaded and stored by the update loop's
-    // own 16-element vectors (`adam8bit/fused.rs`), the rest of each block by the generic loop;
+    // own 16-element vectors (`adam8bit/fused.rs`), a block's last partial one under a mask;
     // float16 params take the generic loop throughout.
     writes_stay_inside::<f32>();
     writes_stay_inside::<bf16>();
@@ -484,4 +484,38 @@ fn bad_lengths_and_amsgrad_are_refused_before_anything_is_written() {
     let amsgrad = AdamHyper { amsgrad: true, ..AdamHyper::default() };
     assert!(matches!(adam8bit_step(vec![tensor], &amsgrad, &exec), Err(Error::InvalidArgument(_))));
     assert_eq!(step, 0.0);
+}
+
+/// A NaN param whose update is another NaN keeps the param's payload (the final add's first
+/// operand) on every path, in a tensor's last, partial vector too: AVX-512 once handed those
+/// elements to a generic loop compiled with the add's operands swapped.
+#[test]
+fn a_nan_param_keeps_its_payload_on_every_path_to_the_last_element() {
+    let step = |level: SimdLevel, i: usize, n: usize| {
+        let (mut p, mut g) = (vec![1.0f32; n], vec![1.0f32; n]);
+        p[i] = f32::from_bits(0x7fc1_2345);
+        g[i] = f32::NEG_INFINITY; // the update is inf / inf, the default NaN
+        let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
+        let (mut m_scales, mut v_scales) = (vec![0f32; quant_blocks(n)], vec![0f32; quant_blocks(n)]);
+        let mut count = 0f32;
+        let t = Adam8bitTensor {
+            param: &mut p,
+            grad: &g,
+            exp_avg_codes: &mut m,
+            exp_avg_sq_codes: &mut v,
+            exp_avg_scales: &mut m_scales,
+            exp_avg_sq_scales: &mut v_scales,
+            step: StepCount::F32(&mut count),
+            master_param: None,
+            rounding: Rounding::Nearest,
+        };
+        adam8bit_step(vec![t], &AdamHyper::default(), &Executor::new(1, level).expect("pool")).expect("step");
+        p[i].to_bits()
+    };
+    for (n, i) in [(37, 3), (37, 34), (300, 290), (16, 15)] {
+        let want = step(SimdLevel::Scalar, i, n);
+        for level in SimdLevel::available() {
+            assert_eq!(step(level, i, n), want, "{level} element {i} of {n}");
+        }
+    }
 }

@@ -394,14 +394,14 @@ pub(crate) mod avx512 {
     /// the cost of a 512-bit operation on Zen 4) before they are widened.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW and VL, and `codes` points at 16 readable bytes.
+    /// The CPU has AVX-512 F, BW and VL.
     #[inline(always)]
-    pub(crate) unsafe fn signed_values(codes: *const u8, scale: __m512) -> __m512 {
+    pub(crate) unsafe fn signed_values(codes: __m128i, scale: __m512) -> __m512 {
         // SAFETY: the caller's contract.
         unsafe {
             // code ^ 0x80 as i8 is the magnitude for positive values and -magnitude - 1 for
             // negative ones; xor with its sign mask is then the magnitude for both.
-            let s = _mm_xor_si128(_mm_loadu_si128(codes.cast()), _mm_set1_epi8(0x80u8 as i8));
+            let s = _mm_xor_si128(codes, _mm_set1_epi8(0x80u8 as i8));
             let negative = _mm_movepi8_mask(s);
             let magnitude = _mm_xor_si128(s, _mm_cmpgt_epi8(_mm_setzero_si128(), s));
             // (magnitude + bias) << 20 where the magnitude is not 0 (the codes for +-0), then the sign.
@@ -421,10 +421,9 @@ pub(crate) mod avx512 {
     /// # Safety
     /// As for `signed_values`.
     #[inline(always)]
-    pub(crate) unsafe fn unsigned_values(codes: *const u8, scale: __m512) -> __m512 {
+    pub(crate) unsafe fn unsigned_values(c: __m128i, scale: __m512) -> __m512 {
         // SAFETY: the caller's contract.
         unsafe {
-            let c = _mm_loadu_si128(codes.cast());
             let shifted = _mm512_slli_epi32::<20>(_mm512_cvtepu8_epi32(c));
             // code 0 is 0
             let bits = _mm512_maskz_add_epi32(
@@ -444,7 +443,10 @@ pub(crate) mod avx512 {
             // SAFETY: AVX-512 as the module says; `j + 16 <= n` keeps the 16-byte load and the
             // 16-float store inside `codes` and `out`.
             unsafe {
-                _mm512_storeu_ps(out.as_mut_ptr().add(j), signed_values(codes.as_ptr().add(j), _mm512_set1_ps(scale)))
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(j),
+                    signed_values(_mm_loadu_si128(codes.as_ptr().add(j).cast()), _mm512_set1_ps(scale)),
+                )
             }
             j += 16;
         }
@@ -458,7 +460,10 @@ pub(crate) mod avx512 {
         while j + 16 <= n {
             // SAFETY: as in `decode_signed`.
             unsafe {
-                _mm512_storeu_ps(out.as_mut_ptr().add(j), unsigned_values(codes.as_ptr().add(j), _mm512_set1_ps(scale)))
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(j),
+                    unsigned_values(_mm_loadu_si128(codes.as_ptr().add(j).cast()), _mm512_set1_ps(scale)),
+                )
             }
             j += 16;
         }
