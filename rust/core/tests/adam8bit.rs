@@ -124,6 +124,21 @@ impl State {
         }
     }
 
+    /// A kernel tensor over this state, without a master copy, rounded to nearest.
+    fn tensor<'a, P: Element<Math = f32>>(&'a mut self, param: &'a mut [P], grad: &'a [P]) -> Adam8bitTensor<'a, P> {
+        Adam8bitTensor {
+            param,
+            grad,
+            exp_avg_codes: &mut self.m_codes,
+            exp_avg_sq_codes: &mut self.v_codes,
+            exp_avg_scales: &mut self.m_scales,
+            exp_avg_sq_scales: &mut self.v_scales,
+            step: StepCount::F32(&mut self.step),
+            master_param: None,
+            rounding: Rounding::Nearest,
+        }
+    }
+
     fn decoded(&self) -> (Vec<f32>, Vec<f32>) {
         let decode = |codes: &[u8], scales: &[f32], decode: fn(u8) -> f32| -> Vec<f32> {
             codes.iter().enumerate().map(|(i, &c)| times(decode(c), scales[i / QUANT_BLOCK])).collect()
@@ -274,15 +289,9 @@ fn check_from_step<P: Element<Math = f32> + PartialEq + std::fmt::Debug>(
     for step in 0..4u64 {
         let grad: Vec<P> = to(&values(1000 * step + n as u64, n, non_finite && step == 2));
         let tensor = Adam8bitTensor {
-            param: &mut p_kernel,
-            grad: &grad,
-            exp_avg_codes: &mut s_kernel.m_codes,
-            exp_avg_sq_codes: &mut s_kernel.v_codes,
-            exp_avg_scales: &mut s_kernel.m_scales,
-            exp_avg_sq_scales: &mut s_kernel.v_scales,
-            step: StepCount::F32(&mut s_kernel.step),
             master_param: master_kernel.as_deref_mut(),
             rounding,
+            ..s_kernel.tensor(&mut p_kernel, &grad)
         };
         adam8bit_step(vec![tensor], h, exec).expect("kernel step");
         reference_step(&mut p_ref, master_ref.as_deref_mut(), &grad, &mut s_ref, h, rounding);
@@ -495,21 +504,9 @@ fn a_nan_param_keeps_its_payload_on_every_path_to_the_last_element() {
         let (mut p, mut g) = (vec![1.0f32; n], vec![1.0f32; n]);
         p[i] = f32::from_bits(0x7fc1_2345);
         g[i] = f32::NEG_INFINITY; // the update is inf / inf, the default NaN
-        let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
-        let (mut m_scales, mut v_scales) = (vec![0f32; quant_blocks(n)], vec![0f32; quant_blocks(n)]);
-        let mut count = 0f32;
-        let t = Adam8bitTensor {
-            param: &mut p,
-            grad: &g,
-            exp_avg_codes: &mut m,
-            exp_avg_sq_codes: &mut v,
-            exp_avg_scales: &mut m_scales,
-            exp_avg_sq_scales: &mut v_scales,
-            step: StepCount::F32(&mut count),
-            master_param: None,
-            rounding: Rounding::Nearest,
-        };
-        adam8bit_step(vec![t], &AdamHyper::default(), &Executor::new(1, level).expect("pool")).expect("step");
+        let mut state = State::zeros(n);
+        adam8bit_step(vec![state.tensor(&mut p, &g)], &AdamHyper::default(), &Executor::new(1, level).expect("pool"))
+            .expect("step");
         p[i].to_bits()
     };
     for (n, i) in [(37, 3), (37, 34), (300, 290), (16, 15)] {
