@@ -440,6 +440,94 @@ fn writes_stay_inside<P: Element<Math = f32>>() {
     }
 }
 
+/// `len` values that end where an unmapped page begins: a read or write past them faults.
+#[cfg(unix)]
+struct BeforeUnmappedPage<T> {
+    mapping: *mut libc::c_void,
+    mapping_len: usize,
+    values: *mut T,
+    len: usize,
+}
+
+#[cfg(unix)]
+impl<T: Copy> BeforeUnmappedPage<T> {
+    fn new(len: usize, fill: T) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+        let bytes = len * std::mem::size_of::<T>();
+        let readable = bytes.div_ceil(page) * page;
+        let mapping_len = readable + page;
+        // SAFETY: a fresh anonymous mapping; the last page is then made inaccessible, and the
+        // values are placed to end where it begins (page-aligned, so aligned for T).
+        unsafe {
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            let mapping = libc::mmap(std::ptr::null_mut(), mapping_len, prot, flags, -1, 0);
+            assert_ne!(mapping, libc::MAP_FAILED, "mmap");
+            let guard = mapping.cast::<u8>().add(readable);
+            assert_eq!(libc::mprotect(guard.cast(), page, libc::PROT_NONE), 0, "mprotect");
+            let values = guard.sub(bytes).cast::<T>();
+            for i in 0..len {
+                values.add(i).write(fill);
+            }
+            Self { mapping, mapping_len, values, len }
+        }
+    }
+
+    fn slice(&mut self) -> &mut [T] {
+        // SAFETY: `len` initialised values, borrowed through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.values, self.len) }
+    }
+}
+
+#[cfg(unix)]
+impl<T> Drop for BeforeUnmappedPage<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no slice of it outlives `self`.
+        unsafe { libc::munmap(self.mapping, self.mapping_len) };
+    }
+}
+
+/// Every buffer ends at an unmapped page: the AVX-512 loop's masked last vector and its requests
+/// for the next block's lines (past the end of a tensor's last block) must not fault.
+#[cfg(unix)]
+#[test]
+fn tensors_that_end_at_an_unmapped_page_are_stepped() {
+    steps_before_an_unmapped_page::<f32>();
+    steps_before_an_unmapped_page::<bf16>();
+    steps_before_an_unmapped_page::<f16>();
+}
+
+#[cfg(unix)]
+fn steps_before_an_unmapped_page<P: Element<Math = f32>>() {
+    for exec in executors() {
+        for n in [1usize, 15, 17, QUANT_BLOCK, QUANT_BLOCK + 17, 3 * QUANT_BLOCK - 1] {
+            let mut param = BeforeUnmappedPage::new(n, P::store(0.5));
+            let mut grad = BeforeUnmappedPage::new(n, P::store(1.0));
+            let (mut m_codes, mut v_codes) = (BeforeUnmappedPage::new(n, 0u8), BeforeUnmappedPage::new(n, 0u8));
+            let blocks = quant_blocks(n);
+            let (mut m_scales, mut v_scales) =
+                (BeforeUnmappedPage::new(blocks, 0f32), BeforeUnmappedPage::new(blocks, 0f32));
+            let mut step = 0.0f32;
+            for _ in 0..2 {
+                let tensor = Adam8bitTensor {
+                    param: param.slice(),
+                    grad: grad.slice(),
+                    exp_avg_codes: m_codes.slice(),
+                    exp_avg_sq_codes: v_codes.slice(),
+                    exp_avg_scales: m_scales.slice(),
+                    exp_avg_sq_scales: v_scales.slice(),
+                    step: StepCount::F32(&mut step),
+                    master_param: None,
+                    rounding: Rounding::Nearest,
+                };
+                adam8bit_step(vec![tensor], &AdamHyper::default(), &exec).expect("step");
+            }
+            assert!(param.slice().iter().all(|x| x.load() < 0.5), "every element stepped");
+        }
+    }
+}
+
 #[test]
 fn bad_lengths_and_amsgrad_are_refused_before_anything_is_written() {
     let exec = Executor::new(1, SimdLevel::Scalar).expect("pool");
