@@ -488,8 +488,8 @@ impl<T> Drop for BeforeUnmappedPage<T> {
     }
 }
 
-/// Every buffer ends at an unmapped page: the AVX-512 loop's masked last vector and its requests
-/// for the next block's lines (past the end of a tensor's last block) must not fault.
+/// Every buffer ends at an unmapped page: the AVX-512 loop's last, partial vector is loaded and
+/// stored under a mask, and must not touch the lanes past the end (loaded whole, it faults here).
 #[cfg(unix)]
 #[test]
 fn tensors_that_end_at_an_unmapped_page_are_stepped() {

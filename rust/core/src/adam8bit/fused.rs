@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::codes::avx512::{signed_values, unsigned_values};
-use super::{BlockMoments, QUANT_BLOCK};
+use super::BlockMoments;
 use crate::adam::AdamScalars;
 use crate::element::lerp_from_start;
 use crate::simd::Avx512;
@@ -20,9 +20,6 @@ use crate::simd::Avx512;
 /// written (masked-off lanes cannot fault). Masked loads and stores only where needed: on Zen 4
 /// a loop of them took 0.68 ns per element against 0.59 (float32 params, in cache).
 pub(super) trait Lanes: Copy {
-    /// Whether the loop asks for the next block's lines while it updates this one (see
-    /// `request_next_block`).
-    const REQUEST_NEXT_BLOCK: bool;
     /// Lanes outside `mask` are zero.
     ///
     /// # Safety
@@ -38,10 +35,6 @@ pub(super) trait Lanes: Copy {
 }
 
 impl Lanes for f32 {
-    /// No gain measured: float32 params move 16 bytes per element, against bfloat16's 10, and
-    /// their step is nearer the memory's limit than its vector work's (0.409 against 0.400 ns
-    /// per element, medians of 8 alternated runs of 64M elements, 2 threads, Zen 4).
-    const REQUEST_NEXT_BLOCK: bool = false;
     #[inline(always)]
     unsafe fn load(p: *const f32, mask: Option<__mmask16>) -> __m512 {
         // SAFETY: the caller's contract.
@@ -65,9 +58,6 @@ impl Lanes for f32 {
 }
 
 impl Lanes for half::bf16 {
-    /// 0.418 against 0.522 ns per element (medians of 8 alternated runs of 64M elements, 2
-    /// threads, Zen 4; in cache no change).
-    const REQUEST_NEXT_BLOCK: bool = true;
     #[inline(always)]
     unsafe fn load(p: *const half::bf16, mask: Option<__mmask16>) -> __m512 {
         // SAFETY: the caller's contract (a lane is 2 bytes).
@@ -140,9 +130,6 @@ fn update_loop<Q: Lanes, const L2: bool, const NEAR_START: bool>(
         let mut largest = (_mm512_setzero_si512(), _mm512_setzero_si512());
         let mut j = 0;
         while j + 16 <= n {
-            if Q::REQUEST_NEXT_BLOCK {
-                request_next_block(j, params, grads, moments);
-            }
             update_vector::<Q, L2, NEAR_START>(&c, j, None, params, grads, moments, &mut largest);
             j += 16;
         }
@@ -151,28 +138,6 @@ fn update_loop<Q: Lanes, const L2: bool, const NEAR_START: bool>(
             update_vector::<Q, L2, NEAR_START>(&c, j, Some(mask), params, grads, moments, &mut largest);
         }
         (_mm512_reduce_max_epu32(largest.0), _mm512_reduce_max_epu32(largest.1))
-    }
-}
-
-/// Asks for the lines that the element `QUANT_BLOCK` on from `at` has in each stream: the next
-/// block's, which then arrive while this block is encoded, a pass over its moments in L1 during
-/// which the hardware's prefetchers, seeing no loads from the streams, ask for nothing.
-///
-/// A prefetch is a hint: it neither faults nor reads in the language's sense, so an address past
-/// a slice's end (after a thread's or a tensor's last block) is sound to give it, computed with
-/// `wrapping_add` (`tests/adam8bit.rs` runs the step on tensors that end at an unmapped page).
-///
-/// # Safety
-/// The CPU has SSE (every x86-64 does).
-#[inline(always)]
-unsafe fn request_next_block<Q>(at: usize, params: &[Q], grads: &[Q], moments: &BlockMoments<'_>) {
-    let ahead = at + QUANT_BLOCK;
-    // SAFETY: the caller's contract; the addresses are never dereferenced.
-    unsafe {
-        _mm_prefetch::<_MM_HINT_T0>(params.as_ptr().wrapping_add(ahead).cast());
-        _mm_prefetch::<_MM_HINT_T0>(grads.as_ptr().wrapping_add(ahead).cast());
-        _mm_prefetch::<_MM_HINT_T0>(moments.m_codes.as_ptr().wrapping_add(ahead).cast());
-        _mm_prefetch::<_MM_HINT_T0>(moments.v_codes.as_ptr().wrapping_add(ahead).cast());
     }
 }
 
