@@ -253,6 +253,10 @@ fn hypers() -> Vec<AdamHyper> {
             ..AdamHyper::default()
         },
         AdamHyper { grad_scale: 0.25, eps: 1e-3, beta2: 0.9, ..AdamHyper::default() },
+        // The clip factor of a NaN total norm (`max_grad_norm`): every grad becomes NaN.
+        AdamHyper { grad_scale: f64::NAN, maximize: true, ..AdamHyper::default() },
+        AdamHyper { grad_scale: f64::NAN, ..AdamHyper::default() },
+        AdamHyper { grad_scale: -f64::NAN, weight_decay: 0.1, ..AdamHyper::default() },
     ]
 }
 
@@ -314,6 +318,7 @@ fn a_step_is_the_float32_step_on_the_decoded_state_encoded_by_blocks() {
         for h in hypers() {
             for n in [0, 1, 7, 255, 256, 257, 1023, 1024, 3000] {
                 check_against_reference::<f32>(n, &h, &exec, false, Rounding::Nearest, false);
+                check_against_reference::<f32>(n, &h, &exec, false, Rounding::Nearest, true);
             }
         }
     }
