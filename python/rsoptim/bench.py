@@ -1047,7 +1047,8 @@ def roofline_cell(row: Row) -> str:
 def roofline_error_note(row: Row) -> str:
     return (
         f"{row.case} / {row.workload} / {row.dtype} / {row.threads} thr: rsoptim at {100 * row.roofline_share:.0f}% of the roofline "  # type: ignore[operator]
-        f"(above {100 * ROOFLINE_LIMIT:.0f}%) is a measurement error, not a speed: the step skipped work or the row counts bytes it does not move"
+        f"(above {100 * ROOFLINE_LIMIT:.0f}%) is a measurement error, not a speed: the step skipped work, the row counts bytes it does not move, "
+        "or the probe's samples ran slower than the step's (where the memory's speed changes during a run); rerun it"
     )
 
 
@@ -1367,7 +1368,8 @@ def format_table(rows: list[Row]) -> str:
     if any(r.measurement_error for r in rows):
         lines.append(
             f"!: MEASUREMENT ERROR: above {100 * ROOFLINE_LIMIT:.0f}% of the roofline, faster than a plain loop moving the same bytes; "
-            "the step skipped work or the row counts bytes it does not move, so the row's figures are not a speed."
+            "the step skipped work, the row counts bytes it does not move, or the probe ran slower than the step during the row "
+            "(a machine whose memory speed changes), so the row's figures are not a speed until a rerun stays under."
         )
     if any(r.case == "clip_grad_norm_ (clips)" for r in rows):
         lines.append(
