@@ -357,6 +357,24 @@ def test_a_clipping_row_clips_in_training_loop_mode():
     assert {"rsoptim", "rsoptim clip_grad_norm_ + step", "torch fused"} <= set(row.seconds)
 
 
+def test_the_clipping_step_row_measures_the_step_without_clipping_beside_it():
+    # The "<= 1.15x rsoptim's Adam without clipping" is a ratio in one row: the column
+    # steps the same restored grads, moves Adam's bytes (no norm pass), and is not held to the
+    # row's check (it does not clip).
+    case = clip_case("Adam max_grad_norm (clips)")
+    assert bench.UNCLIPPED in case.impls and case.unchecked == {bench.UNCLIPPED}
+    row = bench.run_row(case, "seed-mlp", 1, repeats=1, warmup=0)
+    assert {"rsoptim", bench.UNCLIPPED} <= set(row.seconds)
+    n = sum(p.numel() for p in bench.make_params(bench.WORKLOADS["seed-mlp"]()))
+    assert row.column_bytes[bench.UNCLIPPED] == 28 * n and row.bytes_per_step == 32 * n
+    ratio = row.seconds["rsoptim"] / row.seconds[bench.UNCLIPPED]
+    assert f"The clipping step's time over that one's: seed-mlp / 1 thr {ratio:.2f}x." in bench.format_table([row])
+    # (Checked, the column would fail: its step returns no norm.) The other columns are still
+    # checked: without the restore, the second clipping column finds nothing to clip.
+    with pytest.raises(AssertionError, match="did not clip"):
+        bench.build_steps(case, bench.make_params([(64, 33)]), "tiny", None)
+
+
 def test_the_end_to_end_row_times_each_training_loop():
     result = bench.end_to_end(threads=1, repeats=1, warmup=1)
     assert {"rsoptim", "rsoptim max_grad_norm", "torch fused", "torch foreach", "torch for-loop"} <= set(result.seconds)

@@ -241,6 +241,9 @@ class Case:
     prepare: Callable[[list[torch.Tensor]], Callable[[], object]] | None = None
     #: Called (untimed) with each call's result; raises if the call did not run the case's work.
     check: Callable[[object], None] | None = None
+    #: Columns that ``check`` does not apply to (a reference that does not do the case's work:
+    #: the clipping row's step without clipping).
+    unchecked: frozenset[str] = frozenset()
     #: State buffers kept as 8-bit codes (one byte per element) and a float32 scale per
     #: QUANT_BLOCK elements, in tensors of at least MIN_8BIT_SIZE elements; smaller tensors keep
     #: them in float32. Each code and scale is read and written once per step.
@@ -367,6 +370,8 @@ def no_clip_check(max_norm: float) -> Callable[[object], None]:
 # max_norm of the clipping row: far under the norm of make_params' grads (about 11 on gpt2-small,
 # 0.3 on seed-mlp), so every call scales every grad.
 CLIP_MAX_NORM = 1e-2
+#: The clipping row's column of rsoptim's Adam without clipping (same grads, same row).
+UNCLIPPED = "rsoptim without clipping"
 CLIPS_BELOW = 0.99
 NO_CLIP_MAX_NORM = 1e9
 
@@ -553,12 +558,14 @@ def cases(deepspeed_adam: type | None = None, bitsandbytes_optim: Any = None) ->
         Case(
             # A step with clipping that clips, as a user's loop has it: rsoptim's Adam with
             # max_grad_norm (the norm pass, then the step with the clip factor folded in; the
-            # grads are not written) against clip_grad_norm_ (foreach) then each torch Adam, and
-            # rsoptim's clip_grad_norm_ then its Adam.
+            # grads are not written) against clip_grad_norm_ (foreach) then each torch Adam,
+            # rsoptim's clip_grad_norm_ then its Adam, and rsoptim's Adam without clipping (what
+            # the clipping costs, measured in the same row).
             "Adam max_grad_norm (clips)",
             {
                 "rsoptim": _clipping_step(rsoptim.Adam, CLIP_MAX_NORM, **adam),
                 "rsoptim clip_grad_norm_ + step": _clip_then_step(rsoptim.clip_grad_norm_, rsoptim.Adam, CLIP_MAX_NORM, **adam),
+                UNCLIPPED: _optimizer_step(rsoptim.Adam, **adam),
                 # (Each torch column: torch's clip_grad_norm_, then that implementation's step.)
                 **{
                     name: _clip_then_step(clip_torch, torch.optim.Adam, CLIP_MAX_NORM, **variant, **adam)
@@ -571,6 +578,8 @@ def cases(deepspeed_adam: type | None = None, bitsandbytes_optim: Any = None) ->
             None,
             prepare=restore_grads,
             check=clips_check(CLIP_MAX_NORM),
+            unchecked=frozenset({UNCLIPPED}),
+            column_traffic={UNCLIPPED: {"elements_moved": 7}},  # Adam's bytes, no norm pass
         ),
         Case(
             "clip_grad_norm_ (no clip)",
@@ -1131,7 +1140,7 @@ def build_steps(
         try:
             fn = build(params)
             # The first step creates the state (and shows a dtype the implementation refuses).
-            timed_calls(fn, 1, prepare, case.check)
+            timed_calls(fn, 1, prepare, None if label in case.unchecked else case.check)
             check_state_dtypes(label, fn, case.column(label).state_dtype)
         except Exception as e:
             if label not in OPTIONAL_IMPLS:
@@ -1169,7 +1178,7 @@ def run_row(
     bytes_per_step = sum(moved for moved, _ in traffic)
     column_bytes = {label: sum(moved for moved, _ in case.column(label).traffic(params)) for label in impls if label in case.column_traffic}
     prepares = {label: prepare for label in impls} if prepare is not None else {}
-    checks = {label: case.check for label in impls} if case.check is not None else None
+    checks = {label: case.check for label in impls if label not in case.unchecked} if case.check is not None else None
     if forward_backward is not None:
         if "roofline" in fns:
             prepares["roofline"] = forward_backward  # the probe, too, right after the forward/backward
@@ -1380,7 +1389,13 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"Adam max_grad_norm (clips): rsoptim.Adam(max_grad_norm={CLIP_MAX_NORM:g}) against torch's clip_grad_norm_ then each "
             "torch Adam (grads copied back untimed before every call, as above); the medians below also give rsoptim's "
-            "clip_grad_norm_ then its step."
+            "clip_grad_norm_ then its step, and its Adam step without clipping. The clipping step's time over that one's: "
+            + ", ".join(
+                f"{r.workload} / {r.threads} thr {r.seconds['rsoptim'] / r.seconds[UNCLIPPED]:.2f}x"
+                for r in rows
+                if r.case == "Adam max_grad_norm (clips)" and UNCLIPPED in r.seconds
+            )
+            + "."
         )
     if any(r.case == "AdamW fp32 state" for r in rows):
         lines.append(
