@@ -1391,7 +1391,7 @@ def format_table(rows: list[Row]) -> str:
             "torch Adam (grads copied back untimed before every call, as above); the medians below also give rsoptim's "
             "clip_grad_norm_ then its step, and its Adam step without clipping. The clipping step's time over that one's: "
             + ", ".join(
-                f"{r.workload} / {r.threads} thr {r.seconds['rsoptim'] / r.seconds[UNCLIPPED]:.2f}x"
+                f"{r.workload} / {r.threads} thr{' (training loop)' if r.training_loop else ''} {r.seconds['rsoptim'] / r.seconds[UNCLIPPED]:.2f}x"
                 for r in rows
                 if r.case == "Adam max_grad_norm (clips)" and UNCLIPPED in r.seconds
             )
