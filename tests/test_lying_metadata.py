@@ -788,3 +788,101 @@ def test_a_mode_run_by_torchs_fallback_cannot_shrink_the_groups_next_call():
                 assert first == "bfloat16" and Shrink.done  # (stepped before it was shrunk)
         """
     )
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("option", ["lr", "flag", "betas"])
+@pytest.mark.parametrize("planned", [False, True])
+def test_an_option_whose_value_runs_code_runs_it_before_any_address_is_read(name, option, planned):
+    # An option that is no float, bool or tuple (a class with __float__, __bool__ or __iter__)
+    # is read when the kernel call is made: read there, after the addresses were checked and
+    # packed, its code could free the param's memory under the kernel (it did: heap corruption).
+    run_child(
+        f"""
+        name, option, planned = {name!r}, {option!r}, {planned!r}
+        if option == "betas" and name not in ("Adam", "AdamW"):
+            option = "lr"
+        p = torch.randn(5000)
+        p.grad = torch.randn(5000)
+        opt = getattr(rsoptim, name)([p], lr=0.01)
+        if planned:
+            opt.step()
+            opt.step()  # the second step makes a plan; the third takes it
+
+        def free():
+            p.untyped_storage().resize_(0)
+
+        class Lr:
+            def __float__(self):
+                free()
+                return 0.01
+
+        class Flag:
+            def __bool__(self):
+                free()
+                return False
+
+        class Betas:
+            def __iter__(self):
+                free()
+                return iter((0.9, 0.999))
+
+        group = opt.param_groups[0]
+        if option == "lr":
+            group["lr"] = Lr()
+        elif option == "betas":
+            group["betas"] = Betas()
+        else:
+            group["maximize" if name != "SGD" else "nesterov"] = Flag()
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "past the end of its storage" in str(e), e
+        else:
+            raise AssertionError("the step wrote a param whose memory was freed")
+        [torch.randn(1000) for _ in range(200)]  # heap activity: a corrupted heap aborts here
+        """
+    )
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop"])
+def test_a_group_replaced_by_a_dict_subclass_after_its_plan_is_torchs_to_step(name):
+    # A dict subclass's reads may run code, so its params are torch's to step. A plan made for
+    # the plain group it replaced must not run the kernel on it (reading the options for the
+    # kernel call would run that code after the addresses were packed).
+    run_child(
+        f"""
+        from rsoptim import _rsoptim
+        name = {name!r}
+        kernels = ("sgd_step", "adam_step", "rmsprop_step")
+        calls = []
+        for k in kernels:
+            original = getattr(_rsoptim, k)
+            setattr(_rsoptim, k, lambda *a, _f=original, **kw: (calls.append(1), _f(*a, **kw))[1])
+
+        class Group(dict):
+            reads = 0
+
+            def __getitem__(self, key):
+                Group.reads += 1
+                return dict.__getitem__(self, key)
+
+        options = dict(OPTIMIZERS[name])
+        ours, theirs = model(), model()
+        opt = getattr(rsoptim, name)(ours, **options)
+        ref = getattr(torch.optim, name)(theirs, **options)
+        for _ in range(2):
+            opt.step()
+            ref.step()
+        assert calls, "the plain group was not stepped by the kernels"
+        calls.clear()
+        opt.param_groups[0] = Group(opt.param_groups[0])
+        ref.param_groups[0] = Group(ref.param_groups[0])
+        for _ in range(2):
+            opt.step()
+            ref.step()
+        assert not calls, "the kernels stepped a dict subclass's group"
+        for a, b in zip(ours, theirs):  # (torch's tolerances: the first steps were the kernels')
+            torch.testing.assert_close(a.detach(), b.detach())
+        """
+    )

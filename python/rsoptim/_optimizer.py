@@ -99,6 +99,9 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     arbitrary code, and none may run once addresses have been handed over (it could free them).
     ``step`` takes this before anything is checked or packed: the group itself where every
     option is plain already (the usual case, no copy per step), else a copy."""
+    if type(group) is not dict:
+        # A subclass's reads may run code: every option is read now, as torch reads it.
+        return _plain_copy({key: group[key] for key in list(group)}, force=True)
     for key, value in group.items():  # the usual case (every option plain): no call per option
         kind = type(value)
         if kind in _PLAIN_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_TYPE_SET for v in value)):
@@ -114,8 +117,8 @@ def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
     return type(group) is dict and hyper is group and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, group["params"]))
 
 
-def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
-    copy = None
+def _plain_copy(group: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    copy = dict(group) if force else None
     for key, value in group.items():
         plain = value if key == "params" else _plain(value)
         if plain is not value:
@@ -144,6 +147,20 @@ def _plain(value: Any) -> Any:
             return plain_type(value)
     if isinstance(value, torch.Tensor):
         return value.detach().as_subclass(torch.Tensor)
+    # Any other object (a numpy scalar, a class with __float__): its value, read now, as the
+    # kernel call would read it (float(), bool(), unpacking); read there, its code would run
+    # after the addresses were packed, and could free the memory behind them.
+    kind = type(value)
+    for method, convert in (("__float__", float), ("__index__", int)):
+        if hasattr(kind, method):
+            try:
+                return convert(value)
+            except (TypeError, ValueError):  # (a numpy array of two betas, say)
+                pass
+    if hasattr(kind, "__iter__"):
+        return tuple(_plain(v) for v in value)
+    if hasattr(kind, "__bool__") or hasattr(kind, "__len__"):
+        return bool(value)
     return value
 
 
@@ -1265,6 +1282,10 @@ class _Plan:
         Written as ``map`` over C-level callables and one native check: this runs once per
         step for every param.
         """
+        if type(group) is not dict:
+            # (replaced by a subclass of dict since the plan was made: its reads may run code,
+            # so its params are torch's to step, as `_step_group` leaves them)
+            return None
         params = group["params"]
         if (
             params is not self.group_params
