@@ -886,3 +886,29 @@ def test_a_group_replaced_by_a_dict_subclass_after_its_plan_is_torchs_to_step(na
             torch.testing.assert_close(a.detach(), b.detach())
         """
     )
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adam8bit"])
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_step_count_whose_storage_was_shrunk_is_refused_not_stepped(name, planned):
+    # torch's own step crashes on such a count (it reads and writes the freed memory); the
+    # other state tensors were refused already, the count was handed to torch.
+    run_child(
+        f"""
+        p = torch.randn(5000)
+        p.grad = torch.randn(5000)
+        opt = getattr(rsoptim, {name!r})([p], lr=0.01)
+        opt.step()
+        if {planned!r}:
+            opt.step()
+        before = p.clone()
+        opt.state[p]["step"].untyped_storage().resize_(0)
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "state['step'] of shape () reaches past the end of its storage" in str(e), e
+        else:
+            raise AssertionError("a step count without memory was stepped")
+        assert torch.equal(p, before)
+        """
+    )

@@ -34,7 +34,7 @@ from . import _rsoptim
 from ._distributed import agreed_seed, any_dtensor, check_grad, is_dtensor, local, param_version, same_layout, shard_index
 from torch.optim.optimizer import _get_scalar_dtype, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, ZERO_TENSOR_MESSAGE, BufferTable, as_caller, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
+from ._layout import HALF_DTYPES, KERNEL_DTYPES, PLAIN_TENSOR_TYPES, ZERO_TENSOR_MESSAGE, BufferTable, as_caller, check_storage, is_step_count, native_reads, runs_on_kernel, same_kind, step_dtype_name
 from ._threads import follow_torch
 
 
@@ -901,8 +901,12 @@ class KernelOptimizer:
                 if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], target, torch.float32)):
                     return None
             if counts_steps:
-                buffers["step"] = _alias(state.get("step"))
-                if not is_step_count(buffers["step"]):
+                step = buffers["step"] = _alias(state.get("step"))
+                if type(step) in PLAIN_TENSOR_TYPES and step.device.type == "cpu" and step.layout == torch.strided:
+                    # (torch's own step reads and writes a count whose storage was shrunk in
+                    # place: it crashes; so would the kernels)
+                    check_storage(step, "state['step']")
+                if not is_step_count(step):
                     return None
         return buffers
 
