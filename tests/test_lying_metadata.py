@@ -912,3 +912,67 @@ def test_a_step_count_whose_storage_was_shrunk_is_refused_not_stepped(name, plan
         assert torch.equal(p, before)
         """
     )
+
+
+@pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit"])
+@pytest.mark.parametrize("key", ["capturable", "a_key_of_the_callers"])
+def test_an_8bit_groups_option_that_runs_code_runs_it_before_the_checks(name, key):
+    # Whether a group's options are plain was asked after the native checks: reading an option
+    # that is no built-in value ran its code there, which could free a param under the kernel.
+    run_child(
+        f"""
+        p = torch.randn(5000)
+        p.grad = torch.randn(5000)
+        opt = getattr(rsoptim, {name!r})([p], lr=0.01)
+        opt.step()
+        opt.step()
+
+        class Flag:  # (equal to False, so that the option's check lets it through)
+            def __bool__(self):
+                p.untyped_storage().resize_(0)
+                return False
+
+            def __eq__(self, other):
+                return other is False
+
+            def __hash__(self):
+                return 0
+
+        opt.param_groups[0][{key!r}] = Flag()
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "past the end of its storage" in str(e), e
+        else:
+            raise AssertionError("the step wrote a param whose memory was freed")
+        [torch.randn(1000) for _ in range(200)]  # heap activity: a corrupted heap aborts here
+        """
+    )
+
+
+@pytest.mark.parametrize("case", ["differentiable", "tensor betas", "float64 grad"])
+def test_params_torch_steps_are_refused_when_their_storage_was_shrunk(case):
+    # Params rsoptim hands to torch's implementation are checked as the kernels' are: torch's
+    # ops would read and write the memory the storage lost (torch 2.13 segfaults).
+    run_child(
+        f"""
+        case = {case!r}
+        p = torch.randn(5000)
+        p.grad = torch.randn(5000)
+        if case == "differentiable":
+            opt = rsoptim.SGD([p], lr=0.01, differentiable=True)
+        elif case == "tensor betas":
+            opt = rsoptim.Adam([p], lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+        else:
+            opt = rsoptim.SGD([p], lr=0.01)
+            p.grad.data = torch.randn(5000, dtype=torch.float64)
+        opt.step()
+        p.untyped_storage().resize_(0)
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "a param of shape (5000,) reaches past the end of its storage" in str(e), e
+        else:
+            raise AssertionError("a param without memory was stepped")
+        """
+    )

@@ -422,6 +422,7 @@ class KernelOptimizer:
         is stepped twice, one occurrence after the other, as torch steps it. With a
         ``grad_scale`` (clipping), torch steps scaled copies of the grads, as ``clip_grad_norm_``
         would have left them (each product rounded once), and the grads are put back."""
+        self._check_storages(params)
         if grad_scale == 1.0:
             return self._step_with_torch_unscaled(group, params)
         originals = {id(p): (p, p.grad) for p in params}
@@ -433,6 +434,19 @@ class KernelOptimizer:
         finally:
             for p, grad in originals.values():
                 p.grad = grad
+
+    def _check_storages(self, params: list[torch.Tensor]) -> None:
+        """Refuses, as the kernels do, a plain CPU param, grad or state tensor that reaches past
+        the end of its storage (shrunk in place): torch's implementation would read and write
+        the memory it lost (torch 2.13 crashes). Subclasses are left to torch, unread."""
+        for p in params:
+            if type(p) not in PLAIN_TENSOR_TYPES:
+                continue
+            state = self.state.get(p, {})
+            tensors = [("a param", p), ("a grad", p.grad), *((f"state[{key!r}]", value) for key, value in state.items())]
+            for role, t in tensors:
+                if type(t) in PLAIN_TENSOR_TYPES and t.device.type == "cpu" and t.layout == torch.strided:
+                    check_storage(t, role)
 
     def _step_with_torch_unscaled(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         copied = [self._steps_as_float32(p, group) for p in params]

@@ -650,6 +650,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # The hyperparameters are read first: reading one may run code (a float subclass, a
         # Tensor lr), and nothing may run between the checks below and the kernels.
         hypers = [self._kernel_hyperparameters(group) for group in self.param_groups]
+        # (here too: reading an option that is no built-in value may run its code)
+        plain_options = all(plain_hyperparameters(group) is group for group in self.param_groups)
         for group in self.param_groups:
             _check_group_options(group, name)  # a group may have been edited
             self._complete_extensions(group)
@@ -668,7 +670,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             work.append((group, params, hyper, calls))
         # Whether checking the groups could run any code of the caller's: not where every group
         # took the native check (plain dicts, states and params) and has plain options.
-        quiet = all(calls is not None and plain_hyperparameters(group) is group for group, _, _, calls in work)
+        quiet = plain_options and all(calls is not None for _, _, _, calls in work)
         torch_ran = False
         with torch.no_grad():
             for group, params, hyper, calls in work:
