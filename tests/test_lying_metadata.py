@@ -83,6 +83,26 @@ def handler(*args):  # a SIGALRM handler: raises Interrupt once per arming
         raise Interrupt
 
 
+def one_param(name, steps, **options):
+    # A param of 5,000 elements stepped `steps` times (two make a plan for the next).
+    p = torch.randn(5000)
+    p.grad = torch.randn(5000)
+    opt = getattr(rsoptim, name)([p], lr=0.01, **options)
+    for _ in range(steps):
+        opt.step()
+    return p, opt
+
+
+def expect_refused(opt, message):
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert message in str(e), e
+    else:
+        raise AssertionError(f"stepped where it should have raised: {message}")
+    [torch.randn(1000) for _ in range(200)]  # heap activity: a corrupted heap aborts here
+
+
 def check_equal(got, expected):
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.detach().as_subclass(torch.Tensor), e.detach(), rtol=0, atol=0)
@@ -802,12 +822,7 @@ def test_an_option_whose_value_runs_code_runs_it_before_any_address_is_read(name
         name, option, planned = {name!r}, {option!r}, {planned!r}
         if option == "betas" and name not in ("Adam", "AdamW"):
             option = "lr"
-        p = torch.randn(5000)
-        p.grad = torch.randn(5000)
-        opt = getattr(rsoptim, name)([p], lr=0.01)
-        if planned:
-            opt.step()
-            opt.step()  # the second step makes a plan; the third takes it
+        p, opt = one_param(name, 2 if planned else 0)
 
         def free():
             p.untyped_storage().resize_(0)
@@ -834,13 +849,7 @@ def test_an_option_whose_value_runs_code_runs_it_before_any_address_is_read(name
             group["betas"] = Betas()
         else:
             group["maximize" if name != "SGD" else "nesterov"] = Flag()
-        try:
-            opt.step()
-        except RuntimeError as e:
-            assert "past the end of its storage" in str(e), e
-        else:
-            raise AssertionError("the step wrote a param whose memory was freed")
-        [torch.randn(1000) for _ in range(200)]  # heap activity: a corrupted heap aborts here
+        expect_refused(opt, "past the end of its storage")
         """
     )
 
@@ -895,20 +904,10 @@ def test_a_step_count_whose_storage_was_shrunk_is_refused_not_stepped(name, plan
     # other state tensors were refused already, the count was handed to torch.
     run_child(
         f"""
-        p = torch.randn(5000)
-        p.grad = torch.randn(5000)
-        opt = getattr(rsoptim, {name!r})([p], lr=0.01)
-        opt.step()
-        if {planned!r}:
-            opt.step()
+        p, opt = one_param({name!r}, 2 if {planned!r} else 1)
         before = p.clone()
         opt.state[p]["step"].untyped_storage().resize_(0)
-        try:
-            opt.step()
-        except RuntimeError as e:
-            assert "state['step'] of shape () reaches past the end of its storage" in str(e), e
-        else:
-            raise AssertionError("a step count without memory was stepped")
+        expect_refused(opt, "state['step'] of shape () reaches past the end of its storage")
         assert torch.equal(p, before)
         """
     )
@@ -921,11 +920,7 @@ def test_an_8bit_groups_option_that_runs_code_runs_it_before_the_checks(name, ke
     # that is no built-in value ran its code there, which could free a param under the kernel.
     run_child(
         f"""
-        p = torch.randn(5000)
-        p.grad = torch.randn(5000)
-        opt = getattr(rsoptim, {name!r})([p], lr=0.01)
-        opt.step()
-        opt.step()
+        p, opt = one_param({name!r}, 2)
 
         class Flag:  # (equal to False, so that the option's check lets it through)
             def __bool__(self):
@@ -939,13 +934,7 @@ def test_an_8bit_groups_option_that_runs_code_runs_it_before_the_checks(name, ke
                 return 0
 
         opt.param_groups[0][{key!r}] = Flag()
-        try:
-            opt.step()
-        except RuntimeError as e:
-            assert "past the end of its storage" in str(e), e
-        else:
-            raise AssertionError("the step wrote a param whose memory was freed")
-        [torch.randn(1000) for _ in range(200)]  # heap activity: a corrupted heap aborts here
+        expect_refused(opt, "past the end of its storage")
         """
     )
 
@@ -957,22 +946,15 @@ def test_params_torch_steps_are_refused_when_their_storage_was_shrunk(case):
     run_child(
         f"""
         case = {case!r}
-        p = torch.randn(5000)
-        p.grad = torch.randn(5000)
         if case == "differentiable":
-            opt = rsoptim.SGD([p], lr=0.01, differentiable=True)
+            p, opt = one_param("SGD", 0, differentiable=True)
         elif case == "tensor betas":
-            opt = rsoptim.Adam([p], lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+            p, opt = one_param("Adam", 0, betas=(torch.tensor(0.9), torch.tensor(0.999)))
         else:
-            opt = rsoptim.SGD([p], lr=0.01)
+            p, opt = one_param("SGD", 0)
             p.grad.data = torch.randn(5000, dtype=torch.float64)
         opt.step()
         p.untyped_storage().resize_(0)
-        try:
-            opt.step()
-        except RuntimeError as e:
-            assert "a param of shape (5000,) reaches past the end of its storage" in str(e), e
-        else:
-            raise AssertionError("a param without memory was stepped")
+        expect_refused(opt, "a param of shape (5000,) reaches past the end of its storage")
         """
     )
