@@ -958,3 +958,26 @@ def test_params_torch_steps_are_refused_when_their_storage_was_shrunk(case):
         expect_refused(opt, "a param of shape (5000,) reaches past the end of its storage")
         """
     )
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Adam8bit"])
+def test_options_of_the_callers_are_read_as_torch_reads_them(name):
+    # Options are read into built-in values before the checks, but only as the kernels read
+    # them: an iterator of the caller's kept in a group is not consumed (an endless one would
+    # hang the step), and an array of several values is no error.
+    import itertools
+
+    import numpy as np
+    import torch
+
+    import rsoptim
+
+    p = torch.randn(5000)
+    p.grad = torch.randn(5000)
+    opt = getattr(rsoptim, name)([p], lr=0.01)
+    group = opt.param_groups[0]
+    group["counter"], group["values"], group["table"] = itertools.count(), iter(range(3)), np.array([1.0, 2.0])
+    group["lr"] = np.float32(0.01)  # (not a float subclass: read with float())
+    for _ in range(3):
+        opt.step()
+    assert next(group["counter"]) == 0 and next(group["values"]) == 0

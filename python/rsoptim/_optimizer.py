@@ -120,7 +120,7 @@ def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
 def _plain_copy(group: dict[str, Any], force: bool = False) -> dict[str, Any]:
     copy = dict(group) if force else None
     for key, value in group.items():
-        plain = value if key == "params" else _plain(value)
+        plain = value if key == "params" else _plain(value, key)
         if plain is not value:
             copy = dict(group) if copy is None else copy
             copy[key] = plain
@@ -133,8 +133,8 @@ _PLAIN_TYPE_SET = frozenset(_PLAIN_TYPES)
 _PLAIN_TENSOR_TYPE_SET = frozenset(PLAIN_TENSOR_TYPES)
 
 
-def _plain(value: Any) -> Any:
-    """``value`` itself if it is of a plain type, else its value as one."""
+def _plain(value: Any, key: str | None = None) -> Any:
+    """``value`` itself if it is of a plain type, else its value as one (the option ``key``'s)."""
     if type(value) in _PLAIN_TYPES:
         return value
     if isinstance(value, (tuple, list)):
@@ -151,16 +151,16 @@ def _plain(value: Any) -> Any:
     # kernel call would read it (float(), bool(), unpacking); read there, its code would run
     # after the addresses were packed, and could free the memory behind them.
     kind = type(value)
-    for method, convert in (("__float__", float), ("__index__", int)):
+    if key == "betas" and hasattr(kind, "__iter__"):
+        # (the one option the kernel calls unpack; nothing else is iterated: an option of the
+        # caller's may be a generator, which this would consume, or an endless one)
+        return tuple(_plain(v) for v in value)
+    for method, convert in (("__float__", float), ("__index__", int), ("__bool__", bool), ("__len__", bool)):
         if hasattr(kind, method):
             try:
                 return convert(value)
-            except (TypeError, ValueError):  # (a numpy array of two betas, say)
+            except (TypeError, ValueError):  # (a numpy array of several values, say)
                 pass
-    if hasattr(kind, "__iter__"):
-        return tuple(_plain(v) for v in value)
-    if hasattr(kind, "__bool__") or hasattr(kind, "__len__"):
-        return bool(value)
     return value
 
 
