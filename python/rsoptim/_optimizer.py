@@ -101,7 +101,7 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     option is plain already (the usual case, no copy per step), else a copy."""
     if type(group) is not dict:
         # A subclass's reads may run code: every option is read now, as torch reads it.
-        return _plain_copy({key: group[key] for key in list(group)}, force=True)
+        return _plain_copy({key: group[key] for key in list(group)})
     for key, value in group.items():  # the usual case (every option plain): no call per option
         kind = type(value)
         if kind in _PLAIN_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_TYPE_SET for v in value)):
@@ -117,8 +117,8 @@ def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
     return type(group) is dict and hyper is group and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, group["params"]))
 
 
-def _plain_copy(group: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    copy = dict(group) if force else None
+def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
+    copy = None
     for key, value in group.items():
         plain = value if key == "params" else _plain(value, key)
         if plain is not value:
@@ -422,7 +422,6 @@ class KernelOptimizer:
         is stepped twice, one occurrence after the other, as torch steps it. With a
         ``grad_scale`` (clipping), torch steps scaled copies of the grads, as ``clip_grad_norm_``
         would have left them (each product rounded once), and the grads are put back."""
-        self._check_storages(params)
         if grad_scale == 1.0:
             return self._step_with_torch_unscaled(group, params)
         originals = {id(p): (p, p.grad) for p in params}
@@ -435,18 +434,18 @@ class KernelOptimizer:
             for p, grad in originals.values():
                 p.grad = grad
 
-    def _check_storages(self, params: list[torch.Tensor]) -> None:
-        """Refuses, as the kernels do, a plain CPU param, grad or state tensor that reaches past
-        the end of its storage (shrunk in place): torch's implementation would read and write
-        the memory it lost (torch 2.13 crashes). Subclasses are left to torch, unread."""
-        for p in params:
-            if type(p) not in PLAIN_TENSOR_TYPES:
-                continue
-            state = self.state.get(p, {})
-            tensors = [("a param", p), ("a grad", p.grad), *((f"state[{key!r}]", value) for key, value in state.items())]
-            for role, t in tensors:
-                if type(t) in PLAIN_TENSOR_TYPES and t.device.type == "cpu" and t.layout == torch.strided:
-                    check_storage(t, role)
+    def _check_storages(self, p: torch.Tensor) -> None:
+        """Refuses, as the kernels do, a plain CPU param, grad or state tensor (the step count
+        included) of ``p`` that reaches past the end of its storage (shrunk in place), before
+        torch's implementation steps ``p``: it would read and write the memory the storage lost
+        (torch 2.13 crashes). Subclasses are left to torch, unread."""
+        if type(p) not in PLAIN_TENSOR_TYPES:
+            return
+        state = self.state.get(p, {})
+        tensors = [("a param", p), ("a grad", p.grad), *((f"state[{key!r}]", value) for key, value in state.items())]
+        for role, t in tensors:
+            if type(t) in PLAIN_TENSOR_TYPES and t.device.type == "cpu" and t.layout == torch.strided:
+                check_storage(t, role)
 
     def _step_with_torch_unscaled(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         copied = [self._steps_as_float32(p, group) for p in params]
@@ -915,12 +914,8 @@ class KernelOptimizer:
                 if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], target, torch.float32)):
                     return None
             if counts_steps:
-                step = buffers["step"] = _alias(state.get("step"))
-                if type(step) in PLAIN_TENSOR_TYPES and step.device.type == "cpu" and step.layout == torch.strided:
-                    # (torch's own step reads and writes a count whose storage was shrunk in
-                    # place: it crashes; so would the kernels)
-                    check_storage(step, "state['step']")
-                if not is_step_count(step):
+                buffers["step"] = _alias(state.get("step"))
+                if not is_step_count(buffers["step"]):
                     return None
         return buffers
 
@@ -960,6 +955,7 @@ class KernelOptimizer:
                 state_name = None if state_dtype == p.dtype else KERNEL_DTYPES[state_dtype]
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype, state_name), []).append((p, buffers))
             else:
+                self._check_storages(p)  # (before anything is written, as the kernels' buffers)
                 others.append(p)
         calls = []
         stepped: dict[int, dict[str, Any]] = {}
