@@ -981,3 +981,259 @@ def test_options_of_the_callers_are_read_as_torch_reads_them(name):
     for _ in range(3):
         opt.step()
     assert next(group["counter"]) == 0 and next(group["values"]) == 0
+
+
+# Containers and tensors of the caller's whose reads run code: each frees (or shrinks) a
+# param's memory from inside a read that rsoptim made after that param's addresses were
+# checked, before its kernel ran. Each case crashed (a write to freed memory) before it was
+# fixed; torch.optim steps all of them without crashing. Any error must be the storage check's.
+
+CONTAINER_PRELUDE = """
+N = 1 << 22  # 16 MB of float32: glibc maps it apart, so freed memory is unmapped
+OPTIONS = {"SGD": dict(momentum=0.9), "Adam": {}, "AdamW": {}, "RMSprop": {}, "Adam8bit": {}}
+
+
+def free(t, keep=0):
+    t.untyped_storage().resize_(keep)
+
+
+def step_surviving(opt, steps):
+    # Steps `steps` times; a refusal by the storage check is fine, anything else is not.
+    for _ in range(steps):
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "past the end of its storage" in str(e) or "null data pointer" in str(e), e
+    [torch.randn(1000) for _ in range(200)]  # heap activity: a corrupted heap aborts here
+"""
+
+CONTAINER_OPTIMIZERS = ["SGD", "Adam", "AdamW", "RMSprop", "Adam8bit"]
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+@pytest.mark.parametrize("iteration", [1, 2, 3, 4])
+def test_param_groups_whose_iteration_runs_code_are_read_once_before_the_checks(name, iteration):
+    # A list subclass as optimizer.param_groups: its iterator frees the param at the end of
+    # its `iteration`-th pass in a step (a step that iterated the groups again after the
+    # checks ran the kernel on freed memory).
+    run_child(
+        CONTAINER_PRELUDE
+        + textwrap.dedent(
+            f"""
+        name, iteration = {name!r}, {iteration!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        passes = [None]  # None: disarmed; else the passes made since arming
+
+        class Groups(list):
+            def __iter__(self):
+                yield from list.__iter__(self)
+                if passes[0] is not None:
+                    passes[0] += 1
+                    if passes[0] == iteration:
+                        passes[0] = None
+                        free(a)
+
+        opt = getattr(rsoptim, name)([a], lr=0.1, **OPTIONS[name])
+        opt.param_groups = Groups(opt.param_groups)
+        opt.step()
+        opt.step()
+        passes[0] = 0
+        step_surviving(opt, 4)
+        """
+        )
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+def test_a_later_groups_params_whose_iteration_runs_code_cannot_free_a_checked_param(name):
+    run_child(
+        CONTAINER_PRELUDE
+        + textwrap.dedent(
+            f"""
+        name = {name!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        b = torch.nn.Parameter(torch.zeros(8))
+        b.grad = torch.ones(8)
+        armed = [False]
+
+        class Params(list):
+            def __iter__(self):
+                if armed[0]:
+                    armed[0] = False
+                    free(a)
+                    a.untyped_storage().resize_(N * 4)  # new memory, as a valid tensor's
+                return super().__iter__()
+
+        opt = getattr(rsoptim, name)([{{"params": [a]}}, {{"params": [b]}}], lr=0.1, **OPTIONS[name])
+        opt.param_groups[1]["params"] = Params(opt.param_groups[1]["params"])
+        opt.step()
+        opt.step()
+        for _ in range(3):
+            armed[0] = True
+            step_surviving(opt, 1)
+        """
+        )
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+def test_a_later_params_state_dict_whose_reads_run_code_cannot_free_a_checked_param(name):
+    run_child(
+        CONTAINER_PRELUDE
+        + textwrap.dedent(
+            f"""
+        name = {name!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        b = torch.nn.Parameter(torch.zeros(8))
+        b.grad = torch.ones(8)
+        armed = [False]
+
+        class State(dict):
+            def __getitem__(self, key):
+                if armed[0]:
+                    armed[0] = False
+                    free(a)
+                return dict.__getitem__(self, key)
+
+            def get(self, key, default=None):
+                return self[key] if key in self else default
+
+        opt = getattr(rsoptim, name)([{{"params": [a]}}, {{"params": [b]}}], lr=0.1, **OPTIONS[name])
+        opt.step()
+        opt.state[b] = State(opt.state[b])
+        opt.step()
+        armed[0] = True
+        step_surviving(opt, 2)
+        """
+        )
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+@pytest.mark.parametrize("keep", [0, 64])
+def test_stochastic_rounding_streams_are_read_before_the_checks(name, keep):
+    # Each param's rounding stream is its index in its group: reading the group's params for
+    # it ran the caller's code after the buffers were checked.
+    run_child(
+        CONTAINER_PRELUDE
+        + textwrap.dedent(
+            f"""
+        import traceback
+        name, keep = {name!r}, {keep!r}
+        a = torch.nn.Parameter(torch.zeros(2 * N, dtype=torch.bfloat16))
+        a.grad = torch.ones(2 * N, dtype=torch.bfloat16)
+        armed = [True]
+
+        class Params(list):
+            def __iter__(self):
+                if armed[0] and any(f.name == "_streams" for f in traceback.extract_stack()[-4:-1]):
+                    armed[0] = False
+                    free(a, keep)
+                return list.__iter__(self)
+
+        opt = getattr(rsoptim, name)([a], lr=0.1, stochastic_rounding=True, stochastic_rounding_seed=1, **OPTIONS[name])
+        opt.param_groups[0]["params"] = Params(opt.param_groups[0]["params"])
+        step_surviving(opt, 3)
+        """
+        )
+    )
+
+
+DISPATCH_PRELUDE = """
+from torch.utils._pytree import tree_map
+
+victims = []
+
+
+class FreesOnItem(torch.Tensor):
+    # A wrapper subclass whose .item() frees the victims' memory.
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype, device=elem.device)
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            for v in victims:
+                v.untyped_storage().resize_(0)
+            victims.clear()
+        unwrap = lambda x: x.elem if isinstance(x, FreesOnItem) else x
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        return tree_map(lambda x: FreesOnItem(x) if type(x) is torch.Tensor else x, out)
+"""
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+def test_a_tensor_option_whose_item_runs_code_is_read_before_the_checks(name):
+    # (torch's for-loop crashes here: it reads the lr after it has started to write.)
+    run_child(
+        CONTAINER_PRELUDE
+        + DISPATCH_PRELUDE
+        + textwrap.dedent(
+            f"""
+        name = {name!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        opt = getattr(rsoptim, name)([a], lr=0.01, **OPTIONS[name])
+        opt.step()
+        opt.step()
+        opt.param_groups[0]["lr"] = FreesOnItem(torch.tensor(0.01))
+        victims.append(a)
+        step_surviving(opt, 2)
+        """
+        )
+    )
+
+
+def test_clip_grads_with_norm_reads_the_total_before_the_grads():
+    run_child(
+        CONTAINER_PRELUDE
+        + DISPATCH_PRELUDE
+        + textwrap.dedent(
+            """
+        p = torch.nn.Parameter(torch.zeros(N))
+        p.grad = torch.ones(N)
+        victims.append(p.grad)
+        try:
+            rsoptim.clip_grads_with_norm_([p], 1.0, FreesOnItem(torch.tensor(100.0)))
+        except RuntimeError as e:
+            assert "past the end of its storage" in str(e), e
+        [torch.randn(1000) for _ in range(200)]
+        """
+        )
+    )
+
+
+def test_an_8bit_first_step_rechecks_params_after_making_their_state():
+    # The state is made as the caller would make it (a mode sees its ops), after the params
+    # were checked: a mode that shrinks a param there must meet the check again.
+    run_child(
+        CONTAINER_PRELUDE
+        + textwrap.dedent(
+            """
+        from torch.utils._python_dispatch import TorchDispatchMode
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+
+        class Shrink(TorchDispatchMode):
+            fired = False
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not Shrink.fired and func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default):
+                    Shrink.fired = True
+                    free(a, 64)
+                return out
+
+        opt = rsoptim.Adam8bit([a], lr=0.1)
+        with Shrink():
+            step_surviving(opt, 1)
+        """
+        )
+    )

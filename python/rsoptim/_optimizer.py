@@ -104,7 +104,9 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
         return _plain_copy({key: group[key] for key in list(group)})
     for key, value in group.items():  # the usual case (every option plain): no call per option
         kind = type(value)
-        if kind in _PLAIN_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_TYPE_SET for v in value)):
+        if kind in _PLAIN_SCALAR_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_SCALAR_TYPE_SET for v in value)):
+            continue
+        if _is_plain(value):  # (tensors, and tuples of them)
             continue
         return _plain_copy(group)
     return group
@@ -113,8 +115,10 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
 def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
     """Whether reading ``group`` (its options, params and their grads) runs no code of the
     caller's: a dict whose options are plain already (``hyper``, its
-    ``plain_hyperparameters``, is the group itself) and whose params are plain tensors."""
-    return type(group) is dict and hyper is group and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, group["params"]))
+    ``plain_hyperparameters``, is the group itself) and whose params are a list of plain
+    tensors (iterating a list subclass may run code)."""
+    params = group["params"] if type(group) is dict else None
+    return hyper is group and type(params) is list and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, params))
 
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
@@ -127,15 +131,49 @@ def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
     return group if copy is None else copy
 
 
-#: Option types that run no user code when read.
-_PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.Tensor)
-_PLAIN_TYPE_SET = frozenset(_PLAIN_TYPES)
+#: Option types that run no user code when read (and torch.Tensor, where its ops do not
+#: dispatch to Python, see `_is_plain`).
+_PLAIN_SCALAR_TYPE_SET = frozenset((bool, int, float, str, type(None), torch.dtype))
+_PYTHON_DISPATCH = torch._C.DispatchKey.Python
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether reading ``value`` runs no code of the caller's: a built-in value, a tuple of
+    them, or a torch.Tensor whose ops do not dispatch to Python (a plain tensor taken from a
+    wrapper subclass's, ``as_subclass(torch.Tensor)``, still runs its ``__torch_dispatch__``)."""
+    kind = type(value)
+    if kind is torch.Tensor:
+        return not torch._C._dispatch_keys(value).has(_PYTHON_DISPATCH)
+    return kind in _PLAIN_SCALAR_TYPE_SET or (kind is tuple and all(map(_is_plain, value)))
+
+
+class _Unreadable:
+    """An option whose value could not be read before the checks: the kernel call that reads
+    it raises (no code of the caller's runs there)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def _refuse(self) -> Any:
+        raise TypeError(f"a hyperparameter's value could not be read: {self.error}")
+
+    __float__ = __index__ = __bool__ = __iter__ = _refuse
+
+
 _PLAIN_TENSOR_TYPE_SET = frozenset(PLAIN_TENSOR_TYPES)
+_PLAIN_DICT_SET = frozenset((dict,))
+
+
+def step_groups(param_groups: Any) -> list[dict[str, Any]]:
+    """``optimizer.param_groups`` as the list one step walks, read once before anything is
+    checked: iterating a subclass of list may run code (a generator's), and none may run once
+    the kernels' addresses are read (it could free the memory behind them)."""
+    return param_groups if type(param_groups) is list else list(param_groups)
 
 
 def _plain(value: Any, key: str | None = None) -> Any:
     """``value`` itself if it is of a plain type, else its value as one (the option ``key``'s)."""
-    if type(value) in _PLAIN_TYPES:
+    if type(value) in _PLAIN_SCALAR_TYPE_SET:
         return value
     if isinstance(value, (tuple, list)):
         items = [_plain(v) for v in value]
@@ -146,7 +184,15 @@ def _plain(value: Any, key: str | None = None) -> Any:
         if isinstance(value, plain_type):
             return plain_type(value)
     if isinstance(value, torch.Tensor):
-        return value.detach().as_subclass(torch.Tensor)
+        plain = value if type(value) is torch.Tensor else value.detach().as_subclass(torch.Tensor)
+        if _is_plain(plain):
+            return plain
+        # Its ops run the caller's Python (a wrapper subclass's __torch_dispatch__): its value
+        # is read now, into a tensor of the same dtype and shape that runs no code.
+        try:
+            return torch.tensor(plain.item(), dtype=plain.dtype).reshape(plain.shape)
+        except Exception as error:  # (not one value, a meta tensor: the kernels have no use for it)
+            return _Unreadable(error)
     # Any other object (a numpy scalar, a class with __float__): its value, read now, as the
     # kernel call would read it (float(), bool(), unpacking); read there, its code would run
     # after the addresses were packed, and could free the memory behind them.
@@ -351,7 +397,7 @@ class KernelOptimizer:
         state["_rsoptim_clipping"] = self._clipping()
         return state
 
-    def _grad_scale(self) -> float:
+    def _grad_scale(self, groups: list[dict[str, Any]]) -> float:
         """This step's clip factor (1.0 without ``max_grad_norm``), from the grads of every
         group; raises for a non-finite total with ``error_if_nonfinite``."""
         options = self._clipping()
@@ -361,7 +407,7 @@ class KernelOptimizer:
 
         seen: set[int] = set()
         grads = []
-        for group in self.param_groups:
+        for group in groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) not in seen:
                     seen.add(id(p))
@@ -541,12 +587,12 @@ class KernelOptimizer:
             _refresh_master(local(p).detach(), local(master))
         return master
 
-    def _record_master_versions(self) -> None:
+    def _record_master_versions(self, groups: list[dict[str, Any]]) -> None:
         """Remembers the version of every param with a master copy, after a step: until it
         changes, nothing has written the param since (params that are views of one buffer share
         a version, so all are recorded at once)."""
         versions = {}
-        for group in self.param_groups:
+        for group in groups:
             if group.get("master_weights"):
                 versions.update((id(p), param_version(p)) for p in group["params"] if self._uses_master(p, group))
         self.__dict__["_rsoptim_master_versions"] = versions
@@ -680,22 +726,23 @@ class KernelOptimizer:
 
     def _step_groups(self) -> None:
         follow_torch()
+        groups = step_groups(self.param_groups)
         # Read before anything is checked or packed (see plain_hyperparameters).
-        hypers = [plain_hyperparameters(group) for group in self.param_groups]
+        hypers = [plain_hyperparameters(group) for group in groups]
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
-        for index in [i for i in plans if i >= len(self.param_groups)]:
+        for index in [i for i in plans if i >= len(groups)]:
             # The group is gone: let its tensors go, before anything is checked (a finalizer of
             # theirs could run here, and change what the checks would have seen).
             del plans[index]
         # Every group is checked before any is stepped, so an error leaves all params as they
         # were.
-        for group in self.param_groups:
+        for group in groups:
             self._complete_extensions(group)  # a group may have been edited
         # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
         # caller's mode may run code in it.
-        grad_scale = self._grad_scale()
+        grad_scale = self._grad_scale(groups)
         work = []
-        for index, group in enumerate(self.param_groups):
+        for index, group in enumerate(groups):
             plan = plans.get(index)
             calls = plan.kernel_calls(self, group) if plan is not None else None
             params = None if calls is not None else self._params_with_grad(group)
@@ -708,10 +755,13 @@ class KernelOptimizer:
                         check_grad(p, p.grad, i)
             work.append((index, group, calls, params))
         # Whether checking the groups could run any code of the caller's: not where every group
-        # is a dict of plain options and plain params (the usual case). Only asked with more
-        # than one group (a type check per param: 10-12 us a step on 400 params).
+        # is a dict of plain options and a list of plain params, and every state a dict (the
+        # usual case). Only asked with more than one group (a type check per param: 10-12 us a
+        # step on 400 params).
         quiet = len(work) == 1 or (
-            type(self.state) is defaultdict and all(map(_reads_run_no_code, self.param_groups, hypers))
+            type(self.state) is defaultdict
+            and all(map(_reads_run_no_code, groups, hypers))
+            and _PLAIN_DICT_SET.issuperset(map(type, self.state.values()))
         )
         torch_ran = False
         for index, group, calls, params in work:
@@ -755,8 +805,8 @@ class KernelOptimizer:
                 if plans[index] is None:
                     del plans[index]
                 torch_ran = True  # (it may have stepped some params with torch's implementation)
-        if any(g.get("master_weights") for g in self.param_groups):
-            self._record_master_versions()
+        if any(g.get("master_weights") for g in groups):
+            self._record_master_versions(groups)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for saved in state_dict["param_groups"]:
@@ -946,7 +996,10 @@ class KernelOptimizer:
                         self._make_state(p, group, state)
                     else:
                         self._init_extension_state(p, group, state)
-        # Every state is made (a caller's mode may run code there) before any param is checked.
+        # Every state is made (a caller's mode may run code there) before any param is checked,
+        # and so are the rounding streams (reading the group's params may run code).
+        rounding = kernel_ok and any(self._rounding_seed(p, group) is not None for p in params)
+        streams = dict(zip(map(id, params), self._streams(group, params))) if rounding else {}
         for p in params:
             buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
             if buffers is not None:
@@ -976,7 +1029,7 @@ class KernelOptimizer:
             call.grad_scale = grad_scale
             call.rounding_seed = self._rounding_seed(bucket[0], group)
             if call.rounding_seed is not None:
-                call.streams = pack(self._streams(group, bucket))
+                call.streams = pack(streams[id(p)] for p in bucket)
             call.held = [table, steps]
             try:
                 self._kernel_call(hyper, call)

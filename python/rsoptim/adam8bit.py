@@ -66,6 +66,7 @@ from ._optimizer import (
     extension_options,
     plain_hyperparameters,
     scalar,
+    step_groups,
     with_step_hooks,
 )
 from ._threads import follow_torch
@@ -649,28 +650,30 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         name = type(self).__name__
         # The hyperparameters are read first: reading one may run code (a float subclass, a
         # Tensor lr), and nothing may run between the checks below and the kernels.
-        hypers = [self._kernel_hyperparameters(group) for group in self.param_groups]
+        groups = step_groups(self.param_groups)
+        hypers = [self._kernel_hyperparameters(group) for group in groups]
         # (here too: reading an option that is no built-in value may run its code)
-        plain_options = all(plain_hyperparameters(group) is group for group in self.param_groups)
-        for group in self.param_groups:
+        plain_options = all(plain_hyperparameters(group) is group for group in groups)
+        for group in groups:
             _check_group_options(group, name)  # a group may have been edited
             self._complete_extensions(group)
         # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
         # caller's mode may run code in it.
-        grad_scale = self._grad_scale()
+        grad_scale = self._grad_scale(groups)
         # Everything is checked before anything is stepped: a group whose tensors all pass the
         # one native check of `_native_calls` needs no other; the others are checked param by
         # param.
         work = []
-        for group, hyper in zip(self.param_groups, hypers):
+        for group, hyper in zip(groups, hypers):
             params = [p for p in group["params"] if p.grad is not None]
             calls = self._native_calls(group, params)
             if calls is None:
                 self._check_params(group, name)
             work.append((group, params, hyper, calls))
         # Whether checking the groups could run any code of the caller's: not where every group
-        # took the native check (plain dicts, states and params) and has plain options.
-        quiet = plain_options and all(calls is not None for _, _, _, calls in work)
+        # took the native check (plain dicts, states and params), has plain options and its
+        # params in a list (iterating a subclass of list may run code).
+        quiet = plain_options and all(calls is not None and type(group["params"]) is list for group, _, _, calls in work)
         torch_ran = False
         with torch.no_grad():
             for group, params, hyper, calls in work:
@@ -693,8 +696,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 elif params:
                     self._step_params(group, params, [_local_grad(p) for p in params], grad_scale, hyper)
                     torch_ran = True
-        if any(g.get("master_weights") for g in self.param_groups):
-            self._record_master_versions()
+        if any(g.get("master_weights") for g in groups):
+            self._record_master_versions(groups)
 
     def _check_params(self, group: dict[str, Any], name: str) -> None:
         for index, p in enumerate(group["params"]):
@@ -793,7 +796,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         memory (it wrote nothing)."""
         columns = {role: pack(words) for role, words in call.columns.items()}
         try:
-            self._run_kernel(group, call.eight_bit, call.dtype, call.step_dtype, call.params, columns.__getitem__, pack(call.numels), grad_scale, hyper)
+            self._run_kernel(group, call.eight_bit, call.dtype, call.step_dtype, call.params, columns.__getitem__, pack(call.numels), grad_scale, hyper, {})
         except _rsoptim.BufferOverlapError:
             return False
         increment_version(call.params)  # as torch's in-place ops do
@@ -899,6 +902,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._make_state(p, group, state)
+        # Read before anything is checked: reading the group's params may run code.
+        streams = dict(zip(map(id, params), self._streams(group, params))) if group.get("stochastic_rounding") else {}
         storages = [_written_storages(p, self.state[p]) for p in params]
         counts = Counter(s for distinct in storages for s in distinct)
         calls: dict[tuple[bool, str, str], list[tuple[torch.Tensor, _KernelTensors]]] = {}
@@ -921,9 +926,12 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
 
             # The sizes of the buffers whose addresses are handed over (a DTensor's local shard).
             numels = pack(tensors.buffers["param"].numel() for _, tensors in entries)
+            # (`entries` holds every tensor whose address the call takes until it returns.)
+            buffers = [(role, t) for _, tensors in entries for role, t in tensors.buffers.items()]
             try:
-                # (`entries` holds every tensor whose address the call takes until it returns.)
-                self._run_kernel(group, eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper)
+                self._run_kernel(
+                    group, eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper, streams, buffers
+                )
             except _rsoptim.BufferOverlapError:
                 # Params that share memory (overlapping views): torch's ops step them one after
                 # another, as torch.optim would. The kernel wrote nothing.
@@ -995,11 +1003,16 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         numels: bytes,
         grad_scale: float,
         hyper: dict[str, Any],
+        streams: dict[int, int],
+        buffers: list[tuple[str, torch.Tensor]] | tuple[()] = (),
     ) -> None:
         """One Rust call over ``params`` (of one dtype and kind of state), their buffers'
         addresses by role from ``column`` and their sizes in ``numels``; the caller holds every
         tensor whose address the call takes until it returns. ``hyper`` is the group's
-        hyperparameters as ``_kernel_hyperparameters`` read them."""
+        hyperparameters as ``_kernel_hyperparameters`` read them, ``streams`` each param's
+        rounding stream (by id, read before the checks). ``buffers`` (by role) are checked
+        against their storages right before the call: code run since the params' checks (a
+        caller's mode making their state, a dict subclass's group) may have shrunk one."""
         seed = self._rounding_seed(params[0], group)
         hyper = dict(hyper)  # (read by step() before anything was checked: no user code runs now)
         lr_is_f32_tensor = hyper.pop("lr_is_f32_tensor")
@@ -1007,9 +1020,11 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             **hyper,
             "master_params": column("master_param") if self._uses_master(params[0], group) else None,
             "stochastic_rounding_seed": seed,
-            "streams": pack(self._streams(group, params)) if seed is not None else None,
+            "streams": pack(streams[id(p)] for p in params) if seed is not None else None,
             "grad_scale": grad_scale,
         }
+        for role, t in buffers:  # (plain tensors' private aliases: reading them runs no code)
+            check_storage(t, "a param" if role == "param" else "a grad" if role == "grad" else f"state[{role!r}]")
         steps = column("step")
         if eight_bit:
             # The 8-bit step computes in float32 for every param dtype (see reference_step).

@@ -258,21 +258,28 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
     clip_coef_clamped = clip_coefficient(max_norm, total_norm)
     # Outside inference mode torch refuses to write an inference tensor: its ops say so.
     kernels_may_write = torch.is_inference_mode_enabled() or not any(map(torch.Tensor.is_inference, grads))
-    if kernels_may_write:
+    # The kernels' factor, read before any grad's address is: reading it may run code (a
+    # subclass total's __torch_dispatch__) that could free a grad. (A total off the CPU is not
+    # read back: its grads are torch's to scale.)
+    factor = None
+    if kernels_may_write and clip_coef_clamped.device.type == "cpu":
+        with native_reads():
+            factor = float(clip_coef_clamped.item())
+    if factor is not None:
         with native_reads():
             # The common case in one native read: plain contiguous CPU grads of one dtype.
             buffers = _native_buffers(grads)
-            if buffers is not None and _kernel_scale(buffers, clip_coef_clamped):
+            if buffers is not None and _kernel_scale(buffers, factor):
                 increment_version(grads)  # (as torch's in-place multiply does)
                 return
     # A DTensor grad is scaled by its local shard (a Partial one by its addends: the same).
     for (device, dtype), group in _group_by_device_and_dtype([local(g) for g in grads]).items():
         # Complex grads are scaled by torch: its complex multiply spreads a non-finite component
         # to the other one, which a scale of the real view would not.
-        if kernels_may_write and not dtype.is_complex:
+        if factor is not None and not dtype.is_complex:
             with native_reads():
                 buffers = _kernel_buffers(group)
-                if buffers is not None and _kernel_scale(buffers, clip_coef_clamped):
+                if buffers is not None and _kernel_scale(buffers, factor):
                     increment_version(group)
                     continue
         if (foreach is None and _has_foreach_support(group, device)) or (foreach and _device_has_foreach_support(device)):
@@ -285,10 +292,9 @@ def _scale_grads(grads: list[torch.Tensor], max_norm: float, total_norm: torch.T
                 g.mul_(coef)
 
 
-def _kernel_scale(buffers: Buffers, factor_tensor: torch.Tensor) -> bool:
+def _kernel_scale(buffers: Buffers, factor: float) -> bool:
     """Scales the grads whose ``buffers`` were read in place by the kernels; False if they share
     memory (torch's foreach multiplies such grads once per appearance, and is left to do so)."""
-    factor = float(factor_tensor.item())
     # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
     if factor == 1.0:
         return True
