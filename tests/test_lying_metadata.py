@@ -1217,3 +1217,176 @@ def test_an_8bit_first_step_rechecks_params_after_making_their_state():
             step_surviving(opt, 1)
         """
     )
+
+
+# Keys whose hash equals an option's, a state entry's or a param's: a dict lookup compares the
+# key it looks for with them, which runs their __eq__ (a third review found these after the
+# type checks above).
+
+COLLIDING_KEY_PRELUDE = """
+armed = [False]
+
+
+def move(t):
+    # New memory for t's storage, a page larger (allocated before the old is freed and
+    # unmapped, so at another address): a check before this passes, a write after it through
+    # an address read before it crashes.
+    storage = t.untyped_storage()
+    storage.resize_(storage.nbytes() + 4096)
+
+
+class CollidingKey:
+    def __init__(self, like, victim):
+        self.like, self.victim = like, victim
+
+    def __hash__(self):
+        return hash(self.like)
+
+    def __eq__(self, other):
+        if armed[0]:
+            move(self.victim)  # (at every comparison: one may come between a check and a kernel)
+        return False
+"""
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_group_key_colliding_with_an_options_name_cannot_free_a_checked_param(name, planned):
+    run_attack(
+        f"""
+        name, planned = {name!r}, {planned!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        option = {{"SGD": "momentum", "RMSprop": "alpha"}}.get(name, "betas")  # (one its kernel call reads)
+        opt = getattr(rsoptim, name)([{{CollidingKey(option, a): None, "params": [a]}}], lr=0.1, **OPTIONS[name])
+        if planned:
+            opt.step()
+            opt.step()
+        armed[0] = True
+        step_surviving(opt, 2)
+        """,
+        COLLIDING_KEY_PRELUDE,
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+def test_a_later_groups_state_key_colliding_with_a_state_entry_cannot_free_a_checked_param(name):
+    run_attack(
+        f"""
+        a, b, opt = two_groups({name!r})
+        for _ in range(3):
+            opt.step()
+        state = opt.state[b]  # (the same dict: a plan stays valid)
+        key = next(k for k in state if k != "step")
+        value = state.pop(key)
+        state[CollidingKey(key, a)] = None
+        state[key] = value
+        armed[0] = True
+        step_surviving(opt, 2)
+        """,
+        COLLIDING_KEY_PRELUDE,
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+def test_a_state_map_key_colliding_with_a_later_param_cannot_free_a_checked_param(name):
+    run_attack(
+        f"""
+        a, b, opt = two_groups({name!r})
+        for _ in range(3):
+            opt.step()
+        state = opt.state.pop(b)
+        opt.state[CollidingKey(b, a)] = {{}}
+        opt.state[b] = state
+        armed[0] = True
+        step_surviving(opt, 2)
+        """,
+        COLLIDING_KEY_PRELUDE,
+    )
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("state_map", [False, True])
+def test_a_step_count_is_checked_again_after_later_params_state_is_read(name, state_map):
+    # The general path checked each step count as it read it, and later params' state reads
+    # (a dict subclass's get, a state map subclass's __getitem__) ran before the kernel.
+    run_attack(
+        f"""
+        from collections import defaultdict
+        name, state_map = {name!r}, {state_map!r}
+        p0, p1 = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(1000))
+        p0.grad, p1.grad = torch.ones(1000), torch.ones(1000)
+        import sys
+        big = torch.zeros(N)
+        armed, fired = [False], [False]
+
+        def maybe_free(key):
+            # (at the read of p1's state that makes its kernel buffers, after p0's were checked;
+            # earlier reads, which the check would catch, are left alone)
+            if armed[0] and key is p1 and sys._getframe(2).f_code.co_name == "_kernel_buffers":
+                armed[0], fired[0] = False, True
+                free(big)
+
+        class StateDict(dict):
+            owner = None
+
+            def get(self, *args):
+                maybe_free(self.owner)
+                return dict.get(self, *args)
+
+            def __getitem__(self, key):
+                maybe_free(self.owner)
+                return dict.__getitem__(self, key)
+
+        class StateMap(defaultdict):
+            def __getitem__(self, key):
+                maybe_free(key)
+                return defaultdict.__getitem__(self, key)
+
+        opt = getattr(rsoptim, name)([p0, p1], lr=1e-3)
+        if state_map:
+            opt.state = StateMap(dict)
+        else:
+            for p in (p0, p1):
+                opt.state[p] = StateDict()
+                opt.state[p].owner = p
+        opt.step()
+        big[N - 1] = opt.state[p0]["step"]
+        opt.state[p0]["step"] = big[N - 1 :].view(())  # (the count at the end of a big buffer)
+        armed[0] = True
+        step_surviving(opt, 2)
+        assert fired[0]  # (the read it acts at is still there)
+        """,
+    )
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
+def test_a_dict_subclass_group_with_stochastic_rounding_reads_its_seed_before_any_address(name):
+    # Such a group is torch's to step, on float32 copies that rsoptim then rounds into the
+    # bfloat16 params: the seed was read after the addresses of its own temporaries.
+    run_attack(
+        f"""
+        import gc
+        import sys
+        name = {name!r}
+        p = torch.nn.Parameter(torch.zeros(2 * N, dtype=torch.bfloat16))
+        p.grad = torch.ones(2 * N, dtype=torch.bfloat16)
+        armed = [False]
+
+        class Group(dict):
+            def __getitem__(self, key):
+                if armed[0] and key == "stochastic_rounding_seed" and sys._getframe(1).f_code.co_name == "_write_params":
+                    armed[0] = False
+                    for t in gc.get_objects():
+                        # (rsoptim's bfloat16 outputs, whose addresses it hands the rounding kernel)
+                        bf16 = type(t) is torch.Tensor and t.dtype == torch.bfloat16 and t.numel() == 2 * N
+                        if bf16 and t is not p.grad and t.untyped_storage().nbytes():
+                            free(t)
+                return dict.__getitem__(self, key)
+
+        opt = getattr(rsoptim, name)([p], lr=1e-3, stochastic_rounding=True, **OPTIONS[name])
+        opt.param_groups[0] = Group(opt.param_groups[0])
+        armed[0] = True
+        step_surviving(opt, 1)
+        """
+    )

@@ -103,6 +103,10 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
         # A subclass's reads may run code: every option is read now, as torch reads it.
         return _plain_copy({key: group[key] for key in list(group)})
     for key, value in group.items():  # the usual case (every option plain): no call per option
+        if type(key) is not str:
+            # (looking an option up compares its name with the keys of equal hash: another
+            # type's __eq__ would run then; the kernels read options by name only)
+            return _plain_copy(group)
         kind = type(value)
         if kind in _PLAIN_SCALAR_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_SCALAR_TYPE_SET for v in value)):
             continue
@@ -122,12 +126,14 @@ def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
 
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
+    """The group with its options plain and only its keys that are strings."""
     copy = None
     for key, value in group.items():
         plain = value if key == "params" else _plain(value, key)
-        if plain is not value:
-            copy = dict(group) if copy is None else copy
-            copy[key] = plain
+        if plain is not value or type(key) is not str:
+            copy = {k: v for k, v in group.items() if type(k) is str} if copy is None else copy
+            if type(key) is str:
+                copy[key] = plain
     return group if copy is None else copy
 
 
@@ -162,6 +168,21 @@ class _Unreadable:
 
 _PLAIN_TENSOR_TYPE_SET = frozenset(PLAIN_TENSOR_TYPES)
 _PLAIN_DICT_SET = frozenset((dict,))
+
+
+def plain_state_map(state: dict[Any, Any]) -> bool:
+    """Whether looking up ``optimizer.state`` and its per-param dicts runs no code of the
+    caller's: plain tensors as its keys, plain dicts as its values, and strings as their keys (a
+    lookup compares the key it looks for with the keys of equal hash: another type's __eq__,
+    or a subclass's __getitem__, would run)."""
+    return (
+        _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, state))
+        and _PLAIN_DICT_SET.issuperset(map(type, state.values()))
+        and _STR_SET.issuperset(map(type, chain.from_iterable(state.values())))
+    )
+
+
+_STR_SET = frozenset((str,))
 
 
 def step_groups(param_groups: Any) -> list[dict[str, Any]]:
@@ -613,6 +634,8 @@ class KernelOptimizer:
             else:
                 stochastic.append((p, v))
         streams = self._streams(group, [p for p, _ in stochastic])
+        # (read before any address is: reading a group of a dict subclass runs its code)
+        seed = group["stochastic_rounding_seed"] if stochastic else None
         for dtype in {p.dtype for p, _ in stochastic}:
             batch = [(p, v, stream) for (p, v), stream in zip(stochastic, streams) if p.dtype == dtype]
             steps = []
@@ -629,7 +652,7 @@ class KernelOptimizer:
                 pack(map(torch.Tensor.data_ptr, sources)),
                 pack(map(torch.Tensor.data_ptr, outs)),
                 steps,
-                stochastic_rounding_seed=group["stochastic_rounding_seed"],
+                stochastic_rounding_seed=seed,
                 streams=pack(stream for _, _, stream in batch),
             )
             for (p, _, _), out in zip(batch, outs):
@@ -761,7 +784,7 @@ class KernelOptimizer:
         quiet = len(work) == 1 or (
             type(self.state) is defaultdict
             and all(map(_reads_run_no_code, groups, hypers))
-            and _PLAIN_DICT_SET.issuperset(map(type, self.state.values()))
+            and plain_state_map(self.state)
         )
         torch_ran = False
         for index, group, calls, params in work:
@@ -983,7 +1006,14 @@ class KernelOptimizer:
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
         # So are groups of a subclass of dict, whose reads of an option may run code, which
         # nothing may once the kernels' addresses are read (it could move a param's memory).
-        kernel_ok = type(group) is dict and self._group_runs_on_kernel(group) and not group.get("differentiable")
+        # So are groups with a key that is not a string (looking an option up may run its
+        # __eq__, see plain_hyperparameters): the group is read after the checks below.
+        kernel_ok = (
+            type(group) is dict
+            and _STR_SET.issuperset(map(type, group))
+            and self._group_runs_on_kernel(group)
+            and not group.get("differentiable")
+        )
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:
@@ -1019,6 +1049,8 @@ class KernelOptimizer:
             for p, buffers in entries:
                 table.add(buffers["param"], {role: buffers[role] for role in ("grad", *keys, *extra)})
             steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], group) else []
+            for step in steps:  # (checked in _kernel_buffers: code may have run since, reading a later param's state)
+                check_storage(step, "state['step']")
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
             # (The buffers and step counts are private aliases, see _kernel_buffers: held here,
             # they hold the memory until the kernels return.)

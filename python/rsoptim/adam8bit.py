@@ -65,6 +65,7 @@ from ._optimizer import (
     check_extensions,
     extension_options,
     plain_hyperparameters,
+    plain_state_map,
     scalar,
     step_groups,
     with_step_hooks,
@@ -672,8 +673,13 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             work.append((group, params, hyper, calls))
         # Whether checking the groups could run any code of the caller's: not where every group
         # took the native check (plain dicts, states and params), has plain options and its
-        # params in a list (iterating a subclass of list may run code).
-        quiet = plain_options and all(calls is not None and type(group["params"]) is list for group, _, _, calls in work)
+        # params in a list (iterating a subclass of list may run code), and the state map
+        # and its dicts have keys whose lookups run no code (see plain_state_map).
+        quiet = (
+            plain_options
+            and all(calls is not None and type(group["params"]) is list for group, _, _, calls in work)
+            and plain_state_map(self.state)
+        )
         torch_ran = False
         with torch.no_grad():
             for group, params, hyper, calls in work:
@@ -719,6 +725,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # param subclass when hashed): between this check and the kernels, nothing may.
         if not params or type(group) is not dict or type(self.state) is not defaultdict:
             return None
+        if not all(type(key) is str for key in group):
+            return None  # (the kernel call looks options up: a key of another type's __eq__ could run)
         if not self._group_runs_on_kernel(group):
             return None
         if group.get("master_weights") or group.get("stochastic_rounding") or len(set(map(id, params))) != len(params):
