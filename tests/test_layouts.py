@@ -292,6 +292,33 @@ def test_state_loaded_with_another_layout(name, dtype):
     assert s_ours[key].stride() == (2,)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_expanded_state_tensor_is_refused_before_the_param_is_written(name):
+    """A state tensor whose elements share memory (an expanded view) cannot be written: torch's
+    step raises before it writes the param (AdamW's decoupled weight decay aside, which comes
+    first), and so does rsoptim's, with torch's error (it wrote the param, then failed to write
+    the state back)."""
+    torch_cls, our_cls = OPTIMIZERS[name]
+    kwargs = CONFIGS[name]
+    errors, params = [], []
+    for cls, extra in ((torch_cls, dict(foreach=False)), (our_cls, {})):
+        p = torch.linspace(-1, 1, 64, dtype=torch.float32).requires_grad_()
+        opt = cls([p], **kwargs, **extra)
+        p.grad = torch.ones(64)
+        opt.step()
+        state = opt.state[p]
+        key = next(k for k in state if k != "step")
+        state[key] = torch.zeros(1).expand(64)
+        before = p.detach().clone()
+        with pytest.raises(RuntimeError) as error:
+            opt.step()
+        errors.append(str(error.value).split("\n")[0])
+        params.append((before, p.detach().clone()))
+    assert errors[1] == errors[0]
+    written = [not torch.equal(after, before) for before, after in params]
+    assert written[1] == written[0] == (name == "AdamW")
+
+
 # --- torch's own fused Adam (information only) ---------------------------------------------
 
 

@@ -1390,3 +1390,137 @@ def test_a_dict_subclass_group_with_stochastic_rounding_reads_its_seed_before_an
         step_surviving(opt, 1)
         """
     )
+
+
+# Objects that pass for a bool or an int (a __class__ property that lies to isinstance), and a
+# caller's mode that edits a group in the middle of a step: a fourth review found the kernel
+# path reading such options from the group after the checks.
+
+LIAR_PRELUDE = """
+from torch.overrides import TorchFunctionMode
+
+armed = [False]
+
+
+def move(t):
+    storage = t.untyped_storage()
+    storage.resize_(storage.nbytes() + 4096)  # (new memory, at another address)
+
+
+def liar(kind, value, victim):
+    class Liar:
+        __class__ = property(lambda self: kind)  # isinstance(Liar(), kind) is True
+
+        def __bool__(self):
+            if armed[0]:
+                move(victim)
+            return bool(value)
+
+        def __index__(self):
+            if armed[0]:
+                move(victim)
+            return value
+
+        __int__ = __index__
+
+        def __float__(self):
+            if armed[0]:
+                move(victim)
+            return float(value)
+
+    return Liar()
+"""
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+@pytest.mark.parametrize("key", ["master_weights", "stochastic_rounding", "stochastic_rounding_seed"])
+def test_an_extension_option_that_passes_for_a_bool_or_an_int_is_refused(name, key):
+    run_attack(
+        f"""
+        name, key = {name!r}, {key!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        opt = getattr(rsoptim, name)([a], lr=0.1, **OPTIONS[name])
+        opt.step()
+        value = liar(int, 1234, a) if key == "stochastic_rounding_seed" else liar(bool, False, a)
+        opt.param_groups[0][key] = value
+        armed[0] = True
+        try:
+            opt.step()
+        except (TypeError, ValueError) as e:
+            assert key in str(e), e
+        else:
+            raise AssertionError("not refused")
+        """,
+        LIAR_PRELUDE,
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+@pytest.mark.parametrize("when", ["making state", "clipping", "clipping, planned"])
+@pytest.mark.parametrize("key", ["lr", "stochastic_rounding"])
+def test_a_mode_that_edits_a_group_during_a_step_cannot_free_a_checked_param(name, when, key):
+    # The mode runs where a step runs the caller's code: making a param's state (as torch.optim
+    # makes it), and the norm of max_grad_norm (as clip_grad_norm_ computes it). The kernels
+    # read the group's options as they were before the checks.
+    run_attack(
+        f"""
+        name, when, key = {name!r}, {when!r}, {key!r}
+        a = torch.nn.Parameter(torch.zeros(N))
+        a.grad = torch.ones(N)
+        clipping = dict(max_grad_norm=1e9) if when.startswith("clipping") else {{}}
+        opt = getattr(rsoptim, name)([a], lr=0.1, **OPTIONS[name], **clipping)
+        group = opt.param_groups[0]
+        if when != "making state":
+            opt.step()
+        if when == "clipping, planned":
+            opt.step()
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if armed[0]:
+                    group[key] = liar(float, 0.1, a) if key == "lr" else liar(bool, False, a)
+                return func(*args, **(kwargs or {{}}))
+
+        armed[0] = True
+        with Mode():
+            step_surviving(opt, 1)  # (the next would refuse a stochastic_rounding that is no bool)
+        """,
+        LIAR_PRELUDE,
+    )
+
+
+@pytest.mark.parametrize("name", CONTAINER_OPTIMIZERS)
+def test_a_mode_that_edits_a_later_group_cannot_free_an_earlier_groups_checked_param(name):
+    # The option moves the first group's param and reverts to a plain value when read: where
+    # it is read after that param was checked, the step must still see that reading the
+    # groups ran code, and check the first group again before its kernel.
+    run_attack(
+        f"""
+        a, b = torch.nn.Parameter(torch.zeros(N)), torch.nn.Parameter(torch.zeros(8))
+        a.grad, b.grad = torch.ones(N), torch.ones(8)
+        groups = [{{"params": [a]}}, {{"params": [b]}}]
+        opt = getattr(rsoptim, {name!r})(groups, lr=0.1, max_grad_norm=1e9, **OPTIONS[{name!r}])
+        for _ in range(3):
+            opt.step()
+        later = opt.param_groups[1]
+
+        class Reverting:
+            def __bool__(self):
+                move(a)
+                later["stochastic_rounding"] = False
+                return False
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if armed[0]:
+                    armed[0] = False
+                    later["stochastic_rounding"] = Reverting()
+                return func(*args, **(kwargs or {{}}))
+
+        armed[0] = True
+        with Mode():
+            step_surviving(opt, 2)
+        """,
+        LIAR_PRELUDE,
+    )

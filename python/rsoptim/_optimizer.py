@@ -68,12 +68,14 @@ def check_extensions(options: Any) -> None:
     if not isinstance(options, dict):
         return  # torch's add_param_group says what is wrong with it
     check_state_dtype(options.get("state_dtype"))
+    # (exact types: an isinstance check reads an object's __class__, which may be a property
+    # that lies, and the object's __bool__ or __index__ would then run when a kernel call reads it)
     for key in ("master_weights", "stochastic_rounding"):
-        if not isinstance(options.get(key, False), bool):
+        if type(options.get(key, False)) is not bool:
             raise TypeError(f"{key} must be a bool, not {type(options[key]).__name__}")
     seed = options.get("stochastic_rounding_seed")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        if type(seed) is not int or not 0 <= seed < 2**64:
             raise ValueError(f"Invalid stochastic_rounding_seed: {seed!r} (an int in [0, 2**64))")
 
 
@@ -94,47 +96,52 @@ def check_clipping(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) 
 
 
 def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    """A group's options as values of built-in types (and plain tensors), read once: reading a
-    subclass's value (a float subclass's ``__float__``, a Tensor subclass's ``item()``) may run
-    arbitrary code, and none may run once addresses have been handed over (it could free them).
-    ``step`` takes this before anything is checked or packed: the group itself where every
-    option is plain already (the usual case, no copy per step), else a copy."""
-    if type(group) is not dict:
-        # A subclass's reads may run code: every option is read now, as torch reads it.
-        return _plain_copy({key: group[key] for key in list(group)})
-    for key, value in group.items():  # the usual case (every option plain): no call per option
+    """A copy of a group with its options as values of built-in types (and plain tensors), read
+    once: reading a subclass's value (a float subclass's ``__float__``, a Tensor subclass's
+    ``item()``) may run arbitrary code, and none may run once addresses have been handed over
+    (it could free them). ``step`` takes this after the last code of the caller's it runs before
+    the checks (a mode in the clipping norm), and the kernel path reads options from it only:
+    caller code run later (a mode making state) may edit the group itself."""
+    if type(group) is dict and options_are_plain(group):
+        return dict(group)  # the usual case: no call per option
+    # A subclass's reads may run code: every option is read now, as torch reads it.
+    return _plain_copy({key: group[key] for key in list(group)} if type(group) is not dict else group)
+
+
+def options_are_plain(group: dict[str, Any]) -> bool:
+    """Whether every option of ``group`` (a dict) is of a type whose reads run no code, and
+    every key a string: looking an option up compares its name with the keys of equal hash,
+    which runs another type's __eq__."""
+    for key, value in group.items():
         if type(key) is not str:
-            # (looking an option up compares its name with the keys of equal hash: another
-            # type's __eq__ would run then; the kernels read options by name only)
-            return _plain_copy(group)
+            return False
         kind = type(value)
         if kind in _PLAIN_SCALAR_TYPE_SET or key == "params" or (kind is tuple and all(type(v) in _PLAIN_SCALAR_TYPE_SET for v in value)):
             continue
-        if _is_plain(value):  # (tensors, and tuples of them)
-            continue
-        return _plain_copy(group)
-    return group
+        if not _is_plain(value):  # (tensors, and tuples of them)
+            return False
+    return True
 
 
-def _reads_run_no_code(group: dict[str, Any], hyper: dict[str, Any]) -> bool:
+def _reads_run_no_code(group: dict[str, Any]) -> bool:
     """Whether reading ``group`` (its options, params and their grads) runs no code of the
-    caller's: a dict whose options are plain already (``hyper``, its
-    ``plain_hyperparameters``, is the group itself) and whose params are a list of plain
-    tensors (iterating a list subclass may run code)."""
-    params = group["params"] if type(group) is dict else None
-    return hyper is group and type(params) is list and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, params))
+    caller's: a dict whose options are plain and whose params are a list of plain tensors
+    (iterating a list subclass may run code)."""
+    if type(group) is not dict:
+        return False
+    params = group["params"]
+    return options_are_plain(group) and type(params) is list and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, params))
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether elements of ``t`` may share memory (an expanded view): a kernel's staged copy of
+    it could not be written back."""
+    return not t.is_contiguous() and torch._debug_has_internal_overlap(t) != 0
 
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
-    """The group with its options plain and only its keys that are strings."""
-    copy = None
-    for key, value in group.items():
-        plain = value if key == "params" else _plain(value, key)
-        if plain is not value or type(key) is not str:
-            copy = {k: v for k, v in group.items() if type(k) is str} if copy is None else copy
-            if type(key) is str:
-                copy[key] = plain
-    return group if copy is None else copy
+    """A copy of the group with its options plain and only its keys that are strings."""
+    return {key: value if key == "params" else _plain(value, key) for key, value in group.items() if type(key) is str}
 
 
 #: Option types that run no user code when read (and torch.Tensor, where its ops do not
@@ -750,8 +757,6 @@ class KernelOptimizer:
     def _step_groups(self) -> None:
         follow_torch()
         groups = step_groups(self.param_groups)
-        # Read before anything is checked or packed (see plain_hyperparameters).
-        hypers = [plain_hyperparameters(group) for group in groups]
         plans: dict[int, _Plan] = self.__dict__.setdefault("_rsoptim_plans", {})
         for index in [i for i in plans if i >= len(groups)]:
             # The group is gone: let its tensors go, before anything is checked (a finalizer of
@@ -764,10 +769,14 @@ class KernelOptimizer:
         # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
         # caller's mode may run code in it.
         grad_scale = self._grad_scale(groups)
+        # Read after it, before anything is checked or packed (see plain_hyperparameters); and
+        # whether reading them ran no code (else some may be edited in later reads of a group).
+        options_plain = all(type(group) is dict and options_are_plain(group) for group in groups)
+        hypers = [plain_hyperparameters(group) for group in groups]
         work = []
         for index, group in enumerate(groups):
             plan = plans.get(index)
-            calls = plan.kernel_calls(self, group) if plan is not None else None
+            calls = plan.kernel_calls(self, group, hypers[index]) if plan is not None else None
             params = None if calls is not None else self._params_with_grad(group)
             for p in params or ():
                 self._check_extensions_apply(p, group)  # e.g. loaded onto params off the CPU
@@ -782,8 +791,9 @@ class KernelOptimizer:
         # usual case). Only asked with more than one group (a type check per param: 10-12 us a
         # step on 400 params).
         quiet = len(work) == 1 or (
-            type(self.state) is defaultdict
-            and all(map(_reads_run_no_code, groups, hypers))
+            options_plain
+            and type(self.state) is defaultdict
+            and all(map(_reads_run_no_code, groups))
             and plain_state_map(self.state)
         )
         torch_ran = False
@@ -793,7 +803,7 @@ class KernelOptimizer:
                 # other groups (a param subclass's attributes, a Tensor lr's), or torch's
                 # implementation stepping a group before it as the caller would run it (a
                 # caller's mode): they are checked again, right before its kernels.
-                calls = plans[index].kernel_calls(self, group)
+                calls = plans[index].kernel_calls(self, group, hypers[index])
                 params = None if calls is not None else self._params_with_grad(group)
             if calls is not None:
                 torch_stepped_a_call = False
@@ -982,6 +992,8 @@ class KernelOptimizer:
                 buffers[key] = _alias(view(state.get(key)))
                 if not (isinstance(buffers[key], torch.Tensor) and same_kind(buffers[key], target, state_dtype)):
                     return None
+                if _overlaps_itself(buffers[key]):
+                    return None  # (torch's ops refuse to write it, before the param: so does its step here)
             if master:
                 buffers["master_param"] = _alias(view(self._master_copy(p, group, state)))
                 if not (isinstance(buffers["master_param"], torch.Tensor) and same_kind(buffers["master_param"], target, torch.float32)):
@@ -1001,8 +1013,10 @@ class KernelOptimizer:
         """Steps one group in full generality, its grads multiplied by ``grad_scale``; returns a
         plan for the next steps if it can. The kernels take the hyperparameters from ``hyper``
         (``plain_hyperparameters(group)``, read before anything was packed)."""
+        # (Options are read from `hyper` from here on: caller code run by making state, say,
+        # may edit the group, and its reads would then run code after the checks.)
         hyper = hyper if hyper is not None else plain_hyperparameters(group)
-        keys = self._state_keys(group)
+        keys = self._state_keys(hyper)
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
         # So are groups of a subclass of dict, whose reads of an option may run code, which
         # nothing may once the kernels' addresses are read (it could move a param's memory).
@@ -1011,8 +1025,8 @@ class KernelOptimizer:
         kernel_ok = (
             type(group) is dict
             and _STR_SET.issuperset(map(type, group))
-            and self._group_runs_on_kernel(group)
-            and not group.get("differentiable")
+            and self._group_runs_on_kernel(hyper)
+            and not hyper.get("differentiable")
         )
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
@@ -1028,13 +1042,13 @@ class KernelOptimizer:
                         self._init_extension_state(p, group, state)
         # Every state is made (a caller's mode may run code there) before any param is checked,
         # and so are the rounding streams (reading the group's params may run code).
-        rounding = kernel_ok and any(self._rounding_seed(p, group) is not None for p in params)
+        rounding = kernel_ok and any(self._rounding_seed(p, hyper) is not None for p in params)
         streams = dict(zip(map(id, params), self._streams(group, params))) if rounding else {}
         for p in params:
-            buffers = self._kernel_buffers(p, group, keys) if kernel_ok else None
+            buffers = self._kernel_buffers(p, hyper, keys) if kernel_ok else None
             if buffers is not None:
-                step_dtype = step_dtype_name(buffers["step"]) if self._counts_steps(p, group) else "float32"
-                state_dtype = self._state_dtype(p, group)
+                step_dtype = step_dtype_name(buffers["step"]) if self._counts_steps(p, hyper) else "float32"
+                state_dtype = self._state_dtype(p, hyper)
                 state_name = None if state_dtype == p.dtype else KERNEL_DTYPES[state_dtype]
                 buckets.setdefault((KERNEL_DTYPES[p.dtype], step_dtype, state_name), []).append((p, buffers))
             else:
@@ -1044,11 +1058,11 @@ class KernelOptimizer:
         stepped: dict[int, dict[str, Any]] = {}
         for (dtype, step_dtype, state_name), entries in buckets.items():
             bucket = [p for p, _ in entries]
-            extra = ("master_param",) if self._uses_master(bucket[0], group) else ()
+            extra = ("master_param",) if self._uses_master(bucket[0], hyper) else ()
             table = BufferTable(("param", "grad", *keys, *extra), written=frozenset(("param", *keys, *extra)))
             for p, buffers in entries:
                 table.add(buffers["param"], {role: buffers[role] for role in ("grad", *keys, *extra)})
-            steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], group) else []
+            steps = [buffers["step"] for _, buffers in entries] if self._counts_steps(bucket[0], hyper) else []
             for step in steps:  # (checked in _kernel_buffers: code may have run since, reading a later param's state)
                 check_storage(step, "state['step']")
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
@@ -1059,7 +1073,7 @@ class KernelOptimizer:
             )
             call.new_buffers = self._new_buffer_flags(bucket)
             call.grad_scale = grad_scale
-            call.rounding_seed = self._rounding_seed(bucket[0], group)
+            call.rounding_seed = self._rounding_seed(bucket[0], hyper)
             if call.rounding_seed is not None:
                 call.streams = pack(streams[id(p)] for p in bucket)
             call.held = [table, steps]
@@ -1086,7 +1100,7 @@ class KernelOptimizer:
             self._forget_new_state(others)
             self._step_with_torch(group, others, grad_scale)
             return None
-        return _Plan.build(self, group, calls, stepped)
+        return _Plan.build(self, hyper, calls, stepped)  # (the options the calls were made with)
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [False] * len(params)
@@ -1375,8 +1389,9 @@ class _Plan:
             gather_keys=param_keys[0] if _gathers_natively(group, all_have_grads, layouts, param_keys, state_dicts) else None,
         )
 
-    def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any]) -> list[KernelCall] | None:
-        """This step's kernel calls, or None if anything the plan relies on has changed.
+    def kernel_calls(self, opt: KernelOptimizer, group: dict[str, Any], hyper: dict[str, Any]) -> list[KernelCall] | None:
+        """This step's kernel calls, or None if anything the plan relies on has changed. The
+        options are read from ``hyper`` (see plain_hyperparameters).
 
         Written as ``map`` over C-level callables and one native check: this runs once per
         step for every param.
@@ -1391,8 +1406,8 @@ class _Plan:
             or len(params) != len(self.params)
             or not all(map(operator.is_, params, self.params))
             or opt.state is not self.state
-            or not opt._group_runs_on_kernel(group)
-            or opt._plan_signature(group) != self.signature
+            or not opt._group_runs_on_kernel(hyper)
+            or opt._plan_signature(hyper) != self.signature
         ):
             return None
         if self.gather_keys is not None:

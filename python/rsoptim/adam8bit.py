@@ -60,10 +60,12 @@ from ._optimizer import (
     _alias,
     _DTYPE_CODES,
     UINT8_CODE,
+    EXTENSION_DEFAULTS,
     KernelOptimizer,
     check_clipping,
     check_extensions,
     extension_options,
+    options_are_plain,
     plain_hyperparameters,
     plain_state_map,
     scalar,
@@ -649,18 +651,19 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
     def _step_groups(self) -> None:
         follow_torch()
         name = type(self).__name__
-        # The hyperparameters are read first: reading one may run code (a float subclass, a
-        # Tensor lr), and nothing may run between the checks below and the kernels.
         groups = step_groups(self.param_groups)
-        hypers = [self._kernel_hyperparameters(group) for group in groups]
-        # (here too: reading an option that is no built-in value may run its code)
-        plain_options = all(plain_hyperparameters(group) is group for group in groups)
         for group in groups:
             _check_group_options(group, name)  # a group may have been edited
             self._complete_extensions(group)
         # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
         # caller's mode may run code in it.
         grad_scale = self._grad_scale(groups)
+        # The hyperparameters are read after it (the last code of the caller's before the
+        # checks): reading one may run code (a float subclass, a Tensor lr), and nothing may
+        # run between the checks below and the kernels. The kernels read them from here only
+        # (caller code run later, a mode making state, may edit the group).
+        options_plain = all(type(group) is dict and options_are_plain(group) for group in groups)
+        hypers = [self._kernel_hyperparameters(plain_hyperparameters(group)) for group in groups]
         # Everything is checked before anything is stepped: a group whose tensors all pass the
         # one native check of `_native_calls` needs no other; the others are checked param by
         # param.
@@ -676,7 +679,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # params in a list (iterating a subclass of list may run code), and the state map
         # and its dicts have keys whose lookups run no code (see plain_state_map).
         quiet = (
-            plain_options
+            options_plain
+            and all(type(group) is dict and options_are_plain(group) for group in groups)
             and all(calls is not None and type(group["params"]) is list for group, _, _, calls in work)
             and plain_state_map(self.state)
         )
@@ -811,7 +815,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         return True
 
     def _kernel_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters as the kernels take them (plain floats and bools)."""
+        """The hyperparameters of a group (a ``plain_hyperparameters`` copy) as the kernels take
+        them (plain floats and bools), and its extension options as ``extensions``."""
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         return {
@@ -824,6 +829,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             "decoupled_weight_decay": self._decoupled(group),
             # torch's for-loop divides a float32 Tensor lr by the bias correction in float32.
             "lr_is_f32_tensor": isinstance(lr, torch.Tensor) and lr.dtype == torch.float32,
+            "extensions": {key: group.get(key, default) for key, default in EXTENSION_DEFAULTS.items()},
         }
 
     def _check_param_and_state(self, p: torch.Tensor, index: int, group: dict[str, Any], name: str) -> None:
@@ -1021,12 +1027,13 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         rounding stream (by id, read before the checks). ``buffers`` (by role) are checked
         against their storages right before the call: code run since the params' checks (a
         caller's mode making their state, a dict subclass's group) may have shrunk one."""
-        seed = self._rounding_seed(params[0], group)
         hyper = dict(hyper)  # (read by step() before anything was checked: no user code runs now)
         lr_is_f32_tensor = hyper.pop("lr_is_f32_tensor")
+        extensions = hyper.pop("extensions")  # (not the group's: code run since may have edited it)
+        seed = self._rounding_seed(params[0], extensions)
         options = {
             **hyper,
-            "master_params": column("master_param") if self._uses_master(params[0], group) else None,
+            "master_params": column("master_param") if self._uses_master(params[0], extensions) else None,
             "stochastic_rounding_seed": seed,
             "streams": pack(streams[id(p)] for p in params) if seed is not None else None,
             "grad_scale": grad_scale,
