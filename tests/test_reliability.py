@@ -17,6 +17,7 @@ import rsoptim
 from rsoptim import _rsoptim
 from rsoptim import functional as F
 from rsoptim._layout import native_reads
+from rsoptim._optimizer import plain_hyperparameters
 
 INF = float("inf")
 
@@ -173,10 +174,11 @@ def test_a_plan_survives_ordinary_steps():
         opt.step()
     plan = opt._rsoptim_plans[0]
     w.grad = torch.ones(100)
+    group = opt.param_groups[0]
     with native_reads():  # as step() calls it
-        assert plan.kernel_calls(opt, opt.param_groups[0]) is not None
+        assert plan.kernel_calls(opt, group, plain_hyperparameters(group)) is not None
     # With torch function on, a subclass or mode could answer for the memory: no plan then.
-    assert plan.kernel_calls(opt, opt.param_groups[0]) is None
+    assert plan.kernel_calls(opt, group, plain_hyperparameters(group)) is None
 
 
 # --- 3. Hostile input: torch's behaviour is the contract ----------------------------------
