@@ -983,6 +983,32 @@ def test_options_of_the_callers_are_read_as_torch_reads_them(name):
     assert next(group["counter"]) == 0 and next(group["values"]) == 0
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Adam8bit"])
+def test_an_option_whose_read_adds_a_key_to_its_group_is_read_as_torch_reads_it(name):
+    # Reading the options into built-in values walks the group: an option whose __float__
+    # edits the group ("dictionary changed size during iteration" before) steps as in torch.
+    import torch
+
+    import rsoptim
+
+    results = []
+    for cls in (getattr(torch.optim, name.removesuffix("8bit")), getattr(rsoptim, name)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 64))  # (under min_8bit_size: float32 state)
+        p.grad = torch.ones(64)
+        opt = cls([p], lr=0.01)
+        group = opt.param_groups[0]
+
+        class Lr(float):
+            def __float__(self):
+                group["added"] = len(group)
+                return 0.01
+
+        group["lr"] = Lr(0.01)
+        opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0])
+
+
 # Containers and tensors of the caller's whose reads run code: each frees (or shrinks) a
 # param's memory from inside a read that rsoptim made after that param's addresses were
 # checked, before its kernel ran. Each case crashed (a write to freed memory) before it was

@@ -141,7 +141,8 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
     """A copy of the group with its options plain and only its keys that are strings."""
-    return {key: value if key == "params" else _plain(value, key) for key, value in group.items() if type(key) is str}
+    # (over a list of the items: reading an option may run code that edits the group)
+    return {key: value if key == "params" else _plain(value, key) for key, value in list(group.items()) if type(key) is str}
 
 
 #: Option types that run no user code when read (and torch.Tensor, where its ops do not
