@@ -95,23 +95,30 @@ def check_clipping(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) 
     return {"max_grad_norm": max_grad_norm, "norm_type": norm, "error_if_nonfinite": error_if_nonfinite}
 
 
+def read_options(groups: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """Each group's ``plain_hyperparameters``, and whether taking them ran no code of the
+    caller's (every group a dict of plain options: else a read may have edited a group, or one
+    read after the checks may). ``step`` takes these after the last code of the caller's it runs
+    before the checks (a mode in the clipping norm)."""
+    plain = [_options_are_plain(group) for group in groups]
+    return [dict(group) if is_plain else _plain_copy(group) for group, is_plain in zip(groups, plain)], all(plain)
+
+
 def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     """A copy of a group with its options as values of built-in types (and plain tensors), read
     once: reading a subclass's value (a float subclass's ``__float__``, a Tensor subclass's
     ``item()``) may run arbitrary code, and none may run once addresses have been handed over
-    (it could free them). ``step`` takes this after the last code of the caller's it runs before
-    the checks (a mode in the clipping norm), and the kernel path reads options from it only:
-    caller code run later (a mode making state) may edit the group itself."""
-    if type(group) is dict and options_are_plain(group):
-        return dict(group)  # the usual case: no call per option
-    # A subclass's reads may run code: every option is read now, as torch reads it.
-    return _plain_copy({key: group[key] for key in list(group)} if type(group) is not dict else group)
+    (it could free them). The kernel path reads options from this copy only: caller code run
+    after it was taken (a mode making state) may edit the group itself."""
+    return dict(group) if _options_are_plain(group) else _plain_copy(group)
 
 
-def options_are_plain(group: dict[str, Any]) -> bool:
-    """Whether every option of ``group`` (a dict) is of a type whose reads run no code, and
-    every key a string: looking an option up compares its name with the keys of equal hash,
-    which runs another type's __eq__."""
+def _options_are_plain(group: dict[str, Any]) -> bool:
+    """Whether ``group`` is a dict whose every option is of a type whose reads run no code, and
+    whose every key is a string: looking an option up compares its name with the keys of
+    equal hash, which runs another type's __eq__."""
+    if type(group) is not dict:
+        return False  # (a subclass's reads may run code)
     for key, value in group.items():
         if type(key) is not str:
             return False
@@ -123,14 +130,11 @@ def options_are_plain(group: dict[str, Any]) -> bool:
     return True
 
 
-def _reads_run_no_code(group: dict[str, Any]) -> bool:
-    """Whether reading ``group`` (its options, params and their grads) runs no code of the
-    caller's: a dict whose options are plain and whose params are a list of plain tensors
-    (iterating a list subclass may run code)."""
-    if type(group) is not dict:
-        return False
+def _params_are_plain(group: dict[str, Any]) -> bool:
+    """Whether reading the params of ``group`` (a dict of plain options) and their grads runs
+    no code of the caller's: a list (iterating a list subclass may run code) of plain tensors."""
     params = group["params"]
-    return options_are_plain(group) and type(params) is list and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, params))
+    return type(params) is list and _PLAIN_TENSOR_TYPE_SET.issuperset(map(type, params))
 
 
 def _overlaps_itself(t: torch.Tensor) -> bool:
@@ -140,9 +144,11 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
 
 
 def _plain_copy(group: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the group with its options plain and only its keys that are strings."""
+    """A copy of the group with its options plain and only its keys that are strings, each
+    read once, as torch reads it (a dict subclass's through its __getitem__)."""
     # (over a list of the items: reading an option may run code that edits the group)
-    return {key: value if key == "params" else _plain(value, key) for key, value in list(group.items()) if type(key) is str}
+    items = list(group.items()) if type(group) is dict else [(key, group[key]) for key in list(group)]
+    return {key: value if key == "params" else _plain(value, key) for key, value in items if type(key) is str}
 
 
 #: Option types that run no user code when read (and torch.Tensor, where its ops do not
@@ -770,10 +776,8 @@ class KernelOptimizer:
         # Before anything is checked: the norm runs as the caller's clip_grad_norm_ would, so a
         # caller's mode may run code in it.
         grad_scale = self._grad_scale(groups)
-        # Read after it, before anything is checked or packed (see plain_hyperparameters); and
-        # whether reading them ran no code (else some may be edited in later reads of a group).
-        options_plain = all(type(group) is dict and options_are_plain(group) for group in groups)
-        hypers = [plain_hyperparameters(group) for group in groups]
+        # Read after it, before anything is checked or packed (see read_options).
+        hypers, options_plain = read_options(groups)
         work = []
         for index, group in enumerate(groups):
             plan = plans.get(index)
@@ -794,7 +798,7 @@ class KernelOptimizer:
         quiet = len(work) == 1 or (
             options_plain
             and type(self.state) is defaultdict
-            and all(map(_reads_run_no_code, groups))
+            and all(map(_params_are_plain, groups))
             and plain_state_map(self.state)
         )
         torch_ran = False
@@ -1019,16 +1023,9 @@ class KernelOptimizer:
         hyper = hyper if hyper is not None else plain_hyperparameters(group)
         keys = self._state_keys(hyper)
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
-        # So are groups of a subclass of dict, whose reads of an option may run code, which
-        # nothing may once the kernels' addresses are read (it could move a param's memory).
-        # So are groups with a key that is not a string (looking an option up may run its
-        # __eq__, see plain_hyperparameters): the group is read after the checks below.
-        kernel_ok = (
-            type(group) is dict
-            and _STR_SET.issuperset(map(type, group))
-            and self._group_runs_on_kernel(hyper)
-            and not hyper.get("differentiable")
-        )
+        # So are groups of a subclass of dict, whose reads of an option may run code (as torch's
+        # implementation reads them).
+        kernel_ok = type(group) is dict and self._group_runs_on_kernel(hyper) and not hyper.get("differentiable")
         buckets: dict[tuple[str, str], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         others: list[torch.Tensor] = []
         for p in params:

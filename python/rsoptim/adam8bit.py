@@ -65,8 +65,7 @@ from ._optimizer import (
     check_clipping,
     check_extensions,
     extension_options,
-    options_are_plain,
-    plain_hyperparameters,
+    read_options,
     plain_state_map,
     scalar,
     step_groups,
@@ -662,8 +661,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # checks): reading one may run code (a float subclass, a Tensor lr), and nothing may
         # run between the checks below and the kernels. The kernels read them from here only
         # (caller code run later, a mode making state, may edit the group).
-        options_plain = all(type(group) is dict and options_are_plain(group) for group in groups)
-        hypers = [self._kernel_hyperparameters(plain_hyperparameters(group)) for group in groups]
+        options, options_plain = read_options(groups)
+        hypers = list(map(self._kernel_hyperparameters, options))
         # Everything is checked before anything is stepped: a group whose tensors all pass the
         # one native check of `_native_calls` needs no other; the others are checked param by
         # param.
@@ -680,7 +679,6 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # and its dicts have keys whose lookups run no code (see plain_state_map).
         quiet = (
             options_plain
-            and all(type(group) is dict and options_are_plain(group) for group in groups)
             and all(calls is not None and type(group["params"]) is list for group, _, _, calls in work)
             and plain_state_map(self.state)
         )
@@ -695,7 +693,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                     if calls is None:
                         self._check_params(group, name)
                 if calls is not None:
-                    refused = [call for call in calls if not self._run_native_call(group, call, grad_scale, hyper)]
+                    refused = [call for call in calls if not self._run_native_call(call, grad_scale, hyper)]
                     if refused:
                         # Params that share memory (refused before anything was written): as on
                         # the per-param path, torch's ops step them after the kernels.
@@ -729,8 +727,6 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         # param subclass when hashed): between this check and the kernels, nothing may.
         if not params or type(group) is not dict or type(self.state) is not defaultdict:
             return None
-        if not all(type(key) is str for key in group):
-            return None  # (the kernel call looks options up: a key of another type's __eq__ could run)
         if not self._group_runs_on_kernel(group):
             return None
         if group.get("master_weights") or group.get("stochastic_rounding") or len(set(map(id, params))) != len(params):
@@ -803,12 +799,12 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             at += len(roles)
         return list(calls.values())
 
-    def _run_native_call(self, group: dict[str, Any], call: _NativeCall, grad_scale: float, hyper: dict[str, Any]) -> bool:
+    def _run_native_call(self, call: _NativeCall, grad_scale: float, hyper: dict[str, Any]) -> bool:
         """Runs ``call`` (see ``_native_calls``); False if the kernel refused buffers that share
         memory (it wrote nothing)."""
         columns = {role: pack(words) for role, words in call.columns.items()}
         try:
-            self._run_kernel(group, call.eight_bit, call.dtype, call.step_dtype, call.params, columns.__getitem__, pack(call.numels), grad_scale, hyper, {})
+            self._run_kernel(call.eight_bit, call.dtype, call.step_dtype, call.params, columns.__getitem__, pack(call.numels), grad_scale, hyper, {})
         except _rsoptim.BufferOverlapError:
             return False
         increment_version(call.params)  # as torch's in-place ops do
@@ -944,7 +940,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             buffers = [(role, t) for _, tensors in entries for role, t in tensors.buffers.items()]
             try:
                 self._run_kernel(
-                    group, eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper, streams, buffers
+                    eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper, streams, buffers
                 )
             except _rsoptim.BufferOverlapError:
                 # Params that share memory (overlapping views): torch's ops step them one after
@@ -1008,7 +1004,6 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
 
     def _run_kernel(
         self,
-        group: dict[str, Any],
         eight_bit: bool,
         dtype: str,
         step_dtype: str,
