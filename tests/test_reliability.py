@@ -338,6 +338,54 @@ def test_threads_stepping_the_same_params_lose_no_update():
     assert torch.equal(w.detach(), torch.full((n,), -2.0 * steps))
 
 
+@pytest.mark.parametrize(
+    "dtype, options",
+    [(torch.float32, {}), (torch.float32, {"nesterov": True}), (torch.bfloat16, {}), (torch.bfloat16, {"stochastic_rounding": True})],
+)
+def test_two_threads_making_sgd_momentum_at_once_read_no_uninitialised_buffer(dtype, options):
+    """Two threads step one SGD optimizer at once from its first step. A momentum buffer made
+    by one thread can be found by the other before the maker's kernel writes it: it must read
+    as torch's does (a clone of the grad), and each kernel must be told which buffers are its
+    own new ones. So every buffer ends as one step or two steps in a row leave it. Before, they
+    were made uninitialised, and the new-buffer flags were one set per optimizer, emptied by
+    either thread: buffers ended as garbage (1e27, NaN) in nearly every trial."""
+    grad = torch.ones(64, dtype=dtype)
+
+    def sequential(steps):
+        p = torch.nn.Parameter(torch.zeros(64, dtype=dtype))
+        p.grad = grad.clone()
+        opt = rsoptim.SGD([p], lr=0.01, momentum=0.9, **options)
+        for _ in range(steps):
+            opt.step()
+        return opt.state[p]["momentum_buffer"]
+
+    allowed = [sequential(1), sequential(2)]
+    for trial in range(5):
+        params = [torch.nn.Parameter(torch.zeros(64, dtype=dtype)) for _ in range(2000)]
+        for p in params:
+            p.grad = grad.clone()
+        opt = rsoptim.SGD(params, lr=0.01, momentum=0.9, **options)
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def work():
+            try:
+                barrier.wait()
+                opt.step()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        odd = [i for i, p in enumerate(params) if not any(torch.equal(opt.state[p]["momentum_buffer"], a) for a in allowed)]
+        assert not odd, (trial, len(odd), opt.state[params[odd[0]]]["momentum_buffer"][:4])
+        assert all(p.isfinite().all() for p in params)
+
+
 _SWAP_DURING_STEPS = """
 import sys, threading, torch, rsoptim
 from rsoptim import _optimizer

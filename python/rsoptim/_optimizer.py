@@ -839,9 +839,12 @@ class KernelOptimizer:
                 # differentiable=True: torch's implementation steps the group with autograd on, as
                 # torch.optim does (see _step_group).
                 with torch.set_grad_enabled(bool(group.get("differentiable"))):
-                    plans[index] = self._step_group(group, params, grad_scale, hypers[index])  # type: ignore[assignment]
-                if plans[index] is None:
-                    del plans[index]
+                    plan = self._step_group(group, params, grad_scale, hypers[index])
+                # (Another thread stepping this optimizer may have dropped the entry meanwhile.)
+                if plan is None:
+                    plans.pop(index, None)
+                else:
+                    plans[index] = plan
                 torch_ran = True  # (it may have stepped some params with torch's implementation)
         if any(g.get("master_weights") for g in groups):
             self._record_master_versions(groups)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -86,12 +87,15 @@ class SGD(KernelOptimizer, torch.optim.SGD):
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # torch creates the momentum buffer on a param's first step as a clone of the grad (with
-        # the grad's strides). Here it is allocated like the grad and filled by the kernel, which
-        # is told the buffer is new; should the step not run on the kernel, the buffer is
-        # removed again (see _forget_new_state) and torch creates its own.
+        # the grad's strides). Here the kernel is told the buffer is new and writes it; should
+        # the step not run on the kernel, the buffer is removed again (see _forget_new_state)
+        # and torch creates its own. It is made a copy of the grad all the same, not left
+        # uninitialised: another thread stepping this optimizer at the same time may find it
+        # before this thread's kernel has written it, and reads it as torch's would, a clone.
         if group["momentum"] != 0 and self._param_runs_on_kernel(p, group, p.grad):
             dtype = self._state_dtype(p, group)
-            state["momentum_buffer"] = torch.empty_like(p.grad, dtype=dtype, memory_format=torch.preserve_format)
+            buffer = torch.empty_like(p.grad, dtype=dtype, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = buffer.copy_(p.grad).detach()
             self._new_buffers.add(p)
 
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
@@ -107,14 +111,28 @@ class SGD(KernelOptimizer, torch.optim.SGD):
             # As torch's _init_group: once, on the first param with a grad.
             _device_dtype_check_for_fused(params[0])
             self._need_device_dtype_check_for_fused = False
-        self._new_buffers: set[torch.Tensor] = set()
+        # The buffers this call made for its kernel to fill, kept per thread: two threads may
+        # step this optimizer at once, and each kernel must be told which buffers are its own
+        # new ones. (Saved and put back: a caller's mode run while state is made may step it.)
+        by_thread = self.__dict__.setdefault("_rsoptim_new_buffers", {})
+        thread = threading.get_ident()
+        outer = by_thread.get(thread)
+        by_thread[thread] = new_buffers = set()
         try:
             return super()._step_group(group, params, grad_scale, hyper)
         except BaseException:
-            self._forget_new_state(list(self._new_buffers))
+            self._forget_new_state(list(new_buffers))
             raise
         finally:
-            self._new_buffers = set()
+            if outer is None:
+                del by_thread[thread]
+            else:
+                by_thread[thread] = outer
+
+    @property
+    def _new_buffers(self) -> set[torch.Tensor]:
+        """The buffers that this thread's ``_step_group`` has made for its kernel to fill."""
+        return self.__dict__["_rsoptim_new_buffers"][threading.get_ident()]
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
         return [p in self._new_buffers for p in params]
