@@ -386,6 +386,53 @@ def test_two_threads_making_sgd_momentum_at_once_read_no_uninitialised_buffer(dt
         assert all(p.isfinite().all() for p in params)
 
 
+_RACING_OPTIMIZERS = {
+    "SGD": (torch.float32, lambda ps: rsoptim.SGD(ps, lr=0.01, momentum=0.9, nesterov=True)),
+    "Adam": (torch.float32, lambda ps: rsoptim.Adam(ps, lr=0.01, amsgrad=True)),
+    "AdamW clipped": (torch.float32, lambda ps: rsoptim.AdamW(ps, lr=0.01, max_grad_norm=1.0)),
+    "RMSprop": (torch.float32, lambda ps: rsoptim.RMSprop(ps, lr=0.01, momentum=0.5)),
+    "Adam8bit": (torch.float32, lambda ps: rsoptim.Adam8bit(ps, lr=0.01, min_8bit_size=64)),
+    "Adam master": (torch.bfloat16, lambda ps: rsoptim.Adam(ps, lr=0.01, master_weights=True)),
+    "SGD rounded": (torch.bfloat16, lambda ps: rsoptim.SGD(ps, lr=0.01, momentum=0.9, stochastic_rounding=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(_RACING_OPTIMIZERS))
+def test_two_threads_stepping_one_optimizer_move_each_param_no_further_than_their_steps_can(name):
+    """Two threads step one optimizer three times each, at once, from its first step (state
+    made by one and found by the other, plans built and used by both). Whatever order their
+    updates land in, no param may move further than six steps can move it: Adam's steps are
+    at most lr each (the grads are constant), SGD's (Nesterov) at most lr * 2 / (1 - momentum),
+    RMSprop's at most lr / sqrt(1 - alpha) * 2. A value read from memory never written
+    (NaN, 1e27) goes beyond that."""
+    dtype, make = _RACING_OPTIMIZERS[name]
+    bound = {"SGD": 20, "SGD rounded": 20, "RMSprop": 20}.get(name, 1.01) * 0.01 * 6
+    params = [torch.nn.Parameter(torch.zeros(256, dtype=dtype)) for _ in range(600)]
+    for p in params:
+        p.grad = torch.ones(256, dtype=dtype)
+    opt = make(params)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def work():
+        try:
+            barrier.wait()
+            for _ in range(3):
+                opt.step()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    moved = torch.stack([p.detach().float() for p in params]).abs()
+    assert moved.isfinite().all() and moved.max() <= bound, moved.max()
+    assert moved.min() > 0  # (every param was stepped)
+
+
 _SWAP_DURING_STEPS = """
 import sys, threading, torch, rsoptim
 from rsoptim import _optimizer
