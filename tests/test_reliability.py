@@ -310,6 +310,36 @@ def test_clip_of_one_param_listed_twice_scales_as_torch_does():
 # --- 4. Threads stepping the same params do not race ---------------------------------------
 
 
+def _at_once(*steps):
+    """Runs each callable in a thread of its own, all released together; re-raises the first
+    error any of them raised."""
+    barrier = threading.Barrier(len(steps))
+    errors = []
+
+    def work(step):
+        try:
+            barrier.wait()
+            step()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(step,)) for step in steps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _steps(opt, count):
+    def run():
+        for _ in range(count):
+            opt.step()
+
+    return run
+
+
 def test_threads_stepping_the_same_params_lose_no_update():
     # Two optimizers over one param, stepped from two threads at once. Every update adds exactly
     # -1 (lr 1, grad 1: exact in float32), so any two kernels writing the param at the same time
@@ -317,24 +347,7 @@ def test_threads_stepping_the_same_params_lose_no_update():
     n, steps = 1 << 21, 40
     w = torch.zeros(n, requires_grad=True)
     w.grad = torch.ones(n)
-    opts = [rsoptim.SGD([w], lr=1.0), rsoptim.SGD([w], lr=1.0)]
-    barrier = threading.Barrier(2)
-    errors = []
-
-    def work(opt):
-        try:
-            barrier.wait()
-            for _ in range(steps):
-                opt.step()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(o,)) for o in opts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    _at_once(_steps(rsoptim.SGD([w], lr=1.0), steps), _steps(rsoptim.SGD([w], lr=1.0), steps))
     assert torch.equal(w.detach(), torch.full((n,), -2.0 * steps))
 
 
@@ -365,22 +378,7 @@ def test_two_threads_making_sgd_momentum_at_once_read_no_uninitialised_buffer(dt
         for p in params:
             p.grad = grad.clone()
         opt = rsoptim.SGD(params, lr=0.01, momentum=0.9, **options)
-        barrier = threading.Barrier(2)
-        errors = []
-
-        def work():
-            try:
-                barrier.wait()
-                opt.step()
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        _at_once(opt.step, opt.step)
         odd = [i for i, p in enumerate(params) if not any(torch.equal(opt.state[p]["momentum_buffer"], a) for a in allowed)]
         assert not odd, (trial, len(odd), opt.state[params[odd[0]]]["momentum_buffer"][:4])
         assert all(p.isfinite().all() for p in params)
@@ -411,23 +409,7 @@ def test_two_threads_stepping_one_optimizer_move_each_param_no_further_than_thei
     for p in params:
         p.grad = torch.ones(256, dtype=dtype)
     opt = make(params)
-    barrier = threading.Barrier(2)
-    errors = []
-
-    def work():
-        try:
-            barrier.wait()
-            for _ in range(3):
-                opt.step()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    _at_once(_steps(opt, 3), _steps(opt, 3))
     moved = torch.stack([p.detach().float() for p in params]).abs()
     assert moved.isfinite().all() and moved.max() <= bound, moved.max()
     assert moved.min() > 0  # (every param was stepped)
