@@ -110,7 +110,8 @@ def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     ``item()``) may run arbitrary code, and none may run once addresses have been handed over
     (it could free them). The kernel path reads options from this copy only: caller code run
     after it was taken (a mode making state) may edit the group itself."""
-    return dict(group) if _options_are_plain(group) else _plain_copy(group)
+    (hyper,), _ = read_options([group])
+    return hyper
 
 
 def _options_are_plain(group: dict[str, Any]) -> bool:
@@ -1015,15 +1016,12 @@ class KernelOptimizer:
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
         """Undoes state this step created for ``params`` that torch would create otherwise."""
 
-    def _step_group(
-        self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0, hyper: dict[str, Any] | None = None
-    ) -> _Plan | None:
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float, hyper: dict[str, Any]) -> _Plan | None:
         """Steps one group in full generality, its grads multiplied by ``grad_scale``; returns a
         plan for the next steps if it can. The kernels take the hyperparameters from ``hyper``
         (``plain_hyperparameters(group)``, read before anything was packed)."""
         # (Options are read from `hyper` from here on: caller code run by making state, say,
         # may edit the group, and its reads would then run code after the checks.)
-        hyper = hyper if hyper is not None else plain_hyperparameters(group)
         keys = self._state_keys(hyper)
         # The kernels update tensors outside autograd: differentiable groups are torch's to step.
         # So are groups of a subclass of dict, whose reads of an option may run code (as torch's

@@ -94,19 +94,17 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         # before this thread's kernel has written it, and reads it as torch's would, a clone.
         if group["momentum"] != 0 and self._param_runs_on_kernel(p, group, p.grad):
             dtype = self._state_dtype(p, group)
-            buffer = torch.empty_like(p.grad, dtype=dtype, memory_format=torch.preserve_format)
-            state["momentum_buffer"] = buffer.copy_(p.grad).detach()
+            state["momentum_buffer"] = p.grad.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
             self._new_buffers.add(p)
 
     def _forget_new_state(self, params: list[torch.Tensor]) -> None:
+        new_buffers = self._new_buffers
         for p in params:
-            if p in self._new_buffers:
+            if p in new_buffers:
                 self.state[p].pop("momentum_buffer", None)
-                self._new_buffers.discard(p)
+                new_buffers.discard(p)
 
-    def _step_group(
-        self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float = 1.0, hyper: dict[str, Any] | None = None
-    ) -> Any:
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], grad_scale: float, hyper: dict[str, Any]) -> Any:
         if group["fused"] and params and getattr(self, "_need_device_dtype_check_for_fused", True):
             # As torch's _init_group: once, on the first param with a grad.
             _device_dtype_check_for_fused(params[0])
@@ -135,7 +133,8 @@ class SGD(KernelOptimizer, torch.optim.SGD):
         return self.__dict__["_rsoptim_new_buffers"][threading.get_ident()]
 
     def _new_buffer_flags(self, params: list[torch.Tensor]) -> list[bool]:
-        return [p in self._new_buffers for p in params]
+        new_buffers = self._new_buffers
+        return [p in new_buffers for p in params]
 
     def _keep_new_state(self, params: list[torch.Tensor]) -> None:
         self._new_buffers.difference_update(params)
