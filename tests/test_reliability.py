@@ -157,6 +157,118 @@ def test_a_storage_shrunk_in_place_is_refused_not_written(name, target, plan):
         opt.step()
 
 
+#: The native calls that walk the memory of tensors the caller hands over.
+_KERNELS = [_rsoptim.adam_step, _rsoptim.adam8bit_step, _rsoptim.sgd_step, _rsoptim.rmsprop_step, _rsoptim.tensor_norms, _rsoptim.scale_]
+
+
+def _run_resizing(run, targets_of, every_call):
+    """``run()`` with the storage of each tensor ``targets_of()`` names resized in place (to its
+    own size: new memory, the same values, the old block freed) right before a kernel call is
+    made: after every check of the Python layer, where a signal handler or another thread can
+    run code too (``sys.setprofile`` reports the call before it is made). On the first kernel
+    call, or with ``every_call`` on each. Returns how many resizes were made."""
+    import sys
+
+    resized = [0]
+
+    def profile(frame, event, arg):
+        if event == "c_call" and any(arg is k for k in _KERNELS) and (every_call or not resized[0]):
+            for t in targets_of():
+                storage = t.untyped_storage()
+                before = storage.data_ptr()
+                storage.resize_(storage.nbytes())
+                assert storage.data_ptr() != before  # (torch always moves a resized storage)
+            resized[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return resized[0]
+
+
+_RESIZED_TARGETS = {
+    "param": lambda opt, ps: ps,
+    "grad": lambda opt, ps: [p.grad for p in ps],
+    "state": lambda opt, ps: [t for p in ps for k, t in opt.state[p].items() if k != "step" and t.numel() > 1],
+    "step": lambda opt, ps: [opt.state[p]["step"] for p in ps],
+}
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("Adam", {}),
+        ("AdamW", {"max_grad_norm": 0.01}),
+        ("SGD", {"momentum": 0.9}),
+        ("RMSprop", {"centered": True}),
+        ("AdamW8bit", {}),
+        ("AdamW8bit", {"max_grad_norm": 0.01}),
+    ],
+)
+@pytest.mark.parametrize("target", list(_RESIZED_TARGETS))
+@pytest.mark.parametrize("plan", [True, False], ids=["planned step", "first step"])
+@pytest.mark.parametrize("every_call", [False, True], ids=["once", "every call"])
+def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call):
+    """A storage resized in place after the Python layer's last check and before its kernel
+    runs (by a signal handler, say: the fourth review crashed a step in about 3 s with a
+    ``SIGALRM`` handler resizing a param's storage every 2 ms) must not be written where it was:
+    each kernel checks, natively and right before it runs, that every tensor it was handed is
+    still where its address was read, and steps nothing if one moved; the params move to memory
+    the general path (or torch's ops) then steps. Before, the kernel wrote the freed block and
+    the param kept its old values. Compared with the same steps without the resizes."""
+    if target == "step" and (not plan or name == "SGD"):
+        pytest.skip("a first step's counts are made by it; SGD counts none")
+    torch.manual_seed(0)
+    sizes = (5000, 300, 7)  # (8-bit codes from min_8bit_size=4096; the others float32 state)
+    start = [torch.randn(n) for n in sizes]
+    grads = [[torch.randn(n) for n in sizes] for _ in range(3)]
+
+    def make():
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        return ps, getattr(rsoptim, name)(ps, lr=1e-2, **options)
+
+    def steps(opt, ps, attack):
+        for k, gs in enumerate(grads):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            if attack and k == (1 if plan else 0):
+                made = _run_resizing(opt.step, lambda: _RESIZED_TARGETS[target](opt, ps), every_call)
+                assert made >= 1
+            else:
+                opt.step()
+
+    ps, opt = make()
+    steps(opt, ps, attack=True)
+    quiet_ps, quiet = make()
+    steps(quiet, quiet_ps, attack=False)
+    for p, q in zip(ps, quiet_ps):
+        torch.testing.assert_close(p.detach(), q.detach())
+    for p, q in zip(ps, quiet_ps):
+        for key, value in quiet.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value)
+
+
+def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they_are():
+    """As above for ``clip_grad_norm_``: the grads' storages resized right before the norm and
+    the scale kernels."""
+    torch.manual_seed(0)
+    grads = [torch.randn(n) for n in (5000, 300, 7)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    total = []
+    made = _run_resizing(lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), lambda: [p.grad for p in params], True)
+    assert made >= 1
+    reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(reference, grads):
+        p.grad = g.clone()
+    torch.testing.assert_close(total[0], torch.nn.utils.clip_grad_norm_(reference, 0.5))
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_clip_refuses_a_grad_whose_storage_was_shrunk():
     p = torch.zeros(1 << 16, requires_grad=True)
     p.grad = torch.ones(1 << 16)

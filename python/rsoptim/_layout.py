@@ -147,7 +147,9 @@ class BufferTable:
         self.numels: list[int] = []
         self.columns: dict[str, list[int]] = {role: [] for role in roles}
         self._written = written
-        self._held: list[torch.Tensor] = []
+        #: Every tensor whose address a column has, and that address, in the same order.
+        self.held: list[torch.Tensor] = []
+        self.addresses: list[int] = []
         self._copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, param: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
@@ -161,8 +163,7 @@ class BufferTable:
             self._copy_back.append((p, dense))
             p = dense
         self.numels.append(p.numel())
-        self.columns["param"].append(p.data_ptr())
-        self._held.append(p)
+        self._hand_over("param", p)
         for role, tensor in buffers.items():
             check_storage(tensor, role)
             t = as_real(tensor)
@@ -172,8 +173,13 @@ class BufferTable:
                 if role in self._written:
                     self._copy_back.append((t, staged))
                 t = staged
-            self.columns[role].append(t.data_ptr())
-            self._held.append(t)
+            self._hand_over(role, t)
+
+    def _hand_over(self, role: str, t: torch.Tensor) -> None:
+        address = t.data_ptr()
+        self.columns[role].append(address)
+        self.held.append(t)
+        self.addresses.append(address)
 
     def write_back(self) -> None:
         for target, staged in self._copy_back:

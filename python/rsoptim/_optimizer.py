@@ -303,15 +303,38 @@ class KernelCall:
     grad_scale: float = 1.0
     # The local shards of DTensor params (a write bumps the version of each, and of its DTensor).
     local_params: list[torch.Tensor] = field(default_factory=list)
+    # The kernel's last check (see ``unmoved``): tensors the call holds, and the packed addresses
+    # its columns took from them.
+    guard: tuple[list[torch.Tensor], bytes] | None = None
 
     def extensions(self) -> dict[str, Any]:
-        """The kernels' keyword arguments for master copies and stochastic rounding."""
+        """The kernels' keyword arguments for master copies, stochastic rounding, clipping and
+        their last check."""
         return {
             "master_params": self.columns.get("master_param"),
             "stochastic_rounding_seed": self.rounding_seed,
             "streams": self.streams,
             "grad_scale": self.grad_scale,
+            **unmoved(self.guard),
         }
+
+
+def unmoved(guard: tuple[list[torch.Tensor], bytes] | None) -> dict[str, Any]:
+    """The kernels' keyword arguments for their last check, made natively right before the
+    kernel runs: each tensor of ``guard`` (plain tensors the call holds) still has its data at
+    the address packed with it, the one the call's columns took. Between the checks and the
+    kernel call, Python runs signal handlers and lets other threads take the GIL, and code there
+    may resize a storage in place, which moves its memory; the kernel then raises
+    ``_rsoptim.MemoryMovedError`` having written nothing (see ``NOTHING_WRITTEN``)."""
+    if guard is None:
+        return {}
+    return {"guard_tensors": guard[0], "guard_addresses": guard[1]}
+
+
+#: A kernel refused its call and wrote nothing: buffers that share memory, or memory that moved
+#: after the checks. Either way torch's implementation steps those params (it reads every
+#: address afresh), and a step plan is made again.
+NOTHING_WRITTEN = (_rsoptim.BufferOverlapError, _rsoptim.MemoryMovedError)
 
 
 def with_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -824,6 +847,16 @@ class KernelOptimizer:
                         continue
                     try:
                         self._kernel_call(hypers[index], call)
+                    except _rsoptim.MemoryMovedError:
+                        # Memory moved since the checks (another thread's `p.data = ...`, or a
+                        # storage resized in place by code run in between; nothing was written):
+                        # the general path checks these params again, on private aliases that
+                        # only a resize in place moves, and the plan is rebuilt.
+                        plans.pop(index, None)
+                        with torch.no_grad():
+                            self._step_group(group, call.params, grad_scale, hypers[index])
+                        torch_ran = torch_stepped_a_call = True  # (it may have run torch's implementation)
+                        continue
                     except _rsoptim.BufferOverlapError:
                         # A grad now shares memory with a param or state (refused before anything
                         # was written): torch steps these params, and the plan is rebuilt.
@@ -1067,20 +1100,21 @@ class KernelOptimizer:
             columns = {role: pack(addrs) for role, addrs in table.columns.items()}
             # (The buffers and step counts are private aliases, see _kernel_buffers: held here,
             # they hold the memory until the kernels return.)
-            call = KernelCall(
-                dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(map(torch.Tensor.data_ptr, steps))
-            )
+            step_addrs = list(map(torch.Tensor.data_ptr, steps))
+            call = KernelCall(dtype, step_dtype, state_name, bucket, pack(table.numels), columns, pack(step_addrs))
             call.new_buffers = self._new_buffer_flags(bucket)
             call.grad_scale = grad_scale
             call.rounding_seed = self._rounding_seed(bucket[0], hyper)
             if call.rounding_seed is not None:
                 call.streams = pack(streams[id(p)] for p in bucket)
             call.held = [table, steps]
+            call.guard = (table.held + steps, pack([*table.addresses, *step_addrs]))
             try:
                 self._kernel_call(hyper, call)
-            except _rsoptim.BufferOverlapError:
+            except NOTHING_WRITTEN:
                 # Params that share memory (one param twice, overlapping views): torch steps them
                 # one after another, and so does its implementation here. Nothing was written.
+                # (So it does where memory moved after the checks: see `unmoved`.)
                 self._forget_new_state(bucket)
                 others.extend(bucket)
                 continue
@@ -1485,11 +1519,12 @@ class _Plan:
         # stepping one optimizer never see each other's columns. Each holds the tensors it was
         # checked with (whose memory its columns point at) until its kernel returns.
         held = [tensors, grad_storages, self.storages]
+        guard = (tensors, addrs)  # (each call checks them all: one pass over a few words each)
         if len(self.calls) == 1:
-            return [_with_grads(self.calls[0], grad_addrs, held)]
+            return [_with_grads(self.calls[0], grad_addrs, held, guard)]
         grad_words = array("Q", grad_addrs)
         return [
-            _with_grads(call, pack([grad_words[i] for i in indices]), held)
+            _with_grads(call, pack([grad_words[i] for i in indices]), held, guard)
             for call, indices in zip(self.calls, self.grads_of_call)
         ]
 
@@ -1518,11 +1553,12 @@ def _alias(t: Any) -> Any:
     return t.data if isinstance(t, torch.Tensor) else t
 
 
-def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any]) -> KernelCall:
-    """A copy of a plan's call with this step's grads (``dataclasses.replace`` without its
-    re-validation: about 2 us per step on small steps)."""
+def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any], guard: tuple[list[Any], bytes]) -> KernelCall:
+    """A copy of a plan's call with this step's grads and last check (``dataclasses.replace``
+    without its re-validation: about 2 us per step on small steps)."""
     copy = object.__new__(KernelCall)
     copy.__dict__.update(call.__dict__)
     copy.columns = {**call.columns, "grad": grad_addrs}
     copy.held = held
+    copy.guard = guard
     return copy

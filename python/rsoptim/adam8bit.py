@@ -57,6 +57,7 @@ from ._layout import (
     step_dtype_name,
 )
 from ._optimizer import (
+    NOTHING_WRITTEN,
     _alias,
     _DTYPE_CODES,
     UINT8_CODE,
@@ -69,6 +70,7 @@ from ._optimizer import (
     plain_state_map,
     scalar,
     step_groups,
+    unmoved,
     with_step_hooks,
 )
 from ._threads import follow_torch
@@ -501,6 +503,8 @@ class _NativeCall:
     dtype: str
     step_dtype: str
     held: list[Any]
+    # The kernel's last check (see ``unmoved``): every tensor checked, and its packed address.
+    guard: tuple[list[Any], bytes] | None = None
     params: list[torch.Tensor] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
     columns: dict[str, list[int]] = field(default_factory=lambda: {role: [] for role in ("param", "grad", *_EIGHT_BIT_ROLES)})
@@ -789,7 +793,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             roles = _EIGHT_BIT_ROLES if kind[0] else _FLOAT_ROLES
             call = calls.get(kind)
             if call is None:
-                call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=held)
+                call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=held, guard=(tensors, addresses))
             call.params.append(p)
             call.numels.append(numels[i])
             call.columns["param"].append(words[i])
@@ -801,11 +805,14 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
 
     def _run_native_call(self, call: _NativeCall, grad_scale: float, hyper: dict[str, Any]) -> bool:
         """Runs ``call`` (see ``_native_calls``); False if the kernel refused buffers that share
-        memory (it wrote nothing)."""
+        memory, or memory that moved since the checks (it wrote nothing)."""
         columns = {role: pack(words) for role, words in call.columns.items()}
         try:
-            self._run_kernel(call.eight_bit, call.dtype, call.step_dtype, call.params, columns.__getitem__, pack(call.numels), grad_scale, hyper, {})
-        except _rsoptim.BufferOverlapError:
+            self._run_kernel(
+                call.eight_bit, call.dtype, call.step_dtype, call.params, columns.__getitem__, pack(call.numels), grad_scale,
+                hyper, {}, guard=call.guard,
+            )  # fmt: skip
+        except NOTHING_WRITTEN:
             return False
         increment_version(call.params)  # as torch's in-place ops do
         return True
@@ -930,21 +937,26 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
                 key = (is_8bit_state(state), KERNEL_DTYPES[p.dtype], step_dtype_name(tensors.buffers["step"]))
                 calls.setdefault(key, []).append((p, tensors))
         for (eight_bit, dtype, step_dtype), entries in calls.items():
-
-            def column(key: str) -> bytes:
-                return pack(tensors.buffers[key].data_ptr() for _, tensors in entries)  # noqa: B023
-
             # The sizes of the buffers whose addresses are handed over (a DTensor's local shard).
             numels = pack(tensors.buffers["param"].numel() for _, tensors in entries)
             # (`entries` holds every tensor whose address the call takes until it returns.)
             buffers = [(role, t) for _, tensors in entries for role, t in tensors.buffers.items()]
+            # Each buffer's address, read once: the columns and the kernel's last check take it.
+            address = {id(t): t.data_ptr() for _, t in buffers}
+
+            def column(role: str) -> bytes:
+                return pack(address[id(tensors.buffers[role])] for _, tensors in entries)  # noqa: B023
+
+            guard = ([t for _, t in buffers], pack(address[id(t)] for _, t in buffers))
             try:
                 self._run_kernel(
-                    eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper, streams, buffers
-                )
-            except _rsoptim.BufferOverlapError:
+                    eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper, streams,
+                    buffers, guard=guard,
+                )  # fmt: skip
+            except NOTHING_WRITTEN:
                 # Params that share memory (overlapping views): torch's ops step them one after
-                # another, as torch.optim would. The kernel wrote nothing.
+                # another, as torch.optim would. The kernel wrote nothing. (So they do where
+                # memory moved after the checks: see `unmoved`.)
                 others.extend((p, tensors.buffers["grad"]) for p, tensors in entries)
                 continue
             for _, tensors in entries:
@@ -1014,6 +1026,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         hyper: dict[str, Any],
         streams: dict[int, int],
         buffers: list[tuple[str, torch.Tensor]] | tuple[()] = (),
+        *,
+        guard: tuple[list[Any], bytes] | None,
     ) -> None:
         """One Rust call over ``params`` (of one dtype and kind of state), their buffers'
         addresses by role from ``column`` and their sizes in ``numels``; the caller holds every
@@ -1032,6 +1046,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             "stochastic_rounding_seed": seed,
             "streams": pack(streams[id(p)] for p in params) if seed is not None else None,
             "grad_scale": grad_scale,
+            **unmoved(guard),
         }
         for role, t in buffers:  # (plain tensors' private aliases: reading them runs no code)
             check_storage(t, "a param" if role == "param" else "a grad" if role == "grad" else f"state[{role!r}]")

@@ -25,7 +25,7 @@ from . import _rsoptim
 from ._threads import follow_torch
 from ._columns import pack
 from ._distributed import is_dtensor, local, mesh_device, replicated_like
-from ._optimizer import _DTYPE_CODES
+from ._optimizer import _DTYPE_CODES, unmoved
 from ._layout import KERNEL_DTYPES, as_real, check_storage, is_dense, native_reads, runs_on_kernel
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_"]
@@ -41,9 +41,10 @@ def _group_by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.
 
 
 #: What ``_kernel_buffers`` hands a kernel: the element counts and addresses of the memory it
-#: walks (packed), the real dtype it walks it in, and what holds that memory alive until it has
-#: returned (another thread may give a grad other memory meanwhile).
-Buffers = tuple[bytes, bytes, torch.dtype, list[Any]]
+#: walks (packed), the real dtype it walks it in, what holds that memory alive until it has
+#: returned (another thread may give a grad other memory meanwhile), and the tensors whose
+#: addresses those are (the kernel's last check, see ``unmoved``).
+Buffers = tuple[bytes, bytes, torch.dtype, list[Any], list[torch.Tensor]]
 
 
 def _native_buffers(tensors: list[torch.Tensor]) -> Buffers | None:
@@ -59,20 +60,26 @@ def _native_buffers(tensors: list[torch.Tensor]) -> Buffers | None:
     numels = pack(map(torch.Tensor.numel, tensors))
     storages: list[Any] = []
     addrs = _rsoptim.plan_addresses(tensors, numels, bytes([code]) * count, pack(range(count)), storages)
-    return None if addrs is None else (numels, addrs, dtype, storages)
+    return None if addrs is None else (numels, addrs, dtype, storages, tensors)
 
 
 def _kernel_buffers(tensors: list[torch.Tensor]) -> Buffers | None:
     """The buffers of ``tensors`` (of one dtype), or None if some tensor needs torch. Called
     under ``native_reads``."""
     buffers = _native_buffers(tensors)
-    if buffers is not None:
-        return buffers
+    return buffers if buffers is not None else _aliased_buffers(tensors)
+
+
+def _aliased_buffers(tensors: list[torch.Tensor]) -> Buffers | None:
+    """The buffers of private aliases of ``tensors``, or None if some tensor needs torch. Another
+    thread giving a grad other memory (``g.data = ...``) leaves an alias's memory where it was:
+    a kernel whose last check found memory moved reads them again this way (see
+    ``_moved_again``)."""
     views = _kernel_ready(tensors)
     if views is None:
         return None
     # (`views` are private aliases: they hold the memory.)
-    return pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views)), views[0].dtype, views
+    return pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views)), views[0].dtype, views, views
 
 
 def _kernel_ready(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -109,11 +116,25 @@ def _native_norms(
     if tensors[0].is_complex() and any(t.numel() == 1 for t in tensors):
         return None  # torch's norm of one complex element is |z|, which overflows nowhere
     buffers = read(tensors)
-    if buffers is None:
-        return None
-    numels, addrs, dtype, _ = buffers  # (`buffers` holds the memory until the kernel returns)
-    norms = _rsoptim.tensor_norms(KERNEL_DTYPES[dtype], numels, addrs, norm_type)
-    return torch.tensor(norms, dtype=dtype)
+    while buffers is not None:
+        numels, addrs, dtype, _, checked = buffers  # (`buffers` holds the memory until the kernel returns)
+        try:
+            norms = _rsoptim.tensor_norms(KERNEL_DTYPES[dtype], numels, addrs, norm_type, **unmoved((checked, addrs)))
+        except _rsoptim.MemoryMovedError:
+            buffers = _moved_again(buffers)
+            continue
+        return torch.tensor(norms, dtype=dtype)
+    return None
+
+
+def _moved_again(buffers: Buffers) -> Buffers | None:
+    """The buffers to try once more after a kernel's last check found memory moved since the
+    checks (another thread's ``g.data = ...``, or a storage resized in place by code run in
+    between; the kernel read or wrote nothing): private aliases of the tensors, read again.
+    None after aliases moved too (only a resize in place moves those): torch's ops take them,
+    reading every address afresh."""
+    numels, addrs, dtype, held, checked = buffers
+    return None if checked is held else _aliased_buffers(checked)
 
 
 def _torch_norms(tensors: list[torch.Tensor], norm_type: float, device: torch.device, foreach: bool | None) -> torch.Tensor:
@@ -298,12 +319,17 @@ def _kernel_scale(buffers: Buffers, factor: float) -> bool:
     # x * 1.0 == x for every float (NaN included), so an unclipped step skips the pass.
     if factor == 1.0:
         return True
-    numels, addrs, dtype, held = buffers  # (`held` keeps the memory alive until scale_ returns)
-    try:
-        _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor)
-    except _rsoptim.BufferOverlapError:
-        return False  # refused before anything was written
-    return True
+    while buffers is not None:
+        numels, addrs, dtype, held, checked = buffers  # (`held` keeps the memory alive until scale_ returns)
+        try:
+            _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor, **unmoved((checked, addrs)))
+        except _rsoptim.BufferOverlapError:
+            return False  # refused before anything was written
+        except _rsoptim.MemoryMovedError:
+            buffers = _moved_again(buffers)
+            continue
+        return True
+    return False
 
 
 @torch.no_grad()

@@ -155,6 +155,22 @@ impl TorchAbi {
             .collect()
     }
 
+    /// The data address of the tensor whose TensorImpl is at `tensor` (None if the shim reports
+    /// an error): what a kernel's last check compares with the address its caller checked, since
+    /// resizing a storage in place always moves its memory (torch allocates the new block
+    /// before it frees the old one).
+    ///
+    /// # Safety
+    /// `tensor` must be the address of a `c10::TensorImpl` that stays alive during the call.
+    pub unsafe fn data_address(&self, tensor: usize) -> Option<usize> {
+        let word = tensor as *const c_void;
+        let handle: Handle = &word;
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `handle` names a live TensorImpl (this function's contract) and `out` is a
+        // live local of the type the shim writes.
+        (unsafe { (self.data_ptr)(handle, &mut out) } == 0).then_some(out as usize)
+    }
+
     /// # Safety
     /// As for `checked_addresses`, for `tensor` and `shape_of`.
     unsafe fn check_one(&self, tensor: usize, want: &Expected, shape_of: usize) -> Option<usize> {

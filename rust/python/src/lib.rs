@@ -47,6 +47,13 @@ create_exception!(
     "A buffer the step writes shares memory with another buffer of the call (torch steps such params one after the other)."
 );
 
+create_exception!(
+    _rsoptim,
+    MemoryMovedError,
+    PyRuntimeError,
+    "A tensor's memory moved between the caller's checks and the kernel (a storage resized in place, or the tensor given other memory); nothing was written."
+);
+
 /// The core's errors as Python exceptions: overlapping buffers get their own ValueError subclass,
 /// so the Python layer can fall back to torch for them alone.
 fn core_error(e: Error) -> PyErr {
@@ -323,6 +330,67 @@ fn checked_by<'py>(
     // those of `plan_addresses`'s items, which it holds, read by the getter or from the objects.
     let addresses = unsafe { abi.checked_addresses(impls, &expected) };
     Ok(addresses.map(|a| pyo3::types::PyBytes::new(py, &pack_words(&a))))
+}
+
+/// A kernel's last check, made with the GIL held right before the kernel runs, so that no code of
+/// the caller's can run between it and the kernel: each of `tensors` (plain tensors the caller
+/// holds) still has its data at the address in `addresses` that the caller checked and packed
+/// into the kernel's columns. Between the caller's checks and the kernel call, Python runs
+/// signal handlers and lets other threads take the GIL, and code there may resize a storage in
+/// place (`untyped_storage().resize_()`), freeing the memory a column points at; resizing always
+/// moves the memory, so its tensors' addresses change. Raises `MemoryMovedError` (nothing
+/// written) if any moved, or cannot be read; without libtorch's shim, nothing is checked.
+fn check_unmoved(
+    py: Python<'_>,
+    tensors: Option<&Bound<'_, pyo3::types::PyList>>,
+    addresses: Option<&[u8]>,
+) -> PyResult<()> {
+    let (tensors, addresses) = match (tensors, addresses) {
+        (None, None) => return Ok(()),
+        (Some(tensors), Some(addresses)) => (tensors, words("guard addresses", addresses).map_err(core_error)?),
+        _ => return Err(value_error("a kernel's last check needs both its tensors and their addresses")),
+    };
+    if addresses.len() != tensors.len() {
+        return Err(value_error("a kernel's last check needs one address per tensor"));
+    }
+    #[cfg(unix)]
+    {
+        let (Some(abi), Some(readers)) =
+            (torch_abi(), TENSOR_READERS.read().unwrap_or_else(|e| e.into_inner()).clone())
+        else {
+            return Ok(());
+        };
+        let moved = || MemoryMovedError::new_err("a tensor's memory moved between the checks and the kernel");
+        for (t, &address) in tensors.iter().zip(&addresses) {
+            // (A subclass may lay its object out otherwise: the caller hands plain tensors only.)
+            if !readers.plain_types.iter().any(|k| t.get_type().is(k.bind(py))) {
+                return Err(moved());
+            }
+            let tensor = if readers.tensor_in_object {
+                // SAFETY: `t` is of a plain type (checked above), which `use_tensor_readers`
+                // checked to be large enough, and the list holds it.
+                unsafe { tensor_word(&t) }
+            } else {
+                // SAFETY: torch's getter for a live tensor of its own type (checked above); it
+                // returns a new reference (an int: allocating one runs no collector) or null with
+                // an error set, which is dropped (the tensor counts as moved).
+                let raw = unsafe { (readers.cdata_get)(readers.cdata.as_ptr(), t.as_ptr(), std::ptr::null_mut()) };
+                // SAFETY: `raw` is an owned reference or null.
+                let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }.map_err(|_| moved())?;
+                // SAFETY: `value` is a live object; on anything but an int the call sets an error.
+                let word = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
+                if word == 0 {
+                    let _ = PyErr::take(py);
+                }
+                word
+            };
+            // SAFETY: a TensorImpl of a tensor the list holds, with the GIL held.
+            if tensor == 0 || unsafe { abi.data_address(tensor) } != Some(address) {
+                return Err(moved());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// torch's own readers of a tensor, for `plan_addresses` (registered by `use_tensor_readers`).
@@ -691,7 +759,8 @@ impl ParamExtensions<'_> {
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false,
-    state_dtype=None, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0
+    state_dtype=None, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0,
+    guard_tensors=None, guard_addresses=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -719,7 +788,10 @@ fn adam_step(
     stochastic_rounding_seed: Option<u64>,
     streams: Option<&[u8]>,
     grad_scale: f64,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
 ) -> PyResult<()> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     let hyper = AdamHyper {
         lr,
         beta1,
@@ -794,7 +866,8 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
     exp_avg_sq_scales, steps, *, lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay,
-    lr_in_f32=false, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0
+    lr_in_f32=false, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0,
+    guard_tensors=None, guard_addresses=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam8bit_step(
@@ -821,7 +894,10 @@ fn adam8bit_step(
     stochastic_rounding_seed: Option<u64>,
     streams: Option<&[u8]>,
     grad_scale: f64,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
 ) -> PyResult<()> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     let hyper = AdamHyper {
         lr,
         beta1,
@@ -906,7 +982,7 @@ fn adam8bit_typed<P: Element<Math = f32>>(
     dtype, numels, params, grads, momentum_buffers, momentum_buffers_are_new, *,
     lr, momentum, dampening, weight_decay, nesterov, maximize, state_dtype=None,
     master_params=None, stochastic_rounding_seed=None, streams=None, step_dtype=None, steps=None,
-    grad_scale=1.0
+    grad_scale=1.0, guard_tensors=None, guard_addresses=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
@@ -930,7 +1006,10 @@ fn sgd_step(
     step_dtype: Option<&str>,
     steps: Option<&[u8]>,
     grad_scale: f64,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
 ) -> PyResult<()> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale };
     let bufs = SgdBuffers { params, grads, momentum_buffers, are_new: momentum_buffers_are_new };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
@@ -993,7 +1072,8 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyo3(signature = (
     dtype, step_dtype, numels, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
     lr, alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None,
-    master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0
+    master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0,
+    guard_tensors=None, guard_addresses=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rmsprop_step(
@@ -1019,7 +1099,10 @@ fn rmsprop_step(
     stochastic_rounding_seed: Option<u64>,
     streams: Option<&[u8]>,
     grad_scale: f64,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
 ) -> PyResult<()> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale };
     let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
@@ -1129,7 +1212,17 @@ fn round_typed<P: Element>(
 
 /// The `norm_type`-norm of each buffer, in float64.
 #[pyfunction]
-fn tensor_norms(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], norm_type: f64) -> PyResult<Vec<f64>> {
+#[pyo3(signature = (dtype, numels, tensors, norm_type, *, guard_tensors=None, guard_addresses=None))]
+fn tensor_norms(
+    py: Python<'_>,
+    dtype: &str,
+    numels: &[u8],
+    tensors: &[u8],
+    norm_type: f64,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
+) -> PyResult<Vec<f64>> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     let norm = NormType::from_p(norm_type).map_err(core_error)?;
     with_element_type!(dtype, norms_typed(py, numels, tensors, norm))
 }
@@ -1148,7 +1241,17 @@ fn norms_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: 
 
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
 #[pyfunction]
-fn scale_(py: Python<'_>, dtype: &str, numels: &[u8], tensors: &[u8], factor: f64) -> PyResult<()> {
+#[pyo3(signature = (dtype, numels, tensors, factor, *, guard_tensors=None, guard_addresses=None))]
+fn scale_(
+    py: Python<'_>,
+    dtype: &str,
+    numels: &[u8],
+    tensors: &[u8],
+    factor: f64,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
+) -> PyResult<()> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     with_element_type!(dtype, scale_typed(py, numels, tensors, factor))
 }
 
@@ -1243,5 +1346,6 @@ fn _rsoptim(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CHUNK", rsoptim_core::CHUNK)?;
     m.add("QUANT_BLOCK", rsoptim_core::QUANT_BLOCK)?;
     m.add("BufferOverlapError", m.py().get_type::<BufferOverlapError>())?;
+    m.add("MemoryMovedError", m.py().get_type::<MemoryMovedError>())?;
     Ok(())
 }
