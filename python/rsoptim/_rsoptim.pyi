@@ -4,16 +4,21 @@ Buffer arguments are packed columns (native 64-bit words, `array('Q', ...).tobyt
 addresses, one per tensor, of CPU buffers that the caller keeps alive for the call; `numels`
 gives each tensor's element count. Every buffer is checked (null,
 alignment, overlap with a written buffer) before anything is written; problems raise ValueError
-(BufferOverlapError when a written buffer shares memory with another buffer of the call).
+(BufferOverlapError when a written buffer shares memory with another buffer of the call). With
+`guard_tensors` (the tensors those addresses were read from) and `guard_addresses` (the
+addresses read, packed alike), a kernel first checks that each tensor's data is still at its
+address, and raises MemoryMovedError, writing nothing, if one moved.
 Calls from different threads that share memory (a write on either side) run one after the other.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 CHUNK: int
 QUANT_BLOCK: int
 
 class BufferOverlapError(ValueError): ...
+class MemoryMovedError(RuntimeError): ...
 
 def adam_step(
     dtype: str,
@@ -40,6 +45,8 @@ def adam_step(
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
     grad_scale: float = 1.0,
+    guard_tensors: list[Any] | None = None,
+    guard_addresses: bytes | None = None,
 ) -> None: ...
 def adam8bit_step(
     dtype: str,
@@ -65,6 +72,8 @@ def adam8bit_step(
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
     grad_scale: float = 1.0,
+    guard_tensors: list[Any] | None = None,
+    guard_addresses: bytes | None = None,
 ) -> None: ...
 def sgd_step(
     dtype: str,
@@ -87,6 +96,8 @@ def sgd_step(
     step_dtype: str | None = None,
     steps: bytes | None = None,
     grad_scale: float = 1.0,
+    guard_tensors: list[Any] | None = None,
+    guard_addresses: bytes | None = None,
 ) -> None: ...
 def rmsprop_step(
     dtype: str,
@@ -111,6 +122,8 @@ def rmsprop_step(
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
     grad_scale: float = 1.0,
+    guard_tensors: list[Any] | None = None,
+    guard_addresses: bytes | None = None,
 ) -> None: ...
 def round_params(
     dtype: str,
@@ -122,8 +135,12 @@ def round_params(
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
 ) -> None: ...
-def tensor_norms(dtype: str, numels: bytes, tensors: bytes, norm_type: float) -> list[float]: ...
-def scale_(dtype: str, numels: bytes, tensors: bytes, factor: float) -> None: ...
+def tensor_norms(
+    dtype: str, numels: bytes, tensors: bytes, norm_type: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None
+) -> list[float]: ...
+def scale_(
+    dtype: str, numels: bytes, tensors: bytes, factor: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None
+) -> None: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
