@@ -210,7 +210,7 @@ _RESIZED_TARGETS = {
 @pytest.mark.parametrize("target", list(_RESIZED_TARGETS))
 @pytest.mark.parametrize("plan", [True, False], ids=["planned step", "first step"])
 @pytest.mark.parametrize("every_call", [False, True], ids=["once", "every call"])
-def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call):
+def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call, plan_readers):
     """A storage resized in place after the Python layer's last check and before its kernel
     runs (by a signal handler, say: the fourth review crashed a step in about 3 s with a
     ``SIGALRM`` handler resizing a param's storage every 2 ms) must not be written where it was:
@@ -248,6 +248,36 @@ def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, o
     for p, q in zip(ps, quiet_ps):
         for key, value in quiet.state[q].items():
             torch.testing.assert_close(opt.state[p][key], value)
+
+
+@pytest.mark.parametrize("name, options", [("Adam", {}), ("AdamW", {"max_grad_norm": 0.01}), ("SGD", {"momentum": 0.9}), ("RMSprop", {}), ("AdamW8bit", {})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_call_is_checked_last_and_ordinary_steps_pass_the_check(name, options, dtype, plan_readers, monkeypatch):
+    """Every kernel call of a step (first and planned, clipping too) is handed the tensors its
+    columns were read from, and in ordinary steps nothing has moved: a check that failed there
+    would send every step down a slower path without a word."""
+    calls, moved = [], []
+    for kernel in _KERNELS:
+
+        def checked(*args, _kernel=kernel, **kwargs):
+            calls.append((_kernel.__name__, "guard_tensors" in kwargs and "guard_addresses" in kwargs))
+            try:
+                return _kernel(*args, **kwargs)
+            except _rsoptim.MemoryMovedError:
+                moved.append(_kernel.__name__)
+                raise
+
+        monkeypatch.setattr(_rsoptim, kernel.__name__, checked)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in (5000, 300, 7)]
+    opt = getattr(rsoptim, name)(params, lr=1e-3, **options)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    rsoptim.clip_grad_norm_(params, 1e-3)
+    assert calls and all(guarded for _, guarded in calls), calls
+    assert not moved, moved
 
 
 def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they_are():
