@@ -332,8 +332,9 @@ def unmoved(guard: tuple[list[torch.Tensor], bytes] | None) -> dict[str, Any]:
 
 
 #: A kernel refused its call and wrote nothing: buffers that share memory, or memory that moved
-#: after the checks. Either way torch's implementation steps those params (it reads every
-#: address afresh), and a step plan is made again.
+#: after the checks. Where the general path or clipping meets either, torch's ops take those
+#: params (they read every address afresh); a step plan's call that meets moved memory is
+#: checked again on the general path first (see ``_step_groups``).
 NOTHING_WRITTEN = (_rsoptim.BufferOverlapError, _rsoptim.MemoryMovedError)
 
 
