@@ -158,7 +158,10 @@ def test_a_storage_shrunk_in_place_is_refused_not_written(name, target, plan):
 
 
 #: The native calls that walk the memory of tensors the caller hands over.
-_KERNELS = [_rsoptim.adam_step, _rsoptim.adam8bit_step, _rsoptim.sgd_step, _rsoptim.rmsprop_step, _rsoptim.tensor_norms, _rsoptim.scale_]
+_KERNELS = [
+    _rsoptim.adam_step, _rsoptim.adam8bit_step, _rsoptim.sgd_step, _rsoptim.rmsprop_step, _rsoptim.tensor_norms, _rsoptim.scale_,
+    _rsoptim.round_params,
+]
 
 
 def _run_resizing(run, targets_of, every_call):

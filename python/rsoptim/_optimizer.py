@@ -685,14 +685,16 @@ class KernelOptimizer:
             # (A DTensor's local shard is rounded: `v` is laid out like `p`, so shard matches shard.)
             sources = [torch.empty_like(local(p), dtype=torch.float32).copy_(local(v)) for p, v, _ in batch]
             outs = [torch.empty_like(local(p)) for p, _, _ in batch]
+            source_addrs, out_addrs = list(map(torch.Tensor.data_ptr, sources)), list(map(torch.Tensor.data_ptr, outs))
             _rsoptim.round_params(
                 KERNEL_DTYPES[dtype],
                 pack(out.numel() for out in outs),
-                pack(map(torch.Tensor.data_ptr, sources)),
-                pack(map(torch.Tensor.data_ptr, outs)),
+                pack(source_addrs),
+                pack(out_addrs),
                 steps,
                 stochastic_rounding_seed=seed,
                 streams=pack(stream for _, _, stream in batch),
+                **unmoved((sources + outs, pack(source_addrs + out_addrs))),
             )
             for (p, _, _), out in zip(batch, outs):
                 local(p).copy_(out)

@@ -134,6 +134,8 @@ def round_params(
     *,
     stochastic_rounding_seed: int | None = None,
     streams: bytes | None = None,
+    guard_tensors: list[Any] | None = None,
+    guard_addresses: bytes | None = None,
 ) -> None: ...
 def tensor_norms(
     dtype: str, numels: bytes, tensors: bytes, norm_type: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None

@@ -1179,7 +1179,10 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
 /// Writes low-precision params from float32 values computed outside the kernels (torch's step
 /// on float32 copies), rounded as a kernel step with the same rounding would write them.
 #[pyfunction]
-#[pyo3(signature = (dtype, numels, sources, params, steps, *, stochastic_rounding_seed=None, streams=None))]
+#[pyo3(signature = (
+    dtype, numels, sources, params, steps, *, stochastic_rounding_seed=None, streams=None, guard_tensors=None,
+    guard_addresses=None
+))]
 #[allow(clippy::too_many_arguments)]
 fn round_params(
     py: Python<'_>,
@@ -1190,7 +1193,10 @@ fn round_params(
     steps: Vec<f64>,
     stochastic_rounding_seed: Option<u64>,
     streams: Option<&[u8]>,
+    guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
+    guard_addresses: Option<&[u8]>,
 ) -> PyResult<()> {
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
     let ext = ParamExtensions { master_params: None, stochastic_rounding_seed, streams };
     with_element_type!(dtype, round_typed(py, numels, sources, params, steps, ext))
 }
