@@ -158,44 +158,53 @@ def test_a_storage_shrunk_in_place_is_refused_not_written(name, target, plan):
 
 
 #: The native calls that walk the memory of tensors the caller hands over.
-_KERNELS = [
-    _rsoptim.adam_step, _rsoptim.adam8bit_step, _rsoptim.sgd_step, _rsoptim.rmsprop_step, _rsoptim.tensor_norms, _rsoptim.scale_,
-    _rsoptim.round_params,
-]
+_KERNELS = ["adam_step", "adam8bit_step", "sgd_step", "rmsprop_step", "tensor_norms", "scale_", "round_params"]
+#: Those that write a step's params and state (clipping's norm runs before the step's checks).
+_STEP_KERNELS = {"adam_step", "adam8bit_step", "sgd_step", "rmsprop_step", "round_params"}
 
 
-def _run_resizing(run, targets_of, every_call):
-    """``run()`` with the storage of each tensor ``targets_of()`` names resized in place (to its
-    own size: new memory, the same values, the old block freed) right before a kernel call is
-    made: after every check of the Python layer, where a signal handler or another thread can
-    run code too (``sys.setprofile`` reports the call before it is made). On the first kernel
-    call, or with ``every_call`` on each. Returns how many resizes were made."""
-    import sys
+def _run_moving(monkeypatch, run, move, kernels=frozenset(_KERNELS), every_call=True):
+    """``run()`` with ``move()`` called right before each call of ``kernels`` is made (once, or
+    with ``every_call`` on each): after every check of the Python layer, where a signal handler
+    or another thread can run code too. Returns (how many moves were made, how many kernel calls
+    refused their memory with ``MemoryMovedError``)."""
+    counts = {"moves": 0, "refused": 0}
+    for name in _KERNELS:
+        kernel = getattr(_rsoptim, name)
 
-    resized = [0]
+        def moving(*args, _kernel=kernel, _name=name, **kwargs):
+            if _name in kernels and (every_call or not counts["moves"]):
+                move()
+                counts["moves"] += 1
+            try:
+                return _kernel(*args, **kwargs)
+            except _rsoptim.MemoryMovedError:
+                counts["refused"] += 1
+                raise
 
-    def profile(frame, event, arg):
-        if event == "c_call" and any(arg is k for k in _KERNELS) and (every_call or not resized[0]):
-            for t in targets_of():
-                storage = t.untyped_storage()
-                before = storage.data_ptr()
-                storage.resize_(storage.nbytes())
-                assert storage.data_ptr() != before  # (torch always moves a resized storage)
-            resized[0] += 1
-
-    sys.setprofile(profile)
+        monkeypatch.setattr(_rsoptim, name, moving)
     try:
         run()
     finally:
-        sys.setprofile(None)
-    return resized[0]
+        monkeypatch.undo()
+    return counts["moves"], counts["refused"]
+
+
+def _resize_storages(tensors):
+    """Resizes each tensor's storage in place to its own size: new memory, the same values, the
+    old block freed (torch allocates the new block first, so the memory always moves)."""
+    for t in tensors:
+        storage = t.untyped_storage()
+        before = storage.data_ptr()
+        storage.resize_(storage.nbytes())
+        assert storage.data_ptr() != before
 
 
 _RESIZED_TARGETS = {
     "param": lambda opt, ps: ps,
     "grad": lambda opt, ps: [p.grad for p in ps],
     "state": lambda opt, ps: [t for p in ps for k, t in opt.state[p].items() if k != "step" and t.numel() > 1],
-    "step": lambda opt, ps: [opt.state[p]["step"] for p in ps],
+    "step": lambda opt, ps: [opt.state[p]["step"] for p in ps if "step" in opt.state[p]],
 }
 
 
@@ -213,14 +222,15 @@ _RESIZED_TARGETS = {
 @pytest.mark.parametrize("target", list(_RESIZED_TARGETS))
 @pytest.mark.parametrize("plan", [True, False], ids=["planned step", "first step"])
 @pytest.mark.parametrize("every_call", [False, True], ids=["once", "every call"])
-def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call, plan_readers):
+def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call, plan_readers, monkeypatch):
     """A storage resized in place after the Python layer's last check and before its kernel
     runs (by a signal handler, say: the fourth review crashed a step in about 3 s with a
     ``SIGALRM`` handler resizing a param's storage every 2 ms) must not be written where it was:
     each kernel checks, natively and right before it runs, that every tensor it was handed is
-    still where its address was read, and steps nothing if one moved; the params move to memory
-    the general path (or torch's ops) then steps. Before, the kernel wrote the freed block and
-    the param kept its old values. Compared with the same steps without the resizes."""
+    still where its address was read, and steps nothing if one moved (the check must have
+    refused at least one call here); the params move to memory the general path (or torch's
+    ops) then steps. Before, the kernel wrote the freed block (a corrupted heap, a segfault, or
+    params left as they were). Compared with the same steps without the resizes."""
     if target == "step" and (not plan or name == "SGD"):
         pytest.skip("a first step's counts are made by it; SGD counts none")
     torch.manual_seed(0)
@@ -237,8 +247,11 @@ def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, o
             for p, g in zip(ps, gs):
                 p.grad = g.clone()
             if attack and k == (1 if plan else 0):
-                made = _run_resizing(opt.step, lambda: _RESIZED_TARGETS[target](opt, ps), every_call)
-                assert made >= 1
+                # (Clipping's norm reads only the grads, before the step's checks.)
+                kernels = frozenset(_KERNELS) if target == "grad" else _STEP_KERNELS
+                move = lambda: _resize_storages(_RESIZED_TARGETS[target](opt, ps))  # noqa: E731
+                moves, refused = _run_moving(monkeypatch, opt.step, move, kernels, every_call)
+                assert moves >= 1 and refused >= 1, (moves, refused)
             else:
                 opt.step()
 
@@ -253,37 +266,104 @@ def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, o
             torch.testing.assert_close(opt.state[p][key], value)
 
 
+@pytest.mark.parametrize("name", ["Adam", "SGD", "AdamW8bit"])
+@pytest.mark.parametrize("target", ["param", "grad", "state"])
+def test_a_storage_shrunk_back_to_its_address_before_the_kernel_is_refused(name, target, monkeypatch):
+    """Two resizes right before the kernel (to nothing, then to half): the allocator often hands
+    the freed block back, so the data is at the address that was checked, in a storage half as
+    large. The kernel's last check reads the storage's bounds too, and the general path then
+    refuses the shrunk storage, as for a storage shrunk before the step."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 1 << 16)]
+    opt = getattr(rsoptim, name)(ps, lr=1e-2, **({"momentum": 0.9} if name == "SGD" else {}))
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()  # (planned from here)
+
+    def shrink():
+        for t in _RESIZED_TARGETS[target](opt, ps):
+            storage = t.untyped_storage()
+            nbytes = storage.nbytes()
+            storage.resize_(0)
+            storage.resize_(nbytes // 2)
+
+    with pytest.raises(RuntimeError, match="storage"):
+        _run_moving(monkeypatch, opt.step, shrink, _STEP_KERNELS, every_call=False)
+
+
+def test_clip_grad_norm_of_a_grad_retyped_before_its_kernel_scales_each_in_its_dtype(monkeypatch):
+    """Another thread (or a handler) retypes a grad (``g.data = g.data.to(bfloat16)``) right
+    before the scale kernel: the kernel refuses, and the grads read again through aliases are
+    no longer of one dtype, so they are not handed over as one (a float32 walk of a bfloat16
+    buffer would run past its end); each is scaled in its own dtype."""
+    torch.manual_seed(0)
+    grads = [torch.randn(n) for n in (5000, 300)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+    def retype():
+        if params[1].grad.dtype == torch.float32:
+            params[1].grad.data = params[1].grad.data.to(torch.bfloat16)
+
+    total = []
+    moves, refused = _run_moving(monkeypatch, lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), retype, {"scale_"}, False)
+    assert moves == 1 and refused == 1, (moves, refused)
+    factor = 0.5 / (float(total[0]) + 1e-6)
+    torch.testing.assert_close(params[0].grad, grads[0] * factor)
+    torch.testing.assert_close(params[1].grad, (grads[1].to(torch.bfloat16) * torch.tensor(factor)).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("name, options", [("Adam", {}), ("AdamW", {"max_grad_norm": 0.01}), ("SGD", {"momentum": 0.9}), ("RMSprop", {}), ("AdamW8bit", {})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_kernel_call_is_checked_last_and_ordinary_steps_pass_the_check(name, options, dtype, plan_readers, monkeypatch):
-    """Every kernel call of a step (first and planned, clipping too) is handed the tensors its
-    columns were read from, and in ordinary steps nothing has moved: a check that failed there
-    would send every step down a slower path without a word."""
+    """Every kernel call of a step (first and planned, clipping too) is handed every tensor its
+    columns were read from (each address of its columns is among its check's), and in ordinary
+    steps nothing has moved: a check that failed there would send every step down a slower path
+    without a word."""
+    from array import array
+
+    columns = {
+        "adam_step": (3, 4, 5, 6, 7, 8),
+        "adam8bit_step": (3, 4, 5, 6, 7, 8, 9),
+        "sgd_step": (2, 3, 4),
+        "rmsprop_step": (3, 4, 5, 6, 7, 8),
+        "tensor_norms": (2,),
+        "scale_": (2,),
+        "round_params": (2, 3),
+    }
     calls, moved = [], []
     for kernel in _KERNELS:
+        real = getattr(_rsoptim, kernel)
 
-        def checked(*args, _kernel=kernel, **kwargs):
-            calls.append((_kernel.__name__, "guard_tensors" in kwargs and "guard_addresses" in kwargs))
+        def checked(*args, _real=real, _kernel=kernel, **kwargs):
+            handed = {a for i in columns[_kernel] if isinstance(args[i], bytes) for a in array("Q", args[i])}
+            for key in ("master_params", "steps"):  # (SGD's step counts, for stochastic rounding)
+                handed |= set(array("Q", kwargs.get(key) or b""))
+            checked_addresses = set(array("Q", kwargs.get("guard_addresses") or b""))
+            calls.append((_kernel, bool(handed) and handed <= checked_addresses and "guard_numels" in kwargs))
             try:
-                return _kernel(*args, **kwargs)
+                return _real(*args, **kwargs)
             except _rsoptim.MemoryMovedError:
-                moved.append(_kernel.__name__)
+                moved.append(_kernel)
                 raise
 
-        monkeypatch.setattr(_rsoptim, kernel.__name__, checked)
+        monkeypatch.setattr(_rsoptim, kernel, checked)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in (5000, 300, 7)]
-    opt = getattr(rsoptim, name)(params, lr=1e-3, **options)
+    extra = {"stochastic_rounding": True, "master_weights": True} if dtype == torch.bfloat16 else {}
+    opt = getattr(rsoptim, name)(params, lr=1e-3, **options, **extra)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
     rsoptim.clip_grad_norm_(params, 1e-3)
-    assert calls and all(guarded for _, guarded in calls), calls
+    assert calls and all(complete for _, complete in calls), calls
     assert not moved, moved
 
 
-def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they_are():
+def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they_are(monkeypatch):
     """As above for ``clip_grad_norm_``: the grads' storages resized right before the norm and
     the scale kernels."""
     torch.manual_seed(0)
@@ -292,8 +372,8 @@ def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they
     for p, g in zip(params, grads):
         p.grad = g.clone()
     total = []
-    made = _run_resizing(lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), lambda: [p.grad for p in params], True)
-    assert made >= 1
+    moves, refused = _run_moving(monkeypatch, lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), lambda: _resize_storages([p.grad for p in params]))
+    assert moves >= 2 and refused >= 2, (moves, refused)
     reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(reference, grads):
         p.grad = g.clone()

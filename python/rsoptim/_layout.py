@@ -147,9 +147,11 @@ class BufferTable:
         self.numels: list[int] = []
         self.columns: dict[str, list[int]] = {role: [] for role in roles}
         self._written = written
-        #: Every tensor whose address a column has, and that address, in the same order.
+        #: Every tensor whose address a column has, that address and its element count, in the
+        #: same order.
         self.held: list[torch.Tensor] = []
         self.addresses: list[int] = []
+        self.held_numels: list[int] = []
         self._copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, param: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
@@ -180,6 +182,7 @@ class BufferTable:
         self.columns[role].append(address)
         self.held.append(t)
         self.addresses.append(address)
+        self.held_numels.append(t.numel())
 
     def write_back(self) -> None:
         for target, staged in self._copy_back:

@@ -303,9 +303,9 @@ class KernelCall:
     grad_scale: float = 1.0
     # The local shards of DTensor params (a write bumps the version of each, and of its DTensor).
     local_params: list[torch.Tensor] = field(default_factory=list)
-    # The kernel's last check (see ``unmoved``): tensors the call holds, and the packed addresses
-    # its columns took from them.
-    guard: tuple[list[torch.Tensor], bytes] | None = None
+    # The kernel's last check (see ``unmoved``): tensors the call holds, the packed addresses its
+    # columns took from them, and their packed element counts.
+    guard: tuple[list[torch.Tensor], bytes, bytes] | None = None
 
     def extensions(self) -> dict[str, Any]:
         """The kernels' keyword arguments for master copies, stochastic rounding, clipping and
@@ -319,16 +319,18 @@ class KernelCall:
         }
 
 
-def unmoved(guard: tuple[list[torch.Tensor], bytes] | None) -> dict[str, Any]:
+def unmoved(guard: tuple[list[torch.Tensor], bytes, bytes] | None) -> dict[str, Any]:
     """The kernels' keyword arguments for their last check, made natively right before the
     kernel runs: each tensor of ``guard`` (plain tensors the call holds) still has its data at
-    the address packed with it, the one the call's columns took. Between the checks and the
-    kernel call, Python runs signal handlers and lets other threads take the GIL, and code there
-    may resize a storage in place, which moves its memory; the kernel then raises
-    ``_rsoptim.MemoryMovedError`` having written nothing (see ``NOTHING_WRITTEN``)."""
+    the address packed with it, the one the call's columns took, and the element count packed
+    with it inside its storage. Between the checks and the kernel call, Python runs signal
+    handlers and lets other threads take the GIL, and code there may resize a storage in place,
+    which frees its memory; the kernel then raises ``_rsoptim.MemoryMovedError`` having written
+    nothing (see ``NOTHING_WRITTEN``)."""
     if guard is None:
         return {}
-    return {"guard_tensors": guard[0], "guard_addresses": guard[1]}
+    tensors, addresses, numels = guard
+    return {"guard_tensors": tensors, "guard_addresses": addresses, "guard_numels": numels}
 
 
 #: A kernel refused its call and wrote nothing: buffers that share memory, or memory that moved
@@ -686,15 +688,18 @@ class KernelOptimizer:
             sources = [torch.empty_like(local(p), dtype=torch.float32).copy_(local(v)) for p, v, _ in batch]
             outs = [torch.empty_like(local(p)) for p, _, _ in batch]
             source_addrs, out_addrs = list(map(torch.Tensor.data_ptr, sources)), list(map(torch.Tensor.data_ptr, outs))
+            numels = [out.numel() for out in outs]
+            # (The temporaries are this step's own; only code that finds them, in frames or the
+            # collector's lists, could move them: then the step raises rather than write there.)
             _rsoptim.round_params(
                 KERNEL_DTYPES[dtype],
-                pack(out.numel() for out in outs),
+                pack(numels),
                 pack(source_addrs),
                 pack(out_addrs),
                 steps,
                 stochastic_rounding_seed=seed,
                 streams=pack(stream for _, _, stream in batch),
-                **unmoved((sources + outs, pack(source_addrs + out_addrs))),
+                **unmoved((sources + outs, pack(source_addrs + out_addrs), pack(numels * 2))),
             )
             for (p, _, _), out in zip(batch, outs):
                 local(p).copy_(out)
@@ -1111,7 +1116,7 @@ class KernelOptimizer:
             if call.rounding_seed is not None:
                 call.streams = pack(streams[id(p)] for p in bucket)
             call.held = [table, steps]
-            call.guard = (table.held + steps, pack([*table.addresses, *step_addrs]))
+            call.guard = (table.held + steps, pack([*table.addresses, *step_addrs]), pack([*table.held_numels, *[1] * len(steps)]))
             try:
                 self._kernel_call(hyper, call)
             except NOTHING_WRITTEN:
@@ -1522,7 +1527,7 @@ class _Plan:
         # stepping one optimizer never see each other's columns. Each holds the tensors it was
         # checked with (whose memory its columns point at) until its kernel returns.
         held = [tensors, grad_storages, self.storages]
-        guard = (tensors, addrs)  # (each call checks them all: one pass over a few words each)
+        guard = (tensors, addrs, self.numels)  # (each call checks them all)
         if len(self.calls) == 1:
             return [_with_grads(self.calls[0], grad_addrs, held, guard)]
         grad_words = array("Q", grad_addrs)
@@ -1556,7 +1561,7 @@ def _alias(t: Any) -> Any:
     return t.data if isinstance(t, torch.Tensor) else t
 
 
-def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any], guard: tuple[list[Any], bytes]) -> KernelCall:
+def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any], guard: tuple[list[Any], bytes, bytes]) -> KernelCall:
     """A copy of a plan's call with this step's grads and last check (``dataclasses.replace``
     without its re-validation: about 2 us per step on small steps)."""
     copy = object.__new__(KernelCall)

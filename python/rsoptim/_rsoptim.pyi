@@ -5,9 +5,10 @@ addresses, one per tensor, of CPU buffers that the caller keeps alive for the ca
 gives each tensor's element count. Every buffer is checked (null,
 alignment, overlap with a written buffer) before anything is written; problems raise ValueError
 (BufferOverlapError when a written buffer shares memory with another buffer of the call). With
-`guard_tensors` (the tensors those addresses were read from) and `guard_addresses` (the
-addresses read, packed alike), a kernel first checks that each tensor's data is still at its
-address, and raises MemoryMovedError, writing nothing, if one moved.
+`guard_tensors` (the tensors those addresses were read from), `guard_addresses` (the addresses
+read, packed alike) and `guard_numels` (their element counts), a kernel first checks that each
+tensor's data is still at its address with that many elements inside its storage, and raises
+MemoryMovedError, writing nothing, if not.
 Calls from different threads that share memory (a write on either side) run one after the other.
 """
 
@@ -47,6 +48,7 @@ def adam_step(
     grad_scale: float = 1.0,
     guard_tensors: list[Any] | None = None,
     guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> None: ...
 def adam8bit_step(
     dtype: str,
@@ -74,6 +76,7 @@ def adam8bit_step(
     grad_scale: float = 1.0,
     guard_tensors: list[Any] | None = None,
     guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> None: ...
 def sgd_step(
     dtype: str,
@@ -98,6 +101,7 @@ def sgd_step(
     grad_scale: float = 1.0,
     guard_tensors: list[Any] | None = None,
     guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> None: ...
 def rmsprop_step(
     dtype: str,
@@ -124,6 +128,7 @@ def rmsprop_step(
     grad_scale: float = 1.0,
     guard_tensors: list[Any] | None = None,
     guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> None: ...
 def round_params(
     dtype: str,
@@ -136,12 +141,15 @@ def round_params(
     streams: bytes | None = None,
     guard_tensors: list[Any] | None = None,
     guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> None: ...
 def tensor_norms(
-    dtype: str, numels: bytes, tensors: bytes, norm_type: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None
+    dtype: str, numels: bytes, tensors: bytes, norm_type: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> list[float]: ...
 def scale_(
-    dtype: str, numels: bytes, tensors: bytes, factor: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None
+    dtype: str, numels: bytes, tensors: bytes, factor: float, *, guard_tensors: list[Any] | None = None, guard_addresses: bytes | None = None,
+    guard_numels: bytes | None = None,
 ) -> None: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -503,8 +503,8 @@ class _NativeCall:
     dtype: str
     step_dtype: str
     held: list[Any]
-    # The kernel's last check (see ``unmoved``): every tensor checked, and its packed address.
-    guard: tuple[list[Any], bytes] | None = None
+    # The kernel's last check (see ``unmoved``): every tensor checked, its packed address and size.
+    guard: tuple[list[Any], bytes, bytes] | None = None
     params: list[torch.Tensor] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
     columns: dict[str, list[int]] = field(default_factory=lambda: {role: [] for role in ("param", "grad", *_EIGHT_BIT_ROLES)})
@@ -782,7 +782,8 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             kinds.append((eight_bit, KERNEL_DTYPES[p.dtype], step_dtype))
         # The storages are held with the tensors (as the step plans hold theirs).
         storages: list[Any] = []
-        addresses = _rsoptim.plan_addresses(tensors, pack(numels), bytes(dtypes), pack(shape_of), storages)
+        packed_numels = pack(numels)
+        addresses = _rsoptim.plan_addresses(tensors, packed_numels, bytes(dtypes), pack(shape_of), storages)
         if addresses is None:
             return None
         held = [tensors, storages]
@@ -793,7 +794,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             roles = _EIGHT_BIT_ROLES if kind[0] else _FLOAT_ROLES
             call = calls.get(kind)
             if call is None:
-                call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=held, guard=(tensors, addresses))
+                call = calls[kind] = _NativeCall(kind[0], kind[1], KERNEL_DTYPES[kind[2]], held=held, guard=(tensors, addresses, packed_numels))
             call.params.append(p)
             call.numels.append(numels[i])
             call.columns["param"].append(words[i])
@@ -947,7 +948,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
             def column(role: str) -> bytes:
                 return pack(address[id(tensors.buffers[role])] for _, tensors in entries)  # noqa: B023
 
-            guard = ([t for _, t in buffers], pack(address[id(t)] for _, t in buffers))
+            guard = ([t for _, t in buffers], pack(address[id(t)] for _, t in buffers), pack(t.numel() for _, t in buffers))
             try:
                 self._run_kernel(
                     eight_bit, dtype, step_dtype, [p for p, _ in entries], column, numels, grad_scale, hyper, streams,
@@ -1027,7 +1028,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         streams: dict[int, int],
         buffers: list[tuple[str, torch.Tensor]] | tuple[()] = (),
         *,
-        guard: tuple[list[Any], bytes] | None,
+        guard: tuple[list[Any], bytes, bytes] | None,
     ) -> None:
         """One Rust call over ``params`` (of one dtype and kind of state), their buffers'
         addresses by role from ``column`` and their sizes in ``numels``; the caller holds every

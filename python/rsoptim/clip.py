@@ -71,12 +71,13 @@ def _kernel_buffers(tensors: list[torch.Tensor]) -> Buffers | None:
 
 
 def _aliased_buffers(tensors: list[torch.Tensor]) -> Buffers | None:
-    """The buffers of private aliases of ``tensors``, or None if some tensor needs torch. Another
-    thread giving a grad other memory (``g.data = ...``) leaves an alias's memory where it was:
-    a kernel whose last check found memory moved reads them again this way (see
+    """The buffers of private aliases of ``tensors``, or None if some tensor needs torch or they
+    are not all of one dtype (another thread may have retyped one since they were grouped).
+    Another thread giving a grad other memory (``g.data = ...``) leaves an alias's memory where
+    it was: a kernel whose last check found memory moved reads them again this way (see
     ``_moved_again``)."""
     views = _kernel_ready(tensors)
-    if views is None:
+    if views is None or any(v.dtype != views[0].dtype for v in views):
         return None
     # (`views` are private aliases: they hold the memory.)
     return pack(map(torch.Tensor.numel, views)), pack(map(torch.Tensor.data_ptr, views)), views[0].dtype, views, views
@@ -119,7 +120,7 @@ def _native_norms(
     while buffers is not None:
         numels, addrs, dtype, _, checked = buffers  # (`buffers` holds the memory until the kernel returns)
         try:
-            norms = _rsoptim.tensor_norms(KERNEL_DTYPES[dtype], numels, addrs, norm_type, **unmoved((checked, addrs)))
+            norms = _rsoptim.tensor_norms(KERNEL_DTYPES[dtype], numels, addrs, norm_type, **unmoved((checked, addrs, numels)))
         except _rsoptim.MemoryMovedError:
             buffers = _moved_again(buffers)
             continue
@@ -322,7 +323,7 @@ def _kernel_scale(buffers: Buffers, factor: float) -> bool:
     while buffers is not None:
         numels, addrs, dtype, held, checked = buffers  # (`held` keeps the memory alive until scale_ returns)
         try:
-            _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor, **unmoved((checked, addrs)))
+            _rsoptim.scale_(KERNEL_DTYPES[dtype], numels, addrs, factor, **unmoved((checked, addrs, numels)))
         except _rsoptim.BufferOverlapError:
             return False  # refused before anything was written
         except _rsoptim.MemoryMovedError:

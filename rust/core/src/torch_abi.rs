@@ -155,20 +155,38 @@ impl TorchAbi {
             .collect()
     }
 
-    /// The data address of the tensor whose TensorImpl is at `tensor` (None if the shim reports
-    /// an error): what a kernel's last check compares with the address its caller checked, since
-    /// resizing a storage in place always moves its memory (torch allocates the new block
-    /// before it frees the old one).
+    /// Whether the tensor whose TensorImpl is at `tensor` still has its data at `address`, with
+    /// `numel` elements of its dtype from there inside its storage (false if the shim reports
+    /// an error): a kernel's last check of what its caller checked. Resizing a storage in place
+    /// moves its memory (torch allocates the new block before it frees the old one), but two
+    /// resizes can bring it back to the old address, smaller: so the bounds are read too.
     ///
     /// # Safety
     /// `tensor` must be the address of a `c10::TensorImpl` that stays alive during the call.
-    pub unsafe fn data_address(&self, tensor: usize) -> Option<usize> {
+    pub unsafe fn still_inside(&self, tensor: usize, address: usize, numel: usize) -> bool {
         let word = tensor as *const c_void;
         let handle: Handle = &word;
-        let mut out = std::ptr::null_mut();
-        // SAFETY: `handle` names a live TensorImpl (this function's contract) and `out` is a
-        // live local of the type the shim writes.
-        (unsafe { (self.data_ptr)(handle, &mut out) } == 0).then_some(out as usize)
+        macro_rules! get {
+            ($f:ident, $init:expr) => {{
+                let mut out = $init;
+                // SAFETY: `handle` names a live TensorImpl (this function's contract), and `out`
+                // is a live local of the type the shim writes.
+                (unsafe { (self.$f)(handle, &mut out) } == 0).then_some(out)
+            }};
+        }
+        let inside = || -> Option<bool> {
+            if get!(data_ptr, std::ptr::null_mut())? as usize != address {
+                return Some(false);
+            }
+            if numel == 0 {
+                return Some(true);
+            }
+            let item = element_size(get!(dtype, -1i32)?)?;
+            let offset = get!(storage_offset, -1i64)?;
+            let end = offset.checked_add(i64::try_from(numel).ok()?)?.checked_mul(item)?;
+            Some(offset >= 0 && end <= get!(storage_size, -1i64)?)
+        };
+        inside().unwrap_or(false)
     }
 
     /// # Safety

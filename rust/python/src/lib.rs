@@ -333,25 +333,31 @@ fn checked_by<'py>(
 }
 
 /// A kernel's last check, made with the GIL held right before the kernel runs, so that no code of
-/// the caller's can run between it and the kernel: each of `tensors` (plain tensors the caller
-/// holds) still has its data at the address in `addresses` that the caller checked and packed
-/// into the kernel's columns. Between the caller's checks and the kernel call, Python runs
-/// signal handlers and lets other threads take the GIL, and code there may resize a storage in
-/// place (`untyped_storage().resize_()`), freeing the memory a column points at; resizing always
-/// moves the memory, so its tensors' addresses change. Raises `MemoryMovedError` (nothing
-/// written) if any moved, or cannot be read; without libtorch's shim, nothing is checked.
+/// the caller's thread (a signal handler, a finalizer) can run between it and the kernel: each
+/// of `tensors` (plain tensors the caller holds) still has its data at the address in
+/// `addresses` that the caller checked and packed into the kernel's columns, with the element
+/// count in `numels` from there inside its storage. Between the caller's checks and the kernel
+/// call, Python runs signal handlers and lets other threads take the GIL, and code there may
+/// resize a storage in place (`untyped_storage().resize_()`), freeing the memory a column points
+/// at. Raises `MemoryMovedError` (nothing written) if any moved or shrank, or cannot be read;
+/// without libtorch's shim, nothing is checked.
 fn check_unmoved(
     py: Python<'_>,
     tensors: Option<&Bound<'_, pyo3::types::PyList>>,
     addresses: Option<&[u8]>,
+    numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    let (tensors, addresses) = match (tensors, addresses) {
-        (None, None) => return Ok(()),
-        (Some(tensors), Some(addresses)) => (tensors, words("guard addresses", addresses).map_err(core_error)?),
-        _ => return Err(value_error("a kernel's last check needs both its tensors and their addresses")),
+    let (tensors, addresses, numels) = match (tensors, addresses, numels) {
+        (None, None, None) => return Ok(()),
+        (Some(tensors), Some(addresses), Some(numels)) => (
+            tensors,
+            words("guard addresses", addresses).map_err(core_error)?,
+            words("guard numels", numels).map_err(core_error)?,
+        ),
+        _ => return Err(value_error("a kernel's last check needs its tensors, their addresses and their sizes")),
     };
-    if addresses.len() != tensors.len() {
-        return Err(value_error("a kernel's last check needs one address per tensor"));
+    if addresses.len() != tensors.len() || numels.len() != tensors.len() {
+        return Err(value_error("a kernel's last check needs one address and one size per tensor"));
     }
     #[cfg(unix)]
     {
@@ -361,10 +367,15 @@ fn check_unmoved(
             return Ok(());
         };
         let moved = || MemoryMovedError::new_err("a tensor's memory moved between the checks and the kernel");
+        // torch's `_cdata` getter runs a torch function mode's code where one is active: the
+        // callers turn them off around their checks and kernels (`native_reads`).
+        if !readers.tensor_in_object && !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
+            return Err(moved());
+        }
         // The tensors' objects are read by pointer: 21 us for 2,000 tensors, against 33-44 us
         // through `Bound` items (a step on 400 params hands over 2,000).
         let plain: Vec<*mut pyo3::ffi::PyTypeObject> = readers.plain_types.iter().map(|k| k.as_ptr().cast()).collect();
-        for (i, &address) in addresses.iter().enumerate() {
+        for (i, (&address, &numel)) in addresses.iter().zip(&numels).enumerate() {
             // SAFETY: `i` is below the list's length (checked equal to the addresses' above; no
             // code runs here that could change it): a borrowed reference to an item the list
             // holds, valid while the GIL is held and the list unchanged.
@@ -393,7 +404,7 @@ fn check_unmoved(
                 word
             };
             // SAFETY: a TensorImpl of a tensor the list holds, with the GIL held.
-            if tensor == 0 || unsafe { abi.data_address(tensor) } != Some(address) {
+            if tensor == 0 || !unsafe { abi.still_inside(tensor, address, numel) } {
                 return Err(moved());
             }
         }
@@ -777,7 +788,7 @@ impl ParamExtensions<'_> {
     dtype, step_dtype, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_in_f32=false,
     state_dtype=None, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0,
-    guard_tensors=None, guard_addresses=None
+    guard_tensors=None, guard_addresses=None, guard_numels=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -807,8 +818,9 @@ fn adam_step(
     grad_scale: f64,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     let hyper = AdamHyper {
         lr,
         beta1,
@@ -884,7 +896,7 @@ fn adam_typed<P: Element, S: Element<Math = P::Math>>(
     dtype, step_dtype, numels, params, grads, exp_avg_codes, exp_avg_sq_codes, exp_avg_scales,
     exp_avg_sq_scales, steps, *, lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay,
     lr_in_f32=false, master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0,
-    guard_tensors=None, guard_addresses=None
+    guard_tensors=None, guard_addresses=None, guard_numels=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam8bit_step(
@@ -913,8 +925,9 @@ fn adam8bit_step(
     grad_scale: f64,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     let hyper = AdamHyper {
         lr,
         beta1,
@@ -999,7 +1012,7 @@ fn adam8bit_typed<P: Element<Math = f32>>(
     dtype, numels, params, grads, momentum_buffers, momentum_buffers_are_new, *,
     lr, momentum, dampening, weight_decay, nesterov, maximize, state_dtype=None,
     master_params=None, stochastic_rounding_seed=None, streams=None, step_dtype=None, steps=None,
-    grad_scale=1.0, guard_tensors=None, guard_addresses=None
+    grad_scale=1.0, guard_tensors=None, guard_addresses=None, guard_numels=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
@@ -1025,8 +1038,9 @@ fn sgd_step(
     grad_scale: f64,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     let hyper = SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale };
     let bufs = SgdBuffers { params, grads, momentum_buffers, are_new: momentum_buffers_are_new };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
@@ -1090,7 +1104,7 @@ fn sgd_typed<P: Element, S: Element<Math = P::Math>>(
     dtype, step_dtype, numels, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
     lr, alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None,
     master_params=None, stochastic_rounding_seed=None, streams=None, grad_scale=1.0,
-    guard_tensors=None, guard_addresses=None
+    guard_tensors=None, guard_addresses=None, guard_numels=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rmsprop_step(
@@ -1118,8 +1132,9 @@ fn rmsprop_step(
     grad_scale: f64,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     let hyper = RmspropHyper { lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale };
     let bufs = RmspropBuffers { params, grads, square_avgs, momentum_buffers, grad_avgs, steps };
     let ext = ParamExtensions { master_params, stochastic_rounding_seed, streams };
@@ -1181,7 +1196,7 @@ fn rmsprop_typed<P: Element, S: Element<Math = P::Math>>(
 #[pyfunction]
 #[pyo3(signature = (
     dtype, numels, sources, params, steps, *, stochastic_rounding_seed=None, streams=None, guard_tensors=None,
-    guard_addresses=None
+    guard_addresses=None, guard_numels=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn round_params(
@@ -1195,8 +1210,9 @@ fn round_params(
     streams: Option<&[u8]>,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     let ext = ParamExtensions { master_params: None, stochastic_rounding_seed, streams };
     with_element_type!(dtype, round_typed(py, numels, sources, params, steps, ext))
 }
@@ -1235,7 +1251,7 @@ fn round_typed<P: Element>(
 
 /// The `norm_type`-norm of each buffer, in float64.
 #[pyfunction]
-#[pyo3(signature = (dtype, numels, tensors, norm_type, *, guard_tensors=None, guard_addresses=None))]
+#[pyo3(signature = (dtype, numels, tensors, norm_type, *, guard_tensors=None, guard_addresses=None, guard_numels=None))]
 fn tensor_norms(
     py: Python<'_>,
     dtype: &str,
@@ -1244,8 +1260,9 @@ fn tensor_norms(
     norm_type: f64,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<Vec<f64>> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     let norm = NormType::from_p(norm_type).map_err(core_error)?;
     with_element_type!(dtype, norms_typed(py, numels, tensors, norm))
 }
@@ -1264,7 +1281,7 @@ fn norms_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: 
 
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
 #[pyfunction]
-#[pyo3(signature = (dtype, numels, tensors, factor, *, guard_tensors=None, guard_addresses=None))]
+#[pyo3(signature = (dtype, numels, tensors, factor, *, guard_tensors=None, guard_addresses=None, guard_numels=None))]
 fn scale_(
     py: Python<'_>,
     dtype: &str,
@@ -1273,8 +1290,9 @@ fn scale_(
     factor: f64,
     guard_tensors: Option<Bound<'_, pyo3::types::PyList>>,
     guard_addresses: Option<&[u8]>,
+    guard_numels: Option<&[u8]>,
 ) -> PyResult<()> {
-    check_unmoved(py, guard_tensors.as_ref(), guard_addresses)?;
+    check_unmoved(py, guard_tensors.as_ref(), guard_addresses, guard_numels)?;
     with_element_type!(dtype, scale_typed(py, numels, tensors, factor))
 }
 
