@@ -166,27 +166,32 @@ impl TorchAbi {
     pub unsafe fn still_inside(&self, tensor: usize, address: usize, numel: usize) -> bool {
         let word = tensor as *const c_void;
         let handle: Handle = &word;
-        macro_rules! get {
-            ($f:ident, $init:expr) => {{
-                let mut out = $init;
-                // SAFETY: `handle` names a live TensorImpl (this function's contract), and `out`
-                // is a live local of the type the shim writes.
-                (unsafe { (self.$f)(handle, &mut out) } == 0).then_some(out)
-            }};
-        }
         let inside = || -> Option<bool> {
-            if get!(data_ptr, std::ptr::null_mut())? as usize != address {
+            // SAFETY (both reads): `handle` names a live TensorImpl (this function's contract).
+            if unsafe { read(self.data_ptr, handle, std::ptr::null_mut()) }? as usize != address {
                 return Some(false);
             }
             if numel == 0 {
                 return Some(true);
             }
-            let item = element_size(get!(dtype, -1i32)?)?;
-            let offset = get!(storage_offset, -1i64)?;
-            let end = offset.checked_add(i64::try_from(numel).ok()?)?.checked_mul(item)?;
-            Some(offset >= 0 && end <= get!(storage_size, -1i64)?)
+            let item = element_size(unsafe { read(self.dtype, handle, -1) }?)?;
+            // SAFETY: as above.
+            unsafe { self.holds(handle, i64::try_from(numel).ok()?, item) }
         };
         inside().unwrap_or(false)
+    }
+
+    /// Whether `numel` elements of `item` bytes from the tensor's storage offset lie inside its
+    /// storage (a storage resized in place may be smaller than its tensors); None if the shim
+    /// reports an error.
+    ///
+    /// # Safety
+    /// `handle` names a `c10::TensorImpl` that stays alive during the call.
+    unsafe fn holds(&self, handle: Handle, numel: i64, item: i64) -> Option<bool> {
+        // SAFETY: forwarded from this function's contract.
+        let (offset, bytes) = unsafe { (read(self.storage_offset, handle, -1)?, read(self.storage_size, handle, -1)?) };
+        let end = offset.checked_add(numel)?.checked_mul(item)?;
+        Some(offset >= 0 && end <= bytes)
     }
 
     /// # Safety
@@ -243,18 +248,25 @@ impl TorchAbi {
             }
         }
         let address = get!(data_ptr, handle, std::ptr::null_mut())? as usize;
-        if numel > 0 {
-            // Every element inside the storage: a storage resized in place may be smaller than
-            // its tensors.
-            let offset = get!(storage_offset, handle, -1i64)?;
-            let storage_bytes = get!(storage_size, handle, -1i64)?;
-            let end = offset.checked_add(numel)?.checked_mul(item)?;
-            if offset < 0 || end > storage_bytes || address == 0 {
-                return None;
-            }
+        // Every element inside the storage.
+        // SAFETY: as the shim calls above.
+        if numel > 0 && (address == 0 || !unsafe { self.holds(handle, numel, item) }?) {
+            return None;
         }
         Some(address)
     }
+}
+
+/// One field of a live TensorImpl, read through the shim function `f` into a local started at
+/// `init`; None on a non-zero status.
+///
+/// # Safety
+/// `handle` names a `c10::TensorImpl` that stays alive during the call, and `f` is a shim
+/// getter that writes one `T`.
+unsafe fn read<T>(f: unsafe extern "C" fn(Handle, *mut T) -> Status, handle: Handle, init: T) -> Option<T> {
+    let mut out = init;
+    // SAFETY: forwarded from this function's contract; `out` is a live local of the type `f` writes.
+    (unsafe { f(handle, &mut out) } == 0).then_some(out)
 }
 
 /// How many tensors ahead of its checks each TensorImpl is prefetched (on a 400-param step after

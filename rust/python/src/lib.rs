@@ -385,24 +385,9 @@ fn check_unmoved(
             if t.is_null() || !plain.contains(&unsafe { pyo3::ffi::Py_TYPE(t) }) {
                 return Err(moved());
             }
-            let tensor = if readers.tensor_in_object {
-                // SAFETY: `t` is of a plain type (checked above), which `use_tensor_readers`
-                // checked to be large enough, and the list holds it.
-                unsafe { object_word(t) }
-            } else {
-                // SAFETY: torch's getter for a live tensor of its own type (checked above); it
-                // returns a new reference (an int: allocating one runs no collector) or null with
-                // an error set, which is dropped (the tensor counts as moved).
-                let raw = unsafe { (readers.cdata_get)(readers.cdata.as_ptr(), t, std::ptr::null_mut()) };
-                // SAFETY: `raw` is an owned reference or null.
-                let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }.map_err(|_| moved())?;
-                // SAFETY: `value` is a live object; on anything but an int the call sets an error.
-                let word = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
-                if word == 0 {
-                    let _ = PyErr::take(py);
-                }
-                word
-            };
+            // SAFETY: `t` is of a plain type (checked above) and the list holds it; an error
+            // (dropped) counts as moved.
+            let tensor = unsafe { readers.tensor_impl(py, t) }.unwrap_or(0);
             // SAFETY: a TensorImpl of a tensor the list holds, with the GIL held.
             if tensor == 0 || !unsafe { abi.still_inside(tensor, address, numel) } {
                 return Err(moved());
@@ -432,6 +417,34 @@ struct TensorReaders {
 
 static TENSOR_READERS: RwLock<Option<Arc<TensorReaders>>> = RwLock::new(None); // (see TORCH_ABI)
 
+impl TensorReaders {
+    /// The address of the TensorImpl of `t` (`Tensor._cdata`): from the object itself where
+    /// `tensor_in_object`, else from torch's getter (with torch function off, as every caller
+    /// has it, it runs no Python code). 0 for a null one; Err if the getter raised.
+    ///
+    /// # Safety
+    /// `t` is a live object of one of `plain_types`, held by the caller, with the GIL held.
+    unsafe fn tensor_impl(&self, py: Python<'_>, t: *mut pyo3::ffi::PyObject) -> PyResult<usize> {
+        if self.tensor_in_object {
+            // SAFETY: `use_tensor_readers` checked the plain types' objects to be large enough.
+            return Ok(unsafe { object_word(t) });
+        }
+        // SAFETY: torch's getter for a live tensor of its own type; it returns a new reference
+        // (an int: allocating one runs no collector) or null with an error set.
+        let raw = unsafe { (self.cdata_get)(self.cdata.as_ptr(), t, std::ptr::null_mut()) };
+        // SAFETY: `raw` is an owned reference or null (then the error is fetched).
+        let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
+        // (PyLong_AsVoidPtr: the getter made the int with PyLong_FromVoidPtr; pyo3's generic
+        // extraction of a usize takes a slower path in abi3 builds.)
+        // SAFETY: `value` is a live object; on anything but an int the call sets an error.
+        let address = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
+        match (address, PyErr::take(py)) {
+            (0, Some(error)) => Err(error),
+            _ => Ok(address),
+        }
+    }
+}
+
 /// torch's Python tensor object (`THPVariable`, torch/csrc/autograd/python_variable.h) is the
 /// object header followed by its `at::Tensor` (in the torch this was written against, 2.13;
 /// older versions had a `c10::MaybeOwned<at::Tensor>` there, which the check in
@@ -445,15 +458,6 @@ const THPVARIABLE_TENSOR_OFFSET: usize = std::mem::size_of::<pyo3::ffi::PyObject
 /// # Safety
 /// `t` is a live object of a type whose instances are at least `THPVARIABLE_TENSOR_OFFSET + 8`
 /// bytes (`__basicsize__`), so the word is inside it; the object header is word-aligned.
-unsafe fn tensor_word(t: &Bound<'_, PyAny>) -> usize {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { object_word(t.as_ptr()) }
-}
-
-/// `tensor_word` of an object pointer.
-///
-/// # Safety
-/// As for `tensor_word`, for the object at `t`.
 unsafe fn object_word(t: *mut pyo3::ffi::PyObject) -> usize {
     // SAFETY: forwarded from this function's contract.
     unsafe { t.cast::<u8>().add(THPVARIABLE_TENSOR_OFFSET).cast::<usize>().read() }
@@ -492,7 +496,7 @@ fn use_tensor_readers(
             break;
         }
         // SAFETY: `t` is of a plain type, each of which was just checked to be large enough.
-        let word = unsafe { tensor_word(t) };
+        let word = unsafe { object_word(t.as_ptr()) };
         direct = cdata.getattr("__get__")?.call1((t,))?.extract::<usize>()? == word;
     }
     *TENSOR_READERS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(TensorReaders {
@@ -561,32 +565,11 @@ fn plan_addresses<'py>(
             }
         }
         let mut impls = Vec::with_capacity(items.len());
-        if readers.tensor_in_object {
-            // SAFETY: each item is of a plain type (checked above), which `use_tensor_readers`
-            // checked to be large enough, and is held by `items`.
-            impls.extend(items.iter().map(|t| unsafe { tensor_word(t) }));
-            if impls.contains(&0) {
-                return Ok(None);
-            }
-        } else {
-            let cdata_get = readers.cdata_get;
-            for t in &items {
-                // SAFETY: torch's getter for a live tensor of its own type; it returns a new
-                // reference (an int: allocating one runs no collector) or null with an error set.
-                let raw = unsafe { cdata_get(readers.cdata.as_ptr(), t.as_ptr(), std::ptr::null_mut()) };
-                // SAFETY: `raw` is an owned reference or null (then the error is fetched).
-                let value = unsafe { Bound::from_owned_ptr_or_err(py, raw) }?;
-                // (PyLong_AsVoidPtr: the getter made the int with PyLong_FromVoidPtr; pyo3's
-                // generic extraction of a usize takes a slower path in abi3 builds.)
-                // SAFETY: `value` is a live object; on anything but an int the call sets an error.
-                let address = unsafe { pyo3::ffi::PyLong_AsVoidPtr(value.as_ptr()) } as usize;
-                if address == 0 {
-                    return match PyErr::take(py) {
-                        Some(error) => Err(error),
-                        None => Ok(None), // a null TensorImpl: not a tensor the kernels take
-                    };
-                }
-                impls.push(address);
+        for t in &items {
+            // SAFETY: each item is of a plain type (checked above) and held by `items`.
+            match unsafe { readers.tensor_impl(py, t.as_ptr()) }? {
+                0 => return Ok(None), // a null TensorImpl: not a tensor the kernels take
+                tensor => impls.push(tensor),
             }
         }
         let addresses = checked_by(py, abi, &impls, numels, dtypes, shape_of)?;
