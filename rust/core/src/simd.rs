@@ -354,6 +354,20 @@ unsafe fn f32_to_bf16_avx512bf16(src: &[f32], dst: &mut [half::bf16]) {
     Baseline.f32_to_bf16(&src[i..n], &mut dst[i..n]);
 }
 
+/// Asks the CPU to start loading the cache line holding `address` into its first-level cache.
+/// Safe for any address: a prefetch is only a hint, which never faults and changes nothing but
+/// the caches (an unmapped or foreign address is simply dropped). A no-op off x86-64.
+#[inline(always)]
+pub fn prefetch(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is in every x86-64 CPU (SSE) and reads nothing architecturally: it
+    // cannot fault, whatever `address` is.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast())
+    };
+    let _ = address;
+}
+
 /// Runs `kernel` compiled for `level`. A path the CPU cannot run falls back to the baseline one,
 /// so no caller can reach an instruction the CPU lacks.
 #[inline]
@@ -399,6 +413,21 @@ unsafe fn run_neon<K: Kernel>(kernel: K) -> K::Output {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prefetching_any_address_is_harmless() {
+        let value = 7u64;
+        let inside = (&value as *const u64).cast::<u8>();
+        // Null, the first page (never mapped), a kernel address, the top of the address space,
+        // and past the end of a value on the stack.
+        for address in
+            [std::ptr::null(), 64 as *const u8, 0xffff_8000_0000_0000usize as *const u8, usize::MAX as *const u8]
+        {
+            prefetch(address);
+        }
+        prefetch(inside.wrapping_add(1 << 30));
+        assert_eq!(value, 7);
+    }
+
     use super::*;
 
     #[test]

@@ -167,13 +167,14 @@ impl TorchAbi {
         let word = tensor as *const c_void;
         let handle: Handle = &word;
         let inside = || -> Option<bool> {
-            // SAFETY (both reads): `handle` names a live TensorImpl (this function's contract).
+            // SAFETY: `handle` names a live TensorImpl (this function's contract).
             if unsafe { read(self.data_ptr, handle, std::ptr::null_mut()) }? as usize != address {
                 return Some(false);
             }
             if numel == 0 {
                 return Some(true);
             }
+            // SAFETY: as above.
             let item = element_size(unsafe { read(self.dtype, handle, -1) }?)?;
             // SAFETY: as above.
             unsafe { self.holds(handle, i64::try_from(numel).ok()?, item) }
@@ -277,17 +278,9 @@ const PREFETCH_AHEAD: usize = 16;
 /// tensors whose metadata has left the caches (as after a forward/backward) overlap instead of
 /// waiting one after another.
 fn prefetch_impl(tensor: usize) {
-    #[cfg(target_arch = "x86_64")]
     for line in 0..4 {
-        // SAFETY: a prefetch is only a hint: it never faults or changes memory, whatever the
-        // address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                (tensor as *const i8).wrapping_add(64 * line),
-            )
-        };
+        crate::simd::prefetch((tensor as *const u8).wrapping_add(64 * line));
     }
-    let _ = tensor;
 }
 
 #[cfg(test)]
