@@ -1,7 +1,7 @@
 //! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`), in torch's order of operations.
 
 use crate::block::{blocks, load_grad_block, scratch, state_block, state_unblock, GradFactor, ParamOut, Rounding};
-use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real};
+use crate::element::{lerp, torch_add, torch_addcdiv, torch_addcmul, Element, Real, Reciprocal};
 use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
@@ -70,7 +70,7 @@ pub(crate) struct AdamScalars<T> {
     pub(crate) lerp_weight: T,
     pub(crate) beta2: T,
     pub(crate) one_minus_beta2: T,
-    pub(crate) bias_correction2_sqrt: T,
+    pub(crate) bias_correction2_sqrt: Reciprocal<T>,
     pub(crate) eps: T,
     pub(crate) neg_step_size: T,
 }
@@ -121,7 +121,7 @@ impl<T: Real> AdamScalars<T> {
             lerp_weight: T::round_from(1.0 - h.beta1),
             beta2: T::round_from(h.beta2),
             one_minus_beta2: T::round_from(1.0 - h.beta2),
-            bias_correction2_sqrt: T::round_from(divisor),
+            bias_correction2_sqrt: Reciprocal::of(T::round_from(divisor)),
             eps: T::round_from(eps),
             neg_step_size: T::round_from(-step_size),
         }
@@ -148,7 +148,7 @@ impl<T: Real> AdamScalars<T> {
     #[inline(always)]
     pub(crate) fn param_update(&self, p: T, m: T, second_moment: T) -> T {
         // eps is added after the sqrt and the bias correction, as torch does.
-        let denominator = second_moment.sqrt() / self.bias_correction2_sqrt + self.eps;
+        let denominator = self.bias_correction2_sqrt.divide(second_moment.sqrt()) + self.eps;
         torch_addcdiv(p, m, denominator, self.neg_step_size)
     }
 
@@ -156,7 +156,7 @@ impl<T: Real> AdamScalars<T> {
     /// size, and the second moment is not divided by it.
     #[inline(always)]
     pub(crate) fn folded_param_update(&self, p: T, m: T, second_moment: T) -> T {
-        debug_assert!(self.bias_correction2_sqrt == T::one(), "folded scalars");
+        debug_assert!(self.bias_correction2_sqrt.divisor == T::one(), "folded scalars");
         torch_addcdiv(p, m, second_moment.sqrt() + self.eps, self.neg_step_size)
     }
 
