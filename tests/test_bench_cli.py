@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -274,6 +275,28 @@ def test_time_interleaved_prepares_and_checks_every_call_untimed():
     assert calls.count("a") == calls.count("prep a") == len([c for c in checked if c == 1]) >= 4  # warm-up, batch size, 2 samples
 
 
+@pytest.mark.parametrize("same_calls", [False, True])
+def test_with_same_calls_every_sample_is_as_many_calls_for_every_function(same_calls):
+    # A stateful step's speed can change with its step count (first moments decaying into
+    # subnormal numbers): with same_calls the k-th samples of all are taken at the same counts.
+    calls = {"fast": 0, "slow": 0, "roofline": 0}
+
+    def call(label, seconds):
+        def fn():
+            calls[label] += 1
+            time.sleep(seconds)
+
+        return fn
+
+    fns = {"fast": call("fast", 0.0), "slow": call("slow", 0.002), "roofline": call("roofline", 0.002)}
+    bench.time_interleaved(fns, repeats=3, warmup=0, target_s=0.004, same_calls=same_calls)
+    assert calls["fast"] > calls["roofline"]  # the probe's samples are sized on their own
+    if same_calls:
+        assert calls["fast"] == calls["slow"] >= 3 * 2 + 1  # (one call sizes the samples)
+    else:
+        assert calls["fast"] > calls["slow"]
+
+
 def test_the_no_clip_row_checks_that_nothing_is_clipped():
     case = clip_case("clip_grad_norm_ (no clip)")
     case.check(torch.tensor(10.0))
@@ -348,6 +371,42 @@ def test_a_training_loop_row_runs_the_work_before_every_call(monkeypatch):
     # First steps, batch sizes, one sample: each implementation and the probe at least once.
     assert len(calls) >= 2 * 3 + 2
     assert "SGD (training loop)" in bench.format_table([row])
+
+
+def test_each_implementation_of_a_training_loop_row_steps_params_of_its_own(monkeypatch):
+    # On shared params, an implementation built after the first steps would start its state
+    # after some ReLUs died (first moments of exactly 0 for their weights), the first one before
+    # (first moments decaying into subnormal numbers): not the same conditions.
+    built: dict[str, list[torch.Tensor]] = {}
+    worked_on: list[list[torch.Tensor]] = []
+    real = bench.TRAINING_LOOP_WORK["seed-mlp"]
+
+    def recording(params):
+        work = real(params)
+        return lambda: worked_on.append(params) or work()
+
+    def recorded(label, make):
+        def build(params):
+            built[label] = [p.detach().clone() for p in params] + params
+            return make(params)
+
+        return build
+
+    monkeypatch.setitem(bench.TRAINING_LOOP_WORK, "seed-mlp", recording)
+    impls = {
+        "rsoptim": recorded("rsoptim", bench._optimizer_step(rsoptim.Adam, lr=0.01)),
+        "torch fused": recorded("torch fused", bench._optimizer_step(torch.optim.Adam, lr=0.01, fused=True)),
+    }
+    row = bench.run_row(bench.Case("Adam", impls, 3, 1), "seed-mlp", 1, repeats=1, warmup=0, training_loop=True)
+    assert set(row.seconds) == {"rsoptim", "torch fused"}
+    ours, theirs = built["rsoptim"], built["torch fused"]
+    n = len(ours) // 2
+    # Equal params when each was built (before its first step), but not the same tensors.
+    assert all(torch.equal(a, b) for a, b in zip(ours[:n], theirs[:n]))
+    assert not any(a is b for a in ours[n:] for b in theirs[n:])
+    # Each one's forward/backward ran on its own params.
+    assert any(all(p is q for p, q in zip(ps, ours[n:])) for ps in worked_on)
+    assert any(all(p is q for p, q in zip(ps, theirs[n:])) for ps in worked_on)
 
 
 def test_a_clipping_row_clips_in_training_loop_mode():

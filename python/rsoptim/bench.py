@@ -799,7 +799,7 @@ def end_to_end(threads: int, repeats: int, deepspeed_adam: type | None = None, w
                 raise
             notes.append(f"{label} left out of the end-to-end row: {_one_line(e)}")
             fns.pop(label, None)
-    seconds = time_interleaved(fns, TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats, warmup, target_s=TRAINING_LOOP_TARGET_S)
+    seconds = time_interleaved(fns, TRAINING_LOOP_SAMPLES_PER_REPEAT * repeats, warmup, target_s=TRAINING_LOOP_TARGET_S, same_calls=True)
     return EndToEnd(threads=threads, data=source, seconds=seconds, notes=notes)
 
 
@@ -824,8 +824,8 @@ def format_end_to_end(results: list[EndToEnd]) -> str:
             lines.append(f"  {r.threads:>3} {described.get(label, label):<44} {1 / s:>9.0f} {1e3 * s:>8.3f} {ratio}")
     lines.append("  rsoptim x: the column's time per iteration over rsoptim's (rsoptim.Adam with rsoptim.clip_grad_norm_).")
     lines.append(
-        f"  Samples of ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms of consecutive iterations, interleaved "
-        f"({TRAINING_LOOP_SAMPLES_PER_REPEAT} x --repeats samples each, at least 5 repeats), medians; it/s = 1 / median."
+        f"  Samples of consecutive iterations, the same number for every optimizer (at least ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms), "
+        f"interleaved ({TRAINING_LOOP_SAMPLES_PER_REPEAT} x --repeats samples each, at least 5 repeats), medians; it/s = 1 / median."
     )
     return "\n".join(lines)
 
@@ -896,17 +896,25 @@ def time_interleaved(
     prepare: dict[str, Callable[[], object]] | None = None,
     check: dict[str, Callable[[object], None]] | None = None,
     limits: dict[str, int] | None = None,
+    same_calls: bool = False,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn (A B C A B C ...). ``prepare`` and
     ``check`` (by label) run untimed before and after every call, warm-up calls included.
     ``limits`` (by label): at most that many samples, in the first rounds, and no warm-up calls
-    (a slow column; the call that sizes its samples warms it)."""
+    (a slow column; the call that sizes its samples warms it). ``same_calls``: every sample of
+    every function but the roofline probe is the same number of calls (the most any of them
+    needs for ``target_s``), so that the k-th samples of stateful steps are taken at the same
+    step counts."""
     prepare, check, limits = prepare or {}, check or {}, limits or {}
     for _ in range(warmup):
         for label, fn in fns.items():
             if label not in limits:
                 timed_calls(fn, 1, prepare.get(label), check.get(label))
     batches = {label: _batch_size(fn, target_s, prepare.get(label), check.get(label)) for label, fn in fns.items()}
+    if same_calls:
+        steps = [label for label in batches if label != "roofline"]  # (the probe keeps no state)
+        most = max((batches[label] for label in steps), default=1)
+        batches.update(dict.fromkeys(steps, most))
     samples: dict[str, list[float]] = {label: [] for label in fns}
     for _ in range(repeats):
         for label, fn in fns.items():
@@ -1129,18 +1137,24 @@ def state_memory(step: Callable[[], object], params: list[torch.Tensor]) -> dict
 
 
 def build_steps(
-    case: Case, params: list[torch.Tensor], where: str, prepare: Callable[[], object] | None = None
+    case: Case,
+    params: list[torch.Tensor] | dict[str, list[torch.Tensor]],
+    where: str,
+    prepare: Callable[[], object] | None | dict[str, Callable[[], object] | None] = None,
 ) -> tuple[dict[str, Callable[[], object]], list[str]]:
-    """Each implementation's step function on ``params``, each stepped once (after ``prepare()``,
-    the case's untimed preparation built on ``params``, and checked by ``case.check``), and a note
-    for each optional implementation left out (``where`` names the row in it)."""
+    """Each implementation's step function on ``params`` (or, given a dict, on its own
+    ``params[label]``), each stepped once (after ``prepare()`` or ``prepare[label]()``, the untimed
+    preparation built on those params, and checked by ``case.check``), and a note for each
+    optional implementation left out (``where`` names the row in it)."""
+    params_of = params if isinstance(params, dict) else dict.fromkeys(case.impls, params)
+    prepare_of = prepare if isinstance(prepare, dict) else dict.fromkeys(case.impls, prepare)
     fns: dict[str, Callable[[], object]] = {}
     notes = []
     for label, build in case.impls.items():
         try:
-            fn = build(params)
+            fn = build(params_of[label])
             # The first step creates the state (and shows a dtype the implementation refuses).
-            timed_calls(fn, 1, prepare, None if label in case.unchecked else case.check)
+            timed_calls(fn, 1, prepare_of[label], None if label in case.unchecked else case.check)
             check_state_dtypes(label, fn, case.column(label).state_dtype)
         except Exception as e:
             if label not in OPTIONAL_IMPLS:
@@ -1163,21 +1177,30 @@ def run_row(
     rsoptim.set_num_threads(threads)
     shapes = WORKLOADS[workload]()
     params = make_params(shapes, dtype=dtype)
-    # Built before any implementation runs, from the grads as make_params leaves them.
-    prepare = case.prepare(params) if case.prepare is not None else None
+    # In a training loop each implementation steps params of its own, equal to start with, through
+    # the same forward/backward. On shared params the ReLUs that die in the first steps would
+    # leave every implementation built after them first moments of exactly 0 for their weights,
+    # while the first one's decay into subnormal numbers, which slow a step down on some CPUs
+    # (rsoptim's and DeepSpeedCPUAdam's seed-MLP step both took about 2x as long on a Xeon).
+    own = {label: make_params(shapes, dtype=dtype) if training_loop else params for label in case.impls}
     forward_backward = TRAINING_LOOP_WORK[workload](params) if training_loop else None
-    if forward_backward is not None:
-        prepare = forward_backward if prepare is None else _then(forward_backward, prepare)
-    fns, notes = build_steps(case, params, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)
+    prepare: dict[str, Callable[[], object] | None] = {}
+    for label, ps in own.items():
+        # Built before any implementation runs, from the grads as make_params leaves them.
+        prepare[label] = case.prepare(ps) if case.prepare is not None else None
+        if training_loop:
+            fb = TRAINING_LOOP_WORK[workload](ps)
+            prepare[label] = fb if prepare[label] is None else _then(fb, prepare[label])
+    fns, notes = build_steps(case, own, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)
     impls = list(fns)
-    memory = {label: state_memory(fn, params) for label, fn in fns.items()}
+    memory = {label: state_memory(fn, own[label]) for label, fn in fns.items()}
     traffic = case.traffic(params)
     if case.roofline_written is not None:
         fns["roofline"] = roofline_probe(params, [moved for moved, _ in traffic], [written for _, written in traffic])  # type: ignore[misc]
     elements = sum(p.numel() for p in params)
     bytes_per_step = sum(moved for moved, _ in traffic)
     column_bytes = {label: sum(moved for moved, _ in case.column(label).traffic(params)) for label in impls if label in case.column_traffic}
-    prepares = {label: prepare for label in impls} if prepare is not None else {}
+    prepares = {label: prepare[label] for label in impls if prepare[label] is not None}
     checks = {label: case.check for label in impls if label not in case.unchecked} if case.check is not None else None
     if forward_backward is not None:
         if "roofline" in fns:
@@ -1190,6 +1213,8 @@ def run_row(
             prepare=prepares,
             check=checks,
             limits=SAMPLE_LIMITS,
+            # The state, hence a step's speed, changes as training goes on (see `own` above).
+            same_calls=True,
         )
     else:
         seconds = time_interleaved(fns, repeats, warmup, target_s=0.02, prepare=prepares or None, check=checks, limits=SAMPLE_LIMITS)
@@ -1417,9 +1442,10 @@ def format_table(rows: list[Row]) -> str:
     if any(r.training_loop for r in rows):
         lines.append(
             "(training loop): before every timed step of every implementation (and every roofline probe), the same untimed "
-            f"forward/backward on the row's params, batch {TRAINING_LOOP_BATCH} (seed-mlp: its MLP 784-128-10 with "
-            "cross-entropy; 400x1000: the tensors stacked into a 400x1000 weight, a matmul and tanh), grads set to None first; "
-            f"samples of ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms of consecutive (forward/backward, step) iterations of one implementation, "
+            f"forward/backward, batch {TRAINING_LOOP_BATCH} (seed-mlp: its MLP 784-128-10 with "
+            "cross-entropy; 400x1000: the tensors stacked into a 400x1000 weight, a matmul and tanh), grads set to None first, "
+            "each implementation on params of its own (equal at the start); samples of consecutive (forward/backward, step) "
+            f"iterations of one implementation, the same number for all (at least ~{1e3 * TRAINING_LOOP_TARGET_S:g} ms of steps), "
             f"interleaved, {TRAINING_LOOP_SAMPLES_PER_REPEAT} x --repeats samples each, medians."
         )
     return "\n".join(lines)
