@@ -276,25 +276,30 @@ def test_time_interleaved_prepares_and_checks_every_call_untimed():
 
 
 @pytest.mark.parametrize("same_calls", [False, True])
-def test_with_same_calls_every_sample_is_as_many_calls_for_every_function(same_calls):
+def test_with_same_calls_every_sample_is_as_many_calls_for_every_function(monkeypatch, same_calls):
     # A stateful step's speed can change with its step count (first moments decaying into
     # subnormal numbers): with same_calls the k-th samples of all are taken at the same counts.
-    calls = {"fast": 0, "slow": 0, "roofline": 0}
+    # A fake clock: each call advances it by its function's cost.
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls = dict.fromkeys(["fast", "slow", "roofline", "limited"], 0)
 
     def call(label, seconds):
         def fn():
             calls[label] += 1
-            time.sleep(seconds)
+            clock[0] += seconds
 
         return fn
 
-    fns = {"fast": call("fast", 0.0), "slow": call("slow", 0.002), "roofline": call("roofline", 0.002)}
-    bench.time_interleaved(fns, repeats=3, warmup=0, target_s=0.004, same_calls=same_calls)
-    assert calls["fast"] > calls["roofline"]  # the probe's samples are sized on their own
+    costs = {"fast": 2.0**-13, "slow": 2.0**-10, "roofline": 2.0**-10, "limited": 2.0**-10}  # (exact sums)
+    fns = {label: call(label, cost) for label, cost in costs.items()}
+    bench.time_interleaved(fns, repeats=3, warmup=0, target_s=2.0**-8, limits={"limited": 3}, same_calls=same_calls)
+    # The probe's and the limited column's samples are sized on their own: 4 calls each.
+    assert calls["roofline"] == calls["limited"] == 1 + 3 * 4
     if same_calls:
-        assert calls["fast"] == calls["slow"] >= 3 * 2 + 1  # (one call sizes the samples)
+        assert calls["fast"] == calls["slow"] == 1 + 3 * 32  # (one call sizes the samples)
     else:
-        assert calls["fast"] > calls["slow"]
+        assert (calls["fast"], calls["slow"]) == (1 + 3 * 32, 1 + 3 * 4)
 
 
 def test_the_no_clip_row_checks_that_nothing_is_clipped():
@@ -399,6 +404,9 @@ def test_each_implementation_of_a_training_loop_row_steps_params_of_its_own(monk
     }
     row = bench.run_row(bench.Case("Adam", impls, 3, 1), "seed-mlp", 1, repeats=1, warmup=0, training_loop=True)
     assert set(row.seconds) == {"rsoptim", "torch fused"}
+    # Each one's state is counted on its own params (Adam: 8 bytes per element).
+    assert row.state_memory is not None
+    assert all(row.state_memory[label]["bytes_per_param"] >= 8 for label in ("rsoptim", "torch fused"))
     ours, theirs = built["rsoptim"], built["torch fused"]
     n = len(ours) // 2
     # Equal params when each was built (before its first step), but not the same tensors.

@@ -902,9 +902,9 @@ def time_interleaved(
     ``check`` (by label) run untimed before and after every call, warm-up calls included.
     ``limits`` (by label): at most that many samples, in the first rounds, and no warm-up calls
     (a slow column; the call that sizes its samples warms it). ``same_calls``: every sample of
-    every function but the roofline probe is the same number of calls (the most any of them
-    needs for ``target_s``), so that the k-th samples of stateful steps are taken at the same
-    step counts."""
+    every function but the roofline probe and the ``limits`` columns is the same number of calls
+    (the most any of them needs for ``target_s``), so that the k-th samples of stateful steps are
+    taken at the same step counts."""
     prepare, check, limits = prepare or {}, check or {}, limits or {}
     for _ in range(warmup):
         for label, fn in fns.items():
@@ -912,7 +912,10 @@ def time_interleaved(
                 timed_calls(fn, 1, prepare.get(label), check.get(label))
     batches = {label: _batch_size(fn, target_s, prepare.get(label), check.get(label)) for label, fn in fns.items()}
     if same_calls:
-        steps = [label for label in batches if label != "roofline"]  # (the probe keeps no state)
+        # (The probe keeps no state; a column sampled fewer times, without warm-up calls, is not
+        # at the others' step counts anyway, and at their call counts its samples would take
+        # seconds.)
+        steps = [label for label in batches if label != "roofline" and label not in limits]
         most = max((batches[label] for label in steps), default=1)
         batches.update(dict.fromkeys(steps, most))
     samples: dict[str, list[float]] = {label: [] for label in fns}
@@ -1184,11 +1187,14 @@ def run_row(
     # (rsoptim's and DeepSpeedCPUAdam's seed-MLP step both took about 2x as long on a Xeon).
     own = {label: make_params(shapes, dtype=dtype) if training_loop else params for label in case.impls}
     forward_backward = TRAINING_LOOP_WORK[workload](params) if training_loop else None
+    # Built before any implementation runs, from the grads as make_params leaves them (once per
+    # row where the params are shared: a clipping case's copy of GPT-2's grads is 0.5 GB).
+    shared = case.prepare(params) if case.prepare is not None and not training_loop else None
     prepare: dict[str, Callable[[], object] | None] = {}
     for label, ps in own.items():
-        # Built before any implementation runs, from the grads as make_params leaves them.
-        prepare[label] = case.prepare(ps) if case.prepare is not None else None
+        prepare[label] = shared
         if training_loop:
+            prepare[label] = case.prepare(ps) if case.prepare is not None else None
             fb = TRAINING_LOOP_WORK[workload](ps)
             prepare[label] = fb if prepare[label] is None else _then(fb, prepare[label])
     fns, notes = build_steps(case, own, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)

@@ -93,13 +93,12 @@ impl<P: Element<Math = f32>, const L2: bool> Kernel for Adam8bitKernel<'_, P, L2
     fn run<I: Isa>(self, isa: I) {
         let Adam8bitJob { mut param, grad, m_codes, v_codes, m_scales, v_scales, k } = self.0;
         let (mut p, mut g, mut m, mut v) = (scratch(), scratch(), scratch(), scratch());
-        let mut buffers =
-            vec![Buffer::of(grad), Buffer::of(&*param.param), Buffer::of(&*m_codes), Buffer::of(&*v_codes)];
-        buffers.extend(param.master.as_deref().map(Buffer::of));
+        let read = [Buffer::of(grad), Buffer::of(&*param.param), Buffer::of(&*m_codes), Buffer::of(&*v_codes)];
+        let read = Ahead::job(read, param.master.as_deref().map(Buffer::of));
         for (b, start) in (0..param.len()).step_by(QUANT_BLOCK).enumerate() {
             let end = (start + QUANT_BLOCK).min(param.len());
             let len = end - start;
-            let ahead = Ahead::new(&buffers, start + PREFETCH_AHEAD, param.len());
+            let ahead = read.at(start + PREFETCH_AHEAD, param.len());
             let (m, v) = (&mut m[..len], &mut v[..len]);
             let (m_codes, v_codes) = (&mut m_codes[start..end], &mut v_codes[start..end]);
             let unscaled = k.grad_scale() == 1.0;
@@ -169,15 +168,26 @@ pub(crate) struct Ahead {
 }
 
 impl Ahead {
-    /// The buffers at element `at`; none where `at` is past the job's `len` elements.
-    fn new(buffers: &[Buffer], at: usize, len: usize) -> Self {
+    /// A job's buffers at its element 0: its grad, param, codes, and master copy if any.
+    fn job(buffers: [Buffer; 4], master: Option<Buffer>) -> Self {
         let none = Buffer { start: std::ptr::null(), element_size: 0 };
-        let mut ahead = Self { buffers: [none; 5], count: 0 };
+        let mut all = Self { buffers: [none; 5], count: 4 };
+        all.buffers[..4].copy_from_slice(&buffers);
+        if let Some(master) = master {
+            all.buffers[4] = master;
+            all.count = 5;
+        }
+        all
+    }
+
+    /// The same buffers at element `at`; none where `at` is past the job's `len` elements.
+    fn at(&self, at: usize, len: usize) -> Self {
+        let mut ahead = Self { buffers: self.buffers, count: 0 };
         if at < len {
-            for (slot, b) in ahead.buffers.iter_mut().zip(buffers) {
-                *slot = Buffer { start: b.start.wrapping_add(at * b.element_size), element_size: b.element_size };
+            for b in &mut ahead.buffers[..self.count] {
+                b.start = b.start.wrapping_add(at * b.element_size);
             }
-            ahead.count = buffers.len().min(5);
+            ahead.count = self.count;
         }
         ahead
     }
@@ -188,6 +198,7 @@ impl Ahead {
     #[inline(always)]
     pub(crate) fn element(&self, i: usize) {
         for b in &self.buffers[..self.count] {
+            debug_assert!(b.element_size * 16 <= 64, "a turn of 16 elements spans at most a line");
             let offset = i * b.element_size;
             if offset.is_multiple_of(64) {
                 crate::simd::prefetch(b.start.wrapping_add(offset));
