@@ -382,7 +382,7 @@ def test_each_implementation_of_a_training_loop_row_steps_params_of_its_own(monk
     # On shared params, an implementation built after the first steps would start its state
     # after some ReLUs died (first moments of exactly 0 for their weights), the first one before
     # (first moments decaying into subnormal numbers): not the same conditions.
-    built: dict[str, list[torch.Tensor]] = {}
+    built: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (their values then, the params)
     worked_on: list[list[torch.Tensor]] = []
     real = bench.TRAINING_LOOP_WORK["seed-mlp"]
 
@@ -392,7 +392,7 @@ def test_each_implementation_of_a_training_loop_row_steps_params_of_its_own(monk
 
     def recorded(label, make):
         def build(params):
-            built[label] = [p.detach().clone() for p in params] + params
+            built[label] = ([p.detach().clone() for p in params], params)
             return make(params)
 
         return build
@@ -407,14 +407,13 @@ def test_each_implementation_of_a_training_loop_row_steps_params_of_its_own(monk
     # Each one's state is counted on its own params (Adam: 8 bytes per element).
     assert row.state_memory is not None
     assert all(row.state_memory[label]["bytes_per_param"] >= 8 for label in ("rsoptim", "torch fused"))
-    ours, theirs = built["rsoptim"], built["torch fused"]
-    n = len(ours) // 2
+    (our_values, ours), (their_values, theirs) = built["rsoptim"], built["torch fused"]
     # Equal params when each was built (before its first step), but not the same tensors.
-    assert all(torch.equal(a, b) for a, b in zip(ours[:n], theirs[:n]))
-    assert not any(a is b for a in ours[n:] for b in theirs[n:])
+    assert all(torch.equal(a, b) for a, b in zip(our_values, their_values))
+    assert not any(a is b for a in ours for b in theirs)
     # Each one's forward/backward ran on its own params.
-    assert any(all(p is q for p, q in zip(ps, ours[n:])) for ps in worked_on)
-    assert any(all(p is q for p, q in zip(ps, theirs[n:])) for ps in worked_on)
+    assert any(all(p is q for p, q in zip(ps, ours)) for ps in worked_on)
+    assert any(all(p is q for p, q in zip(ps, theirs)) for ps in worked_on)
 
 
 def test_a_clipping_row_clips_in_training_loop_mode():

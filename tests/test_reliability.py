@@ -163,30 +163,28 @@ _KERNELS = ["adam_step", "adam8bit_step", "sgd_step", "rmsprop_step", "tensor_no
 _STEP_KERNELS = {"adam_step", "adam8bit_step", "sgd_step", "rmsprop_step", "round_params"}
 
 
-def _run_moving(monkeypatch, run, move, kernels=frozenset(_KERNELS), every_call=True):
+def _run_moving(run, move, kernels=frozenset(_KERNELS), every_call=True):
     """``run()`` with ``move()`` called right before each call of ``kernels`` is made (once, or
     with ``every_call`` on each): after every check of the Python layer, where a signal handler
     or another thread can run code too. Returns (how many moves were made, how many kernel calls
     refused their memory with ``MemoryMovedError``)."""
     counts = {"moves": 0, "refused": 0}
-    for name in _KERNELS:
-        kernel = getattr(_rsoptim, name)
+    with pytest.MonkeyPatch.context() as patch:  # (undone on return, whatever the test patched)
+        for name in _KERNELS:
+            kernel = getattr(_rsoptim, name)
 
-        def moving(*args, _kernel=kernel, _name=name, **kwargs):
-            if _name in kernels and (every_call or not counts["moves"]):
-                move()
-                counts["moves"] += 1
-            try:
-                return _kernel(*args, **kwargs)
-            except _rsoptim.MemoryMovedError:
-                counts["refused"] += 1
-                raise
+            def moving(*args, _kernel=kernel, _name=name, **kwargs):
+                if _name in kernels and (every_call or not counts["moves"]):
+                    move()
+                    counts["moves"] += 1
+                try:
+                    return _kernel(*args, **kwargs)
+                except _rsoptim.MemoryMovedError:
+                    counts["refused"] += 1
+                    raise
 
-        monkeypatch.setattr(_rsoptim, name, moving)
-    try:
+            patch.setattr(_rsoptim, name, moving)
         run()
-    finally:
-        monkeypatch.undo()
     return counts["moves"], counts["refused"]
 
 
@@ -222,7 +220,7 @@ _RESIZED_TARGETS = {
 @pytest.mark.parametrize("target", list(_RESIZED_TARGETS))
 @pytest.mark.parametrize("plan", [True, False], ids=["planned step", "first step"])
 @pytest.mark.parametrize("every_call", [False, True], ids=["once", "every call"])
-def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call, plan_readers, monkeypatch):
+def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, options, target, plan, every_call, plan_readers):
     """A storage resized in place after the Python layer's last check and before its kernel
     runs (by a signal handler, say: the fourth review crashed a step in about 3 s with a
     ``SIGALRM`` handler resizing a param's storage every 2 ms) must not be written where it was:
@@ -250,7 +248,7 @@ def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, o
                 # (Clipping's norm reads only the grads, before the step's checks.)
                 kernels = frozenset(_KERNELS) if target == "grad" else _STEP_KERNELS
                 move = lambda: _resize_storages(_RESIZED_TARGETS[target](opt, ps))  # noqa: E731
-                moves, refused = _run_moving(monkeypatch, opt.step, move, kernels, every_call)
+                moves, refused = _run_moving(opt.step, move, kernels, every_call)
                 assert moves >= 1 and refused >= 1, (moves, refused)
             else:
                 opt.step()
@@ -268,7 +266,7 @@ def test_memory_moved_between_the_checks_and_the_kernel_is_never_written(name, o
 
 @pytest.mark.parametrize("name", ["Adam", "SGD", "AdamW8bit"])
 @pytest.mark.parametrize("target", ["param", "grad", "state"])
-def test_a_storage_shrunk_back_to_its_address_before_the_kernel_is_refused(name, target, monkeypatch):
+def test_a_storage_shrunk_back_to_its_address_before_the_kernel_is_refused(name, target):
     """Two resizes right before the kernel (to nothing, then to half): the allocator often hands
     the freed block back, so the data is at the address that was checked, in a storage half as
     large. The kernel's last check reads the storage's bounds too, and the general path then
@@ -289,10 +287,10 @@ def test_a_storage_shrunk_back_to_its_address_before_the_kernel_is_refused(name,
             storage.resize_(nbytes // 2)
 
     with pytest.raises(RuntimeError, match="storage"):
-        _run_moving(monkeypatch, opt.step, shrink, _STEP_KERNELS, every_call=False)
+        _run_moving(opt.step, shrink, _STEP_KERNELS, every_call=False)
 
 
-def test_clip_grad_norm_of_a_grad_retyped_before_its_kernel_scales_each_in_its_dtype(monkeypatch):
+def test_clip_grad_norm_of_a_grad_retyped_before_its_kernel_scales_each_in_its_dtype():
     """Another thread (or a handler) retypes a grad (``g.data = g.data.to(bfloat16)``) right
     before the scale kernel: the kernel refuses, and the grads read again through aliases are
     no longer of one dtype, so they are not handed over as one (a float32 walk of a bfloat16
@@ -308,7 +306,7 @@ def test_clip_grad_norm_of_a_grad_retyped_before_its_kernel_scales_each_in_its_d
             params[1].grad.data = params[1].grad.data.to(torch.bfloat16)
 
     total = []
-    moves, refused = _run_moving(monkeypatch, lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), retype, {"scale_"}, False)
+    moves, refused = _run_moving(lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), retype, {"scale_"}, False)
     assert moves == 1 and refused == 1, (moves, refused)
     factor = 0.5 / (float(total[0]) + 1e-6)
     torch.testing.assert_close(params[0].grad, grads[0] * factor)
@@ -363,7 +361,7 @@ def test_every_kernel_call_is_checked_last_and_ordinary_steps_pass_the_check(nam
     assert not moved, moved
 
 
-def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they_are(monkeypatch):
+def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they_are():
     """As above for ``clip_grad_norm_``: the grads' storages resized right before the norm and
     the scale kernels."""
     torch.manual_seed(0)
@@ -372,7 +370,7 @@ def test_clip_grad_norm_of_grads_moved_before_its_kernels_scales_them_where_they
     for p, g in zip(params, grads):
         p.grad = g.clone()
     total = []
-    moves, refused = _run_moving(monkeypatch, lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), lambda: _resize_storages([p.grad for p in params]))
+    moves, refused = _run_moving(lambda: total.append(rsoptim.clip_grad_norm_(params, 0.5)), lambda: _resize_storages([p.grad for p in params]))
     assert moves >= 2 and refused >= 2, (moves, refused)
     reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(reference, grads):

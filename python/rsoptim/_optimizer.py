@@ -279,6 +279,11 @@ def extension_options(
 
 
 
+#: A kernel's last check (see ``unmoved``): tensors a call holds, the packed addresses its
+#: columns took from them, and their packed element counts.
+Guard = tuple[list[Any], bytes, bytes]
+
+
 @dataclass
 class KernelCall:
     """The buffers of one kernel call: one dtype (and step dtype) of one group. Element counts
@@ -303,9 +308,8 @@ class KernelCall:
     grad_scale: float = 1.0
     # The local shards of DTensor params (a write bumps the version of each, and of its DTensor).
     local_params: list[torch.Tensor] = field(default_factory=list)
-    # The kernel's last check (see ``unmoved``): tensors the call holds, the packed addresses its
-    # columns took from them, and their packed element counts.
-    guard: tuple[list[torch.Tensor], bytes, bytes] | None = None
+    # The kernel's last check.
+    guard: Guard | None = None
 
     def extensions(self) -> dict[str, Any]:
         """The kernels' keyword arguments for master copies, stochastic rounding, clipping and
@@ -319,7 +323,7 @@ class KernelCall:
         }
 
 
-def unmoved(guard: tuple[list[torch.Tensor], bytes, bytes] | None) -> dict[str, Any]:
+def unmoved(guard: Guard | None) -> dict[str, Any]:
     """The kernels' keyword arguments for their last check, made natively right before the
     kernel runs: each tensor of ``guard`` (plain tensors the call holds) still has its data at
     the address packed with it, the one the call's columns took, and the element count packed
@@ -1561,7 +1565,7 @@ def _alias(t: Any) -> Any:
     return t.data if isinstance(t, torch.Tensor) else t
 
 
-def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any], guard: tuple[list[Any], bytes, bytes]) -> KernelCall:
+def _with_grads(call: KernelCall, grad_addrs: bytes, held: list[Any], guard: Guard) -> KernelCall:
     """A copy of a plan's call with this step's grads and last check (``dataclasses.replace``
     without its re-validation: about 2 us per step on small steps)."""
     copy = object.__new__(KernelCall)

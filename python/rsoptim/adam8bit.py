@@ -58,6 +58,7 @@ from ._layout import (
 )
 from ._optimizer import (
     NOTHING_WRITTEN,
+    Guard,
     _alias,
     _DTYPE_CODES,
     UINT8_CODE,
@@ -503,8 +504,8 @@ class _NativeCall:
     dtype: str
     step_dtype: str
     held: list[Any]
-    # The kernel's last check (see ``unmoved``): every tensor checked, its packed address and size.
-    guard: tuple[list[Any], bytes, bytes] | None = None
+    # The kernel's last check: every tensor checked, its packed address and size.
+    guard: Guard | None = None
     params: list[torch.Tensor] = field(default_factory=list)
     numels: list[int] = field(default_factory=list)
     columns: dict[str, list[int]] = field(default_factory=lambda: {role: [] for role in ("param", "grad", *_EIGHT_BIT_ROLES)})
@@ -1028,7 +1029,7 @@ class Adam8bit(KernelOptimizer, torch.optim.Optimizer):
         streams: dict[int, int],
         buffers: list[tuple[str, torch.Tensor]] | tuple[()] = (),
         *,
-        guard: tuple[list[Any], bytes, bytes] | None,
+        guard: Guard | None,
     ) -> None:
         """One Rust call over ``params`` (of one dtype and kind of state), their buffers'
         addresses by role from ``column`` and their sizes in ``numels``; the caller holds every

@@ -1187,16 +1187,19 @@ def run_row(
     # (rsoptim's and DeepSpeedCPUAdam's seed-MLP step both took about 2x as long on a Xeon).
     own = {label: make_params(shapes, dtype=dtype) if training_loop else params for label in case.impls}
     forward_backward = TRAINING_LOOP_WORK[workload](params) if training_loop else None
-    # Built before any implementation runs, from the grads as make_params leaves them (once per
-    # row where the params are shared: a clipping case's copy of GPT-2's grads is 0.5 GB).
-    shared = case.prepare(params) if case.prepare is not None and not training_loop else None
-    prepare: dict[str, Callable[[], object] | None] = {}
-    for label, ps in own.items():
-        prepare[label] = shared
-        if training_loop:
-            prepare[label] = case.prepare(ps) if case.prepare is not None else None
-            fb = TRAINING_LOOP_WORK[workload](ps)
-            prepare[label] = fb if prepare[label] is None else _then(fb, prepare[label])
+
+    def untimed_work(ps: list[torch.Tensor]) -> Callable[[], object] | None:
+        """What runs before each call on ``ps``: the forward/backward, then the case's own
+        preparation (built now, before any implementation runs, from the grads as make_params
+        leaves them)."""
+        own_prepare = case.prepare(ps) if case.prepare is not None else None
+        if not training_loop:
+            return own_prepare
+        work = TRAINING_LOOP_WORK[workload](ps)
+        return work if own_prepare is None else _then(work, own_prepare)
+
+    # Once per row where the params are shared (a clipping case's copy of GPT-2's grads is 0.5 GB).
+    prepare = {label: untimed_work(own[label]) for label in case.impls} if training_loop else dict.fromkeys(case.impls, untimed_work(params))
     fns, notes = build_steps(case, own, f"{workload} / {str(dtype).removeprefix('torch.')}", prepare)
     impls = list(fns)
     memory = {label: state_memory(fn, own[label]) for label, fn in fns.items()}

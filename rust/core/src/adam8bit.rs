@@ -169,15 +169,12 @@ pub(crate) struct Ahead {
 
 impl Ahead {
     /// A job's buffers at its element 0: its grad, param, codes, and master copy if any.
-    fn job(buffers: [Buffer; 4], master: Option<Buffer>) -> Self {
-        let none = Buffer { start: std::ptr::null(), element_size: 0 };
-        let mut all = Self { buffers: [none; 5], count: 4 };
-        all.buffers[..4].copy_from_slice(&buffers);
-        if let Some(master) = master {
-            all.buffers[4] = master;
-            all.count = 5;
+    fn job([grad, param, m_codes, v_codes]: [Buffer; 4], master: Option<Buffer>) -> Self {
+        let unused = Buffer { start: std::ptr::null(), element_size: 0 };
+        Self {
+            buffers: [grad, param, m_codes, v_codes, master.unwrap_or(unused)],
+            count: 4 + usize::from(master.is_some()),
         }
-        all
     }
 
     /// The same buffers at element `at`; none where `at` is past the job's `len` elements.

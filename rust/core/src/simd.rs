@@ -413,6 +413,8 @@ unsafe fn run_neon<K: Kernel>(kernel: K) -> K::Output {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn prefetching_any_address_is_harmless() {
         let value = 7u64;
@@ -427,8 +429,6 @@ mod tests {
         prefetch(inside.wrapping_add(1 << 30));
         assert_eq!(value, 7);
     }
-
-    use super::*;
 
     #[test]
     fn names_round_trip() {

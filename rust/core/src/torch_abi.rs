@@ -200,15 +200,13 @@ impl TorchAbi {
     unsafe fn check_one(&self, tensor: usize, want: &Expected, shape_of: usize) -> Option<usize> {
         let word = tensor as *const c_void;
         let handle: Handle = &word;
-        // Each shim call below reads one field of a live TensorImpl through `handle` (see the
-        // module docs) and writes one value to a local; a non-zero status is an error.
+        // Each shim call below reads one field of a live TensorImpl (see the module docs).
         macro_rules! get {
-            ($f:ident, $h:expr, $init:expr) => {{
-                let mut out = $init;
-                // SAFETY: `$h` is a valid handle for the duration of the call (this function's
-                // contract), and `out` is a live local of the type the shim writes.
-                (unsafe { (self.$f)($h, &mut out) } == 0).then_some(out)
-            }};
+            ($f:ident, $h:expr, $init:expr) => {
+                // SAFETY: `$h` names a live TensorImpl for the duration of the call (this
+                // function's contract).
+                unsafe { read(self.$f, $h, $init) }
+            };
         }
         let numel = get!(numel, handle, 0i64)?;
         let dtype = get!(dtype, handle, -1i32)?;

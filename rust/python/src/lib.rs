@@ -374,15 +374,14 @@ fn check_unmoved(
         }
         // The tensors' objects are read by pointer: 21 us for 2,000 tensors, against 33-44 us
         // through `Bound` items (a step on 400 params hands over 2,000).
-        let plain: Vec<*mut pyo3::ffi::PyTypeObject> = readers.plain_types.iter().map(|k| k.as_ptr().cast()).collect();
         for (i, (&address, &numel)) in addresses.iter().zip(&numels).enumerate() {
             // SAFETY: `i` is below the list's length (checked equal to the addresses' above; no
             // code runs here that could change it): a borrowed reference to an item the list
             // holds, valid while the GIL is held and the list unchanged.
             let t = unsafe { pyo3::ffi::PyList_GetItem(tensors.as_ptr(), i as pyo3::ffi::Py_ssize_t) };
             // (A subclass may lay its object out otherwise: the caller hands plain tensors only.)
-            // SAFETY: `t` is a live object (above), whose type pointer is read.
-            if t.is_null() || !plain.contains(&unsafe { pyo3::ffi::Py_TYPE(t) }) {
+            // SAFETY: `t` is a live object (above).
+            if t.is_null() || !unsafe { readers.is_plain(t) } {
                 return Err(moved());
             }
             // SAFETY: `t` is of a plain type (checked above) and the list holds it; an error
@@ -418,6 +417,17 @@ struct TensorReaders {
 static TENSOR_READERS: RwLock<Option<Arc<TensorReaders>>> = RwLock::new(None); // (see TORCH_ABI)
 
 impl TensorReaders {
+    /// Whether `t` is exactly of one of `plain_types` (a pointer comparison per type: no
+    /// allocation, no reference counting).
+    ///
+    /// # Safety
+    /// `t` is a live object, with the GIL held.
+    unsafe fn is_plain(&self, t: *mut pyo3::ffi::PyObject) -> bool {
+        // SAFETY: `t` is live (this function's contract): its type pointer is read.
+        let kind = unsafe { pyo3::ffi::Py_TYPE(t) }.cast::<pyo3::ffi::PyObject>();
+        self.plain_types.iter().any(|k| k.as_ptr() == kind)
+    }
+
     /// The address of the TensorImpl of `t` (`Tensor._cdata`): from the object itself where
     /// `tensor_in_object`, else from torch's getter (with torch function off, as every caller
     /// has it, it runs no Python code). 0 for a null one; Err if the getter raised.
@@ -549,9 +559,10 @@ fn plan_addresses<'py>(
         if !readers.torch_function_off.bind(py).call0()?.is_truthy()? {
             return Ok(None);
         }
-        let items: Vec<Bound<'py, PyAny>> = tensors.iter().collect(); // (held here as well)
-        let plain = |t: &Bound<'py, PyAny>| readers.plain_types.iter().any(|k| t.get_type().is(k.bind(py)));
-        if !items.iter().all(plain) {
+        // (Held here as well.)
+        let items: Vec<Bound<'py, PyAny>> = tensors.iter().collect();
+        // SAFETY: each item is a live object, held by `items`.
+        if !items.iter().all(|t| unsafe { readers.is_plain(t.as_ptr()) }) {
             return Ok(None);
         }
         // Where the checks cannot read the negation bits, torch's `is_neg` is called first: it
@@ -1235,6 +1246,7 @@ fn round_typed<P: Element>(
 /// The `norm_type`-norm of each buffer, in float64.
 #[pyfunction]
 #[pyo3(signature = (dtype, numels, tensors, norm_type, *, guard_tensors=None, guard_addresses=None, guard_numels=None))]
+#[allow(clippy::too_many_arguments)]
 fn tensor_norms(
     py: Python<'_>,
     dtype: &str,
@@ -1265,6 +1277,7 @@ fn norms_typed<T: Element>(py: Python<'_>, numels: &[u8], tensors: &[u8], norm: 
 /// `x *= factor` (rounded to the buffers' dtype) for every buffer.
 #[pyfunction]
 #[pyo3(signature = (dtype, numels, tensors, factor, *, guard_tensors=None, guard_addresses=None, guard_numels=None))]
+#[allow(clippy::too_many_arguments)]
 fn scale_(
     py: Python<'_>,
     dtype: &str,
