@@ -44,6 +44,10 @@ impl NormType {
 const STREAMS: usize = 4;
 const WIDTH: usize = 8;
 const LANES: usize = STREAMS * WIDTH;
+/// How far ahead of its reads each stream asks for its memory. Measured on a 2-core Xeon, GPT-2
+/// small's grads (124M float32): 19-20 ms for the norm without, 15.4 ms at 2 KiB, 16-17 ms at 1
+/// or 4 KiB, 22 ms at 32 KiB.
+const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// `combine` over `f(x)` for every element, in `LANES` independent accumulators folded pairwise.
 /// Each `f(x)` is rounded to `E::Math` first (torch computes a tensor's norm in its dtype, half
@@ -61,9 +65,7 @@ fn lane_reduce<E: Element, I: Isa>(
     let mut acc = [0.0f64; LANES];
     let per_stream = data.len() / LANES * WIDTH;
     let (body, tail) = data.split_at(per_stream * STREAMS);
-    let (s01, s23) = body.split_at(2 * per_stream);
-    let (s0, s1) = s01.split_at(per_stream);
-    let (s2, s3) = s23.split_at(per_stream);
+    let streams: [&[E]; STREAMS] = std::array::from_fn(|s| &body[s * per_stream..(s + 1) * per_stream]);
     let mut add_block = |lanes: usize, block: &[E]| {
         // Widening the block first keeps this a plain packed f64 loop, which LLVM vectorises on
         // every path (fused with the conversion it did not, on AVX2).
@@ -76,13 +78,18 @@ fn lane_reduce<E: Element, I: Isa>(
             acc[lanes + j] = combine(acc[lanes + j], f(wide[j]));
         }
     };
-    let blocks =
-        s0.chunks_exact(WIDTH).zip(s1.chunks_exact(WIDTH)).zip(s2.chunks_exact(WIDTH)).zip(s3.chunks_exact(WIDTH));
-    for (((b0, b1), b2), b3) in blocks {
-        add_block(0, b0);
-        add_block(WIDTH, b1);
-        add_block(2 * WIDTH, b2);
-        add_block(3 * WIDTH, b3);
+    let size = std::mem::size_of::<E>();
+    for start in (0..per_stream).step_by(WIDTH) {
+        if (start * size).is_multiple_of(64) {
+            // The hardware prefetcher alone keeps too few of the streams' lines in flight.
+            for stream in streams {
+                let line_ahead = stream.as_ptr().cast::<u8>().wrapping_add(start * size + PREFETCH_AHEAD_BYTES);
+                crate::simd::prefetch(line_ahead);
+            }
+        }
+        for (s, stream) in streams.iter().enumerate() {
+            add_block(s * WIDTH, &stream[start..start + WIDTH]);
+        }
     }
     for (j, x) in tail.iter().enumerate() {
         acc[j % LANES] = combine(acc[j % LANES], f(x.load().widen()));

@@ -28,6 +28,9 @@
 //!   margin of a few for `p = 0.5`, whose final square doubles the relative error. The inf-norm
 //!   is a max, which is exact: compared exactly.
 
+#[cfg(unix)]
+mod unmapped;
+
 use std::fmt::Debug;
 use std::sync::OnceLock;
 
@@ -1376,6 +1379,31 @@ fn norms_are_identical_for_1_2_3_threads_on_tensors_of_many_chunks() {
             "{norm:?}: {} vs {want}",
             base32[0]
         );
+    }
+}
+
+/// The norm's streams ask for their memory 2 KiB ahead of their reads (prefetch hints): at the
+/// end of a tensor that ends where an unmapped page begins, those hints land in that page, and
+/// must neither fault nor change the result.
+#[cfg(unix)]
+#[test]
+fn norms_of_tensors_that_end_at_an_unmapped_page() {
+    let mut rng = Rng(5);
+    for n in [1usize, 31, 33, 500, 4096 + 1, CHUNK + 17] {
+        let values: Vec<f32> = rng.values(n);
+        let mut fenced = unmapped::BeforeUnmappedPage::new(n, 0.0f32);
+        fenced.slice().copy_from_slice(&values);
+        let wide: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let mut fenced_wide = unmapped::BeforeUnmappedPage::new(n, 0.0f64);
+        fenced_wide.slice().copy_from_slice(&wide);
+        for norm in [NormType::Two, NormType::Inf] {
+            for (name, exec) in executors() {
+                let got = tensor_norm(&*fenced.slice(), norm, exec);
+                assert_eq!(got.to_bits(), tensor_norm(&values, norm, exec).to_bits(), "{name} n={n} {norm:?}");
+                let got = tensor_norm(&*fenced_wide.slice(), norm, exec);
+                assert_eq!(got.to_bits(), tensor_norm(&wide, norm, exec).to_bits(), "{name} n={n} {norm:?}");
+            }
+        }
     }
 }
 
