@@ -1396,12 +1396,17 @@ fn norms_of_tensors_that_end_at_an_unmapped_page() {
         let wide: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
         let mut fenced_wide = unmapped::BeforeUnmappedPage::new(n, 0.0f64);
         fenced_wide.slice().copy_from_slice(&wide);
+        let half: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let mut fenced_half = unmapped::BeforeUnmappedPage::new(n, half::bf16::ZERO);
+        fenced_half.slice().copy_from_slice(&half);
         for norm in [NormType::Two, NormType::Inf] {
             for (name, exec) in executors() {
                 let got = tensor_norm(&*fenced.slice(), norm, exec);
                 assert_eq!(got.to_bits(), tensor_norm(&values, norm, exec).to_bits(), "{name} n={n} {norm:?}");
                 let got = tensor_norm(&*fenced_wide.slice(), norm, exec);
                 assert_eq!(got.to_bits(), tensor_norm(&wide, norm, exec).to_bits(), "{name} n={n} {norm:?}");
+                let got = tensor_norm(&*fenced_half.slice(), norm, exec);
+                assert_eq!(got.to_bits(), tensor_norm(&half, norm, exec).to_bits(), "{name} n={n} {norm:?}");
             }
         }
     }
