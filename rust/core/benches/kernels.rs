@@ -29,12 +29,13 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use half::{bf16, f16};
 use rsoptim_core::{
-    adam8bit_step, quant_blocks, Adam8bitTensor, adam_step, rmsprop_step, scale_in_place, sgd_step, tensor_norms, AdamHyper, AdamTensor, Element, Executor,
-    NormType, RmspropHyper, RmspropTensor, Rounding, SgdHyper, SgdTensor, SimdLevel, StepCount,
+    adam8bit_step, adam_step, quant_blocks, rmsprop_step, scale_in_place, sgd_step, tensor_norms, Adam8bitTensor,
+    AdamHyper, AdamTensor, Element, Executor, NormType, RmspropHyper, RmspropTensor, Rounding, SgdHyper, SgdTensor,
+    SimdLevel, StepCount,
 };
 
 const SIZES: [(usize, &str); 3] = [(4 << 10, "4K"), (256 << 10, "256K"), (4 << 20, "4M")];
@@ -66,7 +67,11 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
             x ^= x << 5;
             let u = (x >> 8) as f32 / (1u32 << 24) as f32; // [0, 1)
             let v = 0.1 + 0.9 * u;
-            if x & 1 == 0 { v } else { -v }
+            if x & 1 == 0 {
+                v
+            } else {
+                -v
+            }
         })
         .collect()
 }

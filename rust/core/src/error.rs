@@ -21,10 +21,9 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::LengthMismatch { tensor, buffer, expected, found } => write!(
-                f,
-                "tensor {tensor}: {buffer} has {found} elements but its param has {expected}"
-            ),
+            Self::LengthMismatch { tensor, buffer, expected, found } => {
+                write!(f, "tensor {tensor}: {buffer} has {found} elements but its param has {expected}")
+            }
             Self::MissingBuffer { tensor, buffer } => {
                 write!(f, "tensor {tensor}: {buffer} is required by this configuration")
             }

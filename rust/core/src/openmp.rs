@@ -55,7 +55,8 @@ impl OpenMp {
     pub fn already_loaded(path: &str) -> Option<Self> {
         // SAFETY: with RTLD_NOLOAD, dlopen only returns a handle to a library that is already
         // loaded and initialised; it never maps or initialises anything.
-        let library = unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD) }.ok()?;
+        let library =
+            unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD) }.ok()?;
         // SAFETY: GOMP_parallel has the signature of `GompParallel` in every runtime that exports
         // it (see the type), and `_library` keeps it loaded as long as the pointer is kept.
         let parallel = unsafe { *library.get::<GompParallel>(b"GOMP_parallel\0").ok()? };

@@ -116,7 +116,11 @@ fn overlap(a: &Buffer, b: &Buffer) -> Error {
 /// its memory must be live and used by no one else while the slice lives (the Python layer holds
 /// the tensors for the whole call; `inflight::reserve` keeps out other calls of this process).
 pub unsafe fn slice_mut<'a, T>(b: &Buffer) -> &'a mut [T] {
-    assert!(b.written && b.elem_size == size_of::<T>() && b.align == align_of::<T>(), "{b:?} sliced as written {}", std::any::type_name::<T>());
+    assert!(
+        b.written && b.elem_size == size_of::<T>() && b.align == align_of::<T>(),
+        "{b:?} sliced as written {}",
+        std::any::type_name::<T>()
+    );
     if b.len == 0 {
         // Never the address: an empty buffer may point anywhere, null included.
         return &mut [];
@@ -135,7 +139,11 @@ pub unsafe fn slice_mut<'a, T>(b: &Buffer) -> &'a mut [T] {
 /// As for [`slice_mut`], except that it may be sliced any number of times; no written buffer
 /// overlaps it (`check_buffers`), read-only ones may.
 pub unsafe fn slice<'a, T>(b: &Buffer) -> &'a [T] {
-    assert!(b.elem_size == size_of::<T>() && b.align == align_of::<T>(), "{b:?} sliced as {}", std::any::type_name::<T>());
+    assert!(
+        b.elem_size == size_of::<T>() && b.align == align_of::<T>(),
+        "{b:?} sliced as {}",
+        std::any::type_name::<T>()
+    );
     if b.len == 0 {
         return &[];
     }

@@ -15,14 +15,14 @@ mod common;
 mod unmapped;
 
 use common::{load, to, values};
-#[cfg(unix)]
-use unmapped::BeforeUnmappedPage;
 use half::{bf16, f16};
 use rsoptim_core::adam8bit::codes::{decode_signed, decode_unsigned, encode_signed, encode_unsigned};
 use rsoptim_core::{
     adam8bit_step, adam_step, quant_blocks, round_into, Adam8bitTensor, AdamHyper, AdamTensor, Element, Error,
     Executor, RoundTensor, Rounding, SimdLevel, StepCount, QUANT_BLOCK,
 };
+#[cfg(unix)]
+use unmapped::BeforeUnmappedPage;
 
 /// The code whose value is nearest to `y` in exact arithmetic, ties away from zero, with the
 /// codes' one exception: magnitudes below the smallest non-zero code's lower half-step are zero.

@@ -25,7 +25,11 @@ fn model(buffers: &[Buffer]) -> Verdict {
     let live: Vec<&Buffer> = buffers.iter().filter(|b| b.len > 0).collect();
     for b in &live {
         let bytes = b.len as u128 * b.elem_size as u128;
-        if b.addr == 0 || b.addr % b.align != 0 || bytes > isize::MAX as u128 || b.addr as u128 + bytes > usize::MAX as u128 {
+        if b.addr == 0
+            || b.addr % b.align != 0
+            || bytes > isize::MAX as u128
+            || b.addr as u128 + bytes > usize::MAX as u128
+        {
             return Verdict::Invalid;
         }
     }
@@ -238,9 +242,9 @@ proptest! {
 #[test]
 fn sizes_that_overflow_are_invalid_never_a_panic() {
     let cases = [
-        (0x1000, usize::MAX),              // len * 4 overflows
-        (0x1000, usize::MAX / 4 + 1),      // len * 4 wraps to a small number
-        (usize::MAX - 7, 4),               // addr + bytes wraps
+        (0x1000, usize::MAX),                  // len * 4 overflows
+        (0x1000, usize::MAX / 4 + 1),          // len * 4 wraps to a small number
+        (usize::MAX - 7, 4),                   // addr + bytes wraps
         (0x1000, isize::MAX as usize / 4 + 1), // more than isize::MAX bytes
     ];
     for (addr, len) in cases {

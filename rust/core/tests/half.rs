@@ -9,8 +9,7 @@ use common::{load, to, values};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rsoptim_core::{
-    Rounding,
-    adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Element, Executor, RmspropHyper, RmspropTensor,
+    adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Element, Executor, RmspropHyper, RmspropTensor, Rounding,
     SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
 
@@ -23,7 +22,6 @@ fn executors() -> Vec<Executor> {
     }
     all
 }
-
 
 fn same_bits(a: &[f32], b: &[f32], what: &str) -> Result<(), TestCaseError> {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -40,10 +38,12 @@ fn check_adam<P: Element<Math = f32>, S: Element<Math = f32>>(
     hyper: &AdamHyper,
     steps: u32,
 ) -> Result<(), TestCaseError> {
-    let (p0, g, m0, v0) = (values(seed, n, true), values(seed + 1, n, true), values(seed + 2, n, false), values(seed + 3, n, false));
+    let (p0, g, m0, v0) =
+        (values(seed, n, true), values(seed + 1, n, true), values(seed + 2, n, false), values(seed + 3, n, false));
     let v0: Vec<f32> = v0.iter().map(|x| x * x).collect();
     for exec in executors() {
-        let (mut p, grad, mut m, mut v, mut vmax) = (to::<P>(&p0), to::<P>(&g), to::<S>(&m0), to::<S>(&v0), to::<S>(&v0));
+        let (mut p, grad, mut m, mut v, mut vmax) =
+            (to::<P>(&p0), to::<P>(&g), to::<S>(&m0), to::<S>(&v0), to::<S>(&v0));
         let mut step = 0.0f32;
         for _ in 0..steps {
             // The f32 step on the loaded values, each stored value rounded once.
@@ -82,7 +82,11 @@ fn check_adam<P: Element<Math = f32>, S: Element<Math = f32>>(
     Ok(())
 }
 
-fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64, hyper: &SgdHyper) -> Result<(), TestCaseError> {
+fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(
+    n: usize,
+    seed: u64,
+    hyper: &SgdHyper,
+) -> Result<(), TestCaseError> {
     let (p0, g) = (values(seed, n, true), values(seed + 1, n, true));
     let momentum = hyper.momentum != 0.0;
     for exec in executors() {
@@ -116,7 +120,11 @@ fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64
     Ok(())
 }
 
-fn check_rmsprop<P: Element<Math = f32>, S: Element<Math = f32>>(n: usize, seed: u64, hyper: &RmspropHyper) -> Result<(), TestCaseError> {
+fn check_rmsprop<P: Element<Math = f32>, S: Element<Math = f32>>(
+    n: usize,
+    seed: u64,
+    hyper: &RmspropHyper,
+) -> Result<(), TestCaseError> {
     let (p0, g) = (values(seed, n, true), values(seed + 1, n, true));
     let (momentum, centered) = (hyper.momentum > 0.0, hyper.centered);
     for exec in executors() {
@@ -225,7 +233,10 @@ proptest! {
 fn float16_loads_match_the_half_crate_for_every_value() {
     for bits in 0..=u16::MAX {
         let (ours, theirs) = (f16::from_bits(bits).load(), f16::from_bits(bits).to_f32());
-        assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{bits:#06x}: {ours} vs {theirs}");
+        assert!(
+            ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+            "{bits:#06x}: {ours} vs {theirs}"
+        );
     }
 }
 
@@ -233,7 +244,13 @@ fn float16_loads_match_the_half_crate_for_every_value() {
 fn float16_stores_match_the_half_crate() {
     let check = |x: f32| {
         let (ours, theirs) = (f16::store(x), f16::from_f32(x));
-        assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{x:e} ({:#010x}): {:#06x} vs {:#06x}", x.to_bits(), ours.to_bits(), theirs.to_bits());
+        assert!(
+            ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+            "{x:e} ({:#010x}): {:#06x} vs {:#06x}",
+            x.to_bits(),
+            ours.to_bits(),
+            theirs.to_bits()
+        );
     };
     // Every sign, exponent and kept mantissa bit of a normal float16 result, with the 13 dropped
     // bits at the rounding boundaries (zero, just above zero, just below half, half, just above half, all ones).
@@ -273,7 +290,10 @@ fn half_norms_and_scales_are_those_of_the_loaded_float32_values() {
             let mut scaled = b.clone();
             scale_in_place(vec![&mut scaled[..]], 0.3f32, &exec);
             let want: Vec<f32> = load(&b).iter().map(|v| bf16::store(v * 0.3).load()).collect();
-            assert_eq!(load(&scaled).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                load(&scaled).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }

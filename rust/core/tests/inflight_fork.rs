@@ -22,7 +22,7 @@ fn after_a_fork_reservations_of_threads_that_are_gone_do_not_block() {
     });
     finished.recv_timeout(Duration::from_secs(10)).expect("a reservation of the old registry blocked the new one");
     thread.join().unwrap(); // its reservation is released when it ends
-    // Releasing the inherited reservation touches only the old registry.
+                            // Releasing the inherited reservation touches only the old registry.
     drop(inherited);
     assert_eq!(in_flight(), 0);
 }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use rsoptim_core::openmp::OpenMp;
-use rsoptim_core::{Rounding, adam_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType, SimdLevel, StepCount};
+use rsoptim_core::{
+    adam_step, tensor_norms, AdamHyper, AdamTensor, Executor, NormType, Rounding, SimdLevel, StepCount,
+};
 
 const LIBGOMP: &str = "libgomp.so.1";
 
@@ -30,7 +32,8 @@ fn a_runtime_that_is_not_loaded_is_not_used() {
 
 fn adam_result(exec: &Executor, sizes: &[usize]) -> Vec<Vec<u32>> {
     let mut params: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|i| (i as f32 * 0.37).sin()).collect()).collect();
-    let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|i| (i as f32 * 0.11).cos() * 1e-2).collect()).collect();
+    let grads: Vec<Vec<f32>> =
+        sizes.iter().map(|&n| (0..n).map(|i| (i as f32 * 0.11).cos() * 1e-2).collect()).collect();
     let mut m: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     let mut v: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     let mut steps = vec![0.0f32; sizes.len()];

@@ -721,11 +721,7 @@ macro_rules! with_element_type {
 /// (waiting without the GIL, so the call in flight can finish). `work` makes its slices itself,
 /// so no two calls ever hold aliasing ones. A Rust panic becomes a `RuntimeError`, not an abort,
 /// and releases the buffers as it unwinds.
-fn detached<R: Send>(
-    py: Python<'_>,
-    table: &Table,
-    work: impl FnOnce() -> Result<R, Error> + Send,
-) -> PyResult<R> {
+fn detached<R: Send>(py: Python<'_>, table: &Table, work: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
     let outcome = py.detach(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _claim = table.reserve();
