@@ -320,27 +320,33 @@ def test_every_kernel_call_is_checked_last_and_ordinary_steps_pass_the_check(nam
     columns were read from (each address of its columns is among its check's), and in ordinary
     steps nothing has moved: a check that failed there would send every step down a slower path
     without a word."""
+    import inspect
     from array import array
 
+    # Each kernel's arguments that are columns of addresses, by name (bound through the
+    # kernel's signature, so that a new or reordered argument cannot shift them).
     columns = {
-        "adam_step": (3, 4, 5, 6, 7, 8),
-        "adam8bit_step": (3, 4, 5, 6, 7, 8, 9),
-        "sgd_step": (2, 3, 4),
-        "rmsprop_step": (3, 4, 5, 6, 7, 8),
-        "tensor_norms": (2,),
-        "scale_": (2,),
-        "round_params": (2, 3),
+        "adam_step": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+        "adam8bit_step": ("params", "grads", "exp_avg_codes", "exp_avg_sq_codes", "exp_avg_scales", "exp_avg_sq_scales"),
+        "sgd_step": ("params", "grads", "momentum_buffers"),
+        "rmsprop_step": ("params", "grads", "square_avgs", "momentum_buffers", "grad_avgs"),
+        "tensor_norms": ("tensors",),
+        "scale_": ("tensors",),
+        "round_params": ("sources", "params"),
     }
     calls, moved = [], []
     for kernel in _KERNELS:
         real = getattr(_rsoptim, kernel)
+        signature = inspect.signature(real)
+        assert set(columns[kernel]) <= set(signature.parameters), kernel
 
-        def checked(*args, _real=real, _kernel=kernel, **kwargs):
-            handed = {a for i in columns[_kernel] if isinstance(args[i], bytes) for a in array("Q", args[i])}
-            for key in ("master_params", "steps"):  # (SGD's step counts, for stochastic rounding)
-                handed |= set(array("Q", kwargs.get(key) or b""))
-            checked_addresses = set(array("Q", kwargs.get("guard_addresses") or b""))
-            calls.append((_kernel, bool(handed) and handed <= checked_addresses and "guard_numels" in kwargs))
+        def checked(*args, _real=real, _kernel=kernel, _signature=signature, **kwargs):
+            bound = _signature.bind(*args, **kwargs).arguments
+            # (SGD's step counts, for stochastic rounding, are a keyword; the others' positional.)
+            names = (*columns[_kernel], "steps", "master_params")
+            handed = {a for name in names if isinstance(bound.get(name), bytes) for a in array("Q", bound[name])}
+            checked_addresses = set(array("Q", bound.get("guard_addresses") or b""))
+            calls.append((_kernel, bool(handed) and handed <= checked_addresses and "guard_numels" in bound))
             try:
                 return _real(*args, **kwargs)
             except _rsoptim.MemoryMovedError:
