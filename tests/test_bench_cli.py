@@ -198,14 +198,14 @@ def test_a_failing_optional_column_becomes_a_note_and_a_failing_rsoptim_raises()
 
     working = bench._optimizer_step(torch.optim.SGD, lr=0.1)
     case = bench.Case("SGD", {"rsoptim": working, bench.DEEPSPEED: refuses}, 3, 1)
-    fns, notes = bench.build_steps(case, bench.make_params([(10,)]), "tiny / float32")
+    fns, notes = bench.build_steps(case, dict.fromkeys(case.impls, bench.make_params([(10,)])), "tiny / float32")
     assert list(fns) == ["rsoptim"]
     assert notes == [
         "DeepSpeedCPUAdam left out of SGD / tiny / float32: RuntimeError: Adam optimizer with param type BFloat16 "
         "and state type BFloat16 is not supported on current hardware"
     ]
     with pytest.raises(RuntimeError, match="not supported"):
-        bench.build_steps(bench.Case("SGD", {"rsoptim": refuses}, 3, 1), bench.make_params([(10,)]), "tiny")
+        bench.build_steps(bench.Case("SGD", {"rsoptim": refuses}, 3, 1), {"rsoptim": bench.make_params([(10,)])}, "tiny")
 
 
 def test_a_failed_build_reads_as_one_line_that_names_the_cause():
@@ -238,7 +238,7 @@ def test_the_clips_row_scales_the_grads_at_every_call(dtype):
     params = bench.make_params([(64, 33), (5,), (300,)], dtype=dtype)
     original = [p.grad.clone() for p in params]
     prepare = case.prepare(params)
-    fns, notes = bench.build_steps(case, params, "tiny", prepare)
+    fns, notes = bench.build_steps(case, dict.fromkeys(case.impls, params), "tiny", dict.fromkeys(case.impls, prepare))
     assert list(fns) == ["rsoptim", "torch foreach", "torch for-loop"] and notes == []
     expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in original]))
     factor = bench.CLIP_MAX_NORM / (float(expected_norm) + 1e-6)
@@ -439,7 +439,7 @@ def test_the_clipping_step_row_measures_the_step_without_clipping_beside_it():
     # (Checked, the column would fail: its step returns no norm.) The other columns are still
     # checked: without the restore, the second clipping column finds nothing to clip.
     with pytest.raises(AssertionError, match="did not clip"):
-        bench.build_steps(case, bench.make_params([(64, 33)]), "tiny", None)
+        bench.build_steps(case, dict.fromkeys(case.impls, bench.make_params([(64, 33)])), "tiny", None)
 
 
 def test_the_end_to_end_row_times_each_training_loop():

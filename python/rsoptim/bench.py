@@ -1141,23 +1141,22 @@ def state_memory(step: Callable[[], object], params: list[torch.Tensor]) -> dict
 
 def build_steps(
     case: Case,
-    params: list[torch.Tensor] | dict[str, list[torch.Tensor]],
+    params: dict[str, list[torch.Tensor]],
     where: str,
-    prepare: Callable[[], object] | None | dict[str, Callable[[], object] | None] = None,
+    prepare: dict[str, Callable[[], object] | None] | None = None,
 ) -> tuple[dict[str, Callable[[], object]], list[str]]:
-    """Each implementation's step function on ``params`` (or, given a dict, on its own
-    ``params[label]``), each stepped once (after ``prepare()`` or ``prepare[label]()``, the untimed
-    preparation built on those params, and checked by ``case.check``), and a note for each
-    optional implementation left out (``where`` names the row in it)."""
-    params_of = params if isinstance(params, dict) else dict.fromkeys(case.impls, params)
-    prepare_of = prepare if isinstance(prepare, dict) else dict.fromkeys(case.impls, prepare)
+    """Each implementation's step function on its ``params[label]``, each stepped once (after
+    ``prepare[label]()``, the untimed preparation built on those params, if any, and checked by
+    ``case.check``), and a note for each optional implementation left out (``where`` names the
+    row in it)."""
+    prepare = prepare or {}
     fns: dict[str, Callable[[], object]] = {}
     notes = []
     for label, build in case.impls.items():
         try:
-            fn = build(params_of[label])
+            fn = build(params[label])
             # The first step creates the state (and shows a dtype the implementation refuses).
-            timed_calls(fn, 1, prepare_of[label], None if label in case.unchecked else case.check)
+            timed_calls(fn, 1, prepare.get(label), None if label in case.unchecked else case.check)
             check_state_dtypes(label, fn, case.column(label).state_dtype)
         except Exception as e:
             if label not in OPTIONAL_IMPLS:
@@ -1303,7 +1302,7 @@ def size_sweep(
         for n in [n for n in PLOT_SIZES if n <= max_elements]:
             progress.update(f"size sweep: Adam on {n} {dtype_name} elements")
             params = make_params([(n,)], dtype=dtype)
-            fns, left_out = build_steps(case, params, f"size sweep / {n} {dtype_name}")
+            fns, left_out = build_steps(case, dict.fromkeys(impls, params), f"size sweep / {n} {dtype_name}")
             notes += left_out
             for label in [k for k in impls if k not in fns]:
                 del impls[label]  # left out for the rest of this dtype: one note, not one per size

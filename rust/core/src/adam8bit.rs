@@ -196,10 +196,7 @@ impl Ahead {
     pub(crate) fn element(&self, i: usize) {
         for b in &self.buffers[..self.count] {
             debug_assert!(b.element_size * 16 <= 64, "a turn of 16 elements spans at most a line");
-            let offset = i * b.element_size;
-            if offset.is_multiple_of(64) {
-                crate::simd::prefetch(b.start.wrapping_add(offset));
-            }
+            crate::simd::prefetch_once_per_line(b.start, i * b.element_size);
         }
     }
 
