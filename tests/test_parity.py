@@ -501,6 +501,59 @@ def test_weight_decay_rounds_like_torch(name, kwargs):
 
 
 # -------------------------------------------------------------------------------------------
+# Subnormal state: units that stopped learning
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_subnormal_state_of_dead_units(name, dtype, amsgrad):
+    """Rows of weights whose grads are zero (dead ReLU units) with the state such units end
+    with: first moments among the smallest subnormals, which ``lerp`` rounds back to themselves,
+    second moments among the smallest 500. The kernels step stretches with subnormal state in
+    float64 arithmetic (rust/core/src/subnormal.rs); the bits must stay torch's. Rows of
+    subnormal state longer and shorter than a stretch (256 elements), at various offsets."""
+    torch_cls, our_cls = OPTIMIZERS[name]
+    # (Adam's L2 decay would give the dead rows grads, and their moments would leave the
+    # subnormals; AdamW's decay is the param's own.)
+    weight_decay = 1e-2 if name == "AdamW" else 0.0
+    gen = torch.Generator().manual_seed(40)
+    shape = (48, 333)
+    start = torch.randn(shape, generator=gen).to(dtype)
+    dead = torch.rand(shape[0], generator=gen) < 0.5
+    tiny = 2.0**-149
+    # (bfloat16's subnormals are float32's with 7 mantissa bits: multiples of 2^-133.)
+    unit = tiny if dtype == torch.float32 else 2.0**-133
+    first = (torch.randint(1, 5, shape, generator=gen) * unit).to(dtype) * torch.randn(shape, generator=gen).sign().to(dtype)
+    second = (torch.randint(1, 100, shape, generator=gen) * unit).to(dtype)
+    opts, params = [], []
+    # torch's fused kernel as the reference: it computes bfloat16 params in float32, as rsoptim
+    # does (the for-loop rounds every op to bfloat16), with the IEEE square root.
+    for cls, extra in ((torch_cls, {"fused": True}), (our_cls, {})):
+        p = start.clone().requires_grad_()
+        opt = cls([p], lr=1e-3, weight_decay=weight_decay, amsgrad=amsgrad, **extra)
+        p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(41)).to(dtype)
+        opt.step()  # makes the state, then the dead rows' is set as training would leave it
+        state = opt.state[p]
+        for key, values in (("exp_avg", first), ("exp_avg_sq", second), ("max_exp_avg_sq", second)):
+            if key in state:
+                state[key][dead] = values[dead]
+        opts.append(opt)
+        params.append(p)
+    assert ((second[dead] != 0) & (second[dead].float().abs() < torch.finfo(torch.float32).tiny)).all()
+    for step in range(4):
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(42 + step)).to(dtype)
+        grad[dead] = 0
+        for p, opt in zip(params, opts):
+            p.grad = grad.clone()
+            opt.step()
+        assert_optimizers_match(opts[1], opts[0], exact=True, where=f"step {step + 2}")
+    state = opts[1].state[params[1]]["exp_avg"][dead].float().abs()
+    assert ((state > 0) & (state < torch.finfo(torch.float32).tiny)).any(), "the subnormal state stayed"
+
+
+# -------------------------------------------------------------------------------------------
 # NaN and inf grads
 # -------------------------------------------------------------------------------------------
 

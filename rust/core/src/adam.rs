@@ -6,6 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
+use crate::subnormal::{ends_subnormal, Arith, Native, STRETCH};
 
 /// The hyperparameters of one param group, as torch's Python floats.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +60,20 @@ pub struct AdamTensor<'a, P: Element, S: Element<Math = P::Math> = <P as Element
     pub master_param: Option<&'a mut [P::Math]>,
     pub rounding: Rounding,
 }
+
+/// The arithmetic of an update's first-moment operations (its moving average, and the param's
+/// step, which scales it) and of its second-moment ones (moving average and square root). A
+/// stretch of state with subnormals computes the moment that has them with
+/// `Real::SubnormalSafe` (the same bits without the float32 assists, see `subnormal`); the
+/// param's and grad's own products are computed natively.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MomentArith<M, V> {
+    pub(crate) first: M,
+    pub(crate) second: V,
+}
+
+/// Both moments computed with the type's own instructions.
+pub(crate) const NATIVE: MomentArith<Native, Native> = MomentArith { first: Native, second: Native };
 
 /// The constants of one tensor's update, rounded from `f64` to the maths type as torch rounds a
 /// Python float passed to a tensor op.
@@ -130,26 +145,40 @@ impl<T: Real> AdamScalars<T> {
     /// The first half of one element's update: the param after decoupled decay, and the new
     /// moments from the grad (multiplied by the grad factor, plus L2 decay with `L2`).
     #[inline(always)]
-    pub(crate) fn moments<const L2: bool>(&self, p: T, g: T, m: T, v: T) -> (T, T, T) {
+    pub(crate) fn moments<const L2: bool, M: Arith<T>, V: Arith<T>>(
+        &self,
+        arith: MomentArith<M, V>,
+        p: T,
+        g: T,
+        m: T,
+        v: T,
+    ) -> (T, T, T) {
         // Decoupled decay first (`param.mul_`); with none the scale is 1, which is exact.
         let p = p * self.param_scale;
         let mut g = g * self.grad.in_place();
         if L2 {
-            g = torch_add(g, p, self.weight_decay);
+            g = torch_add(Native, g, p, self.weight_decay);
         }
-        let m = lerp(m, g, self.lerp_weight);
+        let m = lerp(arith.first, m, g, self.lerp_weight);
         // `exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)`
-        let v = torch_addcmul(v * self.beta2, g, g, self.one_minus_beta2);
+        let second = arith.second;
+        let v = torch_addcmul(second, second.mul(v, self.beta2), g, g, self.one_minus_beta2);
         (p, m, v)
     }
 
     /// The second half: the new param from the new first moment and the second moment the
     /// denominator uses (the running maximum with amsgrad).
     #[inline(always)]
-    pub(crate) fn param_update(&self, p: T, m: T, second_moment: T) -> T {
+    pub(crate) fn param_update<M: Arith<T>, V: Arith<T>>(
+        &self,
+        arith: MomentArith<M, V>,
+        p: T,
+        m: T,
+        second_moment: T,
+    ) -> T {
         // eps is added after the sqrt and the bias correction, as torch does.
-        let denominator = self.bias_correction2_sqrt.divide(second_moment.sqrt()) + self.eps;
-        torch_addcdiv(p, m, denominator, self.neg_step_size)
+        let denominator = self.bias_correction2_sqrt.divide(arith.second.sqrt(second_moment)) + self.eps;
+        torch_addcdiv(arith.first, p, m, denominator, self.neg_step_size)
     }
 
     /// `param_update` for folded scalars (`per_step`): the bias correction is in eps and the step
@@ -157,7 +186,7 @@ impl<T: Real> AdamScalars<T> {
     #[inline(always)]
     pub(crate) fn folded_param_update(&self, p: T, m: T, second_moment: T) -> T {
         debug_assert!(self.bias_correction2_sqrt.divisor == T::one(), "folded scalars");
-        torch_addcdiv(p, m, second_moment.sqrt() + self.eps, self.neg_step_size)
+        torch_addcdiv(Native, p, m, second_moment.sqrt() + self.eps, self.neg_step_size)
     }
 
     /// What the grads are multiplied by as `load_grad_block` loads them.
@@ -221,6 +250,8 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
 
 impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool> AdamKernel<'_, P, S, AMSGRAD, L2> {
     /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
+    /// Stretches of state with subnormals are stepped with `SubnormalSafe` arithmetic (the same
+    /// bits, without the float32 assists: see `subnormal`).
     #[inline(always)]
     pub(crate) fn update_in_place(self) {
         let AdamJob { param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, k } = self.0;
@@ -231,8 +262,48 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             Some(x) if AMSGRAD => &mut x[..n],
             _ => &mut [],
         };
+        if !P::Math::TESTS_SUBNORMALS {
+            return Self::update_range(NATIVE, &k, param, grad, m, v, vmax);
+        }
+        let safe = <P::Math as Real>::SubnormalSafe::default();
+        for start in (0..n).step_by(STRETCH) {
+            let end = (start + STRETCH).min(n);
+            let vmax = if AMSGRAD { &mut vmax[start..end] } else { &mut [] };
+            let (param, grad, m, v) =
+                (&mut param[start..end], &grad[start..end], &mut m[start..end], &mut v[start..end]);
+            let subnormal = |s: &[S]| S::as_math(s).is_some_and(ends_subnormal::<P::Math>);
+            match (subnormal(m), subnormal(v)) {
+                (false, false) => Self::update_range(NATIVE, &k, param, grad, m, v, vmax),
+                (true, false) => {
+                    Self::update_range(MomentArith { first: safe, second: Native }, &k, param, grad, m, v, vmax)
+                }
+                (false, true) => {
+                    Self::update_range(MomentArith { first: Native, second: safe }, &k, param, grad, m, v, vmax)
+                }
+                (true, true) => {
+                    Self::update_range(MomentArith { first: safe, second: safe }, &k, param, grad, m, v, vmax)
+                }
+            }
+        }
+    }
+
+    /// The update of one stretch of elements, each moment's operations computed by `arith`'s.
+    #[inline(always)]
+    fn update_range<M: Arith<P::Math>, V: Arith<P::Math>>(
+        arith: MomentArith<M, V>,
+        k: &AdamScalars<P::Math>,
+        param: &mut [P],
+        grad: &[P],
+        m: &mut [S],
+        v: &mut [S],
+        vmax: &mut [S],
+    ) {
+        let n = param.len();
+        let (grad, m, v) = (&grad[..n], &mut m[..n], &mut v[..n]);
+        let vmax = if AMSGRAD { &mut vmax[..n] } else { vmax };
         for i in 0..n {
-            let (p, m_new, v_new) = k.moments::<L2>(param[i].load(), grad[i].load(), m[i].load(), v[i].load());
+            let (p, m_new, v_new) =
+                k.moments::<L2, M, V>(arith, param[i].load(), grad[i].load(), m[i].load(), v[i].load());
             // The state is stored rounded to `S`; this step goes on with the unrounded values.
             m[i] = S::store(m_new);
             v[i] = S::store(v_new);
@@ -243,7 +314,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             } else {
                 v_new
             };
-            param[i] = P::store(k.param_update(p, m_new, second_moment));
+            param[i] = P::store(k.param_update(arith, p, m_new, second_moment));
         }
     }
 

@@ -13,13 +13,14 @@
 //! (bitsandbytes' decimal "dynamic" map needs a search per value, which costs more than the
 //! whole memory-bound step on a CPU).
 
-use crate::adam::{AdamHyper, AdamScalars};
+use crate::adam::{AdamHyper, AdamScalars, NATIVE};
 use crate::block::{load_grad_block, scratch, ParamOut, Rounding, BLOCK};
 use crate::element::Element;
 use crate::error::{check_len, Error};
 use crate::exec::{Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
+use crate::subnormal::Native;
 
 /// Elements per quantization block: one float32 scale per moment each (0.03 bytes per element).
 pub const QUANT_BLOCK: usize = BLOCK;
@@ -302,7 +303,8 @@ fn update_slices<Q: Element<Math = f32>, const L2: bool>(
     let (grads, m, v) = (&grads[..n], &mut m[..n], &mut v[..n]);
     let (mut m_largest, mut v_largest) = (0, 0);
     for i in 0..n {
-        let (p_new, m_new, v_new) = k.moments::<L2>(params[i].load(), grads[i].load(), m[i], v[i]);
+        let (p_new, m_new, v_new) =
+            k.moments::<L2, Native, Native>(NATIVE, params[i].load(), grads[i].load(), m[i], v[i]);
         params[i] = Q::store(k.folded_param_update(p_new, m_new, v_new));
         (m[i], v[i]) = (m_new, v_new);
         m_largest = m_largest.max(magnitude_bits(m_new));

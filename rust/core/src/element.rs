@@ -6,6 +6,7 @@
 use num_traits::Float;
 
 use crate::simd::Isa;
+use crate::subnormal::{Arith, Native, Widened};
 
 /// A floating type the kernels compute in (and store optimizer state in).
 pub trait Real: Float + Send + Sync + Default + core::fmt::Debug + 'static {
@@ -36,6 +37,13 @@ pub trait Real: Float + Send + Sync + Default + core::fmt::Debug + 'static {
     /// `self / divisor` correctly rounded, the same bits as the division, for a divisor that
     /// many elements share: `reciprocal` is `1 / divisor` computed in `f64` (see `Reciprocal`).
     fn div_by(self, divisor: Self, reciprocal: f64) -> Self;
+
+    /// Whether the kernels test stretches of state for subnormals (`any_subnormal`), and step
+    /// those that have any with `SubnormalSafe` (see `subnormal`).
+    const TESTS_SUBNORMALS: bool;
+    type SubnormalSafe: Arith<Self> + Default;
+    /// Whether any of `xs` is subnormal.
+    fn any_subnormal(xs: &[Self]) -> bool;
 }
 
 /// A divisor shared by many elements, with its reciprocal rounded to `f64`.
@@ -88,6 +96,13 @@ impl Real for f32 {
     fn div_by(self, _: f32, reciprocal: f64) -> f32 {
         (self as f64 * reciprocal) as f32
     }
+    const TESTS_SUBNORMALS: bool = true;
+    type SubnormalSafe = Widened;
+    #[inline(always)]
+    fn any_subnormal(xs: &[f32]) -> bool {
+        // |x| - 1 below the smallest normal's bits: a non-zero subnormal (zero wraps around).
+        xs.iter().fold(false, |any, x| any | ((x.to_bits() & 0x7fff_ffff).wrapping_sub(1) < 0x007f_ffff))
+    }
 }
 
 impl Real for f64 {
@@ -103,6 +118,14 @@ impl Real for f64 {
     #[inline(always)]
     fn div_by(self, divisor: f64, _: f64) -> f64 {
         self / divisor
+    }
+    /// No wider type to compute subnormal float64s in (and they are rarer: the smallest normal
+    /// float64 is 2^-1022).
+    const TESTS_SUBNORMALS: bool = false;
+    type SubnormalSafe = Native;
+    #[inline(always)]
+    fn any_subnormal(_: &[f64]) -> bool {
+        false
     }
 }
 
@@ -398,24 +421,25 @@ pub fn f32_to_f16_bits_stochastic(x: f32, random: u32) -> u16 {
 // them (checked against torch 2.13 on AVX-512 and AVX2 machines): `add` with `alpha`, `addcmul`
 // and `lerp` are fused multiply-adds, `addcdiv` is not. Every SIMD path computes `mul_add` with a
 // single rounding (the baseline path through libm's `fma`), so all paths give the same bits.
+// `A` computes the multiplications, divisions and fused multiply-adds (see `subnormal`).
 
 /// `torch.add(input, other, alpha=alpha)`: `input + alpha * other`, one rounding.
 #[inline(always)]
-pub(crate) fn torch_add<T: Real>(input: T, other: T, alpha: T) -> T {
-    other.mul_add(alpha, input)
+pub(crate) fn torch_add<T: Real, A: Arith<T>>(arith: A, input: T, other: T, alpha: T) -> T {
+    arith.mul_add(other, alpha, input)
 }
 
 /// `torch.addcmul(input, t1, t2, value=value)`: `input + (value * t1) * t2`, the last two
 /// operations fused.
 #[inline(always)]
-pub(crate) fn torch_addcmul<T: Real>(input: T, t1: T, t2: T, value: T) -> T {
-    (value * t1).mul_add(t2, input)
+pub(crate) fn torch_addcmul<T: Real, A: Arith<T>>(arith: A, input: T, t1: T, t2: T, value: T) -> T {
+    arith.mul_add(arith.mul(value, t1), t2, input)
 }
 
 /// `torch.addcdiv(input, t1, t2, value=value)`: `input + (value * t1) / t2`, unfused.
 #[inline(always)]
-pub(crate) fn torch_addcdiv<T: Real>(input: T, t1: T, t2: T, value: T) -> T {
-    input + value * t1 / t2
+pub(crate) fn torch_addcdiv<T: Real, A: Arith<T>>(arith: A, input: T, t1: T, t2: T, value: T) -> T {
+    input + arith.div(arith.mul(value, t1), t2)
 }
 
 /// Whether `lerp` with this weight computes from `start` (`|weight| < 0.5`) or from `end`; a
@@ -429,12 +453,12 @@ pub(crate) fn lerp_from_start<T: Real>(weight: T) -> bool {
 /// `start + weight * (end - start)` for `|weight| < 0.5`, else
 /// `end + (weight - 1) * (end - start)`, each a fused multiply-add.
 #[inline(always)]
-pub(crate) fn lerp<T: Real>(start: T, end: T, weight: T) -> T {
+pub(crate) fn lerp<T: Real, A: Arith<T>>(arith: A, start: T, end: T, weight: T) -> T {
     let diff = end - start;
     if lerp_from_start(weight) {
-        weight.mul_add(diff, start)
+        arith.mul_add(weight, diff, start)
     } else {
-        (weight - T::one()).mul_add(diff, end)
+        arith.mul_add(weight - T::one(), diff, end)
     }
 }
 

@@ -23,6 +23,7 @@ pub mod roofline;
 pub mod sgd;
 pub mod simd;
 pub mod step;
+pub mod subnormal;
 pub mod table;
 #[cfg(unix)]
 pub mod torch_abi;

@@ -6,6 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
+use crate::subnormal::Native;
 use num_traits::Float;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -152,16 +153,16 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
             let p = param[i].load();
             let mut g = grad[i].load() * k.grad.in_place();
             if L2 {
-                g = torch_add(g, p, k.weight_decay);
+                g = torch_add(Native, g, p, k.weight_decay);
             }
             // `square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)`
-            let sq_new = torch_addcmul(sq[i].load() * k.alpha, g, g, k.one_minus_alpha);
+            let sq_new = torch_addcmul(Native, sq[i].load() * k.alpha, g, g, k.one_minus_alpha);
             sq[i] = S::store(sq_new);
             let rms = if CENTERED {
-                let ga_new = lerp(ga[i].load(), g, k.one_minus_alpha);
+                let ga_new = lerp(Native, ga[i].load(), g, k.one_minus_alpha);
                 ga[i] = S::store(ga_new);
                 // `square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()`
-                torch_addcmul(sq_new, ga_new, ga_new, -one).sqrt()
+                torch_addcmul(Native, sq_new, ga_new, ga_new, -one).sqrt()
             } else {
                 sq_new.sqrt()
             };
@@ -169,12 +170,12 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
             let avg = rms + k.eps;
             let p = if MOMENTUM {
                 // `buf.mul_(momentum).addcdiv_(g, avg)`, then `param.add_(buf, alpha=-lr)`
-                let b = torch_addcdiv(buf[i].load() * k.momentum, g, avg, one);
+                let b = torch_addcdiv(Native, buf[i].load() * k.momentum, g, avg, one);
                 buf[i] = S::store(b);
-                torch_add(p, b, k.neg_lr)
+                torch_add(Native, p, b, k.neg_lr)
             } else {
                 // `param.addcdiv_(g, avg, value=-lr)`
-                torch_addcdiv(p, g, avg, k.neg_lr)
+                torch_addcdiv(Native, p, g, avg, k.neg_lr)
             };
             param[i] = P::store(p);
         }

@@ -6,6 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
+use crate::subnormal::Native;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SgdHyper {
@@ -151,15 +152,15 @@ impl<
             let p = param[i].load();
             let mut g = grad[i].load() * k.grad.in_place();
             if L2 {
-                g = torch_add(g, p, k.weight_decay);
+                g = torch_add(Native, g, p, k.weight_decay);
             }
             if MOMENTUM {
                 // `buf.mul_(momentum).add_(g, alpha=1 - dampening)`; the first step clones g.
-                let b = if FIRST { g } else { torch_add(buf[i].load() * k.momentum, g, k.one_minus_dampening) };
+                let b = if FIRST { g } else { torch_add(Native, buf[i].load() * k.momentum, g, k.one_minus_dampening) };
                 buf[i] = S::store(b);
-                g = if NESTEROV { torch_add(g, b, k.momentum) } else { b };
+                g = if NESTEROV { torch_add(Native, g, b, k.momentum) } else { b };
             }
-            param[i] = P::store(torch_add(p, g, k.neg_lr));
+            param[i] = P::store(torch_add(Native, p, g, k.neg_lr));
         }
     }
 

@@ -431,6 +431,48 @@ fn adam_setup<T: Ref>(
     (states, grads)
 }
 
+/// Values in runs, as a unit that stopped learning leaves its state: runs of subnormals (the
+/// smallest ones, which Adam's moving averages round back to themselves, and any), of zeros, of
+/// ordinary values, and of `Rng::value`'s mix. The kernels step stretches of state with
+/// subnormals in float64 arithmetic (see rsoptim_core's `subnormal` module): runs longer and
+/// shorter than a stretch, at either end of one and inside.
+fn runs(rng: &mut Rng, n: usize, non_negative: bool) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let (len, kind) = (1 + rng.below(700) as usize, rng.below(5));
+        for _ in 0..len.min(n - out.len()) {
+            let x = match kind {
+                0 => f32::from_bits(1 + rng.below(4) as u32),
+                1 => f32::from_bits(1 + rng.below(0x007f_ffff) as u32),
+                2 => 0.0,
+                3 => (rng.value() as f32).abs().max(f32::MIN_POSITIVE),
+                _ => rng.value() as f32,
+            };
+            let negative = !non_negative && rng.next() & 1 == 1;
+            out.push(if negative { -x } else { x });
+        }
+    }
+    out
+}
+
+fn adam_subnormal_setup(sizes: &[usize], steps: usize, amsgrad: bool, seed: u64) -> AdamCase<f32> {
+    let mut rng = Rng(seed);
+    let states = sizes
+        .iter()
+        .map(|&n| AdamState {
+            p: rng.values(n),
+            m: runs(&mut rng, n, false),
+            v: runs(&mut rng, n, true),
+            vmax: amsgrad.then(|| runs(&mut rng, n, true)),
+            step: rng.step(),
+        })
+        .collect();
+    let grads = (0..steps).map(|_| sizes.iter().map(|&n| runs(&mut rng, n, false)).collect()).collect();
+    (states, grads)
+}
+
+type AdamCase<T> = (Vec<AdamState<T>>, Vec<Vec<Vec<T>>>);
+
 fn compare_adam<T: Ref>(
     what: &str,
     got: &[AdamState<T>],
@@ -453,8 +495,13 @@ fn compare_adam<T: Ref>(
 /// then every executor vs the baseline, bit for bit.
 fn check_adam<T: Ref>(sizes: &[usize], steps: usize, h: &AdamHyper, seed: u64) -> Result<(), TestCaseError> {
     let (init, grads) = adam_setup::<T>(sizes, steps, h.amsgrad, seed);
+    check_adam_from(init, &grads, h)
+}
+
+/// `check_adam` from given states and grads (a list of each step's).
+fn check_adam_from<T: Ref>(init: Vec<AdamState<T>>, grads: &[Vec<Vec<T>>], h: &AdamHyper) -> Result<(), TestCaseError> {
     let mut want = init.clone();
-    for step_grads in &grads {
+    for step_grads in grads {
         for (s, g) in want.iter_mut().zip(step_grads) {
             adam_reference(s, g, h);
         }
@@ -462,7 +509,7 @@ fn check_adam<T: Ref>(sizes: &[usize], steps: usize, h: &AdamHyper, seed: u64) -
     let mut base: Option<Vec<AdamState<T>>> = None;
     for (name, exec) in executors() {
         let mut got = init.clone();
-        for step_grads in &grads {
+        for step_grads in grads {
             adam_kernel(&mut got, step_grads, h, exec).map_err(|e| fail(format!("adam {name}: {e}")))?;
         }
         match &base {
@@ -922,6 +969,17 @@ proptest! {
     #[test]
     fn adam_f32_matches_reference(sizes in sizes(), steps in 1usize..=3, h in adam_hyper(), seed in any::<u64>()) {
         check_adam::<f32>(&sizes, steps, &h, seed)?;
+    }
+
+    #[test]
+    fn adam_f32_with_subnormal_state_matches_reference(
+        sizes in prop::collection::vec(1usize..3000, 1..=3),
+        steps in 1usize..=3,
+        h in adam_hyper(),
+        seed in any::<u64>(),
+    ) {
+        let (init, grads) = adam_subnormal_setup(&sizes, steps, h.amsgrad, seed);
+        check_adam_from(init, &grads, &h)?;
     }
 
     #[test]
