@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{ends_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{starts_subnormal, Arith, Native, STRETCH};
 
 /// The hyperparameters of one param group, as torch's Python floats.
 #[derive(Clone, Debug, PartialEq)]
@@ -271,7 +271,7 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             let vmax = if AMSGRAD { &mut vmax[start..end] } else { &mut [] };
             let (param, grad, m, v) =
                 (&mut param[start..end], &grad[start..end], &mut m[start..end], &mut v[start..end]);
-            let subnormal = |s: &[S]| S::as_math(s).is_some_and(ends_subnormal::<P::Math>);
+            let subnormal = |s: &[S]| S::as_math(s).is_some_and(starts_subnormal::<P::Math>);
             match (subnormal(m), subnormal(v)) {
                 (false, false) => Self::update_range(NATIVE, &k, param, grad, m, v, vmax),
                 (true, false) => {
