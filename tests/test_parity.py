@@ -31,6 +31,7 @@ from conftest import (
     OPTIMIZERS,
     assert_optimizers_match,
     assert_tensor_match,
+    ieee_sqrt,
     run_side_by_side,
     seeded_grads,
     tensor_sizes,
@@ -505,52 +506,84 @@ def test_weight_decay_rounds_like_torch(name, kwargs):
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_subnormal_state_of_dead_units(name, dtype, amsgrad):
+#: The state keys of a dead unit's stuck values: the smallest subnormals (first moments and
+#: momentum buffers, which a decay of 0.9 rounds back to themselves), or the smallest 100 (the
+#: averages of squares, which a decay of 0.99 or 0.999 keeps).
+_STUCK_FIRST = ("exp_avg", "momentum_buffer", "grad_avg")
+_STUCK_SECOND = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")
+
+
+def _step_dead_rows(name: str, dtype: torch.dtype, kwargs: dict[str, Any], ref_kwargs: dict[str, Any]) -> None:
     """Rows of weights whose grads are zero (dead ReLU units) with the state such units end
-    with: first moments among the smallest subnormals, which ``lerp`` rounds back to themselves,
-    second moments among the smallest 500. The kernels step stretches with subnormal state in
-    float64 arithmetic (rust/core/src/subnormal.rs); the bits must stay torch's. Rows of
-    subnormal state longer and shorter than a stretch (256 elements), at various offsets."""
+    with (``_STUCK_FIRST``, ``_STUCK_SECOND``), stepped by torch (``ref_kwargs``) and rsoptim:
+    the same bits after every step. The kernels step stretches of state that start with
+    subnormals in float64 arithmetic (rust/core/src/subnormal.rs). Rows of subnormal state
+    longer and shorter than a stretch (256 elements), at various offsets."""
     torch_cls, our_cls = OPTIMIZERS[name]
-    # (Adam's L2 decay would give the dead rows grads, and their moments would leave the
-    # subnormals; AdamW's decay is the param's own.)
-    weight_decay = 1e-2 if name == "AdamW" else 0.0
     gen = torch.Generator().manual_seed(40)
     shape = (48, 333)
     start = torch.randn(shape, generator=gen).to(dtype)
     dead = torch.rand(shape[0], generator=gen) < 0.5
-    tiny = 2.0**-149
     # (bfloat16's subnormals are float32's with 7 mantissa bits: multiples of 2^-133.)
-    unit = tiny if dtype == torch.float32 else 2.0**-133
-    first = (torch.randint(1, 5, shape, generator=gen) * unit).to(dtype) * torch.randn(shape, generator=gen).sign().to(dtype)
+    unit = 2.0**-149 if dtype == torch.float32 else 2.0**-133
+    sign = torch.randn(shape, generator=gen).sign().to(dtype)
+    first = (torch.randint(1, 5, shape, generator=gen) * unit).to(dtype) * sign
     second = (torch.randint(1, 100, shape, generator=gen) * unit).to(dtype)
     opts, params = [], []
-    # torch's fused kernel as the reference: it computes bfloat16 params in float32, as rsoptim
-    # does (the for-loop rounds every op to bfloat16), with the IEEE square root.
-    for cls, extra in ((torch_cls, {"fused": True}), (our_cls, {})):
+    for cls, extra in ((torch_cls, ref_kwargs), (our_cls, {})):
         p = start.clone().requires_grad_()
-        opt = cls([p], lr=1e-3, weight_decay=weight_decay, amsgrad=amsgrad, **extra)
+        opt = cls([p], **kwargs, **extra)
         p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(41)).to(dtype)
-        opt.step()  # makes the state, then the dead rows' is set as training would leave it
+        with ieee_sqrt():
+            opt.step()  # makes the state, then the dead rows' is set as training would leave it
         state = opt.state[p]
-        for key, values in (("exp_avg", first), ("exp_avg_sq", second), ("max_exp_avg_sq", second)):
-            if key in state:
-                state[key][dead] = values[dead]
+        for keys, values in ((_STUCK_FIRST, first), (_STUCK_SECOND, second)):
+            for key in keys:
+                if key in state:
+                    state[key][dead] = values[dead]
         opts.append(opt)
         params.append(p)
-    assert ((second[dead] != 0) & (second[dead].float().abs() < torch.finfo(torch.float32).tiny)).all()
+    stuck = [key for key in (*_STUCK_FIRST, *_STUCK_SECOND) if key in opts[1].state[params[1]]]
+    assert stuck, "the case has state to get stuck"
     for step in range(4):
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(42 + step)).to(dtype)
         grad[dead] = 0
         for p, opt in zip(params, opts):
             p.grad = grad.clone()
-            opt.step()
+            with ieee_sqrt():  # (torch's float32 sqrt is not correctly rounded; its fused kernels' is)
+                opt.step()
         assert_optimizers_match(opts[1], opts[0], exact=True, where=f"step {step + 2}")
-    state = opts[1].state[params[1]]["exp_avg"][dead].float().abs()
-    assert ((state > 0) & (state < torch.finfo(torch.float32).tiny)).any(), "the subnormal state stayed"
+    tiny = torch.finfo(torch.float32).tiny
+    for key in stuck:
+        state = opts[1].state[params[1]][key][dead].float().abs()
+        assert ((state > 0) & (state < tiny)).any(), f"{key} stayed subnormal"
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_subnormal_state_of_dead_units(name, dtype, amsgrad):
+    # (Adam's L2 decay would give the dead rows grads, and their moments would leave the
+    # subnormals; AdamW's decay is the param's own.) torch's fused kernel is the reference: it
+    # computes bfloat16 params in float32, as rsoptim does (the for-loop rounds every op to
+    # bfloat16).
+    weight_decay = 1e-2 if name == "AdamW" else 0.0
+    _step_dead_rows(name, dtype, dict(lr=1e-3, weight_decay=weight_decay, amsgrad=amsgrad), {"fused": True})
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("SGD", dict(lr=1e-2, momentum=0.9)),
+        ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True)),
+        ("RMSprop", dict(lr=1e-3)),
+        ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True)),
+    ],
+    ids=["SGD-momentum", "SGD-nesterov", "RMSprop", "RMSprop-centered-momentum"],
+)
+def test_subnormal_state_of_dead_units_sgd_rmsprop(name, kwargs):
+    # float32 only: torch has no fused RMSprop, and its for-loop rounds bfloat16 per op.
+    _step_dead_rows(name, torch.float32, kwargs, {"foreach": False})
 
 
 # -------------------------------------------------------------------------------------------

@@ -6,8 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::Native;
-use num_traits::Float;
+use crate::subnormal::{starts_subnormal, Arith, Native, STRETCH};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RmspropHyper {
@@ -134,6 +133,8 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
     RmspropKernel<'_, P, S, CENTERED, MOMENTUM, L2>
 {
     /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
+    /// Stretches of state with subnormals are stepped with `SubnormalSafe` arithmetic (the same
+    /// bits, without the float32 assists: see `subnormal`).
     #[inline(always)]
     fn update_in_place(self) {
         let RmspropJob { param, grad, square_avg, momentum_buffer, grad_avg, k } = self.0;
@@ -148,6 +149,40 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
             Some(a) if CENTERED => &mut a[..n],
             _ => &mut [],
         };
+        if !P::Math::TESTS_SUBNORMALS {
+            return Self::update_range(Native, &k, param, grad, sq, buf, ga);
+        }
+        let safe = <P::Math as Real>::SubnormalSafe::default();
+        for start in (0..n).step_by(STRETCH) {
+            let end = (start + STRETCH).min(n);
+            let (param, grad, sq) = (&mut param[start..end], &grad[start..end], &mut sq[start..end]);
+            let buf = if MOMENTUM { &mut buf[start..end] } else { &mut [] };
+            let ga = if CENTERED { &mut ga[start..end] } else { &mut [] };
+            let subnormal = |s: &[S]| S::as_math(s).is_some_and(starts_subnormal::<P::Math>);
+            if subnormal(sq) || subnormal(buf) || subnormal(ga) {
+                Self::update_range(safe, &k, param, grad, sq, buf, ga);
+            } else {
+                Self::update_range(Native, &k, param, grad, sq, buf, ga);
+            }
+        }
+    }
+
+    /// The update of one stretch of elements, the state's operations (and the param's, which
+    /// they scale) computed by `arith`'s.
+    #[inline(always)]
+    fn update_range<A: Arith<P::Math>>(
+        arith: A,
+        k: &RmspropScalars<P::Math>,
+        param: &mut [P],
+        grad: &[P],
+        sq: &mut [S],
+        buf: &mut [S],
+        ga: &mut [S],
+    ) {
+        let n = param.len();
+        let (grad, sq) = (&grad[..n], &mut sq[..n]);
+        let buf = if MOMENTUM { &mut buf[..n] } else { buf };
+        let ga = if CENTERED { &mut ga[..n] } else { ga };
         let one = <P::Math as num_traits::One>::one();
         for i in 0..n {
             let p = param[i].load();
@@ -156,26 +191,26 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
                 g = torch_add(Native, g, p, k.weight_decay);
             }
             // `square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)`
-            let sq_new = torch_addcmul(Native, sq[i].load() * k.alpha, g, g, k.one_minus_alpha);
+            let sq_new = torch_addcmul(arith, arith.mul(sq[i].load(), k.alpha), g, g, k.one_minus_alpha);
             sq[i] = S::store(sq_new);
             let rms = if CENTERED {
-                let ga_new = lerp(Native, ga[i].load(), g, k.one_minus_alpha);
+                let ga_new = lerp(arith, ga[i].load(), g, k.one_minus_alpha);
                 ga[i] = S::store(ga_new);
                 // `square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()`
-                torch_addcmul(Native, sq_new, ga_new, ga_new, -one).sqrt()
+                arith.sqrt(torch_addcmul(arith, sq_new, ga_new, ga_new, -one))
             } else {
-                sq_new.sqrt()
+                arith.sqrt(sq_new)
             };
             // eps is added after the sqrt.
             let avg = rms + k.eps;
             let p = if MOMENTUM {
                 // `buf.mul_(momentum).addcdiv_(g, avg)`, then `param.add_(buf, alpha=-lr)`
-                let b = torch_addcdiv(Native, buf[i].load() * k.momentum, g, avg, one);
+                let b = torch_addcdiv(arith, arith.mul(buf[i].load(), k.momentum), g, avg, one);
                 buf[i] = S::store(b);
-                torch_add(Native, p, b, k.neg_lr)
+                torch_add(arith, p, b, k.neg_lr)
             } else {
                 // `param.addcdiv_(g, avg, value=-lr)`
-                torch_addcdiv(Native, p, g, avg, k.neg_lr)
+                torch_addcdiv(arith, p, g, avg, k.neg_lr)
             };
             param[i] = P::store(p);
         }

@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::Native;
+use crate::subnormal::{starts_subnormal, Arith, Native, STRETCH};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SgdHyper {
@@ -138,6 +138,8 @@ impl<
     > SgdKernel<'_, P, S, MOMENTUM, FIRST, NESTEROV, L2>
 {
     /// The update on the buffers themselves, each value loaded and stored with `load`/`store`.
+    /// Stretches of momentum buffer with subnormals are stepped with `SubnormalSafe` arithmetic
+    /// (the same bits, without the float32 assists: see `subnormal`).
     #[inline(always)]
     fn update_in_place(self) {
         let SgdJob { param, grad, momentum_buffer, k, .. } = self.0;
@@ -148,6 +150,28 @@ impl<
             Some(b) if MOMENTUM => &mut b[..n],
             _ => &mut [],
         };
+        if !(MOMENTUM && !FIRST && P::Math::TESTS_SUBNORMALS) {
+            return Self::update_range(Native, &k, param, grad, buf);
+        }
+        let safe = <P::Math as Real>::SubnormalSafe::default();
+        for start in (0..n).step_by(STRETCH) {
+            let end = (start + STRETCH).min(n);
+            let (param, grad, buf) = (&mut param[start..end], &grad[start..end], &mut buf[start..end]);
+            if S::as_math(buf).is_some_and(starts_subnormal::<P::Math>) {
+                Self::update_range(safe, &k, param, grad, buf);
+            } else {
+                Self::update_range(Native, &k, param, grad, buf);
+            }
+        }
+    }
+
+    /// The update of one stretch of elements, the momentum's operations (and the param's, which
+    /// scale it) computed by `arith`'s.
+    #[inline(always)]
+    fn update_range<A: Arith<P::Math>>(arith: A, k: &SgdScalars<P::Math>, param: &mut [P], grad: &[P], buf: &mut [S]) {
+        let n = param.len();
+        let grad = &grad[..n];
+        let buf = if MOMENTUM { &mut buf[..n] } else { buf };
         for i in 0..n {
             let p = param[i].load();
             let mut g = grad[i].load() * k.grad.in_place();
@@ -156,11 +180,15 @@ impl<
             }
             if MOMENTUM {
                 // `buf.mul_(momentum).add_(g, alpha=1 - dampening)`; the first step clones g.
-                let b = if FIRST { g } else { torch_add(Native, buf[i].load() * k.momentum, g, k.one_minus_dampening) };
+                let b = if FIRST {
+                    g
+                } else {
+                    torch_add(arith, arith.mul(buf[i].load(), k.momentum), g, k.one_minus_dampening)
+                };
                 buf[i] = S::store(b);
-                g = if NESTEROV { torch_add(Native, g, b, k.momentum) } else { b };
+                g = if NESTEROV { torch_add(arith, g, b, k.momentum) } else { b };
             }
-            param[i] = P::store(torch_add(Native, p, g, k.neg_lr));
+            param[i] = P::store(torch_add(arith, p, g, k.neg_lr));
         }
     }
 

@@ -433,9 +433,9 @@ fn adam_setup<T: Ref>(
 
 /// Values in runs, as a unit that stopped learning leaves its state: runs of subnormals (the
 /// smallest ones, which Adam's moving averages round back to themselves, and any), of zeros, of
-/// ordinary values, and of `Rng::value`'s mix. The kernels step stretches of state with
-/// subnormals in float64 arithmetic (see rsoptim_core's `subnormal` module): runs longer and
-/// shorter than a stretch, at either end of one and inside.
+/// ordinary values, and of `Rng::value`'s mix. The kernels step stretches of state that start
+/// with subnormals in float64 arithmetic (see rsoptim_core's `subnormal` module): runs longer and
+/// shorter than a stretch, starting at a stretch's start and inside one.
 fn runs(rng: &mut Rng, n: usize, non_negative: bool) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -605,6 +605,17 @@ fn sgd_setup<T: Ref>(sizes: &[usize], steps: usize, momentum: bool, seed: u64) -
     (states, grads)
 }
 
+/// SGD states with momentum buffers in runs (see `runs`), the grads too.
+fn sgd_subnormal_setup(sizes: &[usize], steps: usize, seed: u64) -> (Vec<SgdState<f32>>, Vec<Vec<Vec<f32>>>) {
+    let mut rng = Rng(seed);
+    let states = sizes
+        .iter()
+        .map(|&n| SgdState { p: rng.values(n), buf: Some(runs(&mut rng, n, false)), buf_is_new: false })
+        .collect();
+    let grads = (0..steps).map(|_| sizes.iter().map(|&n| runs(&mut rng, n, false)).collect()).collect();
+    (states, grads)
+}
+
 fn compare_sgd<T: Ref>(
     what: &str,
     got: &[SgdState<T>],
@@ -620,8 +631,13 @@ fn compare_sgd<T: Ref>(
 
 fn check_sgd<T: Ref>(sizes: &[usize], steps: usize, h: &SgdHyper, seed: u64) -> Result<(), TestCaseError> {
     let (init, grads) = sgd_setup::<T>(sizes, steps, h.momentum != 0.0, seed);
+    check_sgd_from(init, &grads, h)
+}
+
+/// `check_sgd` from given states and grads (a list of each step's).
+fn check_sgd_from<T: Ref>(init: Vec<SgdState<T>>, grads: &[Vec<Vec<T>>], h: &SgdHyper) -> Result<(), TestCaseError> {
     let mut want = init.clone();
-    for step_grads in &grads {
+    for step_grads in grads {
         for (s, g) in want.iter_mut().zip(step_grads) {
             sgd_reference(s, g, h);
         }
@@ -629,7 +645,7 @@ fn check_sgd<T: Ref>(sizes: &[usize], steps: usize, h: &SgdHyper, seed: u64) -> 
     let mut base: Option<Vec<SgdState<T>>> = None;
     for (name, exec) in executors() {
         let mut got = init.clone();
-        for step_grads in &grads {
+        for step_grads in grads {
             sgd_kernel(&mut got, step_grads, h, exec).map_err(|e| fail(format!("sgd {name}: {e}")))?;
         }
         match &base {
@@ -761,10 +777,42 @@ fn compare_rmsprop<T: Ref>(
     Ok(())
 }
 
+/// RMSprop states in runs (see `runs`), the grads too; each square average at least its grad
+/// average's square, as in `rmsprop_setup`.
+fn rmsprop_subnormal_setup(
+    sizes: &[usize],
+    steps: usize,
+    h: &RmspropHyper,
+    seed: u64,
+) -> (Vec<RmspropState<f32>>, Vec<Vec<Vec<f32>>>) {
+    let mut rng = Rng(seed);
+    let states = sizes
+        .iter()
+        .map(|&n| {
+            let p = rng.values(n);
+            let ga = runs(&mut rng, n, false);
+            let sq = runs(&mut rng, n, true).iter().zip(&ga).map(|(&s, &a)| s.max(a * a)).collect();
+            let buf = (h.momentum > 0.0).then(|| runs(&mut rng, n, false));
+            RmspropState { p, sq, buf, ga: h.centered.then_some(ga), step: rng.step() }
+        })
+        .collect();
+    let grads = (0..steps).map(|_| sizes.iter().map(|&n| runs(&mut rng, n, false)).collect()).collect();
+    (states, grads)
+}
+
 fn check_rmsprop<T: Ref>(sizes: &[usize], steps: usize, h: &RmspropHyper, seed: u64) -> Result<(), TestCaseError> {
     let (init, grads) = rmsprop_setup::<T>(sizes, steps, h, seed);
+    check_rmsprop_from(init, &grads, h)
+}
+
+/// `check_rmsprop` from given states and grads (a list of each step's).
+fn check_rmsprop_from<T: Ref>(
+    init: Vec<RmspropState<T>>,
+    grads: &[Vec<Vec<T>>],
+    h: &RmspropHyper,
+) -> Result<(), TestCaseError> {
     let mut want = init.clone();
-    for step_grads in &grads {
+    for step_grads in grads {
         for (s, g) in want.iter_mut().zip(step_grads) {
             rmsprop_reference(s, g, h);
         }
@@ -772,7 +820,7 @@ fn check_rmsprop<T: Ref>(sizes: &[usize], steps: usize, h: &RmspropHyper, seed: 
     let mut base: Option<Vec<RmspropState<T>>> = None;
     for (name, exec) in executors() {
         let mut got = init.clone();
-        for step_grads in &grads {
+        for step_grads in grads {
             rmsprop_kernel(&mut got, step_grads, h, exec).map_err(|e| fail(format!("rmsprop {name}: {e}")))?;
         }
         match &base {
@@ -980,6 +1028,29 @@ proptest! {
     ) {
         let (init, grads) = adam_subnormal_setup(&sizes, steps, h.amsgrad, seed);
         check_adam_from(init, &grads, &h)?;
+    }
+
+    #[test]
+    fn sgd_f32_with_subnormal_momentum_matches_reference(
+        sizes in prop::collection::vec(1usize..3000, 1..=3),
+        steps in 1usize..=3,
+        h in sgd_hyper(),
+        seed in any::<u64>(),
+    ) {
+        let h = SgdHyper { momentum: if h.momentum == 0.0 { 0.9 } else { h.momentum }, ..h };
+        let (init, grads) = sgd_subnormal_setup(&sizes, steps, seed);
+        check_sgd_from(init, &grads, &h)?;
+    }
+
+    #[test]
+    fn rmsprop_f32_with_subnormal_state_matches_reference(
+        sizes in prop::collection::vec(1usize..3000, 1..=3),
+        steps in 1usize..=3,
+        h in rmsprop_hyper(),
+        seed in any::<u64>(),
+    ) {
+        let (init, grads) = rmsprop_subnormal_setup(&sizes, steps, &h, seed);
+        check_rmsprop_from(init, &grads, &h)?;
     }
 
     #[test]
