@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{starts_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{count_widened_stretch, starts_subnormal, Arith, Native, STRETCH};
 
 /// The hyperparameters of one param group, as torch's Python floats.
 #[derive(Clone, Debug, PartialEq)]
@@ -272,7 +272,12 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             let (param, grad, m, v) =
                 (&mut param[start..end], &grad[start..end], &mut m[start..end], &mut v[start..end]);
             let subnormal = |s: &[S]| S::as_math(s).is_some_and(starts_subnormal::<P::Math>);
-            match (subnormal(m), subnormal(v)) {
+            // (With amsgrad the square root is of the running maximum's.)
+            let (first, second) = (subnormal(m), subnormal(v) || (AMSGRAD && subnormal(vmax)));
+            if first || second {
+                count_widened_stretch();
+            }
+            match (first, second) {
                 (false, false) => Self::update_range(NATIVE, &k, param, grad, m, v, vmax),
                 (true, false) => {
                     Self::update_range(MomentArith { first: safe, second: Native }, &k, param, grad, m, v, vmax)

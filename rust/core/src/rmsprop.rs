@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{starts_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{count_widened_stretch, starts_subnormal, Arith, Native, STRETCH};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RmspropHyper {
@@ -160,6 +160,7 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
             let ga = if CENTERED { &mut ga[start..end] } else { &mut [] };
             let subnormal = |s: &[S]| S::as_math(s).is_some_and(starts_subnormal::<P::Math>);
             if subnormal(sq) || subnormal(buf) || subnormal(ga) {
+                count_widened_stretch();
                 Self::update_range(safe, &k, param, grad, sq, buf, ga);
             } else {
                 Self::update_range(Native, &k, param, grad, sq, buf, ga);

@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{starts_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{count_widened_stretch, starts_subnormal, Arith, Native, STRETCH};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SgdHyper {
@@ -158,6 +158,7 @@ impl<
             let end = (start + STRETCH).min(n);
             let (param, grad, buf) = (&mut param[start..end], &grad[start..end], &mut buf[start..end]);
             if S::as_math(buf).is_some_and(starts_subnormal::<P::Math>) {
+                count_widened_stretch();
                 Self::update_range(safe, &k, param, grad, buf);
             } else {
                 Self::update_range(Native, &k, param, grad, buf);

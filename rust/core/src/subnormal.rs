@@ -15,6 +15,8 @@
 //! and round each result to float32 once: [`Widened`]. That gives the float32 operation's own
 //! bits (see each method), so the stretches taken either way are indistinguishable.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::element::Real;
 
 /// How the element maths multiplies, divides, fuses a multiply-add and takes a square root.
@@ -64,9 +66,10 @@ impl<T: Real> Arith<T> for Native {
 ///   double rounding is odd", 2005: an odd rounding with 2 or more extra bits).
 ///
 /// Written plainly, LLVM would turn the rounded float64 product, quotient and square root back
-/// into the float32 instruction (the same value, with the assist): each goes through an exact
-/// operation with a zero it cannot see, `-0.0` read at run time (`x + -0.0` is `x`, and the
-/// product's `fma(a, b, -0.0)` costs no more than the product).
+/// into the float32 instruction (the same value, with the assist): each result goes through an
+/// addition of a zero it cannot see, `-0.0` read at run time (`x + -0.0` is `x`, signed zeros
+/// and NaN payloads included). No fused multiply-add is used: on a CPU without one it would be a
+/// libm call per element.
 #[derive(Clone, Copy, Debug)]
 pub struct Widened {
     negative_zero: f64,
@@ -87,7 +90,7 @@ impl Default for Widened {
 impl Arith<f32> for Widened {
     #[inline(always)]
     fn mul(self, a: f32, b: f32) -> f32 {
-        f64::from(a).mul_add(f64::from(b), self.negative_zero) as f32
+        (f64::from(a) * f64::from(b) + self.negative_zero) as f32
     }
     #[inline(always)]
     fn div(self, a: f32, b: f32) -> f32 {
@@ -130,6 +133,21 @@ pub fn starts_subnormal<T: Real>(xs: &[T]) -> bool {
 
 /// The elements `starts_subnormal` tests: one AVX-512 vector of float32.
 const SAMPLE: usize = 16;
+
+/// How many stretches the kernels have stepped with `Widened` arithmetic in this process: for
+/// tests that the kernels take that path where they should (results are the same bits either
+/// way), and for profiling. One relaxed increment per such stretch.
+pub fn widened_stretches() -> u64 {
+    WIDENED_STRETCHES.load(Ordering::Relaxed)
+}
+
+static WIDENED_STRETCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one stretch stepped with `SubnormalSafe` arithmetic (see `widened_stretches`).
+#[inline(always)]
+pub(crate) fn count_widened_stretch() {
+    WIDENED_STRETCHES.fetch_add(1, Ordering::Relaxed);
+}
 
 /// How many elements the kernels step at a time with one arithmetic (see `starts_subnormal`).
 pub const STRETCH: usize = 256;
@@ -190,6 +208,60 @@ mod tests {
         // The same below zero, and with the tiny part's sign flipped (then exact either way).
         assert_eq!(Widened::new().mul_add(-a, b, -c), -c);
         assert_eq!(Widened::new().mul_add(a, -b, c).to_bits(), a.mul_add(-b, c).to_bits());
+    }
+
+    /// Fused multiply-adds whose exact result lies within a float64 ulp of a float32 tie (or on
+    /// one): `a * b` an odd multiple of half `c`'s ulp, give or take a remainder far below it,
+    /// for `c` of every exponent (subnormal results included) and every sign. Rounded to float64
+    /// first, thousands of these would round wrongly; rounded to odd, none may.
+    #[test]
+    fn fused_multiply_adds_near_and_on_float32_ties() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let widened = Widened::new();
+        let (mut cases, mut rounded_twice_wrong) = (0, 0);
+        for i in 0..300_000u64 {
+            let exponent = (next() % 254) as u32; // c's biased exponent: 0 is subnormal
+            let c = f32::from_bits(exponent << 23 | (next() as u32 & 0x007f_ffff));
+            let ulp_exponent = if exponent == 0 { -149 } else { exponent as i32 - 150 };
+            // a = A * 2^ea and b = B * 2^eb (24-bit A, B) with A * B near (2j + 1) * 2^46, so
+            // that a * b is near (2j + 1) * 2^(ulp_exponent - 1): an odd multiple of half an ulp.
+            let big_a = (1u64 << 23) | (next() & 0x007f_ffff);
+            let odd = 2 * (next() % 4) + 1;
+            let mut big_b = ((odd << 46) as f64 / big_a as f64).round() as u64;
+            let mut shift = 0;
+            if big_b >= 1 << 24 {
+                big_b = big_b.div_ceil(2);
+                shift = 1;
+            }
+            if i % 7 == 0 {
+                big_b = big_b.min((1 << 24) - 2) + 1; // (off the product's best fit)
+            }
+            let ea = -((next() % 40) as i32);
+            let eb = ulp_exponent - 1 - 46 + shift - ea;
+            let a = (big_a as f64 * 2f64.powi(ea)) as f32;
+            let b = (big_b.min((1 << 24) - 1) as f64 * 2f64.powi(eb)) as f32;
+            if a == 0.0 || b == 0.0 || !b.is_finite() {
+                continue;
+            }
+            for (a, b, c) in [(a, b, c), (-a, b, c), (a, b, -c), (-a, b, -c), (b, a, c)] {
+                cases += 1;
+                let exact = a.mul_add(b, c);
+                rounded_twice_wrong += u32::from((f64::from(a) * f64::from(b) + f64::from(c)) as f32 != exact);
+                assert_eq!(widened.mul_add(a, b, c).to_bits(), exact.to_bits(), "{a:e} * {b:e} + {c:e}");
+            }
+        }
+        assert!(cases > 1_000_000 && rounded_twice_wrong > 1_000, "{cases} cases, {rounded_twice_wrong} near ties");
+        // Exact ties: 1 + 2^-23 + 2^-24 rounds to the even 1 + 2^-22, 1 + 2^-24 to 1.
+        let one_up = 1.0 + f32::EPSILON;
+        assert_eq!(widened.mul_add(2f32.powi(-24), 1.0, one_up), one_up.mul_add(1.0, 2f32.powi(-24)));
+        assert_eq!(widened.mul_add(2f32.powi(-24), 1.0, one_up), 1.0 + 2.0 * f32::EPSILON);
+        assert_eq!(widened.mul_add(2f32.powi(-24), 1.0, 1.0), 1.0);
     }
 
     #[test]
