@@ -41,9 +41,20 @@ fn check_adam<P: Element<Math = f32>, S: Element<Math = f32>>(
     let (p0, g, m0, v0) =
         (values(seed, n, true), values(seed + 1, n, true), values(seed + 2, n, false), values(seed + 3, n, false));
     let v0: Vec<f32> = v0.iter().map(|x| x * x).collect();
+    check_adam_from::<P, S>(&p0, &g, &m0, &v0, hyper, steps)
+}
+
+/// `check_adam` from given float32 params, grads and moments (each stored as `P` or `S`).
+fn check_adam_from<P: Element<Math = f32>, S: Element<Math = f32>>(
+    p0: &[f32],
+    g: &[f32],
+    m0: &[f32],
+    v0: &[f32],
+    hyper: &AdamHyper,
+    steps: u32,
+) -> Result<(), TestCaseError> {
     for exec in executors() {
-        let (mut p, grad, mut m, mut v, mut vmax) =
-            (to::<P>(&p0), to::<P>(&g), to::<S>(&m0), to::<S>(&v0), to::<S>(&v0));
+        let (mut p, grad, mut m, mut v, mut vmax) = (to::<P>(p0), to::<P>(g), to::<S>(m0), to::<S>(v0), to::<S>(v0));
         let mut step = 0.0f32;
         for _ in 0..steps {
             // The f32 step on the loaded values, each stored value rounded once.
@@ -198,6 +209,30 @@ proptest! {
         check_adam::<f16, f16>(n, seed, &hyper, 3)?;
         check_adam::<bf16, f32>(n, seed, &hyper, 3)?;
         check_adam::<f16, f32>(n, seed, &hyper, 3)?;
+    }
+
+    /// Moments in runs of bfloat16 subnormals (multiples of 2^-133, float32 subnormals too) and
+    /// grads in runs of zeros, as dead units leave them: the kernels step the stretches that
+    /// start with subnormals in float64 (see rsoptim_core's `subnormal`), in the half types'
+    /// blocks as on float32 buffers, with the same bits. (That the float32 step's are the
+    /// reference's is tested in reference.rs; that the blocks take the float64 path, in
+    /// subnormal_path.rs.)
+    #[test]
+    fn adam_on_half_types_with_subnormal_state_is_the_f32_step_rounded_once(
+        n in prop_oneof![1usize..40, Just(1000usize), Just(4099usize)],
+        seed in any::<u64>(),
+        amsgrad in any::<bool>(),
+    ) {
+        let run = |i: usize| (i / 300 + seed as usize) % 2 == 0; // runs of 300
+        let tiny = |x: f32| if x == 0.0 { 0.0 } else { x.signum() * ((x.abs() * 1e4) as u32 % 127 + 1) as f32 * 2f32.powi(-133) };
+        let (p0, g, m, v) = (values(seed, n, false), values(seed + 1, n, false), values(seed + 2, n, false), values(seed + 3, n, false));
+        let g: Vec<f32> = g.iter().enumerate().map(|(i, &x)| if run(i) { 0.0 } else { x }).collect();
+        let m0: Vec<f32> = m.iter().enumerate().map(|(i, &x)| if run(i) { tiny(x) } else { x }).collect();
+        let v0: Vec<f32> = v.iter().enumerate().map(|(i, &x)| if run(i) { tiny(x).abs() } else { x * x }).collect();
+        let hyper = AdamHyper { lr: 1e-2, amsgrad, ..AdamHyper::default() };
+        check_adam_from::<bf16, bf16>(&p0, &g, &m0, &v0, &hyper, 3)?;
+        check_adam_from::<bf16, f32>(&p0, &g, &m0, &v0, &hyper, 3)?;
+        check_adam_from::<f16, f32>(&p0, &g, &m0, &v0, &hyper, 3)?;
     }
 
     #[test]

@@ -4,15 +4,18 @@
 //! for every buffer whose subnormals should send a stretch there. (One test in its own binary:
 //! the count is per process.)
 
+use half::bf16;
 use rsoptim_core::subnormal::{widened_stretches, STRETCH};
 use rsoptim_core::{
-    adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Executor, RmspropHyper, RmspropTensor, Rounding,
+    adam_step, rmsprop_step, sgd_step, AdamHyper, AdamTensor, Element, Executor, RmspropHyper, RmspropTensor, Rounding,
     SgdHyper, SgdTensor, SimdLevel, StepCount,
 };
 
 const STRETCHES: usize = 4;
 const N: usize = STRETCHES * STRETCH;
 const TINY: f32 = f32::from_bits(3);
+/// A bfloat16 subnormal (a float32 one too): 3 * 2^-133.
+const BF16_TINY: f32 = f32::from_bits(3 << 16);
 
 /// How many stretches `step` stepped in float64.
 fn widened_by(step: impl FnOnce()) -> u64 {
@@ -22,14 +25,15 @@ fn widened_by(step: impl FnOnce()) -> u64 {
 }
 
 /// Adam on one tensor of zero grads, with the given first moments, second moments and (with
-/// amsgrad) maxima of the second moments.
-fn adam(m: f32, v: f32, vmax: Option<f32>, exec: &Executor) -> u64 {
-    let (mut p, g) = (vec![0.5f32; N], vec![0.0f32; N]);
-    let (mut m, mut v, mut vmax) = (vec![m; N], vec![v; N], vmax.map(|x| vec![x; N]));
+/// amsgrad) maxima of the second moments, params and state stored as `P` (half types step in
+/// float32 blocks).
+fn adam_typed<P: Element<Math = f32>>(m: f32, v: f32, vmax: Option<f32>, exec: &Executor) -> u64 {
+    let (mut p, g) = (vec![P::store(0.5); N], vec![P::store(0.0); N]);
+    let (mut m, mut v, mut vmax) = (vec![P::store(m); N], vec![P::store(v); N], vmax.map(|x| vec![P::store(x); N]));
     let mut step = 3.0f32;
     let hyper = AdamHyper { amsgrad: vmax.is_some(), ..AdamHyper::default() };
     widened_by(|| {
-        let t = AdamTensor {
+        let t = AdamTensor::<P, P> {
             param: &mut p,
             grad: &g,
             exp_avg: &mut m,
@@ -41,6 +45,10 @@ fn adam(m: f32, v: f32, vmax: Option<f32>, exec: &Executor) -> u64 {
         };
         adam_step(vec![t], &hyper, exec).unwrap();
     })
+}
+
+fn adam(m: f32, v: f32, vmax: Option<f32>, exec: &Executor) -> u64 {
+    adam_typed::<f32>(m, v, vmax, exec)
 }
 
 fn sgd(buf: f32, exec: &Executor) -> u64 {
@@ -94,6 +102,9 @@ fn stretches_that_start_with_subnormal_state_are_stepped_in_float64() {
             ("adam, subnormal exp_avg", adam(TINY, 0.01, None, &exec), widened),
             ("adam, subnormal exp_avg_sq", adam(0.1, TINY, None, &exec), widened),
             ("adam amsgrad, subnormal max_exp_avg_sq", adam(0.1, 0.0, Some(TINY), &exec), widened),
+            ("adam bfloat16, normal state", adam_typed::<bf16>(0.1, 0.01, None, &exec), 0),
+            ("adam bfloat16, subnormal exp_avg", adam_typed::<bf16>(BF16_TINY, 0.01, None, &exec), widened),
+            ("adam bfloat16, subnormal exp_avg_sq", adam_typed::<bf16>(0.1, BF16_TINY, None, &exec), widened),
             ("sgd, normal momentum", sgd(0.1, &exec), 0),
             ("sgd, subnormal momentum", sgd(-TINY, &exec), widened),
             ("rmsprop, normal state", rmsprop(0.1, 0.1, 0.1, &exec), 0),
