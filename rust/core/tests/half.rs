@@ -223,7 +223,7 @@ proptest! {
         seed in any::<u64>(),
         amsgrad in any::<bool>(),
     ) {
-        let run = |i: usize| (i / 300 + seed as usize) % 2 == 0; // runs of 300
+        let run = |i: usize| (i / 300 + seed as usize).is_multiple_of(2); // runs of 300
         let tiny = |x: f32| if x == 0.0 { 0.0 } else { x.signum() * ((x.abs() * 1e4) as u32 % 127 + 1) as f32 * 2f32.powi(-133) };
         let (p0, g, m, v) = (values(seed, n, false), values(seed + 1, n, false), values(seed + 2, n, false), values(seed + 3, n, false));
         let g: Vec<f32> = g.iter().enumerate().map(|(i, &x)| if run(i) { 0.0 } else { x }).collect();
