@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{count_widened_stretch, starts_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{counted, starts_subnormal, stretches, Arith, Native};
 
 /// The hyperparameters of one param group, as torch's Python floats.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,17 +266,12 @@ impl<P: Element, S: Element<Math = P::Math>, const AMSGRAD: bool, const L2: bool
             return Self::update_range(NATIVE, &k, param, grad, m, v, vmax);
         }
         let safe = <P::Math as Real>::SubnormalSafe::default();
-        for start in (0..n).step_by(STRETCH) {
-            let end = (start + STRETCH).min(n);
-            let vmax = if AMSGRAD { &mut vmax[start..end] } else { &mut [] };
-            let (param, grad, m, v) =
-                (&mut param[start..end], &grad[start..end], &mut m[start..end], &mut v[start..end]);
-            let subnormal = |s: &[S]| S::as_math(s).is_some_and(starts_subnormal::<P::Math>);
+        for r in stretches(n) {
+            let vmax = if AMSGRAD { &mut vmax[r.clone()] } else { &mut [] };
+            let (param, grad, m, v) = (&mut param[r.clone()], &grad[r.clone()], &mut m[r.clone()], &mut v[r]);
             // (With amsgrad the square root is of the running maximum's.)
-            let (first, second) = (subnormal(m), subnormal(v) || (AMSGRAD && subnormal(vmax)));
-            if first || second {
-                count_widened_stretch();
-            }
+            let (first, second) = (starts_subnormal(m), starts_subnormal(v) || (AMSGRAD && starts_subnormal(vmax)));
+            counted(first || second);
             match (first, second) {
                 (false, false) => Self::update_range(NATIVE, &k, param, grad, m, v, vmax),
                 (true, false) => {

@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{count_widened_stretch, starts_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{counted, starts_subnormal, stretches, Arith, Native};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RmspropHyper {
@@ -153,14 +153,11 @@ impl<P: Element, S: Element<Math = P::Math>, const CENTERED: bool, const MOMENTU
             return Self::update_range(Native, &k, param, grad, sq, buf, ga);
         }
         let safe = <P::Math as Real>::SubnormalSafe::default();
-        for start in (0..n).step_by(STRETCH) {
-            let end = (start + STRETCH).min(n);
-            let (param, grad, sq) = (&mut param[start..end], &grad[start..end], &mut sq[start..end]);
-            let buf = if MOMENTUM { &mut buf[start..end] } else { &mut [] };
-            let ga = if CENTERED { &mut ga[start..end] } else { &mut [] };
-            let subnormal = |s: &[S]| S::as_math(s).is_some_and(starts_subnormal::<P::Math>);
-            if subnormal(sq) || subnormal(buf) || subnormal(ga) {
-                count_widened_stretch();
+        for r in stretches(n) {
+            let buf = if MOMENTUM { &mut buf[r.clone()] } else { &mut [] };
+            let ga = if CENTERED { &mut ga[r.clone()] } else { &mut [] };
+            let (param, grad, sq) = (&mut param[r.clone()], &grad[r.clone()], &mut sq[r]);
+            if counted(starts_subnormal(sq) || starts_subnormal(buf) || starts_subnormal(ga)) {
                 Self::update_range(safe, &k, param, grad, sq, buf, ga);
             } else {
                 Self::update_range(Native, &k, param, grad, sq, buf, ga);

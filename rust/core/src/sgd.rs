@@ -6,7 +6,7 @@ use crate::error::{check_len, Error};
 use crate::exec::{split_opt, Executor, Splittable};
 use crate::simd::{dispatch, Isa, Kernel};
 use crate::step::StepCount;
-use crate::subnormal::{count_widened_stretch, starts_subnormal, Arith, Native, STRETCH};
+use crate::subnormal::{counted, starts_subnormal, stretches, Arith, Native};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SgdHyper {
@@ -154,11 +154,9 @@ impl<
             return Self::update_range(Native, &k, param, grad, buf);
         }
         let safe = <P::Math as Real>::SubnormalSafe::default();
-        for start in (0..n).step_by(STRETCH) {
-            let end = (start + STRETCH).min(n);
-            let (param, grad, buf) = (&mut param[start..end], &grad[start..end], &mut buf[start..end]);
-            if S::as_math(buf).is_some_and(starts_subnormal::<P::Math>) {
-                count_widened_stretch();
+        for r in stretches(n) {
+            let (param, grad, buf) = (&mut param[r.clone()], &grad[r.clone()], &mut buf[r]);
+            if counted(starts_subnormal(buf)) {
                 Self::update_range(safe, &k, param, grad, buf);
             } else {
                 Self::update_range(Native, &k, param, grad, buf);

@@ -455,7 +455,15 @@ fn runs(rng: &mut Rng, n: usize, non_negative: bool) -> Vec<f32> {
     out
 }
 
-fn adam_subnormal_setup(sizes: &[usize], steps: usize, amsgrad: bool, seed: u64) -> AdamCase<f32> {
+/// Each step's grads, in runs (see `runs`).
+fn run_grads(rng: &mut Rng, sizes: &[usize], steps: usize) -> Vec<Vec<Vec<f32>>> {
+    (0..steps).map(|_| sizes.iter().map(|&n| runs(rng, n, false)).collect()).collect()
+}
+
+/// The initial states of a case's tensors and each step's grads.
+type Case<State> = (Vec<State>, Vec<Vec<Vec<f32>>>);
+
+fn adam_subnormal_setup(sizes: &[usize], steps: usize, amsgrad: bool, seed: u64) -> Case<AdamState<f32>> {
     let mut rng = Rng(seed);
     let states = sizes
         .iter()
@@ -467,11 +475,8 @@ fn adam_subnormal_setup(sizes: &[usize], steps: usize, amsgrad: bool, seed: u64)
             step: rng.step(),
         })
         .collect();
-    let grads = (0..steps).map(|_| sizes.iter().map(|&n| runs(&mut rng, n, false)).collect()).collect();
-    (states, grads)
+    (states, run_grads(&mut rng, sizes, steps))
 }
-
-type AdamCase<T> = (Vec<AdamState<T>>, Vec<Vec<Vec<T>>>);
 
 fn compare_adam<T: Ref>(
     what: &str,
@@ -606,14 +611,13 @@ fn sgd_setup<T: Ref>(sizes: &[usize], steps: usize, momentum: bool, seed: u64) -
 }
 
 /// SGD states with momentum buffers in runs (see `runs`), the grads too.
-fn sgd_subnormal_setup(sizes: &[usize], steps: usize, seed: u64) -> (Vec<SgdState<f32>>, Vec<Vec<Vec<f32>>>) {
+fn sgd_subnormal_setup(sizes: &[usize], steps: usize, seed: u64) -> Case<SgdState<f32>> {
     let mut rng = Rng(seed);
     let states = sizes
         .iter()
         .map(|&n| SgdState { p: rng.values(n), buf: Some(runs(&mut rng, n, false)), buf_is_new: false })
         .collect();
-    let grads = (0..steps).map(|_| sizes.iter().map(|&n| runs(&mut rng, n, false)).collect()).collect();
-    (states, grads)
+    (states, run_grads(&mut rng, sizes, steps))
 }
 
 fn compare_sgd<T: Ref>(
@@ -779,12 +783,7 @@ fn compare_rmsprop<T: Ref>(
 
 /// RMSprop states in runs (see `runs`), the grads too; each square average at least its grad
 /// average's square, as in `rmsprop_setup`.
-fn rmsprop_subnormal_setup(
-    sizes: &[usize],
-    steps: usize,
-    h: &RmspropHyper,
-    seed: u64,
-) -> (Vec<RmspropState<f32>>, Vec<Vec<Vec<f32>>>) {
+fn rmsprop_subnormal_setup(sizes: &[usize], steps: usize, h: &RmspropHyper, seed: u64) -> Case<RmspropState<f32>> {
     let mut rng = Rng(seed);
     let states = sizes
         .iter()
@@ -796,8 +795,7 @@ fn rmsprop_subnormal_setup(
             RmspropState { p, sq, buf, ga: h.centered.then_some(ga), step: rng.step() }
         })
         .collect();
-    let grads = (0..steps).map(|_| sizes.iter().map(|&n| runs(&mut rng, n, false)).collect()).collect();
-    (states, grads)
+    (states, run_grads(&mut rng, sizes, steps))
 }
 
 fn check_rmsprop<T: Ref>(sizes: &[usize], steps: usize, h: &RmspropHyper, seed: u64) -> Result<(), TestCaseError> {
