@@ -99,10 +99,22 @@ fn check_sgd<P: Element<Math = f32>, S: Element<Math = f32>>(
     hyper: &SgdHyper,
 ) -> Result<(), TestCaseError> {
     let (p0, g) = (values(seed, n, true), values(seed + 1, n, true));
+    check_sgd_from::<P, S>(&p0, &g, &vec![0.0; n], hyper, &[true, false])
+}
+
+/// `check_sgd` from given float32 params, grads and momentum buffers (each stored as `P` or
+/// `S`), one step for each of `firsts` (whether the buffer is new at that step).
+fn check_sgd_from<P: Element<Math = f32>, S: Element<Math = f32>>(
+    p0: &[f32],
+    g: &[f32],
+    buf0: &[f32],
+    hyper: &SgdHyper,
+    firsts: &[bool],
+) -> Result<(), TestCaseError> {
     let momentum = hyper.momentum != 0.0;
     for exec in executors() {
-        let (mut p, grad, mut buf) = (to::<P>(&p0), to::<P>(&g), to::<S>(&vec![0.0; n]));
-        for first in [true, false] {
+        let (mut p, grad, mut buf) = (to::<P>(p0), to::<P>(g), to::<S>(buf0));
+        for &first in firsts {
             let (mut pr, gr, mut br) = (load(&p), load(&grad), load(&buf));
             let reference = SgdTensor::<f32> {
                 param: &mut pr,
@@ -137,10 +149,22 @@ fn check_rmsprop<P: Element<Math = f32>, S: Element<Math = f32>>(
     hyper: &RmspropHyper,
 ) -> Result<(), TestCaseError> {
     let (p0, g) = (values(seed, n, true), values(seed + 1, n, true));
+    let zeros = vec![0.0; n];
+    check_rmsprop_from::<P, S>(&p0, &g, [&zeros, &zeros, &zeros], hyper)
+}
+
+/// `check_rmsprop` from given float32 params, grads and state (square averages, momentum
+/// buffers, grad averages; each stored as `P` or `S`).
+fn check_rmsprop_from<P: Element<Math = f32>, S: Element<Math = f32>>(
+    p0: &[f32],
+    g: &[f32],
+    [sq0, buf0, ga0]: [&[f32]; 3],
+    hyper: &RmspropHyper,
+) -> Result<(), TestCaseError> {
     let (momentum, centered) = (hyper.momentum > 0.0, hyper.centered);
     for exec in executors() {
-        let (mut p, grad) = (to::<P>(&p0), to::<P>(&g));
-        let (mut sq, mut buf, mut ga) = (to::<S>(&vec![0.0; n]), to::<S>(&vec![0.0; n]), to::<S>(&vec![0.0; n]));
+        let (mut p, grad) = (to::<P>(p0), to::<P>(g));
+        let (mut sq, mut buf, mut ga) = (to::<S>(sq0), to::<S>(buf0), to::<S>(ga0));
         let mut step = 0.0f32;
         for _ in 0..2 {
             let (mut pr, gr, mut sr, mut br, mut ar) = (load(&p), load(&grad), load(&sq), load(&buf), load(&ga));
@@ -192,6 +216,47 @@ fn half_types_load_exactly_and_store_to_nearest_even() {
     }
 }
 
+/// Values as dead units leave them: runs of 300 elements (every other run, from a parity the
+/// seed picks) whose grads are zero and whose state is made of bfloat16 subnormals (multiples of
+/// 2^-133, float32 subnormals too) or zeros.
+struct DeadUnits {
+    n: usize,
+    dead: Vec<bool>,
+}
+
+impl DeadUnits {
+    fn new(n: usize, seed: u64) -> Self {
+        Self { n, dead: (0..n).map(|i| (i / 300 + seed as usize).is_multiple_of(2)).collect() }
+    }
+
+    /// Grads from `seed`, zero in the dead runs.
+    fn grads(&self, seed: u64) -> Vec<f32> {
+        values(seed, self.n, false).iter().zip(&self.dead).map(|(&x, &dead)| if dead { 0.0 } else { x }).collect()
+    }
+
+    /// State from `seed`, subnormal in the dead runs; non-negative with `squares` (second
+    /// moments, square averages: squares of the values outside the dead runs).
+    fn state(&self, seed: u64, squares: bool) -> Vec<f32> {
+        let tiny = |x: f32| {
+            if x == 0.0 {
+                0.0
+            } else {
+                x.signum() * ((x.abs() * 1e4) as u32 % 127 + 1) as f32 * 2f32.powi(-133)
+            }
+        };
+        values(seed, self.n, false)
+            .iter()
+            .zip(&self.dead)
+            .map(|(&x, &dead)| match (dead, squares) {
+                (true, true) => tiny(x).abs(),
+                (true, false) => tiny(x),
+                (false, true) => x * x,
+                (false, false) => x,
+            })
+            .collect()
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -223,16 +288,47 @@ proptest! {
         seed in any::<u64>(),
         amsgrad in any::<bool>(),
     ) {
-        let run = |i: usize| (i / 300 + seed as usize).is_multiple_of(2); // runs of 300
-        let tiny = |x: f32| if x == 0.0 { 0.0 } else { x.signum() * ((x.abs() * 1e4) as u32 % 127 + 1) as f32 * 2f32.powi(-133) };
-        let (p0, g, m, v) = (values(seed, n, false), values(seed + 1, n, false), values(seed + 2, n, false), values(seed + 3, n, false));
-        let g: Vec<f32> = g.iter().enumerate().map(|(i, &x)| if run(i) { 0.0 } else { x }).collect();
-        let m0: Vec<f32> = m.iter().enumerate().map(|(i, &x)| if run(i) { tiny(x) } else { x }).collect();
-        let v0: Vec<f32> = v.iter().enumerate().map(|(i, &x)| if run(i) { tiny(x).abs() } else { x * x }).collect();
+        let dead = DeadUnits::new(n, seed);
+        let (p0, g) = (values(seed, n, false), dead.grads(seed + 1));
+        let (m0, v0) = (dead.state(seed + 2, false), dead.state(seed + 3, true));
         let hyper = AdamHyper { lr: 1e-2, amsgrad, ..AdamHyper::default() };
         check_adam_from::<bf16, bf16>(&p0, &g, &m0, &v0, &hyper, 3)?;
         check_adam_from::<bf16, f32>(&p0, &g, &m0, &v0, &hyper, 3)?;
         check_adam_from::<f16, f32>(&p0, &g, &m0, &v0, &hyper, 3)?;
+    }
+
+    /// SGD's momentum buffers as dead units leave them (see the Adam test above), stepped as
+    /// existing buffers.
+    #[test]
+    fn sgd_on_half_types_with_subnormal_momentum_is_the_f32_step_rounded_once(
+        n in prop_oneof![1usize..40, Just(1000usize), Just(4099usize)],
+        seed in any::<u64>(),
+        nesterov in any::<bool>(),
+    ) {
+        let dead = DeadUnits::new(n, seed);
+        let (p0, g, buf0) = (values(seed, n, false), dead.grads(seed + 1), dead.state(seed + 2, false));
+        let hyper = SgdHyper { lr: 0.1, momentum: 0.9, nesterov, ..SgdHyper::default() };
+        check_sgd_from::<bf16, bf16>(&p0, &g, &buf0, &hyper, &[false, false])?;
+        check_sgd_from::<bf16, f32>(&p0, &g, &buf0, &hyper, &[false, false])?;
+        check_sgd_from::<f16, f32>(&p0, &g, &buf0, &hyper, &[false, false])?;
+    }
+
+    /// RMSprop's square averages, momentum buffers and grad averages as dead units leave them
+    /// (see the Adam test above).
+    #[test]
+    fn rmsprop_on_half_types_with_subnormal_state_is_the_f32_step_rounded_once(
+        n in prop_oneof![1usize..40, Just(1000usize), Just(4099usize)],
+        seed in any::<u64>(),
+        momentum in prop_oneof![Just(0.0), Just(0.9)],
+        centered in any::<bool>(),
+    ) {
+        let dead = DeadUnits::new(n, seed);
+        let (p0, g) = (values(seed, n, false), dead.grads(seed + 1));
+        let (sq0, buf0, ga0) = (dead.state(seed + 2, true), dead.state(seed + 3, false), dead.state(seed + 4, false));
+        let hyper = RmspropHyper { lr: 1e-2, momentum, centered, ..RmspropHyper::default() };
+        check_rmsprop_from::<bf16, bf16>(&p0, &g, [&sq0, &buf0, &ga0], &hyper)?;
+        check_rmsprop_from::<bf16, f32>(&p0, &g, [&sq0, &buf0, &ga0], &hyper)?;
+        check_rmsprop_from::<f16, f32>(&p0, &g, [&sq0, &buf0, &ga0], &hyper)?;
     }
 
     #[test]

@@ -51,11 +51,13 @@ fn adam(m: f32, v: f32, vmax: Option<f32>, exec: &Executor) -> u64 {
     adam_typed::<f32>(m, v, vmax, exec)
 }
 
-fn sgd(buf: f32, exec: &Executor) -> u64 {
-    let (mut p, g, mut buf) = (vec![0.5f32; N], vec![0.0f32; N], vec![buf; N]);
+/// SGD with momentum on one tensor of zero grads, with the given momentum buffers, params and
+/// state stored as `P`.
+fn sgd_typed<P: Element<Math = f32>>(buf: f32, exec: &Executor) -> u64 {
+    let (mut p, g, mut buf) = (vec![P::store(0.5); N], vec![P::store(0.0); N], vec![P::store(buf); N]);
     let hyper = SgdHyper { momentum: 0.9, ..SgdHyper::default() };
     widened_by(|| {
-        let t = SgdTensor {
+        let t = SgdTensor::<P, P> {
             param: &mut p,
             grad: &g,
             momentum_buffer: Some(&mut buf),
@@ -68,15 +70,19 @@ fn sgd(buf: f32, exec: &Executor) -> u64 {
     })
 }
 
+fn sgd(buf: f32, exec: &Executor) -> u64 {
+    sgd_typed::<f32>(buf, exec)
+}
+
 /// RMSprop, centered with momentum, with the given square averages, momentum buffers and grad
-/// averages.
-fn rmsprop(sq: f32, buf: f32, ga: f32, exec: &Executor) -> u64 {
-    let (mut p, g) = (vec![0.5f32; N], vec![0.0f32; N]);
-    let (mut sq, mut buf, mut ga) = (vec![sq; N], vec![buf; N], vec![ga; N]);
+/// averages, params and state stored as `P`.
+fn rmsprop_typed<P: Element<Math = f32>>(sq: f32, buf: f32, ga: f32, exec: &Executor) -> u64 {
+    let (mut p, g) = (vec![P::store(0.5); N], vec![P::store(0.0); N]);
+    let (mut sq, mut buf, mut ga) = (vec![P::store(sq); N], vec![P::store(buf); N], vec![P::store(ga); N]);
     let mut step = 3.0f32;
     let hyper = RmspropHyper { momentum: 0.9, centered: true, ..RmspropHyper::default() };
     widened_by(|| {
-        let t = RmspropTensor {
+        let t = RmspropTensor::<P, P> {
             param: &mut p,
             grad: &g,
             square_avg: &mut sq,
@@ -88,6 +94,10 @@ fn rmsprop(sq: f32, buf: f32, ga: f32, exec: &Executor) -> u64 {
         };
         rmsprop_step(vec![t], &hyper, exec).unwrap();
     })
+}
+
+fn rmsprop(sq: f32, buf: f32, ga: f32, exec: &Executor) -> u64 {
+    rmsprop_typed::<f32>(sq, buf, ga, exec)
 }
 
 #[test]
@@ -111,6 +121,12 @@ fn stretches_that_start_with_subnormal_state_are_stepped_in_float64() {
             ("rmsprop, subnormal square_avg", rmsprop(TINY, 0.1, 0.1, &exec), widened),
             ("rmsprop, subnormal momentum_buffer", rmsprop(0.1, TINY, 0.1, &exec), widened),
             ("rmsprop, subnormal grad_avg", rmsprop(0.1, 0.1, TINY, &exec), widened),
+            ("sgd bfloat16, normal momentum", sgd_typed::<bf16>(0.1, &exec), 0),
+            ("sgd bfloat16, subnormal momentum", sgd_typed::<bf16>(-BF16_TINY, &exec), widened),
+            ("rmsprop bfloat16, normal state", rmsprop_typed::<bf16>(0.1, 0.1, 0.1, &exec), 0),
+            ("rmsprop bfloat16, subnormal square_avg", rmsprop_typed::<bf16>(BF16_TINY, 0.1, 0.1, &exec), widened),
+            ("rmsprop bfloat16, subnormal momentum_buffer", rmsprop_typed::<bf16>(0.1, BF16_TINY, 0.1, &exec), widened),
+            ("rmsprop bfloat16, subnormal grad_avg", rmsprop_typed::<bf16>(0.1, 0.1, BF16_TINY, &exec), widened),
         ];
         for (case, got, want) in cases {
             assert_eq!(got, want, "{level}: {case}: stretches stepped in float64");
